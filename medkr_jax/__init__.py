@@ -1,0 +1,1 @@
+"""medkr_jax: reasoning vs knowledge in medical LLMs, in JAX/Flax NNX."""
