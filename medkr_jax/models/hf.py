@@ -1,0 +1,408 @@
+"""Hugging Face checkpoint interchange: lazy sharded safetensors reading, loading and export.
+
+The reader never materialises a whole checkpoint: each tensor is opened lazily and only the
+slices a device holds are read (``jax.make_array_from_callback`` asks for exactly those), so a
+host of a multi-host pod reads only what its own devices need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+log = logging.getLogger(__name__)
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or tensor does not match what the model expects."""
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """Read ``config.json`` from a Hugging Face model folder.
+
+    Raises FileNotFoundError for a missing folder or config.json, CheckpointError for bad JSON.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (expected a Hugging Face "
+                                "model folder with config.json and *.safetensors)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in model folder {str(folder)!r} (found: "
+                                f"{sorted(p.name for p in folder.iterdir())[:20]})")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors reading
+
+# safetensors dtype codes -> numpy dtypes. numpy has no bfloat16/float8; ml_dtypes provides them
+# (it is what jax uses), so bf16 checkpoints are read without a framework round trip.
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_,
+}
+# Dtypes safetensors' numpy backend cannot return; those are read through a memory map instead.
+_MEMMAP_ONLY = {"BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """Return (header dict, byte offset of the data section) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+class _SafetensorsFile:
+    """One open safetensors file: names, shapes, dtypes and lazy slice reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            # safe_open validates the header against the file size, so a truncated or corrupt
+            # file fails here, at open time, rather than with garbage values later.
+            self._handle = safe_open(str(path), framework="numpy")
+            self._header, self._data_start = _safetensors_header(path)
+        except (SafetensorError, OSError, ValueError, struct.error) as e:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): "
+                                  f"{e}") from None
+        self._header.pop("__metadata__", None)
+        self._memmap: np.memmap | None = None
+
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._header[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        code = self._header[name]["dtype"]
+        if code not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {str(self.path)!r} has unsupported dtype {code}")
+        return np.dtype(_ST_DTYPES[code])
+
+    def read(self, name: str, index: tuple[slice, ...] | None) -> np.ndarray:
+        info = self._header[name]
+        try:
+            if info["dtype"] in _MEMMAP_ONLY:
+                if self._memmap is None:
+                    self._memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+                begin, end = info["data_offsets"]
+                raw = self._memmap[self._data_start + begin:self._data_start + end]
+                full = raw.view(self.dtype(name)).reshape(info["shape"])
+                return np.array(full if index is None else full[index])
+            sl = self._handle.get_slice(name)
+            if index is None or len(info["shape"]) == 0:
+                return np.asarray(sl[...] if info["shape"] else self._handle.get_tensor(name))
+            return np.asarray(sl[index])
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {str(self.path)!r}: {e}") from None
+
+
+class SafetensorsCheckpoint:
+    """Lazy view over the weights of a Hugging Face model folder.
+
+    Finds ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (+ shards); other
+    ``*.safetensors`` files are used when neither is present. Pickled ``pytorch_model.bin``
+    checkpoints are rejected unless ``allow_pickle=True`` (unpickling can run arbitrary code);
+    they are then loaded whole with torch, which must be installed.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {str(self.folder)!r} does not exist")
+        self._files: dict[Path, _SafetensorsFile] = {}
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._pickled: dict[str, np.ndarray] | None = None
+
+        index = self.folder / SAFE_INDEX
+        single = self.folder / SAFE_SINGLE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' "
+                                      f"object): {e}") from None
+            for name, fname in weight_map.items():
+                path = self.folder / fname
+                if not path.is_file():
+                    raise FileNotFoundError(f"shard {fname!r} listed in {index} for tensor {name!r} "
+                                            "does not exist")
+                self._where[name] = path
+            for path in sorted(set(self._where.values())):
+                self._open(path)
+        elif single.is_file():
+            self._add_file(single)
+        else:
+            others = sorted(self.folder.glob("*.safetensors"))
+            if others:
+                for path in others:
+                    self._add_file(path)
+            elif (self.folder / PICKLE_SINGLE).is_file() or (self.folder / PICKLE_INDEX).is_file():
+                if not allow_pickle:
+                    raise CheckpointError(
+                        f"{self.folder} holds only a pickled PyTorch checkpoint ({PICKLE_SINGLE}); "
+                        "unpickling can execute arbitrary code, so it is refused. Convert it to "
+                        "safetensors, or pass allow_pickle=True if you trust the file.")
+                self._load_pickle()
+            else:
+                raise FileNotFoundError(
+                    f"no weights in {str(self.folder)!r}: expected {SAFE_SINGLE}, {SAFE_INDEX} or "
+                    f"*.safetensors (found: {sorted(p.name for p in self.folder.iterdir())[:20]})")
+
+    def _open(self, path: Path) -> _SafetensorsFile:
+        if path not in self._files:
+            self._files[path] = _SafetensorsFile(path)
+        return self._files[path]
+
+    def _add_file(self, path: Path) -> None:
+        for name in self._open(path).names():
+            self._where[name] = path
+
+    def _load_pickle(self) -> None:
+        try:
+            import torch  # only on explicit opt-in; the package does not otherwise need torch
+        except ImportError:
+            raise CheckpointError(f"{self.folder} holds a pickled PyTorch checkpoint; reading it needs "
+                                  "torch, which is not installed. Convert it to safetensors.") from None
+        files = [self.folder / PICKLE_SINGLE]
+        if (self.folder / PICKLE_INDEX).is_file():
+            wm = json.loads((self.folder / PICKLE_INDEX).read_text())["weight_map"]
+            files = [self.folder / f for f in sorted(set(wm.values()))]
+        self._pickled = {}
+        for path in files:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            for name, t in sd.items():
+                t = t.detach()
+                if t.dtype == torch.bfloat16:
+                    arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                else:
+                    arr = t.numpy()
+                self._pickled[name] = arr
+                self._where[name] = path
+
+    # public API ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """All tensor names in the checkpoint."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        self._check(name)
+        return self._where[name]
+
+    def _check(self, name: str) -> None:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} not found in checkpoint {str(self.folder)!r} "
+                                  f"(files: {sorted({p.name for p in self._where.values()})})")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (from file headers; reads no data)."""
+        self._check(name)
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        return self._files[self._where[name]].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        """Stored dtype of tensor ``name``."""
+        self._check(name)
+        if self._pickled is not None:
+            return self._pickled[name].dtype
+        return self._files[self._where[name]].dtype(name)
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Read tensor ``name`` (or only ``index``, a tuple of slices) as a numpy array."""
+        self._check(name)
+        if self._pickled is not None:
+            arr = self._pickled[name]
+            return np.array(arr if index is None else arr[index])
+        return self._files[self._where[name]].read(name, index)
+
+
+# --------------------------------------------------------------------------------------------
+# filling an abstract nnx module
+
+
+# A mapping value: (hf_name, transpose) copies one tensor (optionally transposed, 2-D only);
+# (list_of_hf_names, transpose) stacks tensors along a new leading axis (one per layer, for
+# scanned layer stacks); a callable f(ckpt, index) -> np.ndarray computes the value (index is a
+# tuple of slices in the *parameter's* layout, or None for all of it).
+TensorSource = Union[tuple[str, bool], tuple[Sequence[str], bool], Callable[[SafetensorsCheckpoint, Any], np.ndarray]]
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _full_index(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
+def _source_shape(ckpt: SafetensorsCheckpoint, src, pname: str, expected: tuple[int, ...]) -> None:
+    """Validate that ``src`` exists and yields ``expected`` (raises CheckpointError)."""
+    names, transpose = src
+    stacked = not isinstance(names, str)
+    for name in ([names] if not stacked else list(names)):
+        if name not in ckpt:
+            raise CheckpointError(f"missing tensor {name!r} for parameter {pname!r} in checkpoint "
+                                  f"{str(ckpt.folder)!r} (expected shape "
+                                  f"{_hf_shape(expected[1:] if stacked else expected, transpose)})")
+        found = ckpt.shape(name)
+        want = _hf_shape(expected[1:] if stacked else expected, transpose)
+        if found != want:
+            raise CheckpointError(f"tensor {name!r} in {str(ckpt.file_of(name))!r} has shape {found}, "
+                                  f"expected {want} (for parameter {pname!r})")
+    if stacked and len(names) != expected[0]:
+        raise CheckpointError(f"parameter {pname!r} stacks {expected[0]} tensors, mapping lists {len(names)}")
+
+
+def _hf_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if transpose else tuple(shape)
+
+
+def _read_source(ckpt: SafetensorsCheckpoint, src, index: tuple[slice, ...]) -> np.ndarray:
+    if callable(src):
+        return np.asarray(src(ckpt, index))
+    names, transpose = src
+    if isinstance(names, str):
+        hf_index = tuple(reversed(index)) if transpose else index
+        arr = ckpt.read(names, hf_index)
+        return arr.T if transpose else arr
+    rest = index[1:]
+    hf_index = tuple(reversed(rest)) if transpose else rest
+    parts = []
+    for i in range(len(names))[index[0]]:
+        arr = ckpt.read(names[i], hf_index)
+        parts.append(arr.T if transpose else arr)
+    return np.stack(parts)
+
+
+def _concrete_sharding(abstract_value, mesh: jax.sharding.Mesh | None):
+    """The concrete sharding for an abstract parameter value (eval_shape yields AbstractMesh)."""
+    sharding = getattr(abstract_value, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        if mesh is None:
+            current = jax.sharding.get_mesh()
+            mesh = current if isinstance(current, jax.sharding.Mesh) and not current.empty else None
+        if mesh is None:
+            if isinstance(sharding.mesh, jax.sharding.Mesh):
+                return sharding
+            raise CheckpointError("the abstract model is sharded over an abstract mesh; pass mesh= "
+                                  "(the concrete jax.sharding.Mesh it was created for)")
+        return jax.sharding.NamedSharding(mesh, sharding.spec)
+    if sharding is not None and not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def load_params(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
+                mapping: Mapping[str, TensorSource], *, param_dtype=None,
+                mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                warn_unused: bool = True) -> nnx.Module:
+    """Fill an abstract nnx module (from ``nnx.eval_shape``) with checkpoint tensors.
+
+    Args:
+      abstract_model: module built with ``nnx.eval_shape`` (inside ``parallel.sharding_context``
+        so that each Param carries its sharding).
+      ckpt: the checkpoint to read.
+      mapping: our parameter path (``"layers.attn.q_proj.kernel"``) -> source (see TensorSource).
+      param_dtype: dtype of the loaded params; None keeps the abstract model's dtypes.
+      mesh: concrete mesh for the shardings; defaults to the mesh set with ``jax.set_mesh``.
+      seed: seed for RNG-stream state (e.g. dropout keys) held by the module.
+      warn_unused: warn about checkpoint tensors the mapping does not use.
+
+    Returns the loaded module. Every Param must be in ``mapping``; a missing tensor or wrong shape
+    raises one CheckpointError naming the tensor, file and shapes, before any data is read.
+    """
+    graphdef, state = nnx.split(abstract_model)
+    flat = nnx.to_flat_state(state)
+    param_paths = {_path_str(p) for p, v in flat if isinstance(v, nnx.Param)}
+    unknown = sorted(set(mapping) - {_path_str(p) for p, _ in flat})
+    if unknown:
+        raise CheckpointError(f"mapping names parameters the model does not have: {unknown[:10]}")
+    missing = sorted(param_paths - set(mapping))
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor mapped for model parameters {missing[:10]}")
+
+    # Validate every source first so a bad checkpoint fails before reading gigabytes.
+    for path, var in flat:
+        pname = _path_str(path)
+        if pname in mapping and not callable(mapping[pname]):
+            _source_shape(ckpt, mapping[pname], pname, tuple(var.get_value().shape))
+
+    used: set[str] = set()
+    rng_key = jax.random.key(seed)
+    new_flat = []
+    for i, (path, var) in enumerate(flat):
+        pname = _path_str(path)
+        abstract = var.get_value()
+        if pname in mapping:
+            src = mapping[pname]
+            if not callable(src):
+                names = src[0]
+                used.update([names] if isinstance(names, str) else names)
+            dtype = np.dtype(param_dtype if (param_dtype is not None and isinstance(var, nnx.Param))
+                             else abstract.dtype)
+            shape = tuple(abstract.shape)
+            sharding = _concrete_sharding(abstract, mesh)
+
+            def callback(index, src=src, dtype=dtype, shape=shape, pname=pname):
+                index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape)) if index else ()
+                arr = _read_source(ckpt, src, index)
+                want = tuple(s.stop - s.start for s in index)
+                if arr.shape != want:
+                    raise CheckpointError(f"source for parameter {pname!r} gave a block of shape "
+                                          f"{arr.shape}, expected {want}")
+                return arr.astype(dtype)
+
+            value = jax.make_array_from_callback(shape, sharding, callback)
+        elif isinstance(var, nnx.RngKey):
+            value = jax.random.fold_in(rng_key, i)
+        elif isinstance(var, nnx.RngCount):
+            value = jax.numpy.zeros(abstract.shape, abstract.dtype)
+        else:
+            raise CheckpointError(f"model state {pname!r} ({type(var).__name__}) has no mapping entry")
+        new_flat.append((path, var.replace(value)))
+
+    if warn_unused:
+        unused = sorted(set(ckpt.names()) - used)
+        if unused:
+            warnings.warn(f"{len(unused)} checkpoint tensors in {str(ckpt.folder)!r} were not used: "
+                          f"{unused[:10]}{' ...' if len(unused) > 10 else ''}", stacklevel=2)
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
