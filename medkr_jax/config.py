@@ -1,0 +1,225 @@
+"""Shared config pieces: the full config tree with defaults, used by every file under configs/.
+
+A config file under configs/ calls `base_config()`, sets what its job needs and returns it. The tree is
+locked by main.py, so a typo in a `--config.key=value` override is an error rather than a silent new key.
+Each job reads its own section (config.classifier, config.eval, config.sft, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+def _mesh_section() -> ml_collections.ConfigDict:
+    # data * fsdp * tensor must equal the device count; one of them may be -1 = "the rest".
+    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+def _distributed_section() -> ml_collections.ConfigDict:
+    # Empty = single process, or auto-detected on TPU pods / SLURM (see parallel.initialize_distributed).
+    return ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 0, "process_id": -1})
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "preset": "",          # a name from medkr_jax.models.presets, or "" to read the HF folder's config
+        "path": "",            # local Hugging Face folder (config.json + *.safetensors)
+        "dtype": "float32",    # compute dtype
+        "param_dtype": "float32",
+        "remat": False,        # rematerialise each layer in the backward pass
+        "allow_pickle": False,  # refuse pytorch_model.bin unless set
+    })
+
+
+def _optimizer_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "learning_rate": 1e-4,
+        "schedule": "cosine",  # cosine | constant | linear
+        "warmup_steps": 10,
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.0,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "grad_clip": 1.0,
+        "grad_accum": 1,
+    })
+
+
+def _train_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "steps": 100,
+        "batch_size": 8,
+        "seq_len": 256,
+        "log_every": 1,
+        "eval_every": 0,        # 0 = only at the end
+        "checkpoint_every": 50,
+        "keep_checkpoints": 3,
+        "async_checkpoint": True,
+        "resume": True,
+    })
+
+
+def _data_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        # Benchmarks as "reader_name:path" strings (see medkr_jax.data.benchmarks.READERS), or canonical JSONL.
+        "benchmarks": (),
+        "train_path": "",
+        "eval_path": "",
+        "subjects": (),         # MMLU subject filter
+        "limit": 0,             # 0 = all records
+        "shuffle_seed": 0,
+    })
+
+
+def _classifier_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "train_path": "",
+        "val_fraction": 0.1,
+        "test_path": "",
+        "max_len": 256,
+        "num_labels": 2,
+        "class_weighting": True,
+        "dropout": 0.1,
+        "early_stopping_patience": 3,
+        "second_labels_path": "",   # optional second annotation for Cohen's kappa
+    })
+
+
+def _split_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "classifier_path": "",
+        "threshold": 0.5,
+        "batch_size": 64,
+        "max_len": 256,
+    })
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "system_prompt": ("You are a medical expert. Think step by step, then end your reply with "
+                          "'The answer is X.' where X is the letter of the correct option."),
+        "max_new_tokens": 256,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "num_samples": 1,
+        "batch_size": 16,
+    })
+
+
+def _adversarial_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "source": "template",   # released | generated | template
+        "cue": "Wait, let me re-check this.",
+        "generator_path": "",   # for source=generated: model that writes the misleading reasoning ("" = same)
+    })
+
+
+def _traces_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"plain": 1.0, "adversarial": 0.0, "backtracking": 0.0, "seed": 0})
+
+
+def _sft_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "train_path": "",
+        "packing": True,
+        "reasoning_only": True,   # the BioMed-R1 recipe trains on reasoning-heavy examples
+        "export_dir": "",         # "" = <output_dir>/hf
+    })
+
+
+def _grpo_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "train_path": "",
+        "num_generations": 8,     # G completions per prompt
+        "prompts_per_step": 4,
+        "max_new_tokens": 256,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": 0.0,              # KL coefficient; 0 keeps no reference model
+        "epsilon_low": 0.2,
+        "epsilon_high": 0.2,
+        "mu": 1,                  # inner updates per rollout batch
+        "loss_aggregation": "token",  # token | sequence
+        "scale_rewards": True,    # divide advantages by group std (False = Dr. GRPO)
+        "format_reward": 0.0,
+        "export_dir": "",
+    })
+
+
+def _synthetic_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"seed": 0, "num_questions": 400, "reasoning_fraction": 0.5})
+
+
+def _dry_run_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "chip": "v5p",            # v4 | v5e | v5p | v6e | h100 | h200
+        "num_devices": 0,         # 0 = the mesh's product (with no -1), else this many devices
+        "batch_size": 0,          # 0 = config.train.batch_size
+        "seq_len": 0,             # 0 = config.train.seq_len
+    })
+
+
+def _export_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"checkpoint_dir": "", "out_dir": "", "max_shard_bytes": 5_000_000_000})
+
+
+def _import_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"gguf_path": "", "out_dir": ""})
+
+
+def _pipeline_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"stages": ()})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The whole config tree with defaults; configs/*.py start from this."""
+    return ml_collections.ConfigDict({
+        "job": "",
+        "output_dir": "",
+        "seed": 0,
+        "mesh": _mesh_section(),
+        "sharding_rules": (),     # (logical, mesh axis) pairs overriding parallel.DEFAULT_RULES
+        "distributed": _distributed_section(),
+        "model": _model_section(),
+        "tokenizer_path": "",     # "" = the model folder
+        "data": _data_section(),
+        "optimizer": _optimizer_section(),
+        "train": _train_section(),
+        "classifier": _classifier_section(),
+        "split": _split_section(),
+        "eval": _eval_section(),
+        "adversarial": _adversarial_section(),
+        "traces": _traces_section(),
+        "sft": _sft_section(),
+        "grpo": _grpo_section(),
+        "synthetic": _synthetic_section(),
+        "dry_run": _dry_run_section(),
+        "export": _export_section(),
+        "import_": _import_section(),
+        "pipeline": _pipeline_section(),
+    })
+
+
+class ConfigError(ValueError):
+    """A config value is missing or invalid; the message names the key."""
+
+
+def require(config: ml_collections.ConfigDict, *keys: str) -> None:
+    """Raise one ConfigError naming every dotted key that is empty."""
+    missing = []
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            node = node[part]
+        if node in ("", None, ()) or (isinstance(node, config_dict.FieldReference) and node.get() is None):
+            missing.append(key)
+    if missing:
+        raise ConfigError(
+            f"config.job={config.job!r} needs these keys set: "
+            + ", ".join(f"config.{k}" for k in missing)
+            + " (set them in the config file or with --config.<key>=<value>)")

@@ -1,0 +1,136 @@
+"""The one entry point: python -m medkr_jax.main --config configs/<job>.py[:arg] [--config.key=value ...]
+
+`config.job` picks what runs. The resolved config is printed and written to <output_dir>/config.json, so
+every run folder says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Jobs are imported lazily, so `--help` and config errors answer without loading jax/transformers.
+JOBS: dict[str, str] = {
+    "classify": "medkr_jax.train.classifier:run_classify",
+    "split": "medkr_jax.train.classifier:run_split",
+    "evaluate": "medkr_jax.eval.evaluate:run",
+    "adversarial": "medkr_jax.eval.adversarial:run",
+    "sft": "medkr_jax.train.sft:run",
+    "grpo": "medkr_jax.train.grpo:run",
+    "pipeline": "medkr_jax.pipeline:run",
+    "dry_run": "medkr_jax.models.memory:run",
+    "export": "medkr_jax.models.hf:run_export",
+    "import": "medkr_jax.models.gguf:run",
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or the config, reported as one line."""
+
+
+def job_function(name: str) -> Callable[[Any], Any]:
+    if name not in JOBS:
+        raise UsageError(f"unknown config.job={name!r}; valid jobs: {', '.join(JOBS)}")
+    module_name, fn_name = JOBS[name].split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def parse_config(argv: list[str]):
+    """Parse --config and its overrides with ml_collections.config_flags; one-line errors."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "path to a config file under configs/", lock_config=True,
+                                    flag_values=fv)
+    try:
+        fv(argv)
+        config = fv.config
+        if config is not None:
+            config.get("job")  # config files load lazily: surface a missing/broken file here
+    except (KeyError, AttributeError) as err:
+        raise UsageError(_unknown_key_error(err, argv)) from None
+    except flags.Error as err:
+        raise UsageError(_short_flag_error(err)) from None
+    except (OSError, ValueError, TypeError) as err:
+        raise UsageError(f"bad config: {_first_line(err)}") from None
+    if config is None:
+        raise UsageError("missing --config=configs/<job>.py")
+    return config, fv["config"].config_filename
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:1] + [line for line in lines[1:] if "Errno" in line])
+
+
+def _unknown_key_error(err: Exception, argv: list[str]) -> str:
+    text = str(err.args[0]) if err.args else str(err)
+    text = text.replace("\\n", "\n").replace("\\'", "'")  # nested KeyError reprs
+    lines = [line.strip().strip("'\"") for line in text.splitlines() if line.strip()]
+    key = lines[0] if lines else text
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
+                 a.split("=")[0].rsplit(".", 1)[-1] == key), f"--config.<...>.{key}")
+    hint = next((line for line in lines if "Did you mean" in line), "")
+    return f"unknown config key in {flag}: {key!r} is not a key of the config" + (f"; {hint}" if hint else "")
+
+
+def _short_flag_error(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    msg = next((line for line in text if line.strip()), str(err))
+    for line in text:
+        if "not found" in line.lower() or "did you mean" in line.lower() or "could not" in line.lower():
+            msg = line.strip()
+    return msg
+
+
+def resolve_output_dir(config, config_file: str) -> str:
+    if not config.output_dir:
+        stem = Path(config_file.split(":")[0]).stem
+        with config.unlocked():
+            config.output_dir = os.path.join("runs", stem)
+    return config.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        config, config_file = parse_config(argv)
+        fn = job_function(config.job)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from medkr_jax import parallel
+
+    parallel.initialize_distributed(config)
+    out = resolve_output_dir(config, config_file)
+    if parallel.is_main_process():
+        os.makedirs(out, exist_ok=True)
+        Path(out, "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        print(f"[medkr_jax] job={config.job} config={config_file} output_dir={out}")
+        print(config)
+    start = time.time()
+    try:
+        summary = fn(config)
+    except Exception as err:  # user errors from deep inside a job: one clear line, non-zero exit
+        from medkr_jax.config import ConfigError
+        if isinstance(err, (ConfigError, FileNotFoundError, ValueError, KeyError)) and not os.environ.get(
+                "MEDKR_TRACEBACK"):
+            print(f"error: {type(err).__name__}: {err}\n(set MEDKR_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            return 1
+        raise
+    if parallel.is_main_process():
+        print(f"[medkr_jax] job={config.job} done in {time.time() - start:.1f}s")
+        if summary:
+            print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
