@@ -1,0 +1,509 @@
+"""BERT encoder and sequence classifier in Flax NNX, numerically matching Hugging Face `BertModel`.
+
+Semantics follow `transformers.BertModel` exactly: word + absolute position + token-type embeddings, then
+LayerNorm; post-LN encoder layers (attention -> dense -> dropout -> LayerNorm(x + residual), GELU MLP the same
+way); the pooler is tanh(dense(h[:, 0])). The classifier head is pooler -> dropout -> linear, as in
+`BertForSequenceClassification`. Parameters carry logical axis names so `medkr_jax.parallel` rules place them
+on the mesh; `load_bert` reads a local HF folder straight into sharded arrays and `export_bert_classifier`
+writes one back that transformers loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+_ACTIVATIONS = {
+    # HF "gelu" is the exact erf form; "gelu_new"/"gelu_pytorch_tanh" are the tanh approximation.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+_SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForPreTraining")
+
+
+class BertConfigError(ValueError):
+    """A BERT config.json is missing a field or asks for something this implementation does not support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The subset of a Hugging Face BertConfig that determines the computation (plus the label names)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    num_labels: int = 2
+    id2label: tuple[tuple[int, str], ...] = ((0, "LABEL_0"), (1, "LABEL_1"))
+    add_pooling_layer: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise BertConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise BertConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+        if len(self.id2label) != self.num_labels:
+            raise BertConfigError(f"id2label has {len(self.id2label)} entries but num_labels is {self.num_labels}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def label_names(self) -> list[str]:
+        return [name for _, name in sorted(self.id2label)]
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in self.id2label}
+
+    def with_labels(self, labels: int | list[str] | Mapping[int, str]) -> "BertConfig":
+        """A copy with a new label set: a count (names LABEL_i), a list of names, or an id -> name mapping."""
+        if isinstance(labels, int):
+            pairs = tuple((i, f"LABEL_{i}") for i in range(labels))
+        elif isinstance(labels, Mapping):
+            pairs = tuple(sorted((int(k), str(v)) for k, v in labels.items()))
+        else:
+            pairs = tuple((i, str(n)) for i, n in enumerate(labels))
+        return dataclasses.replace(self, num_labels=len(pairs), id2label=pairs)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "BertConfig":
+        """Build from a Hugging Face BERT config dict (the contents of config.json)."""
+        archs = hf.get("architectures") or []
+        if archs and not any(a in _SUPPORTED_ARCHITECTURES for a in archs):
+            raise BertConfigError(f"{source}: architectures {archs} is not a BERT model; supported: "
+                                  f"{list(_SUPPORTED_ARCHITECTURES)}")
+        if hf.get("model_type", "bert") != "bert":
+            raise BertConfigError(f"{source}: model_type {hf.get('model_type')!r} is not 'bert'")
+        pos = hf.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise BertConfigError(f"{source}: position_embedding_type {pos!r} is not supported (only 'absolute')")
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise BertConfigError(f"{source}: decoder / cross-attention BERT variants are not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in hf]
+        if missing:
+            raise BertConfigError(f"{source}: missing required field(s) {missing}")
+        id2label = hf.get("id2label")
+        if id2label:
+            pairs = tuple(sorted((int(k), str(v)) for k, v in id2label.items()))
+        else:
+            n = int(hf.get("num_labels", 2))
+            pairs = tuple((i, f"LABEL_{i}") for i in range(n))
+        try:
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=int(hf["num_attention_heads"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                hidden_act=str(hf.get("hidden_act", "gelu")),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 512)),
+                type_vocab_size=int(hf.get("type_vocab_size", 2)),
+                layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+                hidden_dropout_prob=float(hf.get("hidden_dropout_prob", 0.1)),
+                attention_probs_dropout_prob=float(hf.get("attention_probs_dropout_prob", 0.1)),
+                classifier_dropout=(None if hf.get("classifier_dropout") is None
+                                    else float(hf["classifier_dropout"])),
+                pad_token_id=int(hf.get("pad_token_id") or 0),
+                initializer_range=float(hf.get("initializer_range", 0.02)),
+                num_labels=len(pairs),
+                id2label=pairs,
+            )
+        except BertConfigError as e:
+            raise BertConfigError(f"{source}: {e}") from None
+
+    def to_hf(self, architecture: str = "BertForSequenceClassification") -> dict[str, Any]:
+        """The config.json dict transformers expects for this model."""
+        return {
+            "architectures": [architecture],
+            "model_type": "bert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+            "classifier_dropout": self.classifier_dropout,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "position_embedding_type": "absolute",
+            "id2label": {str(i): name for i, name in self.id2label},
+            "label2id": {name: i for i, name in self.id2label},
+            "torch_dtype": "float32",
+        }
+
+
+def _init(cfg: BertConfig, axes: tuple[str | None, ...]):
+    """HF's BERT init (normal with std=initializer_range) annotated with logical axes."""
+    return nnx.with_partitioning(nnx.initializers.normal(cfg.initializer_range), axes)
+
+
+def _zeros(axes):
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+    return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
+
+
+def _dense(cfg, din, dout, axes, *, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, kernel_init=_init(cfg, axes),
+                      bias_init=_zeros((axes[1],)), rngs=rngs)
+
+
+def _layer_norm(cfg, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2, for parity at 1e-4.
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                         use_fast_variance=False, scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)),
+                         rngs=rngs)
+
+
+def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    """Inverted dropout; identity when rng is None (evaluation) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class _Rng:
+    """Hands out a fresh key per dropout site from one key (None = deterministic, no dropout)."""
+
+    def __init__(self, key: Array | None):
+        self.key, self.n = key, 0
+
+    def __call__(self) -> Array | None:
+        if self.key is None:
+            return None
+        self.n += 1
+        return jax.random.fold_in(self.key, self.n)
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        emb = lambda n, axes: nnx.Embed(n, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                        embedding_init=_init(cfg, axes), rngs=rngs)
+        self.word_embeddings = emb(cfg.vocab_size, ("vocab", "embed"))
+        self.position_embeddings = emb(cfg.max_position_embeddings, (None, "embed"))
+        self.token_type_embeddings = emb(cfg.type_vocab_size, (None, "embed"))
+        self.LayerNorm = _layer_norm(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids, position_ids, rng: _Rng) -> Array:
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(position_ids))
+        return _dropout(self.LayerNorm(x), self.cfg.hidden_dropout_prob, rng())
+
+
+class BertLayer(nnx.Module):
+    """One post-LN transformer layer: attention block then MLP block, each with residual + LayerNorm."""
+
+    def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = _dense(cfg, d, d, ("embed", "heads"), **kw)
+        self.key = _dense(cfg, d, d, ("embed", "heads"), **kw)
+        self.value = _dense(cfg, d, d, ("embed", "heads"), **kw)
+        self.attention_output = _dense(cfg, d, d, ("heads", "embed"), **kw)
+        self.attention_norm = _layer_norm(cfg, **kw)
+        self.intermediate = _dense(cfg, d, f, ("embed", "mlp"), **kw)
+        self.output = _dense(cfg, f, d, ("mlp", "embed"), **kw)
+        self.output_norm = _layer_norm(cfg, **kw)
+
+    def _attention(self, x: Array, mask: Array, rng: _Rng) -> Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        # mask: bool [B, T] over keys (True = real token); broadcast to [B, heads, Tq, Tk].
+        key_mask = mask[:, None, None, :]
+        drop_rng = rng()
+        if drop_rng is None or cfg.attention_probs_dropout_prob == 0.0:
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        else:
+            # Dropout on the attention probabilities (HF training behaviour) needs the explicit softmax.
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(cfg.head_dim).astype(q.dtype)
+            scores = jnp.where(key_mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            probs = _dropout(probs, cfg.attention_probs_dropout_prob, drop_rng)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return ctx.reshape(b, t, cfg.hidden_size)
+
+    def __call__(self, x: Array, mask: Array, rng: _Rng) -> Array:
+        p = self.cfg.hidden_dropout_prob
+        h = self.attention_output(self._attention(x, mask, rng))
+        x = self.attention_norm(_dropout(h, p, rng()) + x)
+        h = self.output(_ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x)))
+        return self.output_norm(_dropout(h, p, rng()) + x)
+
+
+class BertModel(nnx.Module):
+    """The BERT encoder (+ pooler). Create it inside `parallel.sharding_context(mesh, rules)`."""
+
+    def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embeddings = BertEmbeddings(cfg, **kw)
+        self.layers = nnx.List([BertLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.pooler = (_dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), **kw)
+                       if cfg.add_pooling_layer else None)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None, position_ids: Array | None = None, *,
+                 dropout_rng: Array | None = None) -> tuple[Array, Array | None]:
+        """input_ids int[B, T]; attention_mask [B, T] (1/True = real token). Returns (last_hidden [B,T,D],
+        pooled [B,D] or None). Dropout is applied only when `dropout_rng` (a PRNG key) is given."""
+        b, t = input_ids.shape
+        if t > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rng = _Rng(dropout_rng)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, rng)
+        for layer in self.layers:
+            if self.remat:
+                x = nnx.remat(lambda lyr, y, m, k: lyr(y, m, _Rng(k)))(layer, x, mask, rng())
+            else:
+                x = layer(x, mask, rng)
+        pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        return x, pooled
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT + classification head (pooler -> dropout -> linear), logits in float32."""
+
+    def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        if not cfg.add_pooling_layer:
+            raise BertConfigError("BertForSequenceClassification needs the pooler (add_pooling_layer=True)")
+        self.cfg = cfg
+        self.bert = BertModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.classifier = _dense(cfg, cfg.hidden_size, cfg.num_labels, ("embed", "classes"),
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None, position_ids: Array | None = None, *,
+                 dropout_rng: Array | None = None) -> Array:
+        """Logits float32[B, num_labels]."""
+        body_rng, head_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, dropout_rng=body_rng)
+        p = self.cfg.classifier_dropout if self.cfg.classifier_dropout is not None else self.cfg.hidden_dropout_prob
+        return self.classifier(_dropout(pooled, p, head_rng)).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face checkpoint names
+
+
+def hf_names(cfg: BertConfig, *, classifier: bool, prefix: str = "") -> dict[str, tuple[str, bool]]:
+    """Our parameter path -> (HF tensor name, transpose?). `prefix` is "bert." for HF task models.
+
+    With `classifier=True` the paths are those of BertForSequenceClassification (under "bert.") plus the
+    head ("classifier.weight"/"classifier.bias", never prefixed).
+    """
+    ours = "bert." if classifier else ""
+    names: dict[str, tuple[str, bool]] = {}
+
+    def dense(our: str, hf: str):
+        names[f"{ours}{our}.kernel"] = (f"{prefix}{hf}.weight", True)  # torch Linear stores [out, in]
+        names[f"{ours}{our}.bias"] = (f"{prefix}{hf}.bias", False)
+
+    def norm(our: str, hf: str):
+        names[f"{ours}{our}.scale"] = (f"{prefix}{hf}.weight", False)
+        names[f"{ours}{our}.bias"] = (f"{prefix}{hf}.bias", False)
+
+    for e in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        names[f"{ours}embeddings.{e}.embedding"] = (f"{prefix}embeddings.{e}.weight", False)
+    norm("embeddings.LayerNorm", "embeddings.LayerNorm")
+    for i in range(cfg.num_layers):
+        hf = f"encoder.layer.{i}"
+        for proj in ("query", "key", "value"):
+            dense(f"layers.{i}.{proj}", f"{hf}.attention.self.{proj}")
+        dense(f"layers.{i}.attention_output", f"{hf}.attention.output.dense")
+        norm(f"layers.{i}.attention_norm", f"{hf}.attention.output.LayerNorm")
+        dense(f"layers.{i}.intermediate", f"{hf}.intermediate.dense")
+        dense(f"layers.{i}.output", f"{hf}.output.dense")
+        norm(f"layers.{i}.output_norm", f"{hf}.output.LayerNorm")
+    if cfg.add_pooling_layer:
+        dense("pooler", "pooler.dense")
+    if classifier:
+        names["classifier.kernel"] = ("classifier.weight", True)
+        names["classifier.bias"] = ("classifier.bias", False)
+    return names
+
+
+# Tensors a BERT checkpoint may hold that an encoder/classifier does not use (buffers, pretraining heads).
+_IGNORED_PREFIXES = ("cls.", "lm_head.", "bert.cls.")
+_IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+
+def _random_source(shape: tuple[int, ...], std: float, seed: int):
+    """A load_params source that returns HF-style init (normal(0, std), zeros if std == 0) in slices."""
+    def read(ckpt, index):
+        full = (np.random.default_rng(seed).normal(0.0, std, size=shape) if std > 0
+                else np.zeros(shape)).astype(np.float32)
+        return full[index] if index else full
+    return read
+
+
+def load_bert(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+              num_labels: int | None = None, id2label: Mapping[int, str] | None = None,
+              dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, seed: int = 0,
+              ) -> tuple[BertModel | BertForSequenceClassification, BertConfig]:
+    """Load a local HF BERT folder (config.json + safetensors) straight into sharded arrays.
+
+    Returns (model, cfg). The model is a BertForSequenceClassification when the checkpoint has a classifier
+    head or `num_labels`/`id2label` is given (a missing head is initialised randomly, as HF does, with
+    `seed`); otherwise a BertModel. Works for plain encoders (MiniLM: no "bert." prefix) and task models
+    ("bert." prefix, e.g. the released reasoning/knowledge classifier). `mesh=None` loads on one device.
+    """
+    from medkr_jax import parallel
+    from medkr_jax.models import hf
+
+    folder = os.fspath(folder)
+    cfg = BertConfig.from_hf(hf.read_hf_config(folder), source=os.path.join(folder, "config.json"))
+    ckpt = hf.SafetensorsCheckpoint(folder)
+    names = set(ckpt.names())
+    prefix = "bert." if any(n.startswith("bert.") for n in names) else ""
+    has_head = "classifier.weight" in names
+    if id2label is not None:
+        cfg = cfg.with_labels(dict(id2label))
+        if num_labels is not None and num_labels != cfg.num_labels:
+            raise BertConfigError(f"num_labels={num_labels} but id2label has {cfg.num_labels} entries")
+    elif num_labels is not None and (num_labels != cfg.num_labels or not has_head):
+        cfg = cfg.with_labels(num_labels)
+    classifier = has_head or num_labels is not None or id2label is not None
+    if has_head and ckpt.shape("classifier.weight") != (cfg.num_labels, cfg.hidden_size):
+        raise hf.CheckpointError(
+            f"classifier.weight in {str(ckpt.file_of('classifier.weight'))!r} has shape "
+            f"{ckpt.shape('classifier.weight')}, expected ({cfg.num_labels}, {cfg.hidden_size}) for "
+            f"num_labels={cfg.num_labels}")
+    if not classifier and f"{prefix}pooler.dense.weight" not in names:
+        cfg = dataclasses.replace(cfg, add_pooling_layer=False)  # e.g. a masked-LM checkpoint
+
+    mapping: dict[str, Any] = hf_names(cfg, classifier=classifier, prefix=prefix)
+    for path, (name, transpose) in list(mapping.items()):
+        if name in names:
+            continue
+        if name.endswith(".weight") and "LayerNorm" in name and name[:-6] + "gamma" in names:
+            mapping[path] = (name[:-6] + "gamma", transpose)  # TF-era checkpoints
+        elif name.endswith(".bias") and "LayerNorm" in name and name[:-4] + "beta" in names:
+            mapping[path] = (name[:-4] + "beta", transpose)
+        elif name.startswith(("classifier.", f"{prefix}pooler.")) and classifier:
+            # Task head (or pooler) absent: fresh init like HF (normal(initializer_range), zero bias).
+            shape = ((cfg.hidden_size, cfg.num_labels) if name.startswith("classifier.") else
+                     (cfg.hidden_size, cfg.hidden_size))
+            shape = shape if name.endswith(".weight") else shape[1:]
+            std = cfg.initializer_range if name.endswith(".weight") else 0.0
+            mapping[path] = _random_source(shape, std, seed + len(path))
+    if mesh is None:
+        mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    cls = BertForSequenceClassification if classifier else BertModel
+    with parallel.sharding_context(mesh, rules):
+        abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                              rngs=nnx.Rngs(seed)))
+        model = hf.load_params(abstract, ckpt, mapping, param_dtype=param_dtype, mesh=mesh, warn_unused=False)
+    used = {src[0] for src in mapping.values() if isinstance(src, tuple)}
+    unused = sorted(n for n in names - used
+                    if not n.startswith(_IGNORED_PREFIXES) and not n.endswith(_IGNORED_SUFFIXES))
+    if unused:
+        import warnings
+        warnings.warn(f"{len(unused)} tensors in {folder!r} were not used: {unused[:10]}", stacklevel=2)
+    return model, cfg
+
+
+def init_bert_classifier(cfg: BertConfig, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+                         dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                         seed: int = 0) -> BertForSequenceClassification:
+    """A randomly initialised classifier (for tests and from-scratch training), sharded on `mesh`."""
+    from medkr_jax import parallel
+    if mesh is None:
+        mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    with parallel.sharding_context(mesh, rules):
+        return BertForSequenceClassification(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                             rngs=nnx.Rngs(seed))
+
+
+def _to_host(x: Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def export_bert_classifier(model: BertForSequenceClassification, cfg: BertConfig, out_dir: str | os.PathLike,
+                           tokenizer_dir: str | os.PathLike | None = None) -> str:
+    """Write an HF BertForSequenceClassification folder (config.json with id2label/label2id,
+    model.safetensors in float32, tokenizer files copied from `tokenizer_dir`) that transformers loads.
+    Every process must call it (sharded params are gathered); only process 0 writes. Returns out_dir."""
+    from safetensors.numpy import save_file
+
+    if not isinstance(model, BertForSequenceClassification):
+        raise TypeError(f"export_bert_classifier needs a BertForSequenceClassification, got {type(model).__name__}")
+    out_dir = os.fspath(out_dir)
+    flat = dict((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for path, (name, transpose) in hf_names(cfg, classifier=True, prefix="bert.").items():
+        arr = _to_host(flat[path].get_value()).astype(np.float32)
+        tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    if jax.process_index() != 0:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_hf("BertForSequenceClassification"), f, indent=2)
+    if tokenizer_dir is not None:
+        copied = False
+        for name in TOKENIZER_FILES:
+            src = os.path.join(os.fspath(tokenizer_dir), name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+                copied = True
+        if not copied:
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir!r}")
+    return out_dir
