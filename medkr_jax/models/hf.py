@@ -7,7 +7,9 @@ host of a multi-host pod reads only what its own devices need.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import shutil
 import logging
 import os
 import struct
@@ -334,7 +336,7 @@ def _concrete_sharding(abstract_value, mesh: jax.sharding.Mesh | None):
 def load_params(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
                 mapping: Mapping[str, TensorSource], *, param_dtype=None,
                 mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                warn_unused: bool = True) -> nnx.Module:
+                warn_unused: bool = True, ignore_unused: Sequence[str] = ()) -> nnx.Module:
     """Fill an abstract nnx module (from ``nnx.eval_shape``) with checkpoint tensors.
 
     Args:
@@ -346,6 +348,7 @@ def load_params(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
       mesh: concrete mesh for the shardings; defaults to the mesh set with ``jax.set_mesh``.
       seed: seed for RNG-stream state (e.g. dropout keys) held by the module.
       warn_unused: warn about checkpoint tensors the mapping does not use.
+      ignore_unused: fnmatch patterns of tensors that may go unused without a warning.
 
     Returns the loaded module. Every Param must be in ``mapping``; a missing tensor or wrong shape
     raises one CheckpointError naming the tensor, file and shapes, before any data is read.
@@ -401,8 +404,138 @@ def load_params(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
         new_flat.append((path, var.replace(value)))
 
     if warn_unused:
-        unused = sorted(set(ckpt.names()) - used)
+        unused = sorted(n for n in set(ckpt.names()) - used
+                        if not any(fnmatch.fnmatchcase(n, pat) for pat in ignore_unused))
         if unused:
             warnings.warn(f"{len(unused)} checkpoint tensors in {str(ckpt.folder)!r} were not used: "
                           f"{unused[:10]}{' ...' if len(unused) > 10 else ''}", stacklevel=2)
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+# --------------------------------------------------------------------------------------------
+# decoders: load and export
+
+
+def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+                 dtype=jax.numpy.float32, param_dtype=jax.numpy.float32, remat: bool | str = False,
+                 allow_pickle: bool = False):
+    """Load a local HF Llama / Qwen2 / Qwen3 folder into a sharded ``Decoder``.
+
+    Parameters go straight from the safetensors files to their shards on ``mesh`` (default: a
+    one-device mesh), placed by the logical-axis ``rules`` (default: ``parallel.DEFAULT_RULES``).
+    Returns (model, config).
+    """
+    from medkr_jax import parallel
+    from medkr_jax.models.decoder import Decoder, DecoderConfig, hf_param_mapping
+
+    cfg = DecoderConfig.from_hf(read_hf_config(folder))
+    ckpt = SafetensorsCheckpoint(folder, allow_pickle=allow_pickle)
+    if mesh is None:
+        mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with parallel.sharding_context(mesh, rules):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                                  rngs=nnx.Rngs(0)))
+    # Tied checkpoints sometimes still store lm_head.weight; old ones store RoPE buffers.
+    ignore = ["*rotary_emb.inv_freq"] + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
+    model = load_params(abstract, ckpt, hf_param_mapping(cfg), param_dtype=param_dtype, mesh=mesh,
+                        ignore_unused=ignore)
+    return model, cfg
+
+
+# Files that make up an HF tokenizer + chat template; copied next to exported weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """Gather a (possibly multi-host sharded) array to a numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def export_decoder(model, cfg, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                   max_shard_bytes: float = 5e9, dtype=None) -> Path:
+    """Write ``model`` as an HF folder (config.json + safetensors) that transformers loads.
+
+    Files larger than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json``. ``dtype`` (e.g. jnp.bfloat16) converts weights on the way
+    out; by default they keep the model's param dtype. Tokenizer and chat-template files are
+    copied from ``tokenizer_dir`` when given. All processes must call this (gathering sharded
+    weights is collective); only process 0 writes. Returns the output folder.
+    """
+    from safetensors.numpy import save_file
+
+    from medkr_jax.models.decoder import hf_param_mapping
+
+    out = Path(out_dir)
+    writer = jax.process_index() == 0
+    mapping = hf_param_mapping(cfg)
+    _, state = nnx.split(model)
+    params = {_path_str(p): v for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)}
+    missing = sorted(set(mapping) - set(params))
+    if missing:
+        raise CheckpointError(f"model lacks parameters {missing[:10]} that config {cfg.architecture} needs")
+
+    # Plan the shards from shapes alone, then gather and write one shard at a time so host memory
+    # holds at most one shard.
+    entries = []  # (hf_name, our_path, layer index or None, transpose, nbytes)
+    for pname, (names, transpose) in mapping.items():
+        value = params[pname].get_value()
+        out_dtype = np.dtype(dtype or value.dtype)
+        if isinstance(names, str):
+            entries.append((names, pname, None, transpose, value.size * out_dtype.itemsize))
+        else:
+            per = value.size // len(names) * out_dtype.itemsize
+            entries.extend((n, pname, i, transpose, per) for i, n in enumerate(names))
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e[4] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e[4]
+
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in list(out.glob("*.safetensors")) + [out / SAFE_INDEX]:
+            old.unlink(missing_ok=True)  # stale shards from an earlier export would confuse loaders
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = SAFE_SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors, host = {}, {}
+        for name, pname, layer, transpose, nbytes in shard:
+            if pname not in host:
+                host[pname] = _to_host(params[pname].get_value())
+            arr = host[pname] if layer is None else host[pname][layer]
+            arr = arr.T if transpose else arr
+            tensors[name] = np.ascontiguousarray(arr.astype(np.dtype(dtype)) if dtype is not None else arr)
+            weight_map[name] = fname
+            total += nbytes
+        if writer:
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors, host
+    if writer:
+        if len(shards) > 1:
+            (out / SAFE_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        hf = cfg.to_hf()
+        first = next(iter(params.values())).get_value()
+        hf["torch_dtype"] = hf["dtype"] = str(np.dtype(dtype or first.dtype))
+        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            tok = Path(tokenizer_dir)
+            if not tok.is_dir():
+                raise FileNotFoundError(f"tokenizer folder {str(tok)!r} does not exist")
+            for name in TOKENIZER_FILES:
+                if (tok / name).is_file():
+                    shutil.copyfile(tok / name, out / name)
+        if not (out / "generation_config.json").exists():
+            eos = list(cfg.eos_token_ids)
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+                   "pad_token_id": cfg.pad_token_id}
+            (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out

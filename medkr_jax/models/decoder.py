@@ -1,0 +1,514 @@
+"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Qwen2 and Qwen3.
+
+The family differences are all config switches: Qwen2 adds q/k/v biases, Qwen3 adds per-head
+RMSNorm on q and k; GQA, SwiGLU, RMSNorm and tied/untied embeddings are shared.
+
+Layers are stored stacked (a leading "layers" axis on every layer parameter) and run with
+``jax.lax.scan``, so compile time does not grow with depth (8B/32B models compile once per
+layer, not once per model), and the KV cache update happens in place inside the scan carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from flax.core.spmd import get_logical_axis_rules
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+# Finite rather than -inf, so a fully masked row (a left-padding query) stays finite.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config describes a model this decoder does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Hyper-parameters of a Llama / Qwen2 / Qwen3 decoder (mirrors the HF config.json fields)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise UnsupportedModelError(f"architecture {self.architecture!r} is not supported; supported: "
+                                        f"{list(ARCHITECTURES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(f"num_heads={self.num_heads} must be a multiple of "
+                                        f"num_kv_heads={self.num_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in _ROPE_TYPES:
+            raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported; supported: "
+                                        f"{list(_ROPE_TYPES)}")
+        # Hashable (jit static args, dict keys): freeze the tuple and dict fields.
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, _FrozenDict):
+            object.__setattr__(self, "rope_scaling", _FrozenDict(self.rope_scaling))
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        e, h, kv, hd, m = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+        attn = e * h * hd * 2 + e * kv * hd * 2 + (h * hd + 2 * kv * hd if self.qkv_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        layer = attn + 3 * e * m + 2 * e
+        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        return self.vocab_size * e + self.num_layers * layer + e + head
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "DecoderConfig":
+        """Build from an HF ``config.json`` dict (old rope_theta/rope_scaling or new rope_parameters)."""
+        archs = hf.get("architectures") or []
+        if archs:
+            arch = archs[0]
+        elif hf.get("model_type") in _MODEL_TYPES:
+            arch = _MODEL_TYPES[hf["model_type"]]
+        else:
+            raise UnsupportedModelError(f"config.json names neither 'architectures' nor a known model_type "
+                                        f"(model_type={hf.get('model_type')!r}); supported: {list(ARCHITECTURES)}")
+        if arch not in ARCHITECTURES:
+            raise UnsupportedModelError(f"config.json 'architectures' is {archs!r}; supported: "
+                                        f"{list(ARCHITECTURES)}")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        absent = [k for k in required if k not in hf]
+        if absent:
+            raise UnsupportedModelError(f"config.json lacks required keys {absent}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"config.json hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
+        if arch == "LlamaForCausalLM" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise UnsupportedModelError("Llama configs with attention_bias or mlp_bias are not supported")
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError("config.json use_sliding_window=true is not supported")
+
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = rope or hf.get("rope_scaling")
+        if scaling:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.get("rope_type", scaling.pop("type", "default"))
+            scaling.pop("type", None)
+            if scaling["rope_type"] == "default":
+                scaling = None
+        heads = int(hf["num_attention_heads"])
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rope_theta=theta,
+            rope_scaling=scaling or None,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            qk_norm=arch == "Qwen3ForCausalLM",
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            architecture=arch,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """An HF ``config.json`` dict that transformers' Auto classes load."""
+        model_type = {v: k for k, v in _MODEL_TYPES.items()}[self.architecture]
+        rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope.update(dict(self.rope_scaling))
+        eos = list(self.eos_token_ids)
+        out = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,  # older transformers / vLLM read these two keys
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+        if self.architecture == "LlamaForCausalLM":
+            out["mlp_bias"] = False
+        else:
+            out["use_sliding_window"] = False
+        return out
+
+
+class _FrozenDict(dict):
+    """A hashable read-only dict (DecoderConfig must be hashable to be a static jit argument)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
+
+    def _readonly(self, *a, **k):
+        raise TypeError("DecoderConfig.rope_scaling is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _readonly
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values for incremental decoding.
+
+    k, v: [num_layers, B, S_max, num_kv_heads, head_dim]; mask: bool[B, S_max] (True = a real
+    token sits in that slot); index: int32 scalar, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with the config's RoPE scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    inv = inv.astype(np.float32)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+        # interpolated smoothly (transformers' _compute_llama3_parameters).
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, D] by positions [B, T] (rotate-half layout, as HF Llama/Qwen)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks (parameters may carry a leading stacked-layers axis)
+
+
+def _constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+    """Sharding hint for activations under a mesh + logical rules; a no-op without a mesh.
+
+    Axes whose size does not divide evenly (e.g. a batch of 1 while sampling) stay replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = dict(get_logical_axis_rules() or ())
+    spec = []
+    used: set = set()
+    for dim, name in zip(x.shape, logical_axes):
+        axis = rules.get(name) if name else None
+        axes = tuple(a for a in ((axis,) if isinstance(axis, str) else tuple(axis or ()))
+                     if a in mesh.axis_names and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple, dtype, stack: int | None) -> nnx.Param:
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] as HF's weight transposed."""
+
+    def __init__(self, din: int, dout: int, axes: tuple, *, bias: bool, dtype, param_dtype,
+                 stack: int | None, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = _param(rngs, nnx.initializers.normal(0.02), (din, dout), axes, param_dtype, stack)
+        self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), axes[1:], param_dtype, stack)
+                     if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype, stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        e, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg, self.dtype = cfg, dtype
+        self.q_proj = Dense(e, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Dense(e, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Dense(e, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = Dense(cfg.num_heads * hd, e, ("heads", "embed"), bias=False, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x, positions, inv_freq):
+        """q [B,T,H,D], k/v [B,T,KV,D] with RoPE applied."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def attend(self, q, k, v, allowed):
+        """q [B,T,H,D]; k, v [B,S,KV,D]; allowed bool [B,T,S] -> [B,T,E]."""
+        cfg = self.cfg
+        b, t, h, d = q.shape
+        groups = h // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        return self.o_proj(out.reshape(b, t, h * d))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Dense(e, m, ("embed", "mlp"), **kw)
+        self.up_proj = Dense(e, m, ("embed", "mlp"), **kw)
+        self.down_proj = Dense(m, e, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(_constrain(h, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer layer (attention + SwiGLU MLP); created with all layers stacked."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+
+def _remat_policy(remat):
+    if remat is True:
+        return None  # save nothing: recompute the whole layer in the backward pass
+    return getattr(jax.checkpoint_policies, remat)
+
+
+class Decoder(nnx.Module):
+    """Causal LM: embeddings -> stacked layers (scanned) -> final RMSNorm -> LM head.
+
+    Args:
+      cfg: model hyper-parameters.
+      dtype: compute dtype (activations, matmul inputs); logits are always float32.
+      param_dtype: storage dtype of parameters.
+      remat: False, True (recompute each layer in the backward pass) or the name of a
+        ``jax.checkpoint_policies`` policy (e.g. "dots_with_no_batch_dims_saveable").
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool | str = False, rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        if remat and remat is not True and not hasattr(jax.checkpoint_policies, remat):
+            raise ValueError(f"remat={remat!r}: expected a bool or a jax.checkpoint_policies name")
+        # Without a mesh in scope the logical axis names are kept as metadata only.
+        eager = not jax.sharding.get_abstract_mesh().empty
+        with nnx.use_eager_sharding(eager):
+            self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                        ("vocab", "embed")), rngs=rngs)
+            self.layers = Block(cfg, dtype=dtype, param_dtype=param_dtype, stack=cfg.num_layers, rngs=rngs)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                stack=None, rngs=rngs)
+            self.lm_head = (None if cfg.tie_word_embeddings else
+                            Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype,
+                                  param_dtype=param_dtype, stack=None, rngs=rngs))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32[B, T, V] and the updated cache (None without one); see module docs."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        x = _constrain(self.embed(tokens).astype(self.dtype), ("batch", "length", "embed"))
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            allowed = causal[None] & attention_mask[:, None, :]
+            if segment_ids is not None:
+                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            s = cache.mask.shape[1]
+            mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+            q_slots = cache.index + jnp.arange(t)
+            allowed = (jnp.arange(s)[None, :] <= q_slots[:, None])[None] & mask[:, None, :]
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(h, params, kv):
+            blk = nnx.merge(graphdef, params)
+            q, k, v = blk.attn.project(blk.attn_norm(h), positions, inv_freq)
+            if kv is None:
+                keys, values, new_kv = k, v, None
+            else:
+                kc, vc, i = kv
+                kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, cache.index, 0, 0))
+                vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, cache.index, 0, 0))
+                keys = jax.lax.dynamic_index_in_dim(kc, i, 0, keepdims=False)
+                values = jax.lax.dynamic_index_in_dim(vc, i, 0, keepdims=False)
+                new_kv = (kc, vc, i + 1)
+            h = h + blk.attn.attend(q, keys, values, allowed)
+            h = h + blk.mlp(blk.mlp_norm(h))
+            return _constrain(h, ("batch", "length", "embed")), new_kv
+
+        if self.remat:
+            layer = jax.checkpoint(layer, policy=_remat_policy(self.remat))
+
+        if cache is None:
+            def body(h, params):
+                return layer(h, params, None)[0], None
+            x, _ = jax.lax.scan(body, x, stacked)
+            new_cache = None
+        else:
+            def body(carry, params):
+                h, kv = carry
+                return layer(h, params, kv), None
+            (x, (kc, vc, _)), _ = jax.lax.scan(body, (x, (cache.k, cache.v, jnp.zeros((), jnp.int32))), stacked)
+            new_cache = KVCache(k=kc, v=vc, mask=mask, index=cache.index + t)
+
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", x, self.embed.embedding[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), new_cache
+
+
+def hf_param_mapping(cfg: DecoderConfig) -> dict[str, tuple]:
+    """Our parameter path -> (HF tensor name(s), transpose) for Llama/Qwen2/Qwen3 checkpoints.
+
+    Layer parameters are stacked, so they map to the list of per-layer HF tensors.
+    """
+    def per_layer(fmt: str) -> list[str]:
+        return [f"model.layers.{i}.{fmt}" for i in range(cfg.num_layers)]
+
+    m: dict[str, tuple] = {
+        "embed.embedding": ("model.embed_tokens.weight", False),
+        "norm.scale": ("model.norm.weight", False),
+        "layers.attn_norm.scale": (per_layer("input_layernorm.weight"), False),
+        "layers.mlp_norm.scale": (per_layer("post_attention_layernorm.weight"), False),
+    }
+    for ours, theirs in [("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
+                         ("attn.v_proj", "self_attn.v_proj"), ("attn.o_proj", "self_attn.o_proj"),
+                         ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
+                         ("mlp.down_proj", "mlp.down_proj")]:
+        m[f"layers.{ours}.kernel"] = (per_layer(f"{theirs}.weight"), True)
+    if cfg.qkv_bias:
+        for p in ("q_proj", "k_proj", "v_proj"):
+            m[f"layers.attn.{p}.bias"] = (per_layer(f"self_attn.{p}.bias"), False)
+    if cfg.qk_norm:
+        m["layers.attn.q_norm.scale"] = (per_layer("self_attn.q_norm.weight"), False)
+        m["layers.attn.k_norm.scale"] = (per_layer("self_attn.k_norm.weight"), False)
+    if not cfg.tie_word_embeddings:
+        m["lm_head.kernel"] = ("lm_head.weight", True)
+    return m
