@@ -1,0 +1,210 @@
+"""The shared training loop: optimizer, accumulation, logging, resume, SIGTERM, NaN stop, sharding."""
+
+import json
+import math
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from medkr_jax import parallel
+from medkr_jax.train import loop
+
+
+class MLP(nnx.Module):
+    """Tiny model whose kernels carry logical axes, so fsdp x tensor meshes really shard them."""
+
+    def __init__(self, rngs: nnx.Rngs, din: int = 8, hidden: int = 16, dout: int = 4):
+        init = nnx.initializers.lecun_normal()
+        self.l1 = nnx.Linear(din, hidden, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")), rngs=rngs)
+        self.l2 = nnx.Linear(hidden, dout, kernel_init=nnx.with_partitioning(init, ("mlp", "embed")), rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.gelu(self.l1(x)))
+
+
+def mse_loss(model, batch, rng):
+    """Masked squared error with a per-example weight: a stand-in for token-level losses."""
+    err = ((model(batch["x"]) - batch["y"]) ** 2).mean(-1)
+    n = batch["mask"].sum()
+    return (err * batch["mask"]).sum() / jnp.maximum(n, 1.0), {"weight": n, "tokens": n}
+
+
+class Batches:
+    """Deterministic checkpointable iterator (the grain iterator protocol: get_state/set_state)."""
+
+    def __init__(self, n_batches=64, batch=8, seed=0, nan_at=None):
+        rng = np.random.default_rng(seed)
+        w = rng.normal(size=(8, 4))
+        self.data = []
+        for i in range(n_batches):
+            x = rng.normal(size=(batch, 8)).astype(np.float32)
+            y = np.tanh(x @ w).astype(np.float32)
+            mask = (rng.random(batch) < 0.8).astype(np.float32)
+            mask[0] = 1.0
+            if nan_at is not None and i >= nan_at:
+                x[:] = np.nan
+            self.data.append({"x": x, "y": y, "mask": mask})
+        self.i = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.data[self.i % len(self.data)]
+        self.i += 1
+        return b
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, s):
+        self.i = int(s["i"])
+
+
+def make_config(steps=6, checkpoint_every=2, grad_accum=1, lr=5e-2):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.optimizer = dict(learning_rate=lr, warmup_steps=2, weight_decay=0.01, b1=0.9, b2=0.99, eps=1e-8,
+                       grad_clip=1.0, grad_accum=grad_accum, schedule="cosine")
+    c.train = dict(steps=steps, batch_size=8, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
+                   keep_checkpoints=3)
+    return c
+
+
+def one_device_mesh():
+    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def make_model(mesh, seed=0):
+    with parallel.sharding_context(mesh):
+        return MLP(nnx.Rngs(seed))
+
+
+def test_schedule_and_optimizer_match_formula():
+    opt = dict(learning_rate=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    sched = loop.make_schedule(opt, 110)
+    assert float(sched(0)) == pytest.approx(0.0)
+    assert float(sched(5)) == pytest.approx(5e-4)
+    assert float(sched(10)) == pytest.approx(1e-3)
+    # cosine from peak to 0.1*peak over the remaining 100 steps
+    t = 50 / 100
+    assert float(sched(60)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * t)), rel=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        loop.make_schedule(dict(schedule="bogus"), 10)
+    # clipping: a huge gradient produces an update of at most lr (Adam's normalised step) on each entry
+    tx = loop.make_optimizer(dict(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=1.0,
+                                  weight_decay=0.0), 10)
+    p = {"w": jnp.ones((2, 2))}
+    upd, _ = tx.update({"w": jnp.full((2, 2), 1e6)}, tx.init(p), p)
+    assert np.allclose(np.abs(upd["w"]), 0.1, rtol=1e-4)
+
+
+def test_grad_accumulation_equals_full_batch():
+    """Token-weighted micro-batches: 4 accumulated micro-batches == one batch, despite unequal masks."""
+    mesh = one_device_mesh()
+    batch = Batches(n_batches=1, batch=8).data[0]
+    batch["mask"] = np.array([1, 1, 1, 0, 1, 0, 0, 1], np.float32)
+    results = []
+    for k in (1, 4):
+        model = make_model(mesh)
+        tx = optax.sgd(0.1)
+        tr = loop.Trainer(model, loss_fn=mse_loss, tx=tx, mesh=mesh, grad_accum=k)
+        m = tr.update(batch, jax.random.key(0))
+        results.append((float(m["loss"]), float(m["tokens"]), jax.tree.map(np.asarray, nnx.to_pure_dict(tr.params))))
+    (l1, t1, p1), (l4, t4, p4) = results
+    assert l1 == pytest.approx(l4, rel=1e-5)
+    assert t1 == t4 == 5.0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
+
+
+def test_train_logs_learns_and_resumes(tmp_path):
+    """Loss drops; metrics.jsonl/TensorBoard written; a second run resumes and matches an uninterrupted run."""
+    mesh = one_device_mesh()
+    cfg = make_config(steps=8, checkpoint_every=2)
+    evals = []
+    full = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg,
+                      output_dir=str(tmp_path / "full"), mesh=mesh,
+                      eval_fn=lambda m, s: evals.append(s) or {"n": 1.0})
+    recs = loop.read_metrics(str(tmp_path / "full"))
+    train_recs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, 9))
+    assert train_recs[-1]["loss"] < 0.6 * train_recs[0]["loss"]
+    assert {"lr", "grad_norm", "tokens_per_s"} <= set(train_recs[0])
+    assert evals == [8] and recs[-1] == {"step": 8, "eval/n": 1.0}
+    assert os.listdir(tmp_path / "full" / "tb")
+    assert full["steps"] == 8 and not full["resumed"]
+
+    # interrupted: the first run dies during step 6 (checkpoints at 2 and 4) -> the restart resumes at 4
+    class Crash(Exception):
+        pass
+
+    def crashing_step(trainer, batch, rng):
+        if trainer.opt_steps == 5:
+            raise Crash()
+        return trainer.update(batch, rng)
+
+    part = str(tmp_path / "part")
+    with pytest.raises(Crash):
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=part, mesh=mesh,
+                   step_fn=crashing_step)
+    assert [r["step"] for r in loop.read_metrics(part)] == [1, 2, 3, 4, 5]
+    s2 = loop.train(make_model(mesh, seed=123), loss_fn=mse_loss, batches=Batches(), config=cfg,
+                    output_dir=part, mesh=mesh)
+    assert s2["resumed"] and s2["start_step"] == 4 and s2["steps"] == 8
+    got = [r["loss"] for r in loop.read_metrics(part) if "loss" in r]
+    want = [r["loss"] for r in train_recs]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_checkpoints_and_returns(tmp_path):
+    mesh = one_device_mesh()
+    cfg = make_config(steps=10, checkpoint_every=100)
+
+    def step_fn(trainer, batch, rng):
+        m = trainer.update(batch, rng)
+        if trainer.opt_steps == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a TPU preemption notice would
+        return m
+
+    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+                   mesh=mesh, step_fn=step_fn)
+    assert s["preempted"] and s["steps"] == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    mesh = one_device_mesh()
+    cfg = make_config(steps=10, checkpoint_every=2)
+    with pytest.raises(loop.TrainingDiverged, match="non-finite loss .* step 6.*last good checkpoint: step 4"):
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(nan_at=5), config=cfg,
+                   output_dir=str(tmp_path), mesh=mesh)
+    from medkr_jax.train.checkpoint import Checkpointer
+    ck = Checkpointer(str(tmp_path / "checkpoints"), save_every=2)
+    assert ck.all_steps() == [2, 4]
+    tr = loop.Trainer(make_model(mesh), loss_fn=mse_loss, tx=loop.make_optimizer(cfg.optimizer, 10), mesh=mesh)
+    state, data = ck.restore(None, tr.checkpoint_state(0))
+    ck.close()
+    assert data == {"i": 4}
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_same_losses_on_one_and_eight_devices(tmp_path):
+    cfg = make_config(steps=4, checkpoint_every=100, grad_accum=2)
+    curves = []
+    for name, mesh in (("one", one_device_mesh()),
+                       ("eight", parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
+        model = make_model(mesh)
+        if name == "eight":
+            spec = model.l1.kernel.value.sharding.spec
+            assert tuple(spec) == ("fsdp", "tensor")
+        loop.train(model, loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path / name),
+                   mesh=mesh)
+        curves.append([r["loss"] for r in loop.read_metrics(str(tmp_path / name)) if "loss" in r])
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
