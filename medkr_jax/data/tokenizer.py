@@ -39,9 +39,8 @@ def train_bpe_tokenizer(corpus: Iterable[str], out_dir: str | Path, *, vocab_siz
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   additional_special_tokens=list(ROLE_TOKENS))
+                                   additional_special_tokens=list(ROLE_TOKENS), padding_side="left")
     fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
