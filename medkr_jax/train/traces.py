@@ -1,0 +1,133 @@
+"""SFT / RL examples from MCQ records with a reasoning trace: plain, adversarial and backtracking.
+
+* plain:        the assistant writes the trace, then "The answer is X."
+* adversarial:  the assistant turn is *prefilled* with misleading reasoning toward a wrong option (the
+                record's released adversarial trace when it has one, else a template); the trained response
+                starts with a recovery cue ("Wait, ..."), rejects the wrong option and reaches the right one.
+                The misleading part is prompt, not target, so the model learns to recover, never to mislead
+                (the same shape as the adversarial evaluation, where the prefill comes from outside).
+* backtracking: the trained response itself takes a wrong step toward a wrong option, notices ("Wait"),
+                corrects itself and finishes with the trace and the right answer.
+
+Kinds are drawn per record with the ratios of config.traces (plain / adversarial / backtracking), from a
+seeded generator, so a dataset is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medkr_jax.data.records import LETTERS, MCQRecord
+
+KINDS = ("plain", "adversarial", "backtracking")
+
+ANSWER_TEMPLATE = "The answer is {letter}."
+MISLEAD_TEMPLATES = (
+    "The key finding here points to {letter}. {option} is the classic choice in this setting, so the answer "
+    "is {letter}.",
+    "This is a typical presentation of {option}, so I would go with {letter}.",
+    "Option {letter} ({option}) fits best: it is by far the most common answer to this kind of question.",
+)
+RECOVERY_CUES = (
+    "Wait, that does not hold up. Let me reason it through properly.",
+    "Wait, let me re-check this instead of jumping to {letter}.",
+    "Wait, I should not trust that first impression. Going step by step:",
+)
+WRONG_STEP_TEMPLATES = (
+    "At first sight {option} ({letter}) looks right.",
+    "One might think of {option} ({letter}) here.",
+)
+BACKTRACK_CUES = (
+    "Wait, that does not fit all the details of the question.",
+    "Wait, {letter} is not consistent with the facts given; let me reconsider.",
+)
+
+
+@dataclasses.dataclass
+class TraceExample:
+    """One training example: the user turn, an optional prefilled assistant prefix (not trained on), and
+    the trained response. `answer` indexes `options`."""
+
+    record_id: str
+    kind: str
+    record: MCQRecord
+    assistant_prefix: str
+    response: str
+
+    @property
+    def answer(self) -> int:
+        return self.record.answer
+
+
+def _ratios(cfg: Any) -> np.ndarray:
+    get = cfg.get if isinstance(cfg, Mapping) or hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    r = np.array([float(get(k, 0.0) or 0.0) for k in KINDS])
+    if (r < 0).any() or r.sum() <= 0:
+        raise ValueError(f"config.traces: the ratios plain/adversarial/backtracking must be >= 0 and not all 0, "
+                         f"got {dict(zip(KINDS, r.tolist()))}")
+    return r / r.sum()
+
+
+def _wrong_option(record: MCQRecord, rng: np.random.Generator) -> int:
+    wrong = [i for i in range(len(record.options)) if i != record.answer]
+    return int(rng.choice(wrong))
+
+
+def _fmt(template: str, record: MCQRecord, idx: int) -> str:
+    return template.format(letter=LETTERS[idx], option=record.options[idx].strip())
+
+
+def plain_response(record: MCQRecord) -> str:
+    """Trace (if any) followed by the final answer sentence."""
+    final = ANSWER_TEMPLATE.format(letter=record.answer_letter)
+    trace = (record.trace or "").strip()
+    return f"{trace}\n{final}" if trace else final
+
+
+def make_example(record: MCQRecord, kind: str, rng: np.random.Generator) -> TraceExample:
+    """Build one example of `kind` for `record` (randomness from `rng`: wrong option, phrasing)."""
+    if kind not in KINDS:
+        raise ValueError(f"trace kind {kind!r} unknown; expected one of {KINDS}")
+    if kind != "plain" and len(record.options) < 2:
+        raise ValueError(f"record {record.id}: {kind} traces need at least two options")
+    body = plain_response(record)
+    if kind == "plain":
+        return TraceExample(record.id, kind, record, "", body)
+    wrong = _wrong_option(record, rng)
+    if kind == "adversarial":
+        if record.adversarial_traces:
+            prefix = str(record.adversarial_traces[int(rng.integers(len(record.adversarial_traces)))]).strip()
+        else:
+            prefix = _fmt(MISLEAD_TEMPLATES[int(rng.integers(len(MISLEAD_TEMPLATES)))], record, wrong)
+        cue = _fmt(RECOVERY_CUES[int(rng.integers(len(RECOVERY_CUES)))], record, wrong)
+        # the prefix ends the prefilled text; the response continues it on a new line
+        return TraceExample(record.id, kind, record, prefix + "\n", f"{cue}\n{body}")
+    step = _fmt(WRONG_STEP_TEMPLATES[int(rng.integers(len(WRONG_STEP_TEMPLATES)))], record, wrong)
+    cue = _fmt(BACKTRACK_CUES[int(rng.integers(len(BACKTRACK_CUES)))], record, wrong)
+    return TraceExample(record.id, kind, record, "", f"{step} {cue}\n{body}")
+
+
+def build_examples(records: Sequence[MCQRecord], traces_cfg: Any, *, seed: int | None = None,
+                   require_trace: bool = True) -> list[TraceExample]:
+    """One example per record, kinds drawn with config.traces ratios (seed: config.traces.seed by default).
+
+    require_trace: skip records without a trace (SFT); GRPO prompts set it False (only the answer is needed).
+    """
+    ratios = _ratios(traces_cfg)
+    if seed is None:
+        get = traces_cfg.get if hasattr(traces_cfg, "get") else lambda k, d=None: getattr(traces_cfg, k, d)
+        seed = int(get("seed", 0) or 0)
+    rng = np.random.default_rng(seed)
+    out = []
+    for rec in records:
+        if require_trace and not (rec.trace or "").strip():
+            continue
+        kind = KINDS[int(rng.choice(len(KINDS), p=ratios))]
+        if kind != "plain" and len(rec.options) < 2:
+            kind = "plain"
+        out.append(make_example(rec, kind, rng))
+    return out

@@ -1,0 +1,71 @@
+"""Trace construction: plain / adversarial / backtracking examples and their mix."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from medkr_jax.data.records import MCQRecord
+from medkr_jax.eval.extract import extract_answer
+from medkr_jax.train import traces
+
+
+def rec(i, answer=1, trace="Step 1: the drug inhibits thrombin.\nStep 2: so it is heparin.", adv=()):
+    return MCQRecord(id=f"q{i}", benchmark="toy", question=f"Which anticoagulant? ({i})",
+                     options=["Aspirin", "Heparin", "Warfarin", "Insulin"], answer=answer, trace=trace,
+                     adversarial_traces=list(adv))
+
+
+def test_plain_example_ends_with_the_answer():
+    ex = traces.make_example(rec(0), "plain", np.random.default_rng(0))
+    assert ex.assistant_prefix == ""
+    assert ex.response.startswith("Step 1") and ex.response.endswith("The answer is B.")
+    assert extract_answer(ex.response, ex.record.options) == 1
+    assert traces.plain_response(rec(1, trace=None)) == "The answer is B."
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adversarial_prefix_misleads_and_response_recovers(seed):
+    ex = traces.make_example(rec(0, answer=seed % 4), "adversarial", np.random.default_rng(seed))
+    wrong = extract_answer(ex.assistant_prefix, ex.record.options)
+    assert wrong is not None and wrong != ex.answer  # the prefilled part argues for a wrong option
+    assert ex.response.startswith("Wait")
+    assert extract_answer(ex.assistant_prefix + ex.response, ex.record.options) == ex.answer
+    assert "Step 1" in ex.response  # the gold trace is in the trained part
+
+
+def test_adversarial_uses_released_traces_when_present():
+    released = ["Clearly aspirin, as it is an antiplatelet. The answer is A."]
+    ex = traces.make_example(rec(0, adv=released), "adversarial", np.random.default_rng(0))
+    assert ex.assistant_prefix.strip() == released[0]
+    assert extract_answer(ex.assistant_prefix + ex.response, ex.record.options) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_backtracking_takes_a_wrong_step_then_corrects(seed):
+    ex = traces.make_example(rec(0, answer=2), "backtracking", np.random.default_rng(seed))
+    assert ex.assistant_prefix == ""
+    first, rest = ex.response.split("Wait", 1)
+    named = [i for i, o in enumerate(ex.record.options) if o in first]
+    assert named and named[0] != 2  # the wrong step names a wrong option
+    assert extract_answer(ex.response, ex.record.options) == 2
+
+
+def test_mix_ratios_reproducibility_and_skipping():
+    records = [rec(i, answer=i % 4) for i in range(600)] + [rec(999, trace=None)]
+    cfg = {"plain": 0.5, "adversarial": 0.3, "backtracking": 0.2, "seed": 3}
+    exs = traces.build_examples(records, cfg)
+    assert len(exs) == 600  # the record without a trace is skipped for SFT
+    counts = collections.Counter(e.kind for e in exs)
+    assert abs(counts["plain"] / 600 - 0.5) < 0.07
+    assert abs(counts["adversarial"] / 600 - 0.3) < 0.07
+    assert abs(counts["backtracking"] / 600 - 0.2) < 0.07
+    again = traces.build_examples(records, cfg)
+    assert [(e.kind, e.response) for e in again] == [(e.kind, e.response) for e in exs]
+    other = traces.build_examples(records, dict(cfg, seed=4))
+    assert [e.kind for e in other] != [e.kind for e in exs]
+    assert len(traces.build_examples(records, cfg, require_trace=False)) == 601
+    only_plain = traces.build_examples(records[:50], {"plain": 1.0})
+    assert {e.kind for e in only_plain} == {"plain"}
+    with pytest.raises(ValueError, match="config.traces"):
+        traces.build_examples(records, {"plain": 0.0, "adversarial": 0.0, "backtracking": 0.0})
