@@ -151,6 +151,9 @@ def _rows_from_file(path: Path) -> list[Row]:
         if isinstance(obj, dict):
             if not obj:
                 raise RecordError("file has no items (empty JSON object)", source=path)
+            if not any(isinstance(o, dict) for o in obj.values()):
+                # A single record in a JSON Lines file (e.g. a one-row MedMCQA split).
+                return [Row(src, "line 1", obj)]
             # PubMedQA's original files are an object keyed by PubMed id.
             rows = []
             for key, o in obj.items():
