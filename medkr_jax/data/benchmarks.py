@@ -953,3 +953,24 @@ def find_duplicates(
         log.warning("%d duplicate question group(s) (%d records) found, kept as they are; e.g. %s",
                     len(groups), sum(len(g) for g in groups), pairs)
     return groups
+
+
+def holdout_split(
+    records: Sequence[MCQRecord], *, test_fraction: float, seed: int = 0
+) -> tuple[list[MCQRecord], list[MCQRecord]]:
+    """Seeded train/held-out split that keeps duplicate questions on the same side.
+
+    Real sets repeat questions (MMLU has 78 question+option pairs shared by college_medicine and
+    clinical_knowledge), so a plain random split would leak test questions into training. Groups of
+    identical questions (``question_hash``) are assigned as a unit; input order is kept on each side.
+    """
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    keys = [question_hash(r) for r in records]
+    unique = sorted(set(keys))
+    random.Random(f"holdout:{seed}").shuffle(unique)
+    n_test = round(test_fraction * len(unique))
+    test_keys = set(unique[:n_test])
+    train = [r for r, k in zip(records, keys) if k not in test_keys]
+    test = [r for r, k in zip(records, keys) if k in test_keys]
+    return train, test
