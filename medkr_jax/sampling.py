@@ -1,0 +1,324 @@
+"""Jitted KV-cache sampler for the decoder: batched ragged prompts, greedy or sampled, n samples per prompt.
+
+One call of :meth:`Sampler.generate` runs, per batch of rows, one compiled program:
+
+* prefill: the left-padded prompts (all but their last token) are written into a preallocated KV cache;
+* decode: a ``jax.lax.while_loop`` feeds one token per step (first the prompt's last token, then each
+  sampled token) until every row has emitted a stop id or ``max_new_tokens`` is reached.
+
+Ragged prompts are left-padded to a common length with explicit positions (each row's tokens sit at
+positions 0..L-1 whatever its padding), so the decoder's RoPE and cache mask see each row as if alone.
+
+Shapes are bucketed: the batch to ``batch_size`` (or a power of two), the prompt length to the next
+``prompt_buckets`` entry and the generation length to the next ``gen_buckets`` entry; ``max_new_tokens``,
+temperature, top-k and top-p are runtime values. So a run over prompts of mixed lengths compiles one
+program per (batch, prompt bucket, generation bucket, greedy/sampled) combination; ``num_compiles`` counts
+them exactly (programs are compiled ahead of time and kept here, never re-traced behind our back).
+
+Log-probs: ``logprobs[r, t]`` is ``log_softmax(raw logits)[token]`` of the model's logits at temperature 1
+before any top-k / top-p filtering, i.e. the log-probability of the emitted token under the policy
+itself, which is what GRPO's importance ratio and KL need. (For temperature != 1 or filtered sampling it is
+not the log-probability under the distribution the token was drawn from.)
+
+Sharding: rows are split over the ("data", "fsdp") mesh axes, the KV cache's kv-heads over "tensor" when
+they divide it; the model's parameters keep whatever sharding they were loaded with. The model is passed on
+every call, so a policy that is being trained is sampled with its current weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+DEFAULT_GEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Generated rows; row r continues prompt ``prompt_index[r]`` (the n rows of a prompt are contiguous).
+
+    tokens: int32[R, G], pad id after a row's stop. logprobs: float32[R, G], 0 after a row's stop.
+    lengths: int32[R], generated tokens including the stop token.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    prompt_index: np.ndarray
+
+    def row_tokens(self, r: int) -> list[int]:
+        """The generated tokens of row r (stop token included when there was one)."""
+        return self.tokens[r, : self.lengths[r]].tolist()
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; beyond the largest, the next multiple of the largest."""
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    top = max(buckets)
+    return top * math.ceil(n / top)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _nucleus_keep(sorted_logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Mask over descending-sorted logits of the tokens kept by top-k then top-p (HF order).
+
+    top-p keeps a token when the probability mass of the tokens ranked above it is < top_p, so the top
+    token is always kept; top_k <= 0 disables top-k.
+    """
+    vocab = sorted_logits.shape[-1]
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    keep_k = rank < k
+    masked = jnp.where(keep_k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    return keep_k & (mass_above < top_p)
+
+
+def sample_next(logits: jax.Array, keys: jax.Array, *, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array, greedy: bool, filtered: bool) -> jax.Array:
+    """Next token per row from float32 logits [B, V]; ``keys`` holds one PRNG key per row."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits / temperature
+    if not filtered:
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    order = jnp.argsort(-x, axis=-1)
+    sx = jnp.take_along_axis(x, order, axis=-1)
+    sx = jnp.where(_nucleus_keep(sx, top_k, top_p), sx, -jnp.inf)
+    pick = jax.vmap(jax.random.categorical)(keys, sx)
+    return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+class Sampler:
+    """Prefill + while_loop decode with a preallocated KV cache; see the module docstring."""
+
+    def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
+                 stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32):
+        if not stop_ids:
+            raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
+        if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
+            raise ValueError(f"buckets must be positive, got {prompt_buckets} / {gen_buckets}")
+        self.cfg = cfg
+        self.mesh = mesh
+        self.rules = rules
+        self.pad_id = int(pad_id)
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.gen_buckets = tuple(sorted(gen_buckets))
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self._programs: dict[Any, Any] = {}
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    @property
+    def num_compiles(self) -> int:
+        """Programs compiled so far by this sampler (one per distinct shape/mode combination)."""
+        return len(self._programs)
+
+    def _batch_divisor(self) -> int:
+        if self.mesh is None:
+            return 1
+        return self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+
+    def _batch_axes(self) -> tuple[str, ...]:
+        if self.mesh is None:
+            return ()
+        return tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1)
+
+    def _shard(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        axes = self._batch_axes()
+        sharding = NamedSharding(self.mesh, P(axes or None, *([None] * (x.ndim - 1))))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    def _cache_sharding(self) -> NamedSharding | None:
+        if self.mesh is None:
+            return None
+        tensor = self.mesh.shape.get("tensor", 1)
+        heads = "tensor" if tensor > 1 and self.cfg.num_kv_heads % tensor == 0 else None
+        return NamedSharding(self.mesh, P(None, self._batch_axes() or None, None, heads, None))
+
+    # ---------------------------------------------------------------- the program
+
+    def _build(self, graphdef, *, batch: int, prompt_len: int, gen_len: int, greedy: bool, filtered: bool):
+        from medkr_jax.models.decoder import init_cache
+
+        cfg, pad_id, stop_ids = self.cfg, self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
+        cache_sharding, cache_dtype = self._cache_sharding(), self.cache_dtype
+        max_len = prompt_len + gen_len
+
+        def program(state, tokens, positions, mask, active, keys, max_new, temperature, top_k, top_p):
+            model = nnx.merge(graphdef, state)
+            cache = init_cache(cfg, batch, max_len, cache_dtype)
+            if cache_sharding is not None:
+                cache = dataclasses.replace(
+                    cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
+                    v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+            if prompt_len > 1:
+                # The prefill's logits are unused (XLA drops the LM head); the last prompt token is fed
+                # by the first decode step, whose logits give the first generated token.
+                _, cache = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+            keys = jax.random.wrap_key_data(keys)
+            ones = jnp.ones((batch, 1), jnp.bool_)
+
+            def cond(carry):
+                step, _, _, _, done, *_ = carry
+                return (step < max_new) & ~jnp.all(done)
+
+            def body(carry):
+                step, cache, tok, pos, done, lengths, out_tok, out_lp = carry
+                logits, cache = nnx.merge(graphdef, state)(tok[:, None], pos[:, None], attention_mask=ones,
+                                                           cache=cache)
+                logits = logits[:, -1].astype(jnp.float32)
+                step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+                nxt = sample_next(logits, step_keys, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  greedy=greedy, filtered=filtered)
+                lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+                nxt = jnp.where(done, pad_id, nxt)
+                lp = jnp.where(done, 0.0, lp)
+                out_tok = jax.lax.dynamic_update_slice(out_tok, nxt[:, None], (0, step))
+                out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+                lengths = lengths + (~done).astype(jnp.int32)
+                done = done | jnp.isin(nxt, stop_ids)
+                return step + 1, cache, nxt, pos + 1, done, lengths, out_tok, out_lp
+
+            carry = (jnp.int32(0), cache, tokens[:, -1], positions[:, -1], ~active,
+                     jnp.zeros((batch,), jnp.int32), jnp.full((batch, gen_len), pad_id, jnp.int32),
+                     jnp.zeros((batch, gen_len), jnp.float32))
+            _, _, _, _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+            return out_tok, out_lp, lengths
+
+        return program
+
+    def _compiled(self, graphdef, state, args, *, batch, prompt_len, gen_len, greedy, filtered):
+        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
+        key = (graphdef, sig, batch, prompt_len, gen_len, greedy, filtered)
+        prog = self._programs.get(key)
+        if prog is None:
+            fn = self._build(graphdef, batch=batch, prompt_len=prompt_len, gen_len=gen_len, greedy=greedy,
+                             filtered=filtered)
+            out_shardings = None if self.mesh is None else NamedSharding(self.mesh, P())
+            jitted = jax.jit(fn, out_shardings=out_shardings)
+            if self.mesh is None:
+                prog = jitted.lower(state, *args).compile()
+            else:
+                from medkr_jax.parallel import sharding_context
+                with sharding_context(self.mesh, self.rules):
+                    prog = jitted.lower(state, *args).compile()
+            self._programs[key] = prog
+        return prog
+
+    # ---------------------------------------------------------------- public API
+
+    def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, n: int = 1, seed: int = 0,
+                 batch_size: int | None = None, prompt_keys: Sequence[int] | None = None) -> SampleOutput:
+        """Continue each prompt ``n`` times; temperature 0 is greedy.
+
+        Row (p, j) draws its randomness from ``fold_in(fold_in(key(seed), prompt_keys[p]), j)``
+        (``prompt_keys`` defaults to 0..N-1), so what a prompt gets does not depend on which other prompts
+        share its batch: pass stable ids (e.g. hashed question ids) to make resumed runs reproduce.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
+                             f"{top_k}")
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if prompt_keys is None:
+            prompt_keys = range(len(prompts))
+        if len(prompt_keys) != len(prompts):
+            raise ValueError(f"{len(prompt_keys)} prompt_keys for {len(prompts)} prompts")
+        greedy = temperature == 0.0
+        filtered = (not greedy) and (top_k > 0 or top_p < 1.0)
+        gen_len = _bucket(max_new_tokens, self.gen_buckets)
+
+        num_rows = len(prompts) * n
+        prompt_index = np.repeat(np.arange(len(prompts), dtype=np.int32), n)
+        sample_index = np.tile(np.arange(n, dtype=np.int32), len(prompts))
+        row_keys = self._row_keys(seed, np.asarray(prompt_keys, np.int64)[prompt_index], sample_index)
+
+        div = self._batch_divisor()
+        if batch_size is None:
+            batch = _next_pow2(num_rows)
+        else:
+            batch = min(int(batch_size), _next_pow2(num_rows))
+        batch = max(div, math.ceil(batch / div) * div)
+
+        # Longest prompts first, so each batch holds similar lengths and pads little.
+        lens = np.array([len(prompts[p]) for p in prompt_index])
+        order = np.argsort(-lens, kind="stable")
+        out_tok = np.full((num_rows, gen_len), self.pad_id, np.int32)
+        out_lp = np.zeros((num_rows, gen_len), np.float32)
+        out_len = np.zeros((num_rows,), np.int32)
+
+        graphdef, state = nnx.split(model)
+        scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
+                   np.float32(top_p))
+        for start in range(0, num_rows, batch):
+            rows = order[start:start + batch]
+            prompt_len = _bucket(int(lens[rows].max()), self.prompt_buckets)
+            tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
+            positions = np.zeros((batch, prompt_len), np.int32)
+            mask = np.zeros((batch, prompt_len), bool)
+            active = np.zeros((batch,), bool)
+            keys = np.zeros((batch,) + row_keys.shape[1:], row_keys.dtype)
+            for b, r in enumerate(rows):
+                p = prompts[prompt_index[r]]
+                tokens[b, prompt_len - len(p):] = p
+                positions[b, prompt_len - len(p):] = np.arange(len(p))
+                mask[b, prompt_len - len(p):] = True
+                active[b] = True
+                keys[b] = row_keys[r]
+            # Filler rows repeat the last real row's prompt (well-formed input) and start finished.
+            for b in range(len(rows), batch):
+                tokens[b], positions[b], mask[b] = tokens[len(rows) - 1], positions[len(rows) - 1], mask[len(rows) - 1]
+            args = tuple(self._shard(a) for a in (tokens, positions, mask, active, keys)) + tuple(
+                jnp.asarray(s) for s in scalars)
+            prog = self._compiled(graphdef, state, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                                  greedy=greedy, filtered=filtered)
+            toks, lps, lengths = prog(state, *args)
+            toks, lps, lengths = (np.asarray(_host(x)) for x in (toks, lps, lengths))
+            n_real = len(rows)
+            out_tok[rows], out_lp[rows], out_len[rows] = toks[:n_real], lps[:n_real], lengths[:n_real]
+        return SampleOutput(tokens=out_tok[:, :max_new_tokens], logprobs=out_lp[:, :max_new_tokens],
+                            lengths=out_len, prompt_index=prompt_index)
+
+    @staticmethod
+    def _row_keys(seed: int, prompt_keys: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
+        base = jax.random.key(seed)
+        pk = jnp.asarray(np.mod(prompt_keys, 2**31).astype(np.uint32))
+        si = jnp.asarray(sample_index.astype(np.uint32))
+        keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(pk, si)
+        return np.asarray(jax.random.key_data(keys))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated output as a host array (also on multi-process runs, where it is not fully addressable)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))
+
+
+__all__ = ["Sampler", "SampleOutput", "sample_next", "DEFAULT_PROMPT_BUCKETS", "DEFAULT_GEN_BUCKETS"]

@@ -1,0 +1,237 @@
+"""Sampler: greedy parity with HF generate, log-probs vs a teacher-forced forward pass, sampling
+distribution (chi-square), top-p nucleus, per-row stops, n samples, compile counts, sharding."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from medkr_jax import parallel
+from medkr_jax.models.hf import load_decoder
+from medkr_jax.sampling import Sampler
+from tests.helpers_models import make_tiny_hf_model
+
+PAD, EOS = 0, 2
+BUCKETS = dict(prompt_buckets=(16, 32), gen_buckets=(16, 32))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request, tmp_path_factory):
+    """(torch model, our model, our config) for a tiny random checkpoint."""
+    folder = tmp_path_factory.mktemp(f"sampler_{request.param}")
+    torch_model = make_tiny_hf_model(request.param, folder, seed=1)
+    model, cfg = load_decoder(folder)
+    return torch_model, model, cfg, folder
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sampler_qwen3_single")
+    torch_model = make_tiny_hf_model("qwen3", folder, seed=2)
+    model, cfg = load_decoder(folder)
+    return torch_model, model, cfg, folder
+
+
+def ragged_prompts(lengths=(13, 5, 2, 20, 9), seed=0, vocab=96):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def hf_greedy(torch_model, prompts, max_new):
+    """HF generate(do_sample=False) on the whole left-padded batch."""
+    t = max(map(len, prompts))
+    ids = torch.full((len(prompts), t), PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                   eos_token_id=EOS, pad_token_id=PAD)
+    return out[:, t:].numpy()
+
+
+def teacher_forced_logprobs(torch_model, prompt, generated):
+    """log_softmax of the HF model's logits for each generated token, one unpadded forward pass."""
+    seq = torch.tensor([list(prompt) + list(generated)])
+    with torch.no_grad():
+        logits = torch_model(input_ids=seq).logits[0].double()
+    lp = torch.log_softmax(logits, dim=-1)
+    pos = torch.arange(len(prompt) - 1, len(prompt) + len(generated) - 1)
+    return lp[pos, torch.tensor(generated)].numpy(), logits[pos].numpy()
+
+
+def first_token_probs(torch_model, prompt, temperature=1.0):
+    with torch.no_grad():
+        logits = torch_model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    return torch.softmax(logits / temperature, dim=-1).numpy()
+
+
+def test_greedy_parity_with_hf_generate(tiny):
+    torch_model, model, cfg, _ = tiny
+    prompts = ragged_prompts()
+    ref = hf_greedy(torch_model, prompts, max_new=14)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(model, prompts, max_new_tokens=14)
+    assert out.tokens.shape == (len(prompts), 14)
+    for i in range(len(prompts)):
+        n = out.lengths[i]
+        np.testing.assert_array_equal(out.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
+    # the greedy continuations are not trivially constant
+    assert len({tuple(r) for r in out.tokens.tolist()}) == len(prompts)
+
+
+def test_logprobs_match_teacher_forced_forward(tiny):
+    torch_model, model, cfg, _ = tiny
+    prompts = ragged_prompts(seed=3)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    for temperature in (0.0, 1.0):
+        out = sampler.generate(model, prompts, max_new_tokens=10, temperature=temperature, seed=5)
+        for r in range(len(prompts)):
+            gen = out.row_tokens(r)
+            ref, _ = teacher_forced_logprobs(torch_model, prompts[r], gen)
+            np.testing.assert_allclose(out.logprobs[r, :len(gen)], ref, atol=1e-4, rtol=0)
+
+
+def _chi_square_pvalue(counts, probs):
+    """Pearson chi-square p-value, cells with expected count < 5 pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue, int(keep.sum())
+
+
+def test_first_token_frequencies_match_softmax(tiny_qwen3):
+    torch_model, model, cfg, _ = tiny_qwen3
+    prompt = ragged_prompts(lengths=(9,), seed=11)[0]
+    probs = first_token_probs(torch_model, prompt)
+    assert probs.max() < 0.9  # a non-degenerate distribution, so the test can fail
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(model, [prompt], max_new_tokens=1, temperature=1.0, n=4000, seed=0, batch_size=1024)
+    counts = np.bincount(out.tokens[:, 0], minlength=cfg.vocab_size).astype(float)
+    p, cells = _chi_square_pvalue(counts, probs)
+    assert cells >= 5
+    assert p > 1e-3, f"chi-square p={p:.2e} over {cells} cells"
+    # The same test rejects a wrong distribution (temperature 2 samples vs temperature-1 probabilities).
+    hot = sampler.generate(model, [prompt], max_new_tokens=1, temperature=2.0, n=4000, seed=0, batch_size=1024)
+    p_hot, _ = _chi_square_pvalue(np.bincount(hot.tokens[:, 0], minlength=cfg.vocab_size).astype(float), probs)
+    assert p_hot < 1e-6
+
+
+def test_top_k_temperature_distribution(tiny_qwen3):
+    torch_model, model, cfg, _ = tiny_qwen3
+    prompt = ragged_prompts(lengths=(6,), seed=12)[0]
+    probs = first_token_probs(torch_model, prompt, temperature=0.7)
+    top = np.argsort(-probs)[:5]
+    expect = np.zeros_like(probs)
+    expect[top] = probs[top] / probs[top].sum()
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(model, [prompt], max_new_tokens=1, temperature=0.7, top_k=5, n=3000, seed=1,
+                           batch_size=1024)
+    counts = np.bincount(out.tokens[:, 0], minlength=cfg.vocab_size).astype(float)
+    assert set(np.nonzero(counts)[0]) <= set(top.tolist())
+    p, _ = _chi_square_pvalue(counts[top], expect[top])
+    assert p > 1e-3
+
+
+def test_top_p_never_leaves_the_nucleus(tiny_qwen3):
+    torch_model, model, cfg, _ = tiny_qwen3
+    top_p = 0.6
+    prompts = ragged_prompts(lengths=(7, 12, 4), seed=13)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(model, prompts, max_new_tokens=8, temperature=1.0, top_p=top_p, n=40, seed=3,
+                           batch_size=128)
+    checked = 0
+    for r in range(out.tokens.shape[0]):
+        gen = out.row_tokens(r)
+        _, logits = teacher_forced_logprobs(torch_model, prompts[out.prompt_index[r]], gen)
+        for t, tok in enumerate(gen):
+            p = np.exp(logits[t] - logits[t].max())
+            p /= p.sum()
+            order = np.argsort(-p)
+            # nucleus: the smallest top set whose mass reaches top_p
+            size = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+            assert tok in set(order[:size].tolist()), f"row {r} step {t}: token outside the top-p nucleus"
+            checked += 1
+    assert checked == int(out.lengths.sum()) > 500
+    # the nucleus is a real restriction here: over all steps, more than one token was seen
+    assert len(np.unique(out.tokens[:, 0])) > 1
+
+
+def test_rows_stop_independently(tiny_qwen3):
+    torch_model, model, cfg, _ = tiny_qwen3
+    prompts = ragged_prompts(lengths=(8, 3, 15, 6), seed=21)
+    free = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(model, prompts, max_new_tokens=12)
+    # Stop ids that the greedy continuations hit at different steps (or never).
+    stop_a, stop_b = int(free.tokens[0, 2]), int(free.tokens[2, 5])
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS, stop_a, stop_b), **BUCKETS)
+    out = sampler.generate(model, prompts, max_new_tokens=12)
+    seen_lengths = set()
+    for r in range(len(prompts)):
+        row = free.tokens[r].tolist()
+        hits = [t for t, tok in enumerate(row) if tok in (EOS, stop_a, stop_b)]
+        expected_len = hits[0] + 1 if hits else 12
+        assert out.lengths[r] == expected_len
+        np.testing.assert_array_equal(out.tokens[r, :expected_len], free.tokens[r, :expected_len])
+        assert (out.tokens[r, expected_len:] == PAD).all()
+        assert (out.logprobs[r, expected_len:] == 0).all()
+        assert (out.logprobs[r, :expected_len] < 0).all()
+        seen_lengths.add(int(expected_len))
+    assert len(seen_lengths) >= 2
+
+
+def test_n_samples_layout_and_determinism(tiny_qwen3):
+    _, model, cfg, _ = tiny_qwen3
+    prompts = ragged_prompts(lengths=(5, 9, 3), seed=31)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    a = sampler.generate(model, prompts, max_new_tokens=6, temperature=1.0, n=4, seed=7)
+    np.testing.assert_array_equal(a.prompt_index, np.repeat(np.arange(3), 4))
+    # samples of one prompt differ from each other
+    assert len({tuple(r) for r in a.tokens[:4].tolist()}) > 1
+    # same seed -> same samples, whatever the batch size (each row has its own key)
+    b = sampler.generate(model, prompts, max_new_tokens=6, temperature=1.0, n=4, seed=7, batch_size=2)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # a prompt's samples depend on its key, not on its neighbours
+    c = sampler.generate(model, prompts[1:2], max_new_tokens=6, temperature=1.0, n=4, seed=7, prompt_keys=[1])
+    np.testing.assert_array_equal(c.tokens, a.tokens[4:8])
+    d = sampler.generate(model, prompts, max_new_tokens=6, temperature=1.0, n=4, seed=8)
+    assert not np.array_equal(a.tokens, d.tokens)
+
+
+def test_bucketing_limits_compiles(tiny_qwen3):
+    _, model, cfg, _ = tiny_qwen3
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        prompts = [rng.integers(3, 96, int(n)).tolist() for n in rng.integers(1, 30, size=6)]
+        sampler.generate(model, prompts, max_new_tokens=int(rng.integers(3, 15)), batch_size=4)
+    # at most one program per prompt bucket (16, 32): batch 4 fixed, one generation bucket (16)
+    assert 1 <= sampler.num_compiles <= 2
+
+
+def test_sharded_sampling_matches_single_device(tiny_qwen3):
+    _, model, cfg, folder = tiny_qwen3
+    prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=41)
+    ref = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
+        model, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _ = load_decoder(folder, mesh=mesh)
+    sampler = Sampler(cfg, mesh=mesh, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(sharded, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+
+
+def test_bad_arguments_raise_clear_errors(tiny_qwen3):
+    _, model, cfg, _ = tiny_qwen3
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.generate(model, [[5, 6], []], max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampler.generate(model, [[5, 6]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="stop id"):
+        Sampler(cfg, pad_id=PAD, stop_ids=())
