@@ -78,6 +78,17 @@ def test_released_eval_from_save_to_disk_and_arrow(tmp_path):
         B.load_benchmark("biomed_r1_eval", tmp_path / "dict", split="train")
 
 
+def test_answer_text_disagreeing_with_letter_is_reported(tmp_path, caplog):
+    lines = (DATA / "biomed_r1_eval_medxpertqa.jsonl").read_text().splitlines()
+    row = json.loads(lines[1]) | {"answer": "Vagus nerve"}  # letter B says "Phrenic nerve"
+    p = tmp_path / "mismatch.jsonl"
+    p.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
+    with caplog.at_level(logging.WARNING):
+        recs = B.load_benchmark("biomed_r1_eval", p)
+    assert recs[1].answer_text == "Phrenic nerve"
+    assert "1 row(s) whose answer text differs" in caplog.text and "line 2" in caplog.text
+
+
 def test_released_train_reasoning_becomes_trace():
     recs = B.load_benchmark("biomed_r1_train", DATA / "biomed_r1_train_biomed_r1.jsonl")
     assert [r.benchmark for r in recs] == ["medqa", "medmcqa", "pubmedqa"]
