@@ -64,7 +64,9 @@ find_repo() {
 # Single quotes on purpose: the variables expand inside each task, not here.
 # shellcheck disable=SC2016
 readonly TASK_SCRIPT='set -euo pipefail
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# Whole output first: "| head -n 1" could kill scontrol with SIGPIPE, which pipefail turns into an exit.
+nodes="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+head_node="${nodes%%[[:space:]]*}"
 [[ -n "$head_node" ]] || { echo "gpu_multinode.sh: error: empty SLURM_JOB_NODELIST" >&2; exit 1; }
 export MEDKR_COORDINATOR="$head_node:${MEDKR_COORDINATOR_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export MEDKR_NUM_PROCESSES="$SLURM_NTASKS"
