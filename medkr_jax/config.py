@@ -128,6 +128,7 @@ def _sft_section() -> ml_collections.ConfigDict:
         "packing": True,
         "reasoning_only": True,   # the BioMed-R1 recipe trains on reasoning-heavy examples
         "export_dir": "",         # "" = <output_dir>/hf
+        "epochs": 0.0,            # > 0: train this many passes over the packed rows (overrides config.train.steps)
     })
 
 

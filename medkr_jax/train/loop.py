@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -513,3 +513,56 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
         "metrics_path": os.path.join(output_dir, "metrics.jsonl"),
     }
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(output_dir: str, title: str, summary: Mapping[str, Any], *,
+                 extra_rows: Sequence[tuple[str, Any]] = (),
+                 plots: Sequence[tuple[str, str]] = (("loss", "loss.png"),)) -> str | None:
+    """report.md (a summary table + the last metrics) and PNG curves of metrics.jsonl keys; main process only."""
+    if not parallel.is_main_process():
+        return None
+    recs = read_metrics(output_dir) if os.path.exists(os.path.join(output_dir, "metrics.jsonl")) else []
+    lines = [f"# {title}", "", "| | |", "|---|---|"]
+    for k in ("steps", "start_step", "preempted", "final_loss", "tokens_per_s", "wall_s", "export_dir"):
+        if summary.get(k) is not None:
+            lines.append(f"| {k} | {_fmt_value(summary[k])} |")
+    for k, v in extra_rows:
+        lines.append(f"| {k} | {_fmt_value(v)} |")
+    last = summary.get("last_metrics") or {}
+    if last:
+        lines += ["", "## Last step", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt_value(v)} |" for k, v in sorted(last.items())]
+    made = []
+    if recs:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        for key, fname in plots:
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot(*zip(*pts))
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.set_title(f"{title}: {key}")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(os.path.join(output_dir, fname), dpi=100)
+            plt.close(fig)
+            made.append((key, fname))
+    if made:
+        lines += ["", "## Curves", ""] + [f"![{k}]({f})" for k, f in made]
+    path = os.path.join(output_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,218 @@
+"""Supervised fine-tuning of the policy on reasoning traces (job "sft").
+
+Records (config.sft.train_path; the reasoning-heavy ones when config.sft.reasoning_only) become plain /
+adversarial / backtracking examples (config.traces). Each example is rendered with the tokenizer's chat
+template exactly as evaluation renders prompts (system prompt config.eval.system_prompt), followed by the
+response and the EOS token; only response tokens are targets. Examples are packed into rows of
+config.train.seq_len with segment ids and per-segment positions (the decoder keeps attention inside a
+segment), or padded one per row when config.sft.packing is False. Rows are shuffled and batched by grain
+(per-process shard, checkpointable iterator) and trained with the shared loop; the trained policy is
+exported as an HF folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medkr_jax.train.losses import masked_cross_entropy
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+class SFTDataError(ValueError):
+    """The SFT data cannot be built (no records, nothing fits config.train.seq_len ...)."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def tokenize_example(tokenizer: Any, example: Any, *, system_prompt: str, eos_id: int) -> tuple[list[int], int]:
+    """(token ids of prompt + response + EOS, number of prompt tokens) for a TraceExample."""
+    from medkr_jax.eval import prompts
+
+    prompt = prompts.build_prompt(tokenizer, example.record, system_prompt=system_prompt,
+                                  assistant_prefix=example.assistant_prefix)
+    p_ids = prompts.encode(tokenizer, prompt)
+    r_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"]) + [int(eos_id)]
+    return p_ids + r_ids, len(p_ids)
+
+
+def pack_sequences(seqs: Sequence[tuple[Sequence[int], int]], seq_len: int, *, pad_id: int,
+                   packing: bool = True) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Rows of `seq_len` next-token examples from (ids, prompt_len) pairs.
+
+    Each sequence contributes inputs ids[:-1] and targets ids[1:]; loss_mask marks targets that are response
+    tokens. With packing, sequences are placed first-fit (longest first) into rows, each with its own
+    segment id (1, 2, ...; 0 = padding) and positions restarting at 0. Sequences longer than seq_len + 1
+    lose the end of their response; those whose prompt alone fills the row are dropped.
+    Returns (arrays [rows, seq_len], stats).
+    """
+    stats = collections.Counter()
+    items = []
+    for ids, p in seqs:
+        ids = list(ids)
+        if p >= seq_len:
+            stats["dropped"] += 1
+            continue
+        if len(ids) > seq_len + 1:
+            ids = ids[:seq_len + 1]
+            stats["truncated"] += 1
+        items.append((ids, p))
+    if not items:
+        raise SFTDataError(f"no example fits config.train.seq_len={seq_len} (all {len(seqs)} prompts are longer)")
+    rows: list[list[tuple[list[int], int]]] = []
+    free: list[int] = []
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0])) if packing else range(len(items))
+    for i in order:
+        need = len(items[i][0]) - 1
+        slot = next((r for r, f in enumerate(free) if f >= need), None) if packing else None
+        if slot is None:
+            rows.append([])
+            free.append(seq_len)
+            slot = len(rows) - 1
+        rows[slot].append(items[i])
+        free[slot] -= need
+    n = len(rows)
+    out = {
+        "tokens": np.full((n, seq_len), pad_id, np.int32),
+        "targets": np.full((n, seq_len), pad_id, np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+    }
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, (ids, p) in enumerate(row, start=1):
+            m = len(ids) - 1
+            sl = slice(at, at + m)
+            out["tokens"][r, sl] = ids[:-1]
+            out["targets"][r, sl] = ids[1:]
+            out["positions"][r, sl] = np.arange(m)
+            out["segment_ids"][r, sl] = seg
+            out["loss_mask"][r, sl] = (np.arange(m) >= p - 1).astype(np.float32)
+            at += m
+    stats.update(examples=len(items), rows=n, target_tokens=int(out["loss_mask"].sum()),
+                 filled_tokens=int((out["segment_ids"] > 0).sum()))
+    return out, dict(stats)
+
+
+def make_batches(rows: dict[str, np.ndarray], batch_size: int, *, seed: int) -> Any:
+    """Endless shuffled batches (reshuffled every epoch) of this process's rows; a checkpointable grain iterator.
+
+    batch_size is the global batch; each process reads its own 1/process_count of the rows and batch.
+    """
+    import grain
+
+    n = len(rows["tokens"])
+    nproc, pid = jax.process_count(), jax.process_index()
+    if batch_size % nproc:
+        raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the {nproc} processes")
+    local = batch_size // nproc
+    index = list(range(pid, n, nproc))
+    if len(index) < local:
+        # fewer rows than a batch: repeat them so a batch can still be drawn every step
+        index = (index * (local // max(len(index), 1) + 1))[:max(local, len(index))]
+    ds = grain.MapDataset.source(index).seed(seed).shuffle().repeat(None)
+    ds = ds.map(lambda i: {k: v[i] for k, v in rows.items()}).batch(local, drop_remainder=True)
+    return iter(ds)
+
+
+def filter_records(records: Sequence[Any], reasoning_only: bool, source: str) -> list[Any]:
+    """The reasoning-heavy records (gold label, else the classifier's is_reasoning) when asked."""
+    if not reasoning_only:
+        return list(records)
+    keep = [r for r in records if r.label == "reasoning" or (r.label is None and r.is_reasoning)]
+    if not keep:
+        raise SFTDataError(
+            f"config.sft.reasoning_only=True but no record of {source} is reasoning-heavy (label == 'reasoning' "
+            f"or is_reasoning); run the split job first or set config.sft.reasoning_only=False")
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def sft_loss(model: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Masked next-token cross-entropy on response tokens of (packed) rows."""
+    seg = batch["segment_ids"]
+    logits, _ = model(batch["tokens"], batch["positions"], attention_mask=seg > 0, segment_ids=seg)
+    loss, n = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    acc = (correct * mask).sum() / jnp.maximum(n, 1.0)
+    return loss, {"weight": n, "tokens": (seg > 0).sum().astype(jnp.float32), "token_accuracy": acc}
+
+
+# ------------------------------------------------------------------------------------------------ job
+
+
+def load_policy(config: Any, mesh: Any, rules: Any):
+    """(model, DecoderConfig, tokenizer, tokenizer_dir) from config.model.path / config.tokenizer_path."""
+    from transformers import AutoTokenizer
+
+    from medkr_jax.config import require
+    from medkr_jax.models.hf import load_decoder
+
+    require(config, "model.path")
+    model, cfg = load_decoder(config.model.path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
+                              param_dtype=jnp.dtype(config.model.param_dtype), remat=config.model.remat,
+                              allow_pickle=config.model.allow_pickle)
+    tok_dir = config.tokenizer_path or config.model.path
+    if not os.path.isdir(tok_dir):
+        raise FileNotFoundError(f"config.tokenizer_path: {tok_dir!r} is not a folder with an HF tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return model, cfg, tokenizer, tok_dir
+
+
+def run(config: Any, *, mesh: Any = None) -> dict:
+    """Job "sft": train the policy on trace examples, export it to an HF folder; returns a summary."""
+    from medkr_jax import parallel
+    from medkr_jax.config import require
+    from medkr_jax.data.records import read_records
+    from medkr_jax.models.hf import export_decoder
+    from medkr_jax.train import loop, traces
+
+    require(config, "output_dir", "sft.train_path")
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+    rules = parallel.logical_rules(config)
+    records = filter_records(read_records(config.sft.train_path), config.sft.reasoning_only,
+                             config.sft.train_path)
+    examples = traces.build_examples(records, config.traces)
+    if not examples:
+        raise SFTDataError(f"no record of {config.sft.train_path} has a reasoning trace ('trace' field)")
+    model, cfg, tokenizer, tok_dir = load_policy(config, mesh, rules)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
+    if eos is None:
+        raise SFTDataError(f"the tokenizer in {tok_dir} has no eos_token and config.json names no eos_token_id")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    seqs = [tokenize_example(tokenizer, ex, system_prompt=config.eval.system_prompt, eos_id=eos)
+            for ex in examples]
+    rows, stats = pack_sequences(seqs, int(config.train.seq_len), pad_id=pad, packing=bool(config.sft.packing))
+    batch_size = int(config.train.batch_size)
+    steps = int(config.train.steps)
+    epochs = float(config.sft.get("epochs", 0) or 0)
+    if epochs > 0:
+        steps = max(1, int(round(epochs * stats["rows"] / batch_size)))
+    batches = make_batches(rows, batch_size, seed=int(config.seed))
+    summary = loop.train(model, loss_fn=sft_loss, batches=batches, config=config, output_dir=config.output_dir,
+                         mesh=mesh, rules=rules, steps=steps, desc="sft")
+    kinds = collections.Counter(e.kind for e in examples)
+    summary.update(examples=len(examples), kinds=dict(kinds), data=stats)
+    if not summary["preempted"]:
+        export_dir = config.sft.export_dir or os.path.join(config.output_dir, "hf")
+        export_decoder(model, cfg, export_dir, tokenizer_dir=tok_dir)
+        summary["export_dir"] = export_dir
+    loop.write_report(config.output_dir, "SFT", summary,
+                      extra_rows=[("examples", len(examples)), ("trace kinds", dict(kinds)),
+                                  ("packed rows", stats["rows"]), ("target tokens", stats["target_tokens"]),
+                                  ("truncated / dropped", f"{stats.get('truncated', 0)} / "
+                                                          f"{stats.get('dropped', 0)}")],
+                      plots=[("loss", "loss.png"), ("token_accuracy", "token_accuracy.png")])
+    return summary

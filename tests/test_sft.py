@@ -1,0 +1,265 @@
+"""SFT: packing/masking oracles, memorisation, kill -9 resume, 1 vs 8 devices, export."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medkr_jax import parallel
+from medkr_jax.config import base_config
+from medkr_jax.data.records import MCQRecord, write_records
+from medkr_jax.train import loop, sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEM = "Answer with the letter."
+DRUGS = ["aspirin", "heparin", "warfarin", "insulin", "metformin", "digoxin"]
+
+
+# ------------------------------------------------------------------------------------------ shared fixtures
+
+
+def toy_records(n=8, seed=0, trace=True):
+    """Small MCQs with a short trace; the answer is written into the trace."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        opts = list(rng.choice(DRUGS, size=4, replace=False))
+        ans = int(rng.integers(4))
+        out.append(MCQRecord(id=f"t{i}", benchmark="toy", question=f"Case {i}: which drug?", options=opts,
+                             answer=ans, label="reasoning",
+                             trace=f"Case {i} needs {opts[ans]}." if trace else None))
+    return out
+
+
+def make_policy_folder(folder, corpus, *, vocab_size=320, hidden=64, layers=2, seed=0):
+    """A tiny random Llama-style policy + a BPE tokenizer with a chat template, saved as one HF folder."""
+    from medkr_jax.data.tokenizer import train_bpe_tokenizer
+    from medkr_jax.models.decoder import Decoder, DecoderConfig
+    from medkr_jax.models.hf import export_decoder
+
+    folder = str(folder)
+    tok_dir = folder + "_tokenizer"
+    tok = train_bpe_tokenizer(corpus, tok_dir, vocab_size=vocab_size, min_frequency=1)
+    vocab = int(np.ceil(len(tok) / 8) * 8)
+    cfg = DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
+                        num_heads=4, num_kv_heads=2, head_dim=hidden // 4, rope_theta=10000.0,
+                        rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                        eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id)
+    mesh = one_device_mesh()
+    with parallel.sharding_context(mesh):
+        model = Decoder(cfg, rngs=nnx.Rngs(seed))
+    export_decoder(model, cfg, folder, tokenizer_dir=tok_dir)
+    return folder
+
+
+def one_device_mesh():
+    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def corpus_for(records):
+    from medkr_jax.eval.prompts import format_question
+    texts = [SYSTEM, "The answer is A. B. C. D. Wait, let me re-check this. At first sight looks right."]
+    for r in records:
+        texts += [format_question(r), r.trace or ""] + list(r.options)
+    return texts * 3
+
+
+def sft_config(tmp_path, data_path, model_dir, *, steps=40, batch=4, seq_len=96, lr=3e-3, ckpt_every=10):
+    c = base_config()
+    c.job = "sft"
+    c.output_dir = str(tmp_path / "run")
+    c.seed = 0
+    c.model.path = str(model_dir)
+    c.sft.train_path = str(data_path)
+    c.eval.system_prompt = SYSTEM
+    c.optimizer.learning_rate = lr
+    c.optimizer.warmup_steps = 5
+    c.optimizer.min_lr_ratio = 0.1
+    c.train.steps = steps
+    c.train.batch_size = batch
+    c.train.seq_len = seq_len
+    c.train.checkpoint_every = ckpt_every
+    return c
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft_world")
+    recs = toy_records()
+    write_records(str(d / "train.jsonl"), recs)
+    make_policy_folder(d / "policy", corpus_for(recs))
+    return d, recs
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_packing_layout_and_truncation():
+    seqs = [([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1), ([9, 10, 11, 12, 13, 14, 15, 16, 17, 18], 3), (list(range(20)), 9)]
+    rows, stats = sft.pack_sequences(seqs, 8, pad_id=0)
+    assert stats["dropped"] == 1 and stats["truncated"] == 1 and stats["examples"] == 3
+    # longest (truncated to 9 tokens -> 8 inputs) fills row 0; the other two share row 1
+    assert rows["tokens"].shape == (2, 8)
+    np.testing.assert_array_equal(rows["tokens"][0], [9, 10, 11, 12, 13, 14, 15, 16])
+    np.testing.assert_array_equal(rows["targets"][0], [10, 11, 12, 13, 14, 15, 16, 17])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(rows["tokens"][1], [1, 2, 3, 4, 6, 7, 0, 0])
+    np.testing.assert_array_equal(rows["targets"][1], [2, 3, 4, 5, 7, 8, 0, 0])
+    np.testing.assert_array_equal(rows["segment_ids"][1], [1, 1, 1, 1, 2, 2, 0, 0])
+    np.testing.assert_array_equal(rows["positions"][1], [0, 1, 2, 3, 0, 1, 0, 0])
+    np.testing.assert_array_equal(rows["loss_mask"][1], [0, 1, 1, 1, 1, 1, 0, 0])
+    unpacked, _ = sft.pack_sequences(seqs, 8, pad_id=0, packing=False)
+    assert unpacked["tokens"].shape == (3, 8)
+    with pytest.raises(sft.SFTDataError, match="seq_len"):
+        sft.pack_sequences([(list(range(20)), 9)], 8, pad_id=0)
+
+
+def test_loss_masking_and_packing_isolation(world):
+    """Prompt targets do not affect the loss; a packed row's loss equals its examples' losses computed alone."""
+    from transformers import AutoTokenizer
+
+    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.train import traces
+
+    d, recs = world
+    model, cfg = load_decoder(str(d / "policy"))
+    tok = AutoTokenizer.from_pretrained(str(d / "policy"))
+    exs = traces.build_examples(recs[:3], {"plain": 1.0})
+    seqs = [sft.tokenize_example(tok, e, system_prompt=SYSTEM, eos_id=tok.eos_token_id) for e in exs]
+    # the response (trace + answer + EOS) is exactly the masked part
+    ids, p = seqs[0]
+    assert tok.decode(ids[p:]) == exs[0].response + tok.eos_token
+    packed, st = sft.pack_sequences(seqs, 256, pad_id=tok.pad_token_id)
+    assert st["rows"] == 1 and packed["segment_ids"].max() == 3
+    batch = {k: jnp.asarray(v) for k, v in packed.items()}
+    loss_fn = jax.jit(lambda b: sft.sft_loss(model, b, None))
+    loss, aux = loss_fn(batch)
+
+    rng = np.random.default_rng(0)
+    scrambled = dict(batch)
+    t = np.asarray(batch["targets"]).copy()
+    prompt_pos = np.asarray(batch["loss_mask"]) == 0
+    t[prompt_pos] = rng.integers(0, cfg.vocab_size, size=prompt_pos.sum())
+    scrambled["targets"] = jnp.asarray(t)
+    assert float(loss_fn(scrambled)[0]) == float(loss)
+    t2 = np.asarray(batch["targets"]).copy()
+    resp = np.argwhere(np.asarray(batch["loss_mask"]) > 0)[0]
+    t2[tuple(resp)] = (t2[tuple(resp)] + 1) % cfg.vocab_size
+    assert float(loss_fn(dict(batch, targets=jnp.asarray(t2)))[0]) != float(loss)
+
+    # one example per row (no packing): token-weighted mean of the same per-token losses
+    single, _ = sft.pack_sequences(seqs, 256, pad_id=tok.pad_token_id, packing=False)
+    loss_single, aux_single = loss_fn({k: jnp.asarray(v) for k, v in single.items()})
+    assert float(aux_single["weight"]) == float(aux["weight"])
+    np.testing.assert_allclose(float(loss_single), float(loss), rtol=2e-5)
+
+
+def test_sft_memorises_and_exports(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from medkr_jax.eval.prompts import build_prompt, encode
+    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.sampling import Sampler
+
+    d, recs = world
+    cfg = sft_config(tmp_path, d / "train.jsonl", d / "policy", steps=150, lr=1e-2, ckpt_every=1000)
+    summary = sft.run(cfg, mesh=one_device_mesh())
+    losses = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+    assert losses[0] > 2.0
+    assert np.mean(losses[-3:]) < 0.05, losses[-5:]
+    assert summary["examples"] == len(recs)
+    assert os.path.exists(os.path.join(cfg.output_dir, "report.md"))
+    assert os.path.exists(os.path.join(cfg.output_dir, "loss.png"))
+    # the exported folder loads back and greedily reproduces a memorised answer
+    model, mcfg = load_decoder(summary["export_dir"])
+    tok = AutoTokenizer.from_pretrained(summary["export_dir"])
+    prompt = encode(tok, build_prompt(tok, recs[0], system_prompt=SYSTEM))
+    out = Sampler(mcfg, pad_id=tok.pad_token_id, stop_ids=(tok.eos_token_id,)).generate(
+        model, [prompt], max_new_tokens=24)
+    text = tok.decode(out.row_tokens(0), skip_special_tokens=True)
+    assert text.strip().endswith(f"The answer is {recs[0].answer_letter}."), text
+
+
+def test_same_losses_on_one_and_eight_devices(world, tmp_path):
+    d, _ = world
+    curves = []
+    for name, mesh in (("one", one_device_mesh()),
+                       ("eight", parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}))):
+        cfg = sft_config(tmp_path / name, d / "train.jsonl", d / "policy", steps=4, ckpt_every=100)
+        cfg.optimizer.grad_accum = 2
+        sft.run(cfg, mesh=mesh)
+        curves.append([r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r])
+    np.testing.assert_allclose(curves[0], curves[1], rtol=2e-5)
+
+
+def write_config_file(path, cfg):
+    """A config file for `python -m medkr_jax.main` reproducing `cfg`."""
+    overrides = json.loads(cfg.to_json_best_effort())
+    path.write_text(
+        "import json\nfrom medkr_jax.config import base_config\n\n"
+        "def _merge(c, d):\n"
+        "    for k, v in d.items():\n"
+        "        if isinstance(v, dict):\n"
+        "            _merge(c[k], v)\n"
+        "        else:\n"
+        "            c[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v\n\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        f"    _merge(c, json.loads({json.dumps(json.dumps(overrides))}))\n"
+        "    return c\n")
+
+
+def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, env=None):
+    """Start the job, SIGKILL it once checkpoint `kill_after_checkpoint` exists, restart it to completion."""
+    cmd = [sys.executable, "-m", "medkr_jax.main", f"--config={cfg_file}"]
+    # the restart reuses the first run's compiled programs (persistent compilation cache)
+    cache = os.path.join(output_dir + "_jax_cache")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(env or {}))
+    ckdir = os.path.join(output_dir, "checkpoints")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            done = [int(n) for n in (os.listdir(ckdir) if os.path.isdir(ckdir) else []) if n.isdigit()]
+            if any(s >= kill_after_checkpoint for s in done) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        proc.kill()  # SIGKILL: no handler runs, no final checkpoint
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed_at = max(r["step"] for r in loop.read_metrics(output_dir))
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return killed_at
+
+
+def test_kill9_resume_matches_uninterrupted(world, tmp_path):
+    d, _ = world
+    steps = 150
+    ref = sft_config(tmp_path / "ref", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
+    ref.mesh.data, ref.mesh.fsdp, ref.mesh.tensor = 1, 2, 4
+    sft.run(ref)
+    want = {r["step"]: r["loss"] for r in loop.read_metrics(ref.output_dir) if "loss" in r}
+
+    cfg = sft_config(tmp_path / "killed", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4
+    cfg_file = tmp_path / "sft_cfg.py"
+    write_config_file(cfg_file, cfg)
+    killed_at = run_killed_then_resumed(cfg_file, cfg.output_dir, kill_after_checkpoint=10)
+    assert killed_at < steps
+    got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], [want[s] for s in range(1, steps + 1)],
+                               rtol=1e-5, atol=1e-6)
