@@ -416,3 +416,25 @@ def test_dry_run_prints_memory_plan(name, devices, tmp_path):
     low = out.lower()
     assert "v5p" in low and str(devices) in out
     assert "hbm" in low and "fits" in low, out[-3000:]
+
+
+def test_tpu_stop_terminates_only_the_recorded_job(gcloud_env, tmp_path):
+    env, log = gcloud_env
+    workers = tmp_path / "workers"
+    jobs = []
+    try:
+        for i in range(2):
+            logs = workers / f"w{i}" / "medkr_jax" / "logs"
+            logs.mkdir(parents=True)
+            if i == 0:  # worker 0 runs a job; worker 1 has none
+                jobs.append(subprocess.Popen(["sleep", "60"]))
+                (logs / "job.pid").write_text(f"{jobs[0].pid}\n")
+        res = _run([TPU, "stop"], env=dict(env, STUB_IPS="10.0.0.2;10.0.0.3", STUB_WORKERS=workers))
+        assert res.returncode == 0, res.stderr
+        assert jobs[0].wait(timeout=10) == -15  # SIGTERM: training checkpoints and exits on it
+        assert f"stopping pid {jobs[0].pid}" in res.stdout and "no job running" in res.stdout
+    finally:
+        for p in jobs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -148,6 +148,8 @@ def _check(procs: list[subprocess.Popen], out_dir: Path) -> None:
 
 def _losses(out_dir: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics written more than once per step (by several processes?): {steps}"
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
@@ -182,6 +184,8 @@ def test_two_process_sft_matches_one_process_and_resumes_in_one(world, tmp_path)
     # Both processes ran the job on the 4-device mesh (each printing its own process index).
     log0 = (tmp_path / "two.p0.log").read_text()
     assert "job=sft" in log0 and (two / "checkpoints" / "2").is_dir()
+    assert "job=sft" not in (tmp_path / "two.p1.log").read_text(), "only process 0 prints the run header"
+    assert sorted(_weights(two / "hf")) == sorted(_weights(one / "hf")), "the 2-process run exports the policy"
     assert json.loads((two / "config.json").read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
 
     # A 1-process run continues the 2-process run's checkpoint (the whole output dir, as on a pod).
