@@ -85,6 +85,12 @@ def _classifier_section() -> ml_collections.ConfigDict:
         "dropout": 0.1,
         "early_stopping_patience": 3,
         "second_labels_path": "",   # optional second annotation for Cohen's kappa
+        "test_fraction": 0.1,       # held-out test share of train_path when test_path is ""
+        "text": "question",         # classifier input: question | question_options
+        "epochs": 0.0,              # > 0: train this many passes over the training split (overrides train.steps)
+        "early_stopping_metric": "macro_f1",  # macro_f1 | accuracy | loss (validation)
+        "eval_batch_size": 64,
+        "export_dir": "",           # "" = <output_dir>/classifier
     })
 
 
@@ -94,6 +100,8 @@ def _split_section() -> ml_collections.ConfigDict:
         "threshold": 0.5,
         "batch_size": 64,
         "max_len": 256,
+        "text": "question",         # must match what the classifier was trained on
+        "reasoning_index": -1,      # class id meaning reasoning-heavy; -1 = the label named like "reasoning"
     })
 
 
@@ -145,15 +153,26 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "epsilon_low": 0.2,
         "epsilon_high": 0.2,
         "mu": 1,                  # inner updates per rollout batch
-        "loss_aggregation": "token",  # token | sequence
+        "loss_aggregation": "token",  # token | sequence | constant (Dr. GRPO: sum / (rows * max_new_tokens))
         "scale_rewards": True,    # divide advantages by group std (False = Dr. GRPO)
         "format_reward": 0.0,
         "export_dir": "",
+        "old_logprobs": "sampler",  # mu > 1: old-policy log-probs from the sampler, or "recompute" (a forward pass)
+        "reasoning_only": True,   # train on reasoning-heavy records (label or is_reasoning), as BioMed-R1
     })
 
 
 def _synthetic_section() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"seed": 0, "num_questions": 400, "reasoning_fraction": 0.5})
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "n_diseases": 8,
+        "n_classes": 4,
+        "drugs_per_class": 2,
+        "reasoning_fraction": 0.5,
+        "classifier_questions": 400,     # labelled questions for the reasoning/knowledge classifier
+        "policy_train_questions": 600,   # SFT / GRPO training questions for the tiny policy
+        "policy_eval_questions": 200,    # held-out questions for its evaluation
+    })
 
 
 def _dry_run_section() -> ml_collections.ConfigDict:
@@ -174,7 +193,20 @@ def _import_section() -> ml_collections.ConfigDict:
 
 
 def _pipeline_section() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"stages": ()})
+    # Per-stage settings go in config.pipeline.<stage_name> as a partial config tree (see medkr_jax.stages),
+    # e.g. config.pipeline.sft = ConfigDict({"train": {"steps": 200}}).
+    return ml_collections.ConfigDict({
+        "stages": (),
+        "policy": {  # the tiny policy built for the synthetic world
+            "vocab_size": 1024,
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_layers": 4,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 1024,
+        },
+    })
 
 
 def base_config() -> ml_collections.ConfigDict:
