@@ -59,6 +59,7 @@ def get_config():
     config.grpo.format_reward = 0.1
 
     # Per step: 64 prompts x 8 completions = 512 sequences of up to 1024 prompt + 1024 generated tokens.
+    # The grpo job derives its shapes from config.grpo; these two size the dry-run memory plan.
     config.train.batch_size = 512
     config.train.seq_len = 2048
     config.train.steps = 300
