@@ -1,0 +1,133 @@
+"""Readable outputs of an evaluation: CSV, Markdown tables and grouped bar plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medkr_jax.eval.metrics import SPLITS
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Rows (dicts with the same keys) to CSV; floats rounded to 6 digits so reruns compare equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    fields = list(rows[0].keys())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    return f"{_pct(row['accuracy'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}] (n={row['n_questions']})"
+
+
+def accuracy_markdown(table: Sequence[dict[str, Any]], title: str = "Accuracy (%)") -> str:
+    """Benchmarks as rows, knowledge / reasoning / all as columns: accuracy [95% CI] (questions)."""
+    by = {(r["benchmark"], r["split"]): r for r in table}
+    benches = list(dict.fromkeys(r["benchmark"] for r in table))
+    methods = sorted({r["ci_method"] for r in table})
+    lines = [f"### {title}", "",
+             "| benchmark | " + " | ".join(SPLITS) + " | no answer |",
+             "|---|" + "---|" * (len(SPLITS) + 1)]
+    for b in benches:
+        all_row = by.get((b, "all"))
+        na = _pct(all_row["no_answer_rate"]) + "%" if all_row else "–"
+        lines.append(f"| {b} | " + " | ".join(_cell(by.get((b, s))) for s in SPLITS) + f" | {na} |")
+    lines += ["", f"95% confidence intervals: {', '.join(methods)} "
+              "(see medkr_jax/eval/metrics.py). 'no answer' = samples with no extractable option, scored wrong."]
+    return "\n".join(lines) + "\n"
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[tuple[float, float, float]]]) -> None:
+    """Grouped bars with CI error bars; series name -> [(value, lo, hi)] per group."""
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        v = np.array([100 * a for a, _, _ in vals], dtype=float)
+        lo = np.array([100 * (a - l) for a, l, _ in vals], dtype=float)
+        hi = np.array([100 * (h - a) for a, _, h in vals], dtype=float)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, label=name,
+               yerr=np.nan_to_num(np.stack([lo, hi])), capsize=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylim(0, 100)
+    ax.legend()
+
+
+def plot_knowledge_vs_reasoning(table: Sequence[dict[str, Any]], path: str | os.PathLike,
+                                title: str = "Accuracy: knowledge vs reasoning") -> None:
+    """Grouped bars per benchmark: knowledge-heavy vs reasoning-heavy accuracy with 95% CIs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(r["benchmark"], r["split"]): r for r in table}
+    benches = list(dict.fromkeys(r["benchmark"] for r in table))
+    nan = (float("nan"),) * 3
+    series = {s: [(by[(b, s)]["accuracy"], by[(b, s)]["ci_low"], by[(b, s)]["ci_high"]) if (b, s) in by else nan
+                  for b in benches] for s in ("knowledge", "reasoning")}
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) + 2), 4.5))
+    _bars(ax, benches, series)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def adversarial_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Before / after / drop per benchmark x split for each prefix source."""
+    lines = ["### Adversarial evaluation (accuracy %, before -> after prefilled misleading reasoning)", "",
+             "| source | benchmark | split | questions | before | after | drop | after spread |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = "–" if r.get("after_std") is None else f"±{_pct(r['after_std'])} (min {_pct(r['after_min'])}, max {_pct(r['after_max'])})"
+        lines.append(f"| {r['source']} | {r['benchmark']} | {r['split']} | {r['n_questions']} | "
+                     f"{_pct(r['before'])} | {_pct(r['after'])} | {_pct(r['drop'])} | {spread} |")
+    lines += ["", "'after spread': standard deviation, min and max over the released traces (one run per "
+              "trace) where a question has several."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_adversarial(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Per split (knowledge, reasoning, all) a panel of before/after bars per benchmark, one bar pair per source."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    benches = list(dict.fromkeys(r["benchmark"] for r in rows))
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 1.1 * len(benches) + 2) * len(splits), 4.5),
+                             squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        by = {(r["source"], r["benchmark"]): r for r in rows if r["split"] == split}
+        nan = (float("nan"),) * 3
+        series = {"before": [((by[(sources[0], b)]["before"],) * 3) if (sources[0], b) in by else nan
+                             for b in benches]}
+        for s in sources:
+            series[f"after ({s})"] = [((by[(s, b)]["after"],) * 3) if (s, b) in by else nan for b in benches]
+        _bars(ax, benches, series)
+        ax.set_title(f"{split}")
+        ax.set_ylabel("accuracy (%)")
+    fig.suptitle("Accuracy before and after a misleading prefilled answer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
