@@ -347,8 +347,9 @@ class Attention(nnx.Module):
         b, t, h, d = q.shape
         groups = h // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        # Scores and softmax in at least float32, whatever the compute dtype.
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=acc) / math.sqrt(d)
         scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
@@ -475,12 +476,13 @@ class Decoder(nnx.Module):
             new_cache = KVCache(k=kc, v=vc, mask=mask, index=cache.index + t)
 
         x = self.norm(x)
+        acc = jnp.promote_types(self.dtype, jnp.float32)
         if self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, self.embed.embedding[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=acc)
         else:
             logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=acc)
         return _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), new_cache
 
 

