@@ -391,6 +391,7 @@ def _random_source(shape: tuple[int, ...], std: float, seed: int):
 def load_bert(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
               num_labels: int | None = None, id2label: Mapping[int, str] | None = None,
               dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False, seed: int = 0,
+              classifier_dropout: float | None = None,
               ) -> tuple[BertModel | BertForSequenceClassification, BertConfig]:
     """Load a local HF BERT folder (config.json + safetensors) straight into sharded arrays.
 
@@ -398,6 +399,7 @@ def load_bert(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = Non
     head or `num_labels`/`id2label` is given (a missing head is initialised randomly, as HF does, with
     `seed`); otherwise a BertModel. Works for plain encoders (MiniLM: no "bert." prefix) and task models
     ("bert." prefix, e.g. the released reasoning/knowledge classifier). `mesh=None` loads on one device.
+    `classifier_dropout` overrides the head's dropout rate (config.json's, else hidden_dropout_prob).
     """
     from medkr_jax import parallel
     from medkr_jax.models import hf
@@ -415,6 +417,8 @@ def load_bert(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = Non
     elif num_labels is not None and (num_labels != cfg.num_labels or not has_head):
         cfg = cfg.with_labels(num_labels)
     classifier = has_head or num_labels is not None or id2label is not None
+    if classifier_dropout is not None:
+        cfg = dataclasses.replace(cfg, classifier_dropout=float(classifier_dropout))
     if has_head and ckpt.shape("classifier.weight") != (cfg.num_labels, cfg.hidden_size):
         raise hf.CheckpointError(
             f"classifier.weight in {str(ckpt.file_of('classifier.weight'))!r} has shape "
