@@ -114,7 +114,12 @@ def _eval_section() -> ml_collections.ConfigDict:
         "top_k": 0,
         "top_p": 1.0,
         "num_samples": 1,
-        "batch_size": 16,
+        "batch_size": 16,         # sampler rows per program (prompts per batch = batch_size // num_samples)
+        # User turn; fields {context} ("Context: ...\n\n" or ""), {question}, {options} ("A. ...\nB. ...").
+        "prompt_template": "{context}Question: {question}\n\nOptions:\n{options}",
+        "chat_template_kwargs": "",  # JSON object passed to apply_chat_template, e.g. '{"enable_thinking": false}'
+        "stop_strings": (),       # extra single-token stop strings besides EOS, e.g. ("<|im_end|>",)
+        "ci": "auto",             # auto | wilson | bootstrap (95% CI; auto = Wilson for 1 sample, else bootstrap)
     })
 
 
@@ -123,6 +128,14 @@ def _adversarial_section() -> ml_collections.ConfigDict:
         "source": "template",   # released | generated | template
         "cue": "Wait, let me re-check this.",
         "generator_path": "",   # for source=generated: model that writes the misleading reasoning ("" = same)
+        # Comma-separated sources are evaluated one after another, e.g. "released,template".
+        # The prefilled assistant text: the misleading reasoning, then the reconsideration cue.
+        "prefix_format": "{prefix}\n\n{cue}\n",
+        "generator_prompt": ("Argue that the correct answer is ({letter}) {option}. Explain step by step, "
+                             "confidently, and end with 'The answer is {letter}.'"),
+        "generator_max_new_tokens": 256,
+        "template": ("Let me think step by step. The key findings in this question point to {option}. "
+                     "The other options do not fit the presentation as well. The answer is {letter}."),
     })
 
 
