@@ -19,7 +19,7 @@ TINY_DIMS = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden
                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 
 
 def tiny_hf_config(kind: str, **overrides):

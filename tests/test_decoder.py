@@ -1,0 +1,186 @@
+"""Decoder parity with HF PyTorch (Llama w/ llama3 RoPE, Qwen2, Qwen3), KV cache, packing, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from medkr_jax import parallel
+from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
+from medkr_jax.models.hf import load_decoder
+from tests.helpers_models import (hf_logits, make_tiny_hf_model, ragged_batch, tiny_decoder_folder,  # noqa: F401
+                                  tiny_hf_config)
+
+TOL = 1e-4
+
+
+_FWD = nnx.jit(lambda m, t, p, a, s: m(t, p, attention_mask=a, segment_ids=s)[0])
+
+
+def _forward(model, tokens, positions, mask=None, segment_ids=None):
+    return np.asarray(_FWD(model, jnp.asarray(tokens), jnp.asarray(positions),
+                        None if mask is None else jnp.asarray(mask),
+                        None if segment_ids is None else jnp.asarray(segment_ids)))
+
+
+def test_parity_with_hf_on_ragged_left_padded_batch(tiny_decoder_folder):
+    kind, folder, hf_model = tiny_decoder_folder
+    model, cfg = load_decoder(folder)
+    assert cfg.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                "qwen3": "Qwen3ForCausalLM"}[kind]
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    if kind == "llama":
+        assert cfg.rope_scaling["rope_type"] == "llama3"
+    tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(13, 8, 3))
+    ref = hf_logits(hf_model, tokens, mask, positions)
+    ours = _forward(model, tokens, positions, mask)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    diff = np.abs(ours - ref)[mask].max()
+    assert diff <= TOL, f"{kind}: max |logits diff| {diff:.2e}"
+
+
+def test_llama3_rope_scaling_changes_frequencies():
+    cfg = DecoderConfig.from_hf(tiny_hf_config("llama").to_dict() | {"architectures": ["LlamaForCausalLM"]})
+    plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+    scaled = rope_inv_freq(cfg)
+    # High frequencies untouched, the lowest divided by `factor` (8), a smooth band in between.
+    assert scaled[0] == plain[0]
+    np.testing.assert_allclose(scaled[-1], plain[-1] / 8.0, rtol=1e-6)
+    assert np.any((scaled < plain) & (scaled > plain / 8.0))
+
+
+def test_kv_cache_incremental_decoding_matches_full_forward(tiny_decoder_folder):
+    kind, folder, _ = tiny_decoder_folder
+    model, cfg = load_decoder(folder)
+    tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(12, 9, 5), seed=1)
+    full = _forward(model, tokens, positions, mask)
+
+    step = nnx.jit(lambda m, t, p, a, c: m(t, p, attention_mask=a, cache=c))
+    cache = init_cache(cfg, batch=3, max_len=16)
+    prefill = 6  # prompt chunk, then one token at a time
+    logits, cache = step(model, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache)
+    outs = [np.asarray(logits)]
+    for t in range(prefill, tokens.shape[1]):
+        logits, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        outs.append(np.asarray(logits))
+    inc = np.concatenate(outs, axis=1)
+    assert int(cache.index) == tokens.shape[1]
+    assert cache.k.shape == (cfg.num_layers, 3, 16, cfg.num_kv_heads, cfg.head_dim)
+    np.testing.assert_array_equal(np.asarray(cache.mask)[:, :tokens.shape[1]], mask)
+    assert np.abs(inc - full)[mask].max() <= 1e-5
+
+
+def test_segment_ids_packing_equals_separate_forwards():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, qkv_bias=True, architecture="Qwen2ForCausalLM")
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 64, 7), rng.integers(0, 64, 5)
+    packed = np.concatenate([a, b, [0, 0]])[None].astype(np.int32)
+    seg = np.array([[1] * 7 + [2] * 5 + [0, 0]], np.int32)
+    pos = np.array([list(range(7)) + list(range(5)) + [0, 0]], np.int32)
+    out = _forward(model, packed, pos, seg > 0, seg)
+    # Each sequence alone, right-padded to the same length (so one compiled forward serves all).
+    sep = np.zeros((2, 14), np.int32)
+    sep[0, :7], sep[1, :5] = a, b
+    sep_pos = np.tile(np.arange(14, dtype=np.int32), (2, 1))
+    alone = _forward(model, sep, sep_pos, sep_pos < np.array([[7], [5]]), np.ones((2, 14), np.int32))
+    np.testing.assert_allclose(out[0, :7], alone[0, :7], atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:12], alone[1, :5], atol=1e-5)
+    # Without segment ids the second sequence would see the first: the outputs differ.
+    mixed = _forward(model, packed, pos, seg > 0, np.ones_like(seg))
+    assert np.abs(mixed[0, 7:12] - alone[1, :5]).max() > 1e-3
+
+
+def test_same_logits_on_one_device_and_on_fsdp_tensor_mesh(tiny_decoder_folder):
+    kind, folder, _ = tiny_decoder_folder
+    tokens, mask, positions = ragged_batch(96, lengths=(10, 6, 2, 9), seed=2)
+    one, _ = load_decoder(folder)
+    ref = _forward(one, tokens, positions, mask)
+
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    model, _ = load_decoder(folder, mesh=mesh)
+    q = model.layers.attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor") and len(q.sharding.device_set) == 8
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2)
+    emb = model.embed.embedding[...]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    batch = parallel.shard_batch({"t": tokens, "p": positions, "m": mask}, mesh)
+    with parallel.sharding_context(mesh):
+        out = nnx.jit(lambda m, b: m(b["t"], b["p"], attention_mask=b["m"])[0])(model, batch)
+    assert len(out.sharding.device_set) == 8
+    assert np.abs(np.asarray(out) - ref)[mask].max() <= 1e-5
+
+
+def test_remat_gives_same_loss_and_gradients():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                        num_kv_heads=4, head_dim=8, qk_norm=True, tie_word_embeddings=True,
+                        architecture="Qwen3ForCausalLM")
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
+    pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+
+    def loss(m):
+        logits, _ = m(tokens[:, :-1], pos[:, :-1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    grads = []
+    for remat in (False, True):
+        model = Decoder(cfg, remat=remat, rngs=nnx.Rngs(0))
+        value, g = nnx.jit(nnx.value_and_grad(loss))(model)
+        grads.append((float(value), jax.tree.map(np.asarray, nnx.state(g))))
+    for value, g in grads[1:]:
+        assert abs(value - grads[0][0]) < 1e-6
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), g, grads[0][1])
+    Decoder(cfg, remat="dots_with_no_batch_dims_saveable", rngs=nnx.Rngs(0))  # a named policy is accepted
+    with pytest.raises(ValueError, match="remat"):
+        Decoder(cfg, remat="no_such_policy", rngs=nnx.Rngs(0))
+
+
+def test_bf16_compute_is_close_to_fp32(tmp_path):
+    folder = tmp_path / "qwen3"
+    make_tiny_hf_model("qwen3", folder)
+    tokens, mask, positions = ragged_batch(96, lengths=(9, 4))
+    f32, _ = load_decoder(folder)
+    bf16, _ = load_decoder(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert bf16.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    a, b = _forward(f32, tokens, positions, mask), _forward(bf16, tokens, positions, mask)
+    assert b.dtype == np.float32
+    assert np.abs(a - b)[mask].max() < 0.1 * np.abs(a).max()
+
+
+def test_config_round_trip_and_errors():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, rope_theta=5e5,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        eos_token_ids=(2, 3), architecture="LlamaForCausalLM")
+    assert DecoderConfig.from_hf(cfg.to_hf()) == cfg
+    hash(cfg)  # usable as a static jit argument
+    # Old-style config.json keys (rope_theta / rope_scaling with "type") read the same.
+    old = cfg.to_hf()
+    del old["rope_parameters"]
+    assert DecoderConfig.from_hf(old) == cfg
+    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
+        DecoderConfig.from_hf(dict(cfg.to_hf(), architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        DecoderConfig.from_hf(dict(cfg.to_hf(), rope_parameters={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(UnsupportedModelError, match="num_hidden_layers"):
+        DecoderConfig.from_hf({k: v for k, v in cfg.to_hf().items() if k != "num_hidden_layers"})
+
+
+def test_params_carry_logical_axes_without_a_mesh():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, architecture="LlamaForCausalLM")
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    assert specs["layers"]["attn"]["q_proj"]["kernel"].get_value() == P("layers", "embed", "heads")
+    assert specs["layers"]["attn"]["k_proj"]["kernel"].get_value() == P("layers", "embed", "kv_heads")
+    assert specs["layers"]["mlp"]["down_proj"]["kernel"].get_value() == P("layers", "mlp", "embed")
+    assert specs["embed"]["embedding"].get_value() == P("vocab", "embed")
+    assert specs["lm_head"]["kernel"].get_value() == P("embed", "vocab")
+    assert cfg.num_params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
