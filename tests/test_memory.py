@@ -1,0 +1,97 @@
+"""Dry-run memory plan: shard arithmetic checked by hand, presets checked against published sizes."""
+
+import json
+import math
+
+import pytest
+
+from medkr_jax.config import base_config
+from medkr_jax.models import memory, presets
+from medkr_jax.models.memory import CHIP_HBM, GiB, MemoryPlanError, memory_plan
+
+
+def test_published_parameter_counts():
+    # Exact counts of the HF checkpoints (safetensors metadata) where known, else the model cards' rounding.
+    assert presets.decoder_config("llama3.1-8b").num_params == 8_030_261_248
+    assert presets.decoder_config("qwen2.5-7b").num_params == 7_615_616_512
+    assert presets.decoder_config("smollm2-135m").num_params == 134_515_008
+    for name, billions in [("qwen3-0.6b", 0.6), ("qwen3-1.7b", 1.7), ("qwen3-4b", 4.0), ("qwen3-8b", 8.2),
+                           ("qwen3-14b", 14.8), ("qwen3-32b", 32.8), ("qwen2.5-32b", 32.8)]:
+        n = presets.decoder_config(name).num_params / 1e9
+        assert abs(n - billions) / billions < 0.03, (name, n)
+
+
+def test_per_device_bytes_match_hand_computed_shards():
+    cfg = presets.decoder_config("qwen3-8b")
+    plan = memory_plan(cfg, {"data": 1, "fsdp": 16, "tensor": 4}, param_dtype="float32", dtype="bfloat16",
+                       batch_size=64, seq_len=2048, remat=True, chip="v5p")
+    # Default rules put every matrix over fsdp x tensor (64 ways) and replicate the norm scales.
+    e, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    norms = layers * (2 * e + 2 * hd) + e
+    per_device = (cfg.num_params - norms) / 64 + norms
+    assert plan["params"] == per_device * 4
+    assert plan["grads"] == plan["params"]
+    assert plan["optimizer"] == 2 * per_device * 4  # AdamW mu and nu in float32
+    assert plan["master"] == 0  # float32 params are their own master copy
+    assert plan["total"] == sum(plan[k] for k in ("params", "grads", "optimizer", "master", "activations"))
+    assert plan["num_devices"] == 64 and plan["fits"] and 0 < plan["hbm_fraction"] < 0.9
+
+
+def test_bf16_params_add_a_float32_master_and_halve_params():
+    cfg = presets.decoder_config("llama3.1-8b")
+    mesh = {"data": 2, "fsdp": 8, "tensor": 4}
+    f32 = memory_plan(cfg, mesh, param_dtype="float32", batch_size=16, seq_len=1024)
+    bf16 = memory_plan(cfg, mesh, param_dtype="bfloat16", batch_size=16, seq_len=1024)
+    assert bf16["params"] * 2 == f32["params"] and bf16["master"] == f32["params"]
+    assert bf16["optimizer"] == f32["optimizer"]
+
+
+def test_activations_grow_with_batch_and_shrink_with_remat():
+    cfg = presets.decoder_config("qwen3-1.7b")
+    mesh = {"data": 1, "fsdp": 4, "tensor": 2}
+    base = memory_plan(cfg, mesh, batch_size=8, seq_len=1024, remat=False)["activations"]
+    assert memory_plan(cfg, mesh, batch_size=16, seq_len=1024, remat=False)["activations"] == pytest.approx(2 * base)
+    assert memory_plan(cfg, mesh, batch_size=8, seq_len=1024, remat=True)["activations"] < base / 3
+
+
+def test_32b_does_not_fit_small_chips_and_fits_a_pod():
+    cfg = presets.decoder_config("qwen2.5-32b")
+    small = memory_plan(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, batch_size=8, seq_len=2048, chip="v5e")
+    assert not small["fits"] and small["params"] > 14 * GiB  # 32.8e9 * 4 B / 8
+    pod = memory_plan(cfg, {"data": 1, "fsdp": 16, "tensor": 4}, param_dtype="bfloat16", batch_size=16,
+                      seq_len=2048, chip="v5p")
+    assert pod["fits"] and pod["hbm"] == CHIP_HBM["v5p"]
+
+
+def test_plan_errors():
+    cfg = presets.decoder_config("qwen3-8b")
+    with pytest.raises(MemoryPlanError, match="unknown chip 'tpu9'"):
+        memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, chip="tpu9")
+    with pytest.raises(MemoryPlanError, match=r"does not divide"):
+        memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 3})
+    with pytest.raises(MemoryPlanError, match="not divisible by data\\*fsdp"):
+        memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, batch_size=12)
+    with pytest.raises(presets.PresetError, match="qwen3-8b"):
+        presets.decoder_config("qwen3-9b")
+
+
+def test_dry_run_job_from_config(tmp_path, capsys):
+    config = base_config()
+    config.job = "dry_run"
+    config.output_dir = str(tmp_path)
+    config.model.preset = "qwen3-32b"
+    config.model.param_dtype = "bfloat16"
+    config.model.remat = True
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 4
+    config.dry_run.num_devices = 64
+    config.dry_run.chip = "v5p"
+    config.train.batch_size, config.train.seq_len = 32, 2048
+    summary = memory.run(config)
+    assert summary["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4} and summary["model"] == "qwen3-32b"
+    assert summary["fits"] is True
+    written = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert written["total"] == summary["total"]
+    out = capsys.readouterr().out
+    assert "qwen3-32b" in out and "fits" in out and "optimizer" in out
+    # a 32B model in float32 would need ~131 GB: the plan never allocated it
+    assert summary["num_params"] * 4 > 100 * GiB and math.isfinite(summary["hbm_fraction"])
