@@ -221,3 +221,40 @@ def test_export_bf16_from_sharded_model(tiny, tmp_path):
     # and our loader reads bf16 files back (memory-mapped path for dtypes numpy lacks)
     back, _ = load_decoder(out, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert back.layers.attn.q_proj.kernel[...].dtype == jnp.bfloat16
+
+
+def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
+    """Job "export": the params of a train.loop checkpoint (not the base weights) end up in the HF folder."""
+    from medkr_jax.config import base_config
+    from medkr_jax.models.hf import run_export
+    from medkr_jax.train.checkpoint import Checkpointer
+    from medkr_jax.train.loop import Trainer, make_optimizer
+
+    folder, _ = tiny
+    config = base_config()
+    config.job, config.output_dir = "export", str(tmp_path / "run")
+    config.model.path = str(folder)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
+    config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e-2, 0
+    mesh = parallel.make_mesh(config.mesh)
+    model, cfg = load_decoder(folder, mesh=mesh)
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (8, 6)).astype(np.int32)
+
+    def loss_fn(m, batch, rng):
+        logits, _ = m(batch[:, :-1], jnp.broadcast_to(jnp.arange(5), (batch.shape[0], 5)))
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, batch[:, 1:, None], -1).mean(), {}
+
+    trainer = Trainer(model, loss_fn=loss_fn, tx=make_optimizer(config.optimizer, 10), mesh=mesh)
+    trainer.update(trainer.place_batch(tokens), jax.random.key(0))
+    trained = jax.tree.map(np.asarray, nnx.state(trainer.model(), nnx.Param))
+    with Checkpointer(str(tmp_path / "run" / "checkpoints"), save_every=1) as ckpt:
+        ckpt.save(3, trainer.checkpoint_state(3), force=True)
+
+    summary = run_export(config)
+    assert summary["step"] == 3 and summary["out_dir"] == str(tmp_path / "run" / "hf")
+    exported, _ = load_decoder(tmp_path / "run" / "hf")
+    got = jax.tree.map(np.asarray, nnx.state(exported, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, got, trained)
+    base = np.asarray(load_decoder(folder)[0].layers.attn.q_proj.kernel[...])
+    assert np.abs(got["layers"]["attn"]["q_proj"]["kernel"].get_value() - base).max() > 1e-4

@@ -416,6 +416,22 @@ def load_params(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
 # decoders: load and export
 
 
+def _one_device_mesh() -> jax.sharding.Mesh:
+    from medkr_jax import parallel
+    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def abstract_decoder(cfg, *, mesh: jax.sharding.Mesh, rules=None, dtype=jax.numpy.float32,
+                     param_dtype=jax.numpy.float32, remat: bool | str = False):
+    """A ``Decoder`` of shapes only (nothing allocated), each Param carrying its sharding on ``mesh``."""
+    from medkr_jax import parallel
+    from medkr_jax.models.decoder import Decoder
+
+    with parallel.sharding_context(mesh, rules):
+        return nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                              rngs=nnx.Rngs(0)))
+
+
 def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
                  dtype=jax.numpy.float32, param_dtype=jax.numpy.float32, remat: bool | str = False,
                  allow_pickle: bool = False):
@@ -425,16 +441,12 @@ def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = 
     one-device mesh), placed by the logical-axis ``rules`` (default: ``parallel.DEFAULT_RULES``).
     Returns (model, config).
     """
-    from medkr_jax import parallel
-    from medkr_jax.models.decoder import Decoder, DecoderConfig, hf_param_mapping
+    from medkr_jax.models.decoder import DecoderConfig, hf_param_mapping
 
     cfg = DecoderConfig.from_hf(read_hf_config(folder))
     ckpt = SafetensorsCheckpoint(folder, allow_pickle=allow_pickle)
-    if mesh is None:
-        mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    with parallel.sharding_context(mesh, rules):
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                  rngs=nnx.Rngs(0)))
+    mesh = mesh if mesh is not None else _one_device_mesh()
+    abstract = abstract_decoder(cfg, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype, remat=remat)
     # Tied checkpoints sometimes still store lm_head.weight; old ones store RoPE buffers.
     ignore = ["*rotary_emb.inv_freq"] + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
     model = load_params(abstract, ckpt, hf_param_mapping(cfg), param_dtype=param_dtype, mesh=mesh,
@@ -539,3 +551,72 @@ def export_decoder(model, cfg, out_dir: str | os.PathLike, *, tokenizer_dir: str
                    "pad_token_id": cfg.pad_token_id}
             (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
+
+
+def restore_params(abstract_model: nnx.Module, checkpoint_dir: str | os.PathLike, *,
+                   mesh: jax.sharding.Mesh | None = None, step: int | None = None):
+    """Fill an abstract module with the parameters of a training checkpoint (``train.loop`` layout).
+
+    ``checkpoint_dir`` is a run's ``checkpoints`` folder (or the run folder holding one); the
+    newest step is used unless ``step`` is given. Only the parameters are read (not the optimizer
+    state), each straight into its sharding on ``mesh``. Returns (model, step).
+    """
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from medkr_jax.train.loop import from_nested_dict, to_nested_dict
+
+    directory = epath.Path(checkpoint_dir)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
+                                    f"{str(directory)!r} (steps: {list(manager.all_steps())})")
+        graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise CheckpointError("restore_params handles modules whose state is all nnx.Param")
+        target = to_nested_dict(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_concrete_sharding(x, mesh)), params))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                                 {"params": target}))))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint step {step} in {str(directory)!r} does not hold this model's "
+                                  f"parameters: {e}") from None
+    finally:
+        manager.close()
+    return nnx.merge(graphdef, from_nested_dict(restored["state"]["params"], params), rest), step
+
+
+def run_export(config) -> dict:
+    """Job "export": a trained decoder checkpoint -> an HF folder (config.json + safetensors + tokenizer).
+
+    Reads config.model.path (the HF folder the run started from: architecture and tokenizer),
+    config.export.checkpoint_dir (the run's checkpoints; "" = <output_dir>/checkpoints),
+    config.export.out_dir ("" = <output_dir>/hf), config.export.max_shard_bytes, config.mesh,
+    config.sharding_rules, config.model.param_dtype and config.tokenizer_path ("" = model.path).
+    """
+    from medkr_jax import parallel
+    from medkr_jax.config import require
+    from medkr_jax.models.decoder import DecoderConfig
+
+    require(config, "model.path")
+    ckpt_dir = config.export.checkpoint_dir or os.path.join(config.output_dir or ".", "checkpoints")
+    out_dir = config.export.out_dir or os.path.join(config.output_dir or ".", "hf")
+    param_dtype = jax.numpy.dtype(config.model.param_dtype)
+    mesh = parallel.make_mesh(config.mesh)
+    cfg = DecoderConfig.from_hf(read_hf_config(config.model.path))
+    abstract = abstract_decoder(cfg, mesh=mesh, rules=config.sharding_rules or None, param_dtype=param_dtype)
+    model, step = restore_params(abstract, ckpt_dir, mesh=mesh)
+    out = export_decoder(model, cfg, out_dir, tokenizer_dir=config.tokenizer_path or config.model.path,
+                         max_shard_bytes=float(config.export.max_shard_bytes))
+    print(f"exported step {step} of {ckpt_dir} -> {out}")
+    return {"step": int(step), "checkpoint_dir": str(ckpt_dir), "out_dir": str(out),
+            "architecture": cfg.architecture, "num_params": cfg.num_params}
