@@ -158,6 +158,8 @@ cd ~/$REMOTE_DIR
 [ -x .venv/bin/python ] || $python_bin -m venv .venv
 .venv/bin/pip install -q -U pip
 .venv/bin/pip install -q -e '.[tpu]'
+# gs:// output dirs: orbax reaches Cloud Storage through etils.epath, whose backend is gcsfs.
+.venv/bin/python -c 'import gcsfs' 2>/dev/null || .venv/bin/pip install -q gcsfs
 .venv/bin/python -c 'import jax; print(f\"worker {jax.process_index()}: {jax.local_device_count()} local / {jax.device_count()} global devices\")'"
   ssh_all "$remote"
   echo "$PROG: setup done on every worker (~/$REMOTE_DIR)"

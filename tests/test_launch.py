@@ -229,6 +229,7 @@ def test_tpu_setup_copies_the_checkout(gcloud_env, tmp_path):
     assert len(ssh) == 1 and "--worker=all" in ssh[0]
     remote = next(a for a in ssh[0] if a.startswith("--command="))
     assert "pip install -q -e '.[tpu]'" in remote and "python3.11 -m venv .venv" in remote
+    assert "pip install -q gcsfs" in remote  # gs:// output dirs
     assert subprocess.run(["bash", "-n", "-c", remote.split("=", 1)[1]]).returncode == 0
 
 
