@@ -97,3 +97,11 @@ def test_restore_latest_after_sigkill(tmp_path):
     ckpt.save(latest + 2, {"w": jnp.zeros((256, 256)), "step": jnp.int32(latest + 2)})
     ckpt.close()
     assert Checkpointer(directory, save_every=2).latest_step() == latest + 2
+
+
+def test_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer("runs/x/checkpoints", save_every=1, async_save=False)
+    ckpt.save(1, {"x": jnp.ones(2)})
+    ckpt.close()
+    assert (tmp_path / "runs/x/checkpoints/1").is_dir()

@@ -10,6 +10,7 @@ checkpoints intact and the partial one invisible.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import jax
@@ -73,7 +74,8 @@ class Checkpointer:
     def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
         if save_every <= 0:
             raise ValueError(f"checkpoint save_every must be > 0, got {save_every}")
-        self.directory = epath.Path(directory)
+        # orbax wants absolute paths; URLs such as gs://bucket/run are already absolute.
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1,  # we decide when to save (should_save); orbax keeps the last `keep`
