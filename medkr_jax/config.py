@@ -210,6 +210,7 @@ def _pipeline_section() -> ml_collections.ConfigDict:
     # e.g. config.pipeline.sft = ConfigDict({"train": {"steps": 200}}).
     return ml_collections.ConfigDict({
         "stages": (),
+        "eval_questions_per_split": 32,  # real questions per split (reasoning / knowledge) for the LM evaluation
         "policy": {  # the tiny policy built for the synthetic world
             "vocab_size": 1024,
             "hidden_size": 128,

