@@ -197,7 +197,9 @@ def initialize_distributed(config: Any = None) -> bool:
         if pid < 0:
             raise ValueError("multi-process run: config.distributed.process_id (or MEDKR_PROCESS_ID) is required "
                              "together with the coordinator address and num_processes")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+        # Explicit settings win: no cluster auto-detection (under SLURM it would pin each process to one GPU).
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid,
+                                   cluster_detection_method="deactivate")
         return True
     multi_tpu = len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
     multi_slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
