@@ -130,6 +130,10 @@ class Sampler:
         """Programs compiled so far by this sampler (one per distinct shape/mode combination)."""
         return len(self._programs)
 
+    def prompt_bucket(self, length: int) -> int:
+        """The padded prompt length a prompt of ``length`` tokens is run at."""
+        return _bucket(length, self.prompt_buckets)
+
     def _batch_divisor(self) -> int:
         if self.mesh is None:
             return 1
@@ -266,9 +270,15 @@ class Sampler:
             batch = min(int(batch_size), _next_pow2(num_rows))
         batch = max(div, math.ceil(batch / div) * div)
 
-        # Longest prompts first, so each batch holds similar lengths and pads little.
+        # Rows are grouped by prompt bucket (longest first) and batched within a group, so one long prompt
+        # never pads a batch of short ones up to its bucket.
         lens = np.array([len(prompts[p]) for p in prompt_index])
         order = np.argsort(-lens, kind="stable")
+        row_bucket = np.array([self.prompt_bucket(int(n)) for n in lens])
+        chunks = []
+        for bucket in sorted(set(row_bucket.tolist()), reverse=True):
+            group = order[row_bucket[order] == bucket]
+            chunks += [(bucket, group[i:i + batch]) for i in range(0, len(group), batch)]
         out_tok = np.full((num_rows, gen_len), self.pad_id, np.int32)
         out_lp = np.zeros((num_rows, gen_len), np.float32)
         out_len = np.zeros((num_rows,), np.int32)
@@ -276,9 +286,7 @@ class Sampler:
         graphdef, state = nnx.split(model)
         scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
                    np.float32(top_p))
-        for start in range(0, num_rows, batch):
-            rows = order[start:start + batch]
-            prompt_len = _bucket(int(lens[rows].max()), self.prompt_buckets)
+        for prompt_len, rows in chunks:
             tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
             positions = np.zeros((batch, prompt_len), np.int32)
             mask = np.zeros((batch, prompt_len), bool)

@@ -220,9 +220,9 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
                    desc: str = "generate", on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
     """Generate every item not yet in ``glog``, appending each batch to it as soon as it finishes.
 
-    Items are processed shortest prompt first, in a fixed order, ``batch_size // num_samples`` prompts per
-    batch; a question's randomness comes from its key, not from its batch, so a resumed run reproduces an
-    uninterrupted one. ``on_batch(items_done_this_run)`` is called after each batch is durable.
+    Items are processed shortest prompt first, in a fixed order, up to ``batch_size // num_samples`` prompts
+    of one prompt-length bucket per batch; a question's randomness comes from its key, not from its batch,
+    so a resumed run reproduces an uninterrupted one. ``on_batch(items_done_this_run)`` is called after each batch is durable.
     """
     from tqdm import tqdm
 
@@ -233,10 +233,18 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
     todo_mask = _remaining_mask(items, glog)
     todo = sorted((it for it, m in zip(items, todo_mask) if m), key=lambda it: (len(it.prompt), it.key))
     per_batch = max(1, gen.batch_size // gen.num_samples)
+    # Batches never mix prompt-length buckets: a long prompt would pad its whole batch to its bucket.
+    chunks, group = [], []
+    for it in todo:
+        if group and (len(group) == per_batch or rt.sampler.prompt_bucket(len(it.prompt))
+                      != rt.sampler.prompt_bucket(len(group[0].prompt))):
+            chunks.append(group)
+            group = []
+        group.append(it)
+    chunks += [group] if group else []
     done = 0
     bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not todo or not _is_main(), dynamic_ncols=True)
-    for start in range(0, len(todo), per_batch):
-        chunk = todo[start:start + per_batch]
+    for chunk in chunks:
         out = rt.sampler.generate(
             rt.model, [it.prompt for it in chunk], max_new_tokens=gen.max_new_tokens,
             temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, n=gen.num_samples, seed=gen.seed,
