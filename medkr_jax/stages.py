@@ -196,7 +196,7 @@ def split_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> 
     rng = random.Random(int(config.seed))
     sample = []
     for kind in ("reasoning", "knowledge"):
-        pool = [r for files in res["files"].values() for r in read_records(files[kind])]
+        pool = [r for files in res["files"].values() if kind in files for r in read_records(files[kind])]
         rng.shuffle(pool)
         for r in pool[:n]:
             r.label = kind
