@@ -118,3 +118,134 @@ def test_masked_cross_entropy_matches_numpy():
     ent = losses.token_entropy(jnp.asarray(logits))
     p = np.exp(lg - logz[..., None])
     np.testing.assert_allclose(np.asarray(ent), -(p * np.log(p)).sum(-1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the GRPO job
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+from medkr_jax import parallel  # noqa: E402
+from medkr_jax.data.records import LETTERS, MCQRecord, write_records  # noqa: E402
+from medkr_jax.train import grpo, loop, sft  # noqa: E402
+from tests.test_sft import (compilation_cache, make_policy_folder, one_device_mesh, run_killed_then_resumed,  # noqa: E402
+                            run_job, sft_config, write_config_file)
+
+COLORS = ["red", "blue", "green", "gold"]
+WAYS = ["north", "south", "east", "west"]
+
+
+def signal_records(answer_of, variants=2):
+    """Toy verifiable task: "Signal <colour> <v>" -> the rule's letter. The trace names the signal, then a letter."""
+    return [MCQRecord(id=f"{c}{v}-{a}", benchmark="toy", question=f"Signal {c} {v}", options=list(WAYS), answer=a,
+                      label="reasoning", trace=f"Signal {c} {LETTERS[a]}.")
+            for v in range(variants) for i, c in enumerate(COLORS) for a in answer_of(i)]
+
+
+def grpo_config(tmp_path, data_path, model_dir, *, steps, mu=2, beta=0.02, lr=2e-3):
+    c = sft_config(tmp_path, data_path, model_dir, steps=steps, lr=lr, ckpt_every=5)
+    c.job = "grpo"
+    c.eval.system_prompt = ""
+    c.grpo.train_path = str(data_path)
+    c.grpo.num_generations = 8
+    c.grpo.prompts_per_step = 8
+    c.grpo.max_new_tokens = 16
+    c.grpo.mu = mu
+    c.grpo.beta = beta
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "constant"
+    return c
+
+
+def sampled_accuracy(model_dir, records, n=32):
+    """Accuracy of temperature-1 samples of the policy in model_dir on records (n samples each)."""
+    from transformers import AutoTokenizer
+
+    from medkr_jax.eval.prompts import build_prompt, encode
+    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.sampling import Sampler
+
+    model, cfg = load_decoder(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = [encode(tok, build_prompt(tok, r, system_prompt="")) for r in records]
+    out = Sampler(cfg, pad_id=tok.pad_token_id, stop_ids=(tok.eos_token_id,)).generate(
+        model, prompts, max_new_tokens=16, temperature=1.0, n=n, seed=123)
+    texts = [tok.decode(out.row_tokens(r), skip_special_tokens=True) for r in range(len(out.lengths))]
+    _, correct, _ = grpo.completion_rewards(texts, [records[j].options for j in out.prompt_index],
+                                            [records[j].answer for j in out.prompt_index])
+    return float(correct.mean())
+
+
+@pytest.fixture(scope="module")
+def signal_world(tmp_path_factory):
+    """A tiny policy that, after a short SFT, writes "Signal <colour> <letter>.\\nThe answer is <letter>." with the
+    letter uniformly random (SFT data pairs each signal with all four letters); the RL data's rule is fixed."""
+    d = tmp_path_factory.mktemp("signal_world")
+    warm = signal_records(lambda i: range(4))
+    write_records(str(d / "warm.jsonl"), warm)
+    rule = signal_records(lambda i: [i])
+    write_records(str(d / "rule.jsonl"), rule)
+    from tests.test_sft import corpus_for
+    make_policy_folder(d / "init", corpus_for(warm), vocab_size=400)
+    c = sft_config(d, d / "warm.jsonl", d / "init", steps=250, lr=3e-3, batch=8, seq_len=96, ckpt_every=10000)
+    c.eval.system_prompt = ""
+    c.output_dir = str(d / "warm")
+    with compilation_cache(tmp_path_factory):
+        sft.run(c, mesh=one_device_mesh())
+    return d, rule
+
+
+def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory):
+    d, rule = signal_world
+    cfg = grpo_config(tmp_path, d / "rule.jsonl", d / "warm" / "hf", steps=30)
+    with compilation_cache(tmp_path_factory):
+        before = sampled_accuracy(d / "warm" / "hf", rule)
+        summary = grpo.run(cfg, mesh=one_device_mesh())
+        after = sampled_accuracy(summary["export_dir"], rule)
+    assert before <= 0.3, before
+    recs = loop.read_metrics(cfg.output_dir)
+    rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
+    assert rewards[0] <= 0.35 and np.mean(rewards[-5:]) >= 0.85, rewards
+    assert {"kl", "clip_fraction", "entropy", "response_length", "reward_std", "accuracy"} <= set(recs[-1])
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert max(r["clip_fraction"] for r in recs) > 0  # mu = 2: the second inner update is clipped somewhere
+    assert summary["sampler_compiles"] == 1  # one program for every rollout
+    assert after >= 0.9, after
+    assert os.path.exists(os.path.join(cfg.output_dir, "reward.png"))
+
+
+def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_path_factory):
+    d, _ = signal_world
+    curves = []
+    for name, mesh in (("one", one_device_mesh()),
+                       ("eight", parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}))):
+        cfg = grpo_config(tmp_path / name, d / "rule.jsonl", d / "warm" / "hf", steps=2)
+        with compilation_cache(tmp_path_factory):
+            grpo.run(cfg, mesh=mesh)
+        curves.append([[r[k] for k in ("reward_mean", "loss", "kl", "entropy", "grad_norm")]
+                       for r in loop.read_metrics(cfg.output_dir) if "loss" in r])
+    one, eight = np.array(curves[0]), np.array(curves[1])
+    np.testing.assert_array_equal(one[:, 0], eight[:, 0])  # the same rollouts
+    # the GRPO loss is a near-cancelling sum of O(1) terms (advantages have zero mean per group): compare
+    # it absolutely at float32 resolution of those terms; the non-cancelling metrics relatively
+    np.testing.assert_allclose(one[:, 1], eight[:, 1], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(one[:, 2:], eight[:, 2:], rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path):
+    d, _ = signal_world
+    steps = 14
+    cfg = grpo_config(tmp_path / "ref", d / "rule.jsonl", d / "warm" / "hf", steps=steps)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    write_config_file(tmp_path / "ref.py", cfg)
+    run_job(tmp_path / "ref.py", cfg.output_dir)
+    want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+
+    cfg.output_dir = str(tmp_path / "killed" / "run")
+    write_config_file(tmp_path / "killed.py", cfg)
+    killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=5,
+                                        cache_of=tmp_path / "ref" / "run")
+    assert 5 <= killed_at < steps
+    got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)

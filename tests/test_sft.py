@@ -1,5 +1,6 @@
 """SFT: packing/masking oracles, memorisation, kill -9 resume, 1 vs 8 devices, export."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -161,7 +162,7 @@ def test_loss_masking_and_packing_isolation(world):
     np.testing.assert_allclose(float(loss_single), float(loss), rtol=2e-5)
 
 
-def test_sft_memorises_and_exports(world, tmp_path):
+def test_sft_memorises_and_exports(world, tmp_path, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from medkr_jax.eval.prompts import build_prompt, encode
@@ -170,7 +171,9 @@ def test_sft_memorises_and_exports(world, tmp_path):
 
     d, recs = world
     cfg = sft_config(tmp_path, d / "train.jsonl", d / "policy", steps=150, lr=1e-2, ckpt_every=1000)
-    summary = sft.run(cfg, mesh=one_device_mesh())
+    cfg.optimizer.grad_accum = 2
+    with compilation_cache(tmp_path_factory):
+        summary = sft.run(cfg, mesh=one_device_mesh())
     losses = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
     assert losses[0] > 2.0
     assert np.mean(losses[-3:]) < 0.05, losses[-5:]
@@ -187,14 +190,15 @@ def test_sft_memorises_and_exports(world, tmp_path):
     assert text.strip().endswith(f"The answer is {recs[0].answer_letter}."), text
 
 
-def test_same_losses_on_one_and_eight_devices(world, tmp_path):
+def test_same_losses_on_one_and_eight_devices(world, tmp_path, tmp_path_factory):
     d, _ = world
     curves = []
     for name, mesh in (("one", one_device_mesh()),
                        ("eight", parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}))):
         cfg = sft_config(tmp_path / name, d / "train.jsonl", d / "policy", steps=4, ckpt_every=100)
         cfg.optimizer.grad_accum = 2
-        sft.run(cfg, mesh=mesh)
+        with compilation_cache(tmp_path_factory):
+            sft.run(cfg, mesh=mesh)
         curves.append([r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r])
     np.testing.assert_allclose(curves[0], curves[1], rtol=2e-5)
 
@@ -216,50 +220,84 @@ def write_config_file(path, cfg):
         "    return c\n")
 
 
-def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, env=None):
-    """Start the job, SIGKILL it once checkpoint `kill_after_checkpoint` exists, restart it to completion."""
+def _job_env(cache_dir):
+    # Every run of one test shares a persistent compilation cache: only the first run compiles.
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_job(cfg_file, output_dir, cache_of=None):
+    """Run `python -m medkr_jax.main --config=cfg_file` to completion."""
     cmd = [sys.executable, "-m", "medkr_jax.main", f"--config={cfg_file}"]
-    # the restart reuses the first run's compiled programs (persistent compilation cache)
-    cache = os.path.join(output_dir + "_jax_cache")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(env or {}))
+    res = subprocess.run(cmd, cwd=REPO, env=_job_env(str(cache_of or output_dir) + "_jax_cache"),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, cache_of=None):
+    """Start the job, SIGKILL it once checkpoint `kill_after_checkpoint` exists, restart it to completion.
+
+    Returns the last step the killed run had logged.
+    """
+    cmd = [sys.executable, "-m", "medkr_jax.main", f"--config={cfg_file}"]
+    env = _job_env(str(cache_of or output_dir) + "_jax_cache")
     ckdir = os.path.join(output_dir, "checkpoints")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while time.time() < deadline:
             done = [int(n) for n in (os.listdir(ckdir) if os.path.isdir(ckdir) else []) if n.isdigit()]
             if any(s >= kill_after_checkpoint for s in done) or proc.poll() is not None:
                 break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
         proc.kill()  # SIGKILL: no handler runs, no final checkpoint
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stderr.close()
     killed_at = max(r["step"] for r in loop.read_metrics(output_dir))
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_job(cfg_file, output_dir, cache_of=cache_of)
     return killed_at
+
+
+@contextlib.contextmanager
+def compilation_cache(tmp_path_factory):
+    """Persistent compilation cache for in-process runs of identical programs (restored afterwards)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(keys[1], 0)
+    jax.config.update(keys[2], 0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
 
 
 def test_kill9_resume_matches_uninterrupted(world, tmp_path):
     d, _ = world
     steps = 150
-    ref = sft_config(tmp_path / "ref", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
-    ref.mesh.data, ref.mesh.fsdp, ref.mesh.tensor = 1, 2, 4
-    sft.run(ref)
-    want = {r["step"]: r["loss"] for r in loop.read_metrics(ref.output_dir) if "loss" in r}
-
-    cfg = sft_config(tmp_path / "killed", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
+    cfg = sft_config(tmp_path / "ref", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4
-    cfg_file = tmp_path / "sft_cfg.py"
-    write_config_file(cfg_file, cfg)
-    killed_at = run_killed_then_resumed(cfg_file, cfg.output_dir, kill_after_checkpoint=10)
-    assert killed_at < steps
+    cfg.optimizer.grad_accum = 2
+    write_config_file(tmp_path / "ref.py", cfg)
+    run_job(tmp_path / "ref.py", cfg.output_dir)
+    want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+
+    cfg.output_dir = str(tmp_path / "killed" / "run")
+    write_config_file(tmp_path / "killed.py", cfg)
+    killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=10,
+                                        cache_of=tmp_path / "ref" / "run")
+    assert 10 <= killed_at < steps
     got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
     assert sorted(got) == list(range(1, steps + 1))
-    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], [want[s] for s in range(1, steps + 1)],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)

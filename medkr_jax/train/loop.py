@@ -178,8 +178,14 @@ class Trainer:
         self.opt_steps = 0
         batch_axes = dict(self.rules).get("batch", parallel.BATCH_AXES)
         self._batch_axes = batch_axes
+        self._flat_sharding = NamedSharding(mesh, P(batch_axes))
         spec = P(None, batch_axes) if self.grad_accum > 1 else P(batch_axes)
         self.batch_sharding = NamedSharding(mesh, spec)
+        k = self.grad_accum
+        # micro-batch i = rows [i*B/k, (i+1)*B/k) of the global batch
+        self._split_micro = jax.jit(
+            lambda t: jax.tree.map(lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:]), t),
+            out_shardings=self.batch_sharding)
         self._update = jax.jit(
             self._update_impl,
             in_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, self.batch_sharding,
@@ -243,29 +249,35 @@ class Trainer:
         return params, opt_state, rest, metrics
 
     def place_batch(self, batch: Any) -> Any:
-        """Host (process-local) batch -> global arrays sharded over the batch axes, micro-batched if needed."""
+        """Batch -> global arrays sharded over the batch axes ([k, B/k, ...] micro-batches when accumulating).
+
+        Host (numpy) leaves are this process's rows; jax.Array leaves are already global (e.g. reference
+        log-probs computed on device from an earlier placement of the same rows).
+        """
         k = self.grad_accum
         divisor = math.prod(self.mesh.shape[a] for a in (
             (self._batch_axes,) if isinstance(self._batch_axes, str) else tuple(self._batch_axes or ())))
 
         def put(x):
-            if isinstance(x, jax.Array) and k == 1:
-                return jax.device_put(x, self.batch_sharding)
-            x = np.asarray(x)
-            if x.ndim == 0:
-                raise ValueError("every batch entry needs a leading batch dimension; got a scalar")
+            if isinstance(x, jax.Array):
+                x = jax.device_put(x, self._flat_sharding)
+            else:
+                x = np.asarray(x)
+                if x.ndim == 0:
+                    raise ValueError("every batch entry needs a leading batch dimension; got a scalar")
+                x = jax.make_array_from_process_local_data(self._flat_sharding, x)
             b = x.shape[0]
-            if b % k:
-                raise ValueError(f"batch size {b} is not divisible by config.optimizer.grad_accum = {k}")
-            if k > 1:
-                x = x.reshape((k, b // k) + x.shape[1:])
-            if (b // k) * jax.process_count() % divisor:
+            if b % k or (b // k) % divisor:
                 raise ValueError(
-                    f"micro-batch size {(b // k) * jax.process_count()} is not divisible by the mesh's batch "
-                    f"axes {self._batch_axes} (size {divisor}); change config.train.batch_size or config.mesh")
-            return jax.make_array_from_process_local_data(self.batch_sharding, x)
+                    f"global batch {b} must split into config.optimizer.grad_accum={k} micro-batches whose size "
+                    f"is a multiple of the mesh's batch axes {self._batch_axes} (size {divisor}); change the "
+                    f"batch size, grad_accum or config.mesh")
+            return x
 
-        return jax.tree.map(put, batch)
+        batch = jax.tree.map(put, batch)
+        if k > 1:
+            batch = self._split_micro(batch)
+        return batch
 
     def update(self, batch: Any, rng: jax.Array) -> dict[str, jax.Array]:
         """One optimizer update on `batch` (host or device arrays); returns the step's metrics (on device)."""
