@@ -208,3 +208,26 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
         load_bert(tmp_path)
     with pytest.raises(BertConfigError, match="relative_key"):
         BertConfig.from_hf({**cfg, "position_embedding_type": "relative_key"})
+
+
+def test_pooled_only_and_remat_are_exact(tmp_path):
+    folder, _ = _tiny_hf_classifier(tmp_path)
+    model, _ = load_bert(folder)
+    batch = {k: jnp.asarray(v) for k, v in _tiny_batch(2).items()}
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    hidden, pooled = model.bert(*args)
+    last, pooled_fast = model.bert(*args, pooled_only=True)
+    assert last.shape[1] == 1 and np.abs(np.asarray(pooled_fast) - np.asarray(pooled)).max() <= 1e-6
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(hidden[:, 0]), atol=1e-6)
+
+    remat, _ = load_bert(folder, remat=True)
+    from flax import nnx
+
+    def grads(m):
+        def loss(mm):
+            return jnp.sum(mm(*args, dropout_rng=jax.random.key(0)) ** 2)
+        return nnx.grad(loss)(m)
+    g1 = jax.tree.leaves(nnx.state(grads(model)))
+    g2 = jax.tree.leaves(nnx.state(grads(remat)))
+    assert len(g1) == len(g2) and max(float(jnp.abs(a - b).max()) for a, b in zip(g1, g2)) <= 1e-5
+    assert max(float(jnp.abs(a).max()) for a in g1) > 1e-3
