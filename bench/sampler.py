@@ -9,6 +9,10 @@ whole call (prefill + decode) after a warm-up call, best of ``--repeats``; token
 time. Then 100 prompts of mixed lengths (8..250 tokens, batches of 8) go through a fresh sampler to count
 the programs it compiles. ``peak_fraction`` = the sampler's model FLOP/s (2 * params per token) over the
 FLOP/s of a large jitted matmul measured in the same run. Ends with one JSON line.
+
+Both sides run on the CPU (the reference is a CPU build of PyTorch) with the same number of threads
+(``--threads``, default 1: on a shared machine OpenMP thread pools that wait on busy cores make multi-threaded
+timings swing by 10x or more, while one thread each gives a stable, like-for-like ratio).
 """
 
 from __future__ import annotations
@@ -20,11 +24,30 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _early_threads() -> int:
+    """--threads must shape XLA's CPU thread pool before jax is imported."""
+    n = 1
+    for i, a in enumerate(sys.argv):
+        if a.startswith("--threads="):
+            n = int(a.split("=", 1)[1])
+        elif a == "--threads" and i + 1 < len(sys.argv):
+            n = int(sys.argv[i + 1])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if n == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
+    return n
+
+
+_early_threads()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 
 def make_checkpoint(folder: str, vocab: int):
@@ -67,9 +90,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (1 = single-threaded XLA too)")
     args = ap.parse_args()
 
     import torch
+
+    torch.set_num_threads(args.threads)
 
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler
@@ -122,7 +148,8 @@ def main() -> None:
     flops_per_token = 2 * cfg.num_params
     peak_fraction = ours_tps * flops_per_token / peak
 
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), torch threads {torch.get_num_threads()}")
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), threads {args.threads} "
+          f"(torch {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"model: Qwen3-shaped, 4 layers x 256, vocab {args.vocab}, {cfg.num_params / 1e6:.1f}M params")
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
           f"greedy tokens equal to HF: {100 * match:.1f}%")
