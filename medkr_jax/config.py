@@ -102,6 +102,7 @@ def _split_section() -> ml_collections.ConfigDict:
         "max_len": 256,
         "text": "question",         # must match what the classifier was trained on
         "reasoning_index": -1,      # class id meaning reasoning-heavy; -1 = the label named like "reasoning"
+        "group_by": "benchmark",    # rows of the table/files: "benchmark", or a meta key such as "subject"
     })
 
 

@@ -232,3 +232,12 @@ def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     assert "overall" in report and "Agreement with the released labels" in report
     assert (tmp_path / "split" / "reasoning_fraction.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "split" / "split_summary.json").read_text())["questions"] == 31
+
+    # one table row per meta value instead of per benchmark
+    c.output_dir = str(tmp_path / "by_kind")
+    c.data.benchmarks = (str(tmp_path / "fresh.jsonl"),)
+    c.split.group_by = "kind"
+    by_kind = C.run_split(c)
+    kinds = {r.meta["kind"] for r in fresh}
+    assert {r["benchmark"] for r in by_kind["per_benchmark"]} == kinds and len(kinds) > 2
+    assert by_kind["reasoning"] == next(r["reasoning"] for r in s["per_benchmark"] if r["benchmark"] == "synthetic")

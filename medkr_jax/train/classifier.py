@@ -645,13 +645,16 @@ def run_split(config) -> dict:
                               "(classifier.weight); give a BertForSequenceClassification folder")
     tokenizer = load_tokenizer(config.tokenizer_path or sc.classifier_path)
 
+    group_by = str(sc.group_by or "benchmark")
     by_bench: dict[str, list[MCQRecord]] = {}
     for spec in config.data.benchmarks:
         recs = list(load_benchmark_spec(spec))
         if int(config.data.limit) > 0:
             recs = recs[: int(config.data.limit)]
         for r in recs:
-            by_bench.setdefault(r.benchmark, []).append(r)
+            # e.g. group_by="subject": one row per MMLU subject (records without the key keep their benchmark)
+            key = r.benchmark if group_by == "benchmark" else str(r.meta.get(group_by) or r.benchmark)
+            by_bench.setdefault(key, []).append(r)
     if not by_bench:
         raise ClassifierError(f"config.data.benchmarks={tuple(config.data.benchmarks)} gave no questions")
     names = sorted(by_bench)
