@@ -29,7 +29,7 @@ def get_config():
     config.seed = 0
     config.pipeline.stages = ("data", "classifier", "split_mmlu", "import_smollm", "eval_smollm", "tokenizer",
                               "policy_init", "eval_init", "sft", "eval_sft", "grpo", "eval_grpo", "report")
-    config.pipeline.eval_questions_per_split = 32
+    config.pipeline.eval_questions_per_split = 16
 
     config.synthetic.classifier_questions = 400
     config.synthetic.policy_train_questions = 600
@@ -44,7 +44,7 @@ def get_config():
     })
     config.pipeline.split_mmlu = ml_collections.ConfigDict({"split": {"max_len": 96, "batch_size": 64}})
     config.pipeline.eval_smollm = ml_collections.ConfigDict({
-        "eval": {"max_new_tokens": 128, "batch_size": 16},
+        "eval": {"max_new_tokens": 96, "batch_size": 32},
         "adversarial": {"source": "template"},
     })
     policy_eval = {"eval": {"max_new_tokens": 96, "batch_size": 32}, "adversarial": {"source": "template"}}
