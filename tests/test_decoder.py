@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from medkr_jax import parallel
 from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
-from medkr_jax.models.hf import load_decoder
+from medkr_jax.models.hf import export_decoder, load_decoder
 from tests.helpers_models import (hf_logits, make_tiny_hf_model, ragged_batch, tiny_decoder_folder,  # noqa: F401
                                   tiny_hf_config)
 
@@ -104,9 +104,9 @@ def test_same_logits_on_one_device_and_on_fsdp_tensor_mesh(tiny_decoder_folder):
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     model, _ = load_decoder(folder, mesh=mesh)
-    q = model.layers.attn.q_proj.kernel[...]
-    assert q.sharding.spec == P(None, "fsdp", "tensor") and len(q.sharding.device_set) == 8
-    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2)
+    q = model.layers[1].attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor") and len(q.sharding.device_set) == 8
+    assert q.addressable_shards[0].data.shape == (q.shape[0] // 4, q.shape[1] // 2)
     emb = model.embed.embedding[...]
     assert emb.sharding.spec == P("tensor", "fsdp")
     batch = parallel.shard_batch({"t": tokens, "p": positions, "m": mask}, mesh)
@@ -147,7 +147,7 @@ def test_bf16_compute_is_close_to_fp32(tmp_path):
     tokens, mask, positions = ragged_batch(96, lengths=(9, 4))
     f32, _ = load_decoder(folder)
     bf16, _ = load_decoder(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert bf16.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert bf16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     a, b = _forward(f32, tokens, positions, mask), _forward(bf16, tokens, positions, mask)
     assert b.dtype == np.float32
     assert np.abs(a - b)[mask].max() < 0.1 * np.abs(a).max()
@@ -173,14 +173,38 @@ def test_config_round_trip_and_errors():
         DecoderConfig.from_hf({k: v for k, v in cfg.to_hf().items() if k != "num_hidden_layers"})
 
 
-def test_params_carry_logical_axes_without_a_mesh():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_params_carry_logical_axes_without_a_mesh(scan_layers):
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8, architecture="LlamaForCausalLM")
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    model = Decoder(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(0))
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    assert specs["layers"]["attn"]["q_proj"]["kernel"].get_value() == P("layers", "embed", "heads")
-    assert specs["layers"]["attn"]["k_proj"]["kernel"].get_value() == P("layers", "embed", "kv_heads")
-    assert specs["layers"]["mlp"]["down_proj"]["kernel"].get_value() == P("layers", "mlp", "embed")
+    layer, pre = (specs["layers"], ("layers",)) if scan_layers else (specs["layers"][1], ())
+    assert layer["attn"]["q_proj"]["kernel"].get_value() == P(*pre, "embed", "heads")
+    assert layer["attn"]["k_proj"]["kernel"].get_value() == P(*pre, "embed", "kv_heads")
+    assert layer["mlp"]["down_proj"]["kernel"].get_value() == P(*pre, "mlp", "embed")
+    assert layer["attn_norm"]["scale"].get_value() == P(*pre, "norm")
     assert specs["embed"]["embedding"].get_value() == P("vocab", "embed")
     assert specs["lm_head"]["kernel"].get_value() == P("embed", "vocab")
     assert cfg.num_params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_scanned_layers_give_the_same_logits_and_cache(tiny_decoder_folder, tmp_path):
+    kind, folder, _ = tiny_decoder_folder
+    if kind != "qwen2":
+        pytest.skip("the layer layout is family-independent; one family suffices")
+    tokens, mask, positions = ragged_batch(96, lengths=(7, 4), seed=4)
+    plain, cfg = load_decoder(folder)
+    scanned, _ = load_decoder(folder, scan_layers=True, remat=True)
+    assert scanned.layers.attn.q_proj.kernel[...].shape[0] == cfg.num_layers
+    np.testing.assert_allclose(_forward(scanned, tokens, positions, mask)[mask],
+                               _forward(plain, tokens, positions, mask)[mask], atol=1e-5)
+    step = nnx.jit(lambda m, c: m(jnp.asarray(tokens), jnp.asarray(positions), attention_mask=jnp.asarray(mask),
+                                  cache=c))
+    (l1, c1), (l2, c2) = step(plain, init_cache(cfg, 2, 8)), step(scanned, init_cache(cfg, 2, 8))
+    np.testing.assert_allclose(np.asarray(c1.k), np.asarray(c2.k), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(l1)[mask], np.asarray(l2)[mask], atol=1e-5)
+    # the stacked layout exports to the same per-layer HF tensors
+    export_decoder(scanned, cfg, tmp_path / "hf")
+    again, _ = load_decoder(tmp_path / "hf")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(again, nnx.Param), nnx.state(plain, nnx.Param))

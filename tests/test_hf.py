@@ -216,11 +216,11 @@ def test_export_bf16_from_sharded_model(tiny, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.model.layers[0].self_attn.q_proj.weight
     assert w.dtype == torch.bfloat16
-    ours = np.asarray(model.layers.attn.q_proj.kernel[...])[0].T
+    ours = np.asarray(model.layers[0].attn.q_proj.kernel[...]).T
     np.testing.assert_array_equal(w.detach().float().numpy(), ours.astype(ml_dtypes.bfloat16).astype(np.float32))
     # and our loader reads bf16 files back (memory-mapped path for dtypes numpy lacks)
     back, _ = load_decoder(out, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert back.layers.attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert back.layers[0].attn.q_proj.kernel[...].dtype == jnp.bfloat16
 
 
 def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
@@ -256,5 +256,5 @@ def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
     exported, _ = load_decoder(tmp_path / "run" / "hf")
     got = jax.tree.map(np.asarray, nnx.state(exported, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, got, trained)
-    base = np.asarray(load_decoder(folder)[0].layers.attn.q_proj.kernel[...])
-    assert np.abs(got["layers"]["attn"]["q_proj"]["kernel"].get_value() - base).max() > 1e-4
+    base = np.asarray(load_decoder(folder)[0].layers[0].attn.q_proj.kernel[...])
+    assert np.abs(got["layers"][0]["attn"]["q_proj"]["kernel"].get_value() - base).max() > 1e-4

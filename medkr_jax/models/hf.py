@@ -422,34 +422,36 @@ def _one_device_mesh() -> jax.sharding.Mesh:
 
 
 def abstract_decoder(cfg, *, mesh: jax.sharding.Mesh, rules=None, dtype=jax.numpy.float32,
-                     param_dtype=jax.numpy.float32, remat: bool | str = False):
+                     param_dtype=jax.numpy.float32, remat: bool | str = False, scan_layers: bool = False):
     """A ``Decoder`` of shapes only (nothing allocated), each Param carrying its sharding on ``mesh``."""
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
 
     with parallel.sharding_context(mesh, rules):
         return nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                              rngs=nnx.Rngs(0)))
+                                              scan_layers=scan_layers, rngs=nnx.Rngs(0)))
 
 
 def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
                  dtype=jax.numpy.float32, param_dtype=jax.numpy.float32, remat: bool | str = False,
-                 allow_pickle: bool = False):
+                 scan_layers: bool = False, allow_pickle: bool = False):
     """Load a local HF Llama / Qwen2 / Qwen3 folder into a sharded ``Decoder``.
 
     Parameters go straight from the safetensors files to their shards on ``mesh`` (default: a
     one-device mesh), placed by the logical-axis ``rules`` (default: ``parallel.DEFAULT_RULES``).
-    Returns (model, config).
+    ``scan_layers`` picks the stacked-layer layout (see ``Decoder``). Returns (model, config).
     """
     from medkr_jax.models.decoder import DecoderConfig, hf_param_mapping
 
     cfg = DecoderConfig.from_hf(read_hf_config(folder))
     ckpt = SafetensorsCheckpoint(folder, allow_pickle=allow_pickle)
     mesh = mesh if mesh is not None else _one_device_mesh()
-    abstract = abstract_decoder(cfg, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    abstract = abstract_decoder(cfg, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                scan_layers=scan_layers)
     # Tied checkpoints sometimes still store lm_head.weight; old ones store RoPE buffers.
     ignore = ["*rotary_emb.inv_freq"] + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
-    model = load_params(abstract, ckpt, hf_param_mapping(cfg), param_dtype=param_dtype, mesh=mesh,
+    model = load_params(abstract, ckpt, hf_param_mapping(cfg, scan_layers=scan_layers), param_dtype=param_dtype,
+                        mesh=mesh,
                         ignore_unused=ignore)
     return model, cfg
 
@@ -484,7 +486,7 @@ def export_decoder(model, cfg, out_dir: str | os.PathLike, *, tokenizer_dir: str
 
     out = Path(out_dir)
     writer = jax.process_index() == 0
-    mapping = hf_param_mapping(cfg)
+    mapping = hf_param_mapping(cfg, scan_layers=bool(getattr(model, "scan_layers", False)))
     _, state = nnx.split(model)
     params = {_path_str(p): v for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)}
     missing = sorted(set(mapping) - set(params))
