@@ -134,15 +134,18 @@ class Sampler:
         """The padded prompt length a prompt of ``length`` tokens is run at."""
         return _bucket(length, self.prompt_buckets)
 
-    def _batch_divisor(self) -> int:
-        if self.mesh is None:
-            return 1
-        return self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
-
     def _batch_axes(self) -> tuple[str, ...]:
+        """Mesh axes the rows are split over: the "batch" logical rule, axes of size 1 left out."""
         if self.mesh is None:
             return ()
-        return tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1)
+        from medkr_jax.parallel import logical_rules
+
+        axis = dict(logical_rules(self.rules)).get("batch")
+        axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
+
+    def _batch_divisor(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self._batch_axes())
 
     def _shard(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:

@@ -1,7 +1,8 @@
 """Job "adversarial": accuracy when the answer is prefilled with misleading reasoning toward a wrong option.
 
     python -m medkr_jax.main --config configs/<x>.py --config.job=adversarial \\
-        --config.model.path=/models/m --config.data.benchmarks="('biomed_r1_eval:/data/BioMed-R1-Eval?config=medqa',)" \\
+        --config.model.path=/models/m \\
+        --config.data.benchmarks="('biomed_r1_eval:/data/BioMed-R1-Eval?config=medqa',)" \\
         --config.adversarial.source=released,template
 
 For each question the assistant turn is prefilled with ``config.adversarial.prefix_format`` (the misleading
@@ -15,6 +16,9 @@ continuation decides the answer; when it names no option, the prefix's answer st
   ``config.adversarial.generator_prompt`` to argue for a wrong option (drawn per question from the seed);
   greedy, ``config.adversarial.generator_max_new_tokens`` tokens, its visible answer (after any think block);
 * ``template``: ``config.adversarial.template`` filled with the wrong option.
+
+For thinking models whose answers open with a reasoning block, put the prefix inside it, e.g.
+``--config.adversarial.prefix_format='<think>\n{prefix}\n\n{cue}\n'``.
 
 "Before" is the plain evaluation of the same questions (same settings as job "evaluate"). Outputs in
 ``config.output_dir``: ``generations.jsonl`` (before), ``adversarial_<source>.jsonl``, ``adversarial.csv``,

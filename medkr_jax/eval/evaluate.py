@@ -222,7 +222,8 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
 
     Items are processed shortest prompt first, in a fixed order, up to ``batch_size // num_samples`` prompts
     of one prompt-length bucket per batch; a question's randomness comes from its key, not from its batch,
-    so a resumed run reproduces an uninterrupted one. ``on_batch(items_done_this_run)`` is called after each batch is durable.
+    so a resumed run reproduces an uninterrupted one. ``on_batch(items_done_this_run)`` is called after each
+    batch is durable.
     """
     from tqdm import tqdm
 

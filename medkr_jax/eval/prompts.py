@@ -84,7 +84,8 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
-def stop_token_ids(tokenizer: Any, eos_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = ()) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: Any, eos_token_ids: Sequence[int] = (),
+                   stop_strings: Sequence[str] = ()) -> tuple[int, ...]:
     """Stop ids: the model config's EOS ids, the tokenizer's EOS, and extra single-token strings
     (e.g. "<|im_end|>", "<|eot_id|>")."""
     ids = [int(i) for i in eos_token_ids if i is not None]

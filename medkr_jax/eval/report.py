@@ -63,8 +63,9 @@ def _bars(ax, groups: list[str], series: dict[str, list[tuple[float, float, floa
         v = np.array([100 * a for a, _, _ in vals], dtype=float)
         lo = np.array([100 * (a - l) for a, l, _ in vals], dtype=float)
         hi = np.array([100 * (h - a) for a, _, h in vals], dtype=float)
+        # NaN bounds (no interval) draw no error bar.
         ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, label=name,
-               yerr=np.nan_to_num(np.stack([lo, hi])), capsize=3)
+               yerr=np.stack([lo, hi]), capsize=3)
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=30, ha="right")
     ax.set_ylim(0, 100)
@@ -81,8 +82,10 @@ def plot_knowledge_vs_reasoning(table: Sequence[dict[str, Any]], path: str | os.
     by = {(r["benchmark"], r["split"]): r for r in table}
     benches = list(dict.fromkeys(r["benchmark"] for r in table))
     nan = (float("nan"),) * 3
+    # Without any labelled question there is no split to compare; the plot then shows "all".
+    splits = [s for s in ("knowledge", "reasoning") if any(r["split"] == s for r in table)] or ["all"]
     series = {s: [(by[(b, s)]["accuracy"], by[(b, s)]["ci_low"], by[(b, s)]["ci_high"]) if (b, s) in by else nan
-                  for b in benches] for s in ("knowledge", "reasoning")}
+                  for b in benches] for s in splits}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) + 2), 4.5))
     _bars(ax, benches, series)
     ax.set_ylabel("accuracy (%)")
@@ -98,7 +101,8 @@ def adversarial_markdown(rows: Sequence[dict[str, Any]]) -> str:
              "| source | benchmark | split | questions | before | after | drop | after spread |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        spread = "–" if r.get("after_std") is None else f"±{_pct(r['after_std'])} (min {_pct(r['after_min'])}, max {_pct(r['after_max'])})"
+        spread = ("–" if r.get("after_std") is None else
+                  f"±{_pct(r['after_std'])} (min {_pct(r['after_min'])}, max {_pct(r['after_max'])})")
         lines.append(f"| {r['source']} | {r['benchmark']} | {r['split']} | {r['n_questions']} | "
                      f"{_pct(r['before'])} | {_pct(r['after'])} | {_pct(r['drop'])} | {spread} |")
     lines += ["", "'after spread': standard deviation, min and max over the released traces (one run per "
@@ -107,7 +111,8 @@ def adversarial_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_adversarial(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Per split (knowledge, reasoning, all) a panel of before/after bars per benchmark, one bar pair per source."""
+    """Per split (knowledge, reasoning, all) a panel of bars per benchmark: before, then after for each source
+    (error bar: min..max over the released traces)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,10 +125,16 @@ def plot_adversarial(rows: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     for ax, split in zip(axes[0], splits):
         by = {(r["source"], r["benchmark"]): r for r in rows if r["split"] == split}
         nan = (float("nan"),) * 3
-        series = {"before": [((by[(sources[0], b)]["before"],) * 3) if (sources[0], b) in by else nan
+        def point(r, key):
+            return (r[key], float("nan"), float("nan"))
+
+        def spread(r):  # min..max over the released traces, where there are several
+            return (r["after"], r["after_min"], r["after_max"]) if r.get("after_min") is not None else point(r, "after")
+
+        series = {"before": [point(by[(sources[0], b)], "before") if (sources[0], b) in by else nan
                              for b in benches]}
         for s in sources:
-            series[f"after ({s})"] = [((by[(s, b)]["after"],) * 3) if (s, b) in by else nan for b in benches]
+            series[f"after ({s})"] = [spread(by[(s, b)]) if (s, b) in by else nan for b in benches]
         _bars(ax, benches, series)
         ax.set_title(f"{split}")
         ax.set_ylabel("accuracy (%)")
