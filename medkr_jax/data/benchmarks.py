@@ -690,9 +690,11 @@ def normalize_subject(subject: str) -> str:
 def _subject_filter(subjects: str | Iterable[str] | None) -> set[str] | None:
     if subjects is None:
         return None
+    shorthand = {"medical": tuple(MEDICAL_SUBJECTS), "core_medical": tuple(CORE_MEDICAL_SUBJECTS)}
     if isinstance(subjects, str):
-        shorthand = {"medical": tuple(MEDICAL_SUBJECTS), "core_medical": CORE_MEDICAL_SUBJECTS}
-        subjects = shorthand.get(subjects, (subjects,))
+        subjects = (subjects,)
+    # shorthands may stand alone or inside a list (spec strings give lists: "subjects=core_medical")
+    subjects = [name for s in subjects for name in shorthand.get(s, (s,))]
     wanted = {normalize_subject(s) for s in subjects}
     if unknown := sorted(wanted - set(MMLU_SUBJECTS)):
         raise ValueError(f"unknown MMLU subject(s) {unknown}; MMLU subjects are {list(MMLU_SUBJECTS)} "
