@@ -35,11 +35,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medkr_jax.eval import metrics, prompts, report
-from medkr_jax.eval.evaluate import (GenSettings, Item, Runtime, _is_main, build_items, chat_kwargs, item_key,
+from medkr_jax.eval.evaluate import (GenSettings, Item, Runtime, build_items, chat_kwargs, item_key,
                                      load_eval_records, load_runtime, record_split, run_generation, score_rows,
                                      settings_fingerprint, write_accuracy_outputs, write_metrics)
-from medkr_jax.eval.genlog import GenerationLog
 from medkr_jax.eval.extract import LETTERS, extract_answer, split_think
+from medkr_jax.eval.genlog import GenerationLog
+from medkr_jax.parallel import is_main_process
 
 SOURCES = ("released", "generated", "template")
 
@@ -85,7 +86,7 @@ def generated_prefixes(config: Any, gen_rt: Runtime, records: Sequence[Any], wro
     gen = GenSettings.from_config(config, max_new_tokens=int(adv.generator_max_new_tokens), temperature=0.0,
                                   top_k=0, top_p=1.0, num_samples=1)
     fp = settings_fingerprint(config, gen_rt, gen) | {"generator_prompt": adv.generator_prompt}
-    glog = GenerationLog(out_dir / "adversarial_prefixes.jsonl", fp, writable=_is_main())
+    glog = GenerationLog(out_dir / "adversarial_prefixes.jsonl", fp, writable=is_main_process())
     run_generation(gen_rt, items, glog, gen, desc="write misleading prefixes")
     out = []
     for it in items:
@@ -193,7 +194,7 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
     fp = settings_fingerprint(config, rt, gen)
 
     before_items = build_items(config, rt.tokenizer, records)
-    before_log = GenerationLog(out_dir / "generations.jsonl", fp, writable=_is_main())
+    before_log = GenerationLog(out_dir / "generations.jsonl", fp, writable=is_main_process())
     counts = {"before": run_generation(rt, before_items, before_log, gen, desc="before", on_batch=on_batch)}
     before_rows = {r["key"]: r for r in score_rows(before_log, [it.key for it in before_items])}
     before_table = metrics.accuracy_table(list(before_rows.values()), ci=config.eval.ci, seed=int(config.seed))
@@ -203,7 +204,7 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
         variants = make_variants(config, source, records, rt, out_dir)
         adv_fp = fp | {"source": source, "cue": config.adversarial.cue,
                        "prefix_format": config.adversarial.prefix_format}
-        adv_log = GenerationLog(out_dir / f"adversarial_{source}.jsonl", adv_fp, writable=_is_main())
+        adv_log = GenerationLog(out_dir / f"adversarial_{source}.jsonl", adv_fp, writable=is_main_process())
         items: list[Item] = []
         for v in variants:
             vi = build_items(config, rt.tokenizer, v.records, variant=v.name,
@@ -225,7 +226,7 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
             all_rows += aggregate_variants(source_rows, source)
 
     headline = [r for r in all_rows if r["variant"] == "mean" or r["source"] != "released"]
-    if _is_main():
+    if is_main_process():
         write_accuracy_outputs(out_dir, before_table, stem="before", title="Accuracy before (%)")
         report.write_csv(all_rows, out_dir / "adversarial.csv")
         (out_dir / "adversarial.md").write_text(report.adversarial_markdown(headline))

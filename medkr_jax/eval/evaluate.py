@@ -29,6 +29,7 @@ import numpy as np
 from medkr_jax.eval import metrics, prompts, report
 from medkr_jax.eval.extract import answer_letter, extract_answer
 from medkr_jax.eval.genlog import GenerationLog
+from medkr_jax.parallel import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
         group.append(it)
     chunks += [group] if group else []
     done = 0
-    bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not todo or not _is_main(), dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not todo or not is_main_process(),
+               dynamic_ncols=True)
     for chunk in chunks:
         out = rt.sampler.generate(
             rt.model, [it.prompt for it in chunk], max_new_tokens=gen.max_new_tokens,
@@ -299,11 +301,6 @@ def score_rows(glog: GenerationLog, keys: Sequence[str]) -> list[dict]:
     return rows
 
 
-def _is_main() -> bool:
-    import jax
-    return jax.process_index() == 0
-
-
 def settings_fingerprint(config: Any, rt: Runtime, gen: GenSettings) -> dict:
     """What decides a generation; a log made with other settings is not resumed."""
     return {"model": os.path.abspath(rt.path), "tokenizer": str(getattr(rt.tokenizer, "name_or_path", "")),
@@ -337,7 +334,8 @@ def evaluate(config: Any, rt: Runtime, records: Sequence[Any], out_dir: Path, *,
     """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts)."""
     gen = GenSettings.from_config(config)
     items = build_items(config, rt.tokenizer, records)
-    glog = GenerationLog(out_dir / log_name, settings_fingerprint(config, rt, gen), writable=_is_main())
+    glog = GenerationLog(out_dir / log_name, settings_fingerprint(config, rt, gen),
+                         writable=is_main_process())
     counts = run_generation(rt, items, glog, gen, desc="evaluate", on_batch=on_batch)
     rows = score_rows(glog, [it.key for it in items])
     return metrics.accuracy_table(rows, ci=config.eval.ci, seed=int(config.seed)), counts
@@ -352,7 +350,7 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
     records = load_eval_records(config)
     rt = load_runtime(config)
     table, counts = evaluate(config, rt, records, out_dir, on_batch=on_batch)
-    if _is_main():
+    if is_main_process():
         write_accuracy_outputs(out_dir, table)
         write_metrics(out_dir, [{"kind": "accuracy", **r} for r in table])
     overall = {r["split"]: round(r["accuracy"], 4) for r in table if r["benchmark"] == metrics.OVERALL}
