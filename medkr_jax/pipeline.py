@@ -41,7 +41,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     results: dict[str, dict] = {}
     for i, name in enumerate(names, 1):
         done = completed(config, name)
-        if done is not None:
+        if done is not None and not getattr(stage_lib.STAGES[name], "always_rerun", False):
             print(f"[pipeline] {i}/{len(names)} {name}: already complete ({done['wall_s']:.1f}s), skipping")
             results[name] = done
             continue

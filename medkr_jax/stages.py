@@ -77,8 +77,10 @@ def out_of(config: ml_collections.ConfigDict, stage: str) -> Path:
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path, dict], dict]] = {}
 
 
-def stage(name: str):
+def stage(name: str, *, always_rerun: bool = False):
+    """Register a stage; `always_rerun` stages (the report) run even when complete, as they summarise the rest."""
     def register(fn):
+        fn.always_rerun = always_rerun
         STAGES[name] = fn
         return fn
     return register
@@ -348,7 +350,7 @@ def _plot_policy(config: ml_collections.ConfigDict, stages: list[str], path: Pat
     return True
 
 
-@stage("report")
+@stage("report", always_rerun=True)
 def report_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """report.md in the run folder: every stage's numbers, read from the files the stages wrote."""
     root = Path(config.output_dir)

@@ -1,0 +1,45 @@
+"""A reduced demo for tests: every stage of configs/demo.py at toy sizes (runs in a few minutes on 2 cores).
+
+    python -m medkr_jax.main --config configs/demo_smoke.py --config.output_dir=/tmp/demo_smoke
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("demo_config", Path(__file__).with_name("demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+
+def get_config():
+    config = demo.get_config()
+    config.output_dir = "runs/demo_smoke"
+    config.pipeline.eval_questions_per_split = 2
+    config.synthetic.classifier_questions = 80
+    config.synthetic.policy_train_questions = 48
+    config.synthetic.policy_eval_questions = 16
+    config.data.subjects = ("anatomy", "medical_genetics")
+    config.pipeline.policy.hidden_size = 64
+    config.pipeline.policy.intermediate_size = 128
+    config.pipeline.policy.num_layers = 2
+    config.pipeline.policy.vocab_size = 512
+    config.pipeline.classifier.classifier.max_len = 48
+    config.pipeline.classifier.classifier.epochs = 1.0
+    config.pipeline.split_mmlu.split.max_len = 48
+    config.pipeline.eval_smollm.eval.max_new_tokens = 8
+    config.pipeline.eval_smollm.eval.batch_size = 4
+    small_eval = ml_collections.ConfigDict({"eval": {"max_new_tokens": 24, "batch_size": 16},
+                                            "adversarial": {"source": "template"}})
+    for name in ("eval_init", "eval_sft", "eval_grpo"):
+        config.pipeline[name] = small_eval
+    config.pipeline.sft.train.steps = 6
+    config.pipeline.sft.train.batch_size = 8
+    config.pipeline.sft.train.checkpoint_every = 3
+    config.pipeline.grpo.train.steps = 2
+    config.pipeline.grpo.train.checkpoint_every = 1
+    config.pipeline.grpo.grpo.num_generations = 4
+    config.pipeline.grpo.grpo.prompts_per_step = 2
+    config.pipeline.grpo.grpo.max_new_tokens = 24
+    return config
