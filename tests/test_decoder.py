@@ -208,3 +208,15 @@ def test_scanned_layers_give_the_same_logits_and_cache(tiny_decoder_folder, tmp_
     export_decoder(scanned, cfg, tmp_path / "hf")
     again, _ = load_decoder(tmp_path / "hf")
     jax.tree.map(np.testing.assert_array_equal, nnx.state(again, nnx.Param), nnx.state(plain, nnx.Param))
+
+
+def test_both_layer_layouts_start_from_the_same_weights():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=8, qkv_bias=True, architecture="Qwen2ForCausalLM")
+    plain = Decoder(cfg, rngs=nnx.Rngs(7))
+    scanned = Decoder(cfg, scan_layers=True, rngs=nnx.Rngs(7))
+    for i in range(cfg.num_layers):
+        np.testing.assert_array_equal(plain.layers[i].mlp.gate_proj.kernel[...],
+                                      scanned.layers.mlp.gate_proj.kernel[...][i])
+    np.testing.assert_array_equal(plain.embed.embedding[...], scanned.embed.embedding[...])
+    assert not np.array_equal(plain.layers[0].attn.q_proj.kernel[...], plain.layers[1].attn.q_proj.kernel[...])

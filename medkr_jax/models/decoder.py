@@ -278,8 +278,15 @@ def _constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
-def _param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple, dtype, stack: int | None) -> nnx.Param:
-    if stack is not None:
+def _param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple, dtype, stack) -> nnx.Param:
+    """A parameter; ``stack`` = L (all L layers stacked on a leading "layers" axis), (i, L) (layer i
+    alone, drawn as slice i of the stacked initialisation, so both layouts start from the same
+    weights for a seed) or None."""
+    if isinstance(stack, tuple):
+        i, n = stack
+        base = init
+        init = lambda key, shape, dtype: base(key, (n, *shape), dtype)[i]  # noqa: E731
+    elif stack is not None:
         shape, axes = (stack, *shape), ("layers", *axes)
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
@@ -373,7 +380,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer layer (attention + SwiGLU MLP); created with all layers stacked."""
+    """Pre-norm transformer layer (attention + SwiGLU MLP); one layer or all layers stacked."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
@@ -416,10 +423,15 @@ class Decoder(nnx.Module):
             self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                    embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                                                         ("vocab", "embed")), rngs=rngs)
+            # Every layer draws from the same key stream, as slices of one stacked draw.
+            key = rngs.params()
+            n = cfg.num_layers
+            layer_kw = dict(dtype=dtype, param_dtype=param_dtype)
             if scan_layers:
-                self.layers = Block(cfg, stack=cfg.num_layers, **kw)
+                self.layers = Block(cfg, stack=n, rngs=nnx.Rngs(params=key), **layer_kw)
             else:
-                self.layers = nnx.List([Block(cfg, stack=None, **kw) for _ in range(cfg.num_layers)])
+                self.layers = nnx.List([Block(cfg, stack=(i, n), rngs=nnx.Rngs(params=key), **layer_kw)
+                                        for i in range(n)])
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=None, **kw)
             self.lm_head = (None if cfg.tie_word_embeddings else
                             Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, stack=None,
