@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
-import logging
 import os
+import shutil
 import struct
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -23,8 +22,6 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-
-log = logging.getLogger(__name__)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -270,10 +267,6 @@ TensorSource = Union[tuple[str, bool], tuple[Sequence[str], bool], Callable[[Saf
 
 def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
-
-
-def _full_index(shape: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(0, n) for n in shape)
 
 
 def _source_shape(ckpt: SafetensorsCheckpoint, src, pname: str, expected: tuple[int, ...]) -> None:

@@ -46,7 +46,8 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     """An AbstractMesh over ("data", "fsdp", "tensor") with the given (positive) sizes."""
     shape = tuple(int(sizes.get(a, 1)) for a in parallel.MESH_AXES)
     if any(s < 1 for s in shape):
-        raise MemoryPlanError(f"mesh sizes must be positive after resolving -1, got {dict(zip(parallel.MESH_AXES, shape))}")
+        raise MemoryPlanError("mesh sizes must be positive after resolving -1, got "
+                              f"{dict(zip(parallel.MESH_AXES, shape))}")
     return AbstractMesh(shape, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
@@ -67,8 +68,8 @@ def param_shards(cfg: DecoderConfig, mesh: AbstractMesh, rules=None, param_dtype
                 raise MemoryPlanError(f"parameter {name!r} dim of size {dim} is split over mesh axes {axes} "
                                       f"(size {size}), which does not divide it; change the mesh or "
                                       "config.sharding_rules")
-        out.append({"name": name, "shape": tuple(value.shape), "shard_shape": tuple(value.sharding.shard_shape(value.shape)),
-                    "spec": spec, "dtype": np.dtype(value.dtype)})
+        out.append({"name": name, "shape": tuple(value.shape), "spec": spec, "dtype": np.dtype(value.dtype),
+                    "shard_shape": tuple(value.sharding.shard_shape(value.shape))})
     return out
 
 
