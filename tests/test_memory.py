@@ -69,8 +69,11 @@ def test_plan_errors():
         memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, chip="tpu9")
     with pytest.raises(MemoryPlanError, match=r"does not divide"):
         memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 3})
-    with pytest.raises(MemoryPlanError, match="not divisible by data\\*fsdp"):
-        memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, batch_size=12)
+    # an uneven batch is planned (rounded up per device) and flagged rather than refused
+    plan = memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, batch_size=12)
+    assert plan["problems"] and "not divisible by data*fsdp = 8" in plan["problems"][0]
+    assert "PROBLEM" in memory.format_plan(plan)
+    assert plan["activations"] == memory_plan(cfg, {"data": 2, "fsdp": 4, "tensor": 1}, batch_size=16)["activations"]
     with pytest.raises(presets.PresetError, match="qwen3-8b"):
         presets.decoder_config("qwen3-9b")
 

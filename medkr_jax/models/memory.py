@@ -123,8 +123,11 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
     n_params = sum(math.prod(s["shape"]) for s in shards)
     shard_elems = sum(math.prod(s["shard_shape"]) for s in shards)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    problems = []
     if train and batch_size % batch_shards:
-        raise MemoryPlanError(f"global batch {batch_size} is not divisible by data*fsdp = {batch_shards}")
+        # Still plan (with the per-device batch rounded up), but say that the run would refuse it.
+        problems.append(f"global batch {batch_size} is not divisible by data*fsdp = {batch_shards}; "
+                        "the training step needs a multiple")
     plan: dict[str, Any] = {
         "num_params": n_params,
         "num_devices": math.prod(mesh.shape.values()),
@@ -137,11 +140,12 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
         plan["grads"] = shard_elems * pdt.itemsize
         plan["optimizer"] = shard_elems * 4 * 2
         plan["master"] = shard_elems * 4 if (master_weights and pdt.itemsize < 4) else 0
-        act = activation_bytes(cfg, batch_per_device=max(batch_size // batch_shards, 1), seq_len=seq_len,
+        act = activation_bytes(cfg, batch_per_device=-(-batch_size // batch_shards), seq_len=seq_len,
                                tensor=mesh.shape["tensor"], dtype=dtype, remat=remat)
         plan["activations"] = act["total"]
         plan["activation_detail"] = act
         plan.update(batch_size=batch_size, seq_len=seq_len, remat=bool(remat))
+    plan["problems"] = problems
     keys = ("params", "grads", "optimizer", "master", "activations")
     plan["total"] = sum(plan.get(k, 0) for k in keys)
     if chip is not None:
@@ -169,6 +173,7 @@ def format_plan(plan: dict[str, Any], name: str = "") -> str:
         verdict = "fits" if plan["fits"] else "DOES NOT FIT"
         lines.append(f"  {plan['chip']} HBM {plan['hbm'] / GiB:.0f} GiB: {100 * plan['hbm_fraction']:.1f}% used "
                      f"-> {verdict} (limit {100 * USABLE_FRACTION:.0f}%)")
+    lines.extend(f"  PROBLEM: {p}" for p in plan.get("problems", ()))
     return "\n".join(lines)
 
 
