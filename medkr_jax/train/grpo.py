@@ -204,6 +204,7 @@ def run(config: Any, *, mesh: Any = None) -> dict:
         if mu > 1 and not use_sampler_old:
             pol_graphdef, pol_state = nnx.split(trainer.model())
             batch["old_logps"] = _forward_logps(pol_graphdef, pol_state, *fwd_args)
+        t_score = time.perf_counter() - t0 - t_gen
         inner = [trainer.update(batch, jax.random.fold_in(rng, it)) for it in range(mu)]
         inner = [{k: float(v) for k, v in jax.device_get(m).items()} for m in inner]
         metrics = {k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("weight", "tokens")}
@@ -218,6 +219,7 @@ def run(config: Any, *, mesh: Any = None) -> dict:
             group_reward_std=float(groups.std(axis=1).mean()), accuracy=float(correct.mean()),
             format_rate=float(formatted.mean()), response_length=float(out.lengths.mean()),
             tokens=float(out.lengths.sum()), samples_per_s=len(reward) / dt, generate_s=t_gen,
+            score_s=t_score, update_s=dt - t_gen - t_score,
         )
         return metrics
 

@@ -341,14 +341,14 @@ class MetricsLogger:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {"step": int(step)}
+        rec = {"step": int(step), "time": time.time()}
         for k, v in metrics.items():
             rec[k] = v if isinstance(v, (str, bool)) or v is None else float(v)
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                if k not in ("step", "time") and isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
