@@ -199,6 +199,8 @@ def test_two_process_sft_matches_one_process_and_resumes_in_one(world, tmp_path)
         np.testing.assert_allclose(loss_resumed[step], loss_one[step], rtol=1e-5, err_msg=f"step {step}")
     w_one, w_resumed = _weights(one / "hf"), _weights(resumed / "hf")
     assert sorted(w_one) == sorted(w_resumed) and w_one
+    # Adam's normalised updates turn float32 reduction-order differences (2 vs 1 process) into ~1e-6 weight
+    # differences on near-zero second moments; a real resume bug moves weights by ~lr = 1e-3.
     for name in w_one:
-        np.testing.assert_allclose(w_resumed[name], w_one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(w_resumed[name], w_one[name], rtol=1e-4, atol=1e-5, err_msg=name)
     print(f"2-process + 1-process runs: {t_first:.0f}s; resume: {time.time() - t0 - t_first:.0f}s")
