@@ -118,6 +118,14 @@ def test_masked_cross_entropy_matches_numpy():
     ent = losses.token_entropy(jnp.asarray(logits))
     p = np.exp(lg - logz[..., None])
     np.testing.assert_allclose(np.asarray(ent), -(p * np.log(p)).sum(-1), rtol=1e-5)
+    lp2, ent2 = losses.token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    np.testing.assert_allclose(np.asarray(lp2), -nll, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent2), -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-6)
+    # the entropy carries no gradient; the log-probs carry d logp / d logits = onehot - p
+    g = jax.grad(lambda l: losses.token_logprobs_and_entropy(l, jnp.asarray(targets))[1].sum())(jnp.asarray(logits))
+    assert not np.asarray(g).any()
+    g = jax.grad(lambda l: losses.token_logprobs_and_entropy(l, jnp.asarray(targets))[0][0, 0])(jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(g)[0, 0], np.eye(11)[targets[0, 0]] - p[0, 0], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- the GRPO job
@@ -128,8 +136,8 @@ import shutil  # noqa: E402
 from medkr_jax import parallel  # noqa: E402
 from medkr_jax.data.records import LETTERS, MCQRecord, write_records  # noqa: E402
 from medkr_jax.train import grpo, loop, sft  # noqa: E402
-from tests.test_sft import (compilation_cache, make_policy_folder, one_device_mesh, run_killed_then_resumed,  # noqa: E402
-                            run_job, sft_config, write_config_file)
+from tests.test_sft import (cache_dir_of, compilation_cache, make_policy_folder, one_device_mesh,  # noqa: E402
+                            run_killed_then_resumed, sft_config, write_config_file)
 
 COLORS = ["red", "blue", "green", "gold"]
 WAYS = ["north", "south", "east", "west"]
@@ -142,12 +150,12 @@ def signal_records(answer_of, variants=2):
             for v in range(variants) for i, c in enumerate(COLORS) for a in answer_of(i)]
 
 
-def grpo_config(tmp_path, data_path, model_dir, *, steps, mu=2, beta=0.02, lr=2e-3):
+def grpo_config(tmp_path, data_path, model_dir, *, steps, mu=2, beta=0.02, lr=2e-3, generations=8):
     c = sft_config(tmp_path, data_path, model_dir, steps=steps, lr=lr, ckpt_every=5)
     c.job = "grpo"
     c.eval.system_prompt = ""
     c.grpo.train_path = str(data_path)
-    c.grpo.num_generations = 8
+    c.grpo.num_generations = generations
     c.grpo.prompts_per_step = 8
     c.grpo.max_new_tokens = 16
     c.grpo.mu = mu
@@ -197,7 +205,9 @@ def signal_world(tmp_path_factory):
 
 def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory):
     d, rule = signal_world
-    cfg = grpo_config(tmp_path, d / "rule.jsonl", d / "warm" / "hf", steps=30)
+    # 16 samples per prompt: a colour whose policy leans to a wrong letter still samples the right one (with 8,
+    # one seed in three locked a colour on a wrong letter and plateaued near 0.75)
+    cfg = grpo_config(tmp_path, d / "rule.jsonl", d / "warm" / "hf", steps=20, generations=16)
     with compilation_cache(tmp_path_factory):
         before = sampled_accuracy(d / "warm" / "hf", rule)
         summary = grpo.run(cfg, mesh=one_device_mesh())
@@ -205,7 +215,7 @@ def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory)
     assert before <= 0.3, before
     recs = loop.read_metrics(cfg.output_dir)
     rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
-    assert rewards[0] <= 0.35 and np.mean(rewards[-5:]) >= 0.85, rewards
+    assert rewards[0] <= 0.35 and np.mean(rewards[-5:]) >= 0.9, rewards
     assert {"kl", "clip_fraction", "entropy", "response_length", "reward_std", "accuracy"} <= set(recs[-1])
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert max(r["clip_fraction"] for r in recs) > 0  # mu = 2: the second inner update is clipped somewhere
@@ -229,23 +239,37 @@ def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_p
     # the GRPO loss is a near-cancelling sum of O(1) terms (advantages have zero mean per group): compare
     # it absolutely at float32 resolution of those terms; the non-cancelling metrics relatively
     np.testing.assert_allclose(one[:, 1], eight[:, 1], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(one[:, 2:], eight[:, 2:], rtol=1e-4, atol=1e-6)
+    # step 2 already follows one Adam update, which amplifies float32 summation-order differences of tiny
+    # gradient entries: 1e-3 relative
+    np.testing.assert_allclose(one[:, 2:], eight[:, 2:], rtol=1e-3, atol=1e-6)
 
 
-def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path):
+def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path, tmp_path_factory):
+    """SIGKILL a running GRPO job, rerun the same command: it resumes (policy, optimizer, prompt iterator,
+    sampling seeds) and the loss curve is the uninterrupted one."""
     d, _ = signal_world
     steps = 14
     cfg = grpo_config(tmp_path / "ref", d / "rule.jsonl", d / "warm" / "hf", steps=steps)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-    write_config_file(tmp_path / "ref.py", cfg)
-    run_job(tmp_path / "ref.py", cfg.output_dir)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4  # the same programs as the 8-device run above
+    with compilation_cache(tmp_path_factory):
+        grpo.run(cfg)
     want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
 
     cfg.output_dir = str(tmp_path / "killed" / "run")
     write_config_file(tmp_path / "killed.py", cfg)
     killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=5,
-                                        cache_of=tmp_path / "ref" / "run")
+                                        cache_dir=cache_dir_of(tmp_path_factory))
     assert 5 <= killed_at < steps
     got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
     assert sorted(got) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)
+
+
+def test_group_advantages_numpy_and_jax_agree():
+    r = np.random.default_rng(1).random(12).astype(np.float32)
+    for scale in (True, False):
+        a_np = losses.group_advantages(r, 4, scale=scale)
+        assert isinstance(a_np, np.ndarray)
+        np.testing.assert_allclose(a_np, np.asarray(losses.group_advantages(jnp.asarray(r), 4, scale=scale)),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a_np, np_advantages(r, 4, scale), rtol=1e-5, atol=1e-6)

@@ -221,28 +221,27 @@ def write_config_file(path, cfg):
 
 
 def _job_env(cache_dir):
-    # Every run of one test shares a persistent compilation cache: only the first run compiles.
+    # The runs share a persistent compilation cache with the in-process reference run: same XLA flags, same
+    # matmul precision as tests/conftest.py, hence the same programs, compiled once.
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
 
 
-def run_job(cfg_file, output_dir, cache_of=None):
+def run_job(cfg_file, cache_dir):
     """Run `python -m medkr_jax.main --config=cfg_file` to completion."""
     cmd = [sys.executable, "-m", "medkr_jax.main", f"--config={cfg_file}"]
-    res = subprocess.run(cmd, cwd=REPO, env=_job_env(str(cache_of or output_dir) + "_jax_cache"),
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(cmd, cwd=REPO, env=_job_env(cache_dir), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, cache_of=None):
+def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, cache_dir):
     """Start the job, SIGKILL it once checkpoint `kill_after_checkpoint` exists, restart it to completion.
 
     Returns the last step the killed run had logged.
     """
     cmd = [sys.executable, "-m", "medkr_jax.main", f"--config={cfg_file}"]
-    env = _job_env(str(cache_of or output_dir) + "_jax_cache")
     ckdir = os.path.join(output_dir, "checkpoints")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_job_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -259,8 +258,12 @@ def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, cache_o
             proc.wait()
         proc.stderr.close()
     killed_at = max(r["step"] for r in loop.read_metrics(output_dir))
-    run_job(cfg_file, output_dir, cache_of=cache_of)
+    run_job(cfg_file, cache_dir)
     return killed_at
+
+
+def cache_dir_of(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "jax_cache"
 
 
 @contextlib.contextmanager
@@ -271,7 +274,7 @@ def compilation_cache(tmp_path_factory):
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
     old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
+    jax.config.update(keys[0], str(cache_dir_of(tmp_path_factory)))
     jax.config.update(keys[1], 0)
     jax.config.update(keys[2], 0)
     cc.reset_cache()
@@ -283,20 +286,21 @@ def compilation_cache(tmp_path_factory):
         cc.reset_cache()
 
 
-def test_kill9_resume_matches_uninterrupted(world, tmp_path):
+def test_kill9_resume_matches_uninterrupted(world, tmp_path, tmp_path_factory):
+    """SIGKILL a running SFT job, rerun the same command: it resumes and the loss curve is the uninterrupted one."""
     d, _ = world
     steps = 150
     cfg = sft_config(tmp_path / "ref", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4
     cfg.optimizer.grad_accum = 2
-    write_config_file(tmp_path / "ref.py", cfg)
-    run_job(tmp_path / "ref.py", cfg.output_dir)
+    with compilation_cache(tmp_path_factory):
+        sft.run(cfg)
     want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
 
     cfg.output_dir = str(tmp_path / "killed" / "run")
     write_config_file(tmp_path / "killed.py", cfg)
     killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=10,
-                                        cache_of=tmp_path / "ref" / "run")
+                                        cache_dir=cache_dir_of(tmp_path_factory))
     assert 10 <= killed_at < steps
     got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
     assert sorted(got) == list(range(1, steps + 1))

@@ -27,8 +27,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from medkr_jax.train.losses import group_advantages, grpo_loss, token_entropy, token_logprobs
+from medkr_jax.train.losses import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
 
+WIDTH_MULTIPLE = 16
 _FINAL = re.compile(r"the answer is \(?([A-Z])\)?\.?\s*$", re.IGNORECASE)
 
 
@@ -88,7 +89,7 @@ def make_loss_fn(gcfg: Any):
 
     def loss_fn(model, batch, rng):
         logits, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
-        logps = token_logprobs(logits, batch["targets"])
+        logps, entropy = token_logprobs_and_entropy(logits, batch["targets"])
         mask = batch["completion_mask"]
         old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
         loss, metrics = grpo_loss(logps, old, batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
@@ -96,7 +97,7 @@ def make_loss_fn(gcfg: Any):
                                   epsilon_high=float(gcfg.epsilon_high), aggregation=aggregation,
                                   max_len=int(gcfg.max_new_tokens))
         n_tok = mask.sum()
-        ent = (token_entropy(jax.lax.stop_gradient(logits)) * mask).sum() / jnp.maximum(n_tok, 1.0)
+        ent = (entropy * mask).sum() / jnp.maximum(n_tok, 1.0)
         weight = n_tok if aggregation == "token" else jnp.asarray(mask.shape[0], jnp.float32)
         if "ref_logps" not in batch:
             metrics.pop("kl")
@@ -122,6 +123,7 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     """Job "grpo": GRPO on MCQ prompts with a correctness reward; exports the policy; returns a summary."""
     from medkr_jax import parallel
     from medkr_jax.config import require
+    from medkr_jax.data.pipeline import make_loader
     from medkr_jax.data.records import read_records
     from medkr_jax.eval import prompts as P_
     from medkr_jax.models.hf import export_decoder, load_decoder
@@ -151,7 +153,7 @@ def run(config: Any, *, mesh: Any = None) -> dict:
                                                        assistant_prefix=e.assistant_prefix)) for e in examples]
     prompt_keys = [zlib.crc32(f"{e.record_id}/{i}".encode()) for i, e in enumerate(examples)]
     max_new = int(g.max_new_tokens)
-    width = _prompt_bucket(max(map(len, prompt_ids)), DEFAULT_PROMPT_BUCKETS) + max_new - 1
+    max_width = _prompt_bucket(max(map(len, prompt_ids)), DEFAULT_PROMPT_BUCKETS) + max_new - 1
     sampler = Sampler(cfg, mesh=mesh, rules=rules, pad_id=pad, stop_ids=stop_ids)
 
     ref_state = None
@@ -165,8 +167,8 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     # The same global prompt batch on every process (the sampler takes global prompts); each process then
     # trains on its slice of the rollout rows.
     n_pp = int(g.prompts_per_step)
-    ds = grain.MapDataset.source(list(range(len(examples)))).seed(int(config.seed)).shuffle().repeat(None)
-    prompt_iter = iter(ds.batch(n_pp, drop_remainder=True))
+    prompt_iter = make_loader([{"index": np.int64(i)} for i in range(len(examples))], batch_size=n_pp,
+                              seed=int(config.seed), num_epochs=None, shard=grain.sharding.ShardOptions(0, 1))
     nproc, pid = jax.process_count(), jax.process_index()
     rows = n_pp * G
     if rows % nproc:
@@ -179,8 +181,9 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     def place(x):
         return jax.make_array_from_process_local_data(flat, np.asarray(x))
 
-    def step_fn(trainer, idx, rng):
+    def step_fn(trainer, prompt_batch, rng):
         t0 = time.perf_counter()
+        idx = prompt_batch["index"]
         exs = [examples[int(i)] for i in idx]
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         out = sampler.generate(trainer.model(), [prompt_ids[int(i)] for i in idx], max_new_tokens=max_new,
@@ -192,19 +195,24 @@ def run(config: Any, *, mesh: Any = None) -> dict:
         reward, correct, formatted = completion_rewards(
             texts, [exs[j].record.options for j in pi], [exs[j].answer for j in pi],
             format_reward=float(g.format_reward))
-        adv = np.asarray(group_advantages(jnp.asarray(reward), G, scale=bool(g.scale_rewards)))
+        adv = group_advantages(reward, G, scale=bool(g.scale_rewards))  # numpy in, numpy out (host)
         use_sampler_old = mu > 1 and g.old_logprobs == "sampler"
-        batch = rollout_batch([prompt_ids[int(i)] for i in idx], out.tokens, out.lengths, pi, width=width,
+        step_prompts = [prompt_ids[int(i)] for i in idx]
+        # train on the rows' real length rounded up to a multiple of 16 (a few compiled shapes), not on the
+        # padded maximum: short prompts and early stops then cost no compute
+        need = max(len(step_prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
+        width = min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        batch = rollout_batch(step_prompts, out.tokens, out.lengths, pi, width=width,
                               pad_id=pad, sampler_logprobs=out.logprobs if use_sampler_old else None)
         batch["advantages"] = adv.astype(np.float32)
         batch = {k: v[local] for k, v in batch.items()}
+        t_score = time.perf_counter() - t0 - t_gen
         fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "targets")]
         if ref_state is not None:
             batch["ref_logps"] = _forward_logps(ref_graphdef, ref_state, *fwd_args)
         if mu > 1 and not use_sampler_old:
             pol_graphdef, pol_state = nnx.split(trainer.model())
             batch["old_logps"] = _forward_logps(pol_graphdef, pol_state, *fwd_args)
-        t_score = time.perf_counter() - t0 - t_gen
         inner = [trainer.update(batch, jax.random.fold_in(rng, it)) for it in range(mu)]
         inner = [{k: float(v) for k, v in jax.device_get(m).items()} for m in inner]
         metrics = {k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("weight", "tokens")}

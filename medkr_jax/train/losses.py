@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AGGREGATIONS = ("token", "sequence", "constant")
 
@@ -39,6 +40,20 @@ def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     return -(jnp.exp(logp) * logp).sum(-1)
 
 
+def token_logprobs_and_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(targets), entropy) per position from one log-normaliser pass; no gradient flows into entropy.
+
+    entropy = logz - sum_v p_v * logit_v, which reuses logz instead of a second log-softmax over the vocab.
+    """
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    sg_logits, sg_logz = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(logz)
+    probs = jnp.exp(sg_logits - sg_logz[..., None])
+    entropy = sg_logz - (probs * sg_logits).sum(-1)
+    return picked - logz, entropy
+
+
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean token cross-entropy over positions where mask is set; returns (loss, number of target tokens)."""
     mask = mask.astype(jnp.float32)
@@ -51,10 +66,12 @@ def group_advantages(rewards: jax.Array, group_size: int, *, scale: bool = True,
     """Group-normalised advantages for rewards [N * G] (rows of a group contiguous) -> [N * G].
 
     std is the unbiased sample std of each group (as TRL). scale=False gives Dr. GRPO's r - mean.
+    NumPy rewards are computed on the host with NumPy (no device round trip), jax arrays with jax.
     """
     if group_size < 2:
         raise ValueError(f"GRPO needs at least 2 generations per prompt to form a group, got {group_size}")
-    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    xp = np if isinstance(rewards, np.ndarray) else jnp
+    r = xp.asarray(rewards, xp.float32).reshape(-1, group_size)
     centred = r - r.mean(axis=1, keepdims=True)
     if scale:
         centred = centred / (r.std(axis=1, ddof=1, keepdims=True) + eps)

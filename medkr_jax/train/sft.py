@@ -104,24 +104,14 @@ def pack_sequences(seqs: Sequence[tuple[Sequence[int], int]], seq_len: int, *, p
 
 
 def make_batches(rows: dict[str, np.ndarray], batch_size: int, *, seed: int) -> Any:
-    """Endless shuffled batches (reshuffled every epoch) of this process's rows; a checkpointable grain iterator.
+    """Endless shuffled global batches (reshuffled every epoch) of packed rows, this process's slice of each.
 
-    batch_size is the global batch; each process reads its own 1/process_count of the rows and batch.
+    A grain iterator (medkr_jax.data.pipeline) whose get_state()/set_state() go into checkpoints.
     """
-    import grain
+    from medkr_jax.data.pipeline import make_loader
 
-    n = len(rows["tokens"])
-    nproc, pid = jax.process_count(), jax.process_index()
-    if batch_size % nproc:
-        raise ValueError(f"config.train.batch_size={batch_size} must be divisible by the {nproc} processes")
-    local = batch_size // nproc
-    index = list(range(pid, n, nproc))
-    if len(index) < local:
-        # fewer rows than a batch: repeat them so a batch can still be drawn every step
-        index = (index * (local // max(len(index), 1) + 1))[:max(local, len(index))]
-    ds = grain.MapDataset.source(index).seed(seed).shuffle().repeat(None)
-    ds = ds.map(lambda i: {k: v[i] for k, v in rows.items()}).batch(local, drop_remainder=True)
-    return iter(ds)
+    examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["tokens"]))]
+    return make_loader(examples, batch_size=batch_size, seed=seed, num_epochs=None)
 
 
 def filter_records(records: Sequence[Any], reasoning_only: bool, source: str) -> list[Any]:
