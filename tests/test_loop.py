@@ -208,3 +208,16 @@ def test_same_losses_on_one_and_eight_devices(tmp_path):
                    mesh=mesh)
         curves.append([r["loss"] for r in loop.read_metrics(str(tmp_path / name)) if "loss" in r])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+
+
+def test_resume_false_refuses_existing_checkpoints_and_log_every(tmp_path):
+    mesh = one_device_mesh()
+    cfg = make_config(steps=5, checkpoint_every=2)
+    cfg.train.log_every = 2
+    loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+               mesh=mesh)
+    assert [r["step"] for r in loop.read_metrics(str(tmp_path))] == [2, 4, 5]  # every 2nd step and the last
+    cfg.train.resume = False
+    with pytest.raises(ValueError, match="resume=False .* already holds checkpoints"):
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+                   mesh=mesh)

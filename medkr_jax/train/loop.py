@@ -432,14 +432,21 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
         if loss_fn is None:
             raise ValueError("train(): give a loss_fn or a step_fn")
         step_fn = default_step_fn
-    trainer = Trainer(model, loss_fn=loss_fn or _no_loss, tx=tx, mesh=mesh, rules=rules, grad_accum=int(_get(opt_cfg, "grad_accum", 1) or 1),
-                      schedule=schedule)
+    trainer = Trainer(model, loss_fn=loss_fn or _no_loss, tx=tx, mesh=mesh, rules=rules,
+                      grad_accum=int(_get(opt_cfg, "grad_accum", 1) or 1), schedule=schedule)
     ckpt_every = int(_get(tcfg, "checkpoint_every", 0) or 0)
     ckpt = Checkpointer(os.path.join(output_dir, "checkpoints"), save_every=ckpt_every if ckpt_every > 0 else 10**12,
                         keep=int(_get(tcfg, "keep_checkpoints", 3)),
                         async_save=bool(_get(tcfg, "async_checkpoint", True)))
     start = 0
-    restored = ckpt.restore(None, trainer.checkpoint_state(0))
+    restored = None
+    if bool(_get(tcfg, "resume", True)):
+        restored = ckpt.restore(None, trainer.checkpoint_state(0))
+    elif ckpt.latest_step() is not None:
+        ckpt.close()
+        raise ValueError(
+            f"config.train.resume=False but {ckpt.directory} already holds checkpoints {ckpt.all_steps()}; "
+            f"use a new config.output_dir, or set config.train.resume=True to continue that run")
     if restored is not None:
         state, data_state = restored
         start = trainer.load_checkpoint_state(state)
@@ -449,6 +456,7 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
         on_trainer(trainer)
     logger = MetricsLogger(output_dir, start_step=start, tensorboard=bool(_get(tcfg, "tensorboard", True)))
     eval_every = int(_get(tcfg, "eval_every", 0) or 0)
+    log_every = max(1, int(_get(tcfg, "log_every", 1) or 1))
     base_rng = jax.random.key(seed)
     last: dict = {}
     preempted = False
@@ -483,9 +491,11 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
                         f"non-finite loss {metrics['loss']} at step {step} ({output_dir}); stopped without saving "
                         f"this state; last good checkpoint: step {good} in {ckpt.directory}. Lower "
                         f"config.optimizer.learning_rate or raise config.optimizer.warmup_steps, then rerun.")
-                if eval_every > 0 and step % eval_every == 0 and eval_fn is not None and step < steps:
+                evaluated = eval_every > 0 and step % eval_every == 0 and eval_fn is not None and step < steps
+                if evaluated:
                     metrics.update({f"eval/{k}": v for k, v in eval_fn(trainer.model(), step).items()})
-                logger.log(step, metrics)
+                if step % log_every == 0 or step == steps or evaluated or preempt.requested:
+                    logger.log(step, metrics)
                 last = metrics
                 if bar is not None:
                     post = {"loss": f"{metrics['loss']:.4g}" if "loss" in metrics else ""}
