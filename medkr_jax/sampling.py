@@ -88,19 +88,45 @@ def _nucleus_keep(sorted_logits: jax.Array, top_k: jax.Array, top_p: jax.Array) 
     return keep_k & (mass_above < top_p)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """Index of the first maximum along the last axis (``jnp.argmax``'s result, NaN-free input).
+
+    A max reduction and a min-index reduction: on CPU about 8x faster over a vocabulary than argmax's
+    paired (value, index) reduction, which otherwise costs as much as a layer of a small model.
+    """
+    vocab = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)  # an all-NaN row has no match; keep the id in range
+
+
+def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[token]`` per row, without materialising the whole log-softmax."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    return (jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0]) - lse
+
+
+def _categorical(keys: jax.Array, x: jax.Array) -> jax.Array:
+    """One draw per row from softmax(x): the Gumbel-max trick, as ``jax.random.categorical`` (same
+    noise, same draws), with the faster ``first_argmax``."""
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[-1:], x.dtype))(keys)
+    return first_argmax(noise + x)
+
+
 def sample_next(logits: jax.Array, keys: jax.Array, *, temperature: jax.Array, top_k: jax.Array,
                 top_p: jax.Array, greedy: bool, filtered: bool) -> jax.Array:
     """Next token per row from float32 logits [B, V]; ``keys`` holds one PRNG key per row."""
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     x = logits / temperature
     if not filtered:
-        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+        return _categorical(keys, x)
     order = jnp.argsort(-x, axis=-1)
     sx = jnp.take_along_axis(x, order, axis=-1)
     sx = jnp.where(_nucleus_keep(sx, top_k, top_p), sx, -jnp.inf)
-    pick = jax.vmap(jax.random.categorical)(keys, sx)
-    return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    pick = _categorical(keys, sx)
+    return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
 
 
 class Sampler:
@@ -154,34 +180,37 @@ class Sampler:
         sharding = NamedSharding(self.mesh, P(axes or None, *([None] * (x.ndim - 1))))
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    def _cache_sharding(self) -> NamedSharding | None:
+    def _constrain_cache(self, arr: jax.Array) -> jax.Array:
+        """Rows over the batch axes, kv-heads over "tensor" when they divide it; one layer's [B,KV,...]
+        array or the stacked [L,B,KV,...] one."""
         if self.mesh is None:
-            return None
+            return arr
         tensor = self.mesh.shape.get("tensor", 1)
         heads = "tensor" if tensor > 1 and self.cfg.num_kv_heads % tensor == 0 else None
-        return NamedSharding(self.mesh, P(None, self._batch_axes() or None, None, heads, None))
+        spec = (self._batch_axes() or None, heads, None, None)
+        spec = spec if arr.ndim == 4 else (None, *spec)
+        return jax.lax.with_sharding_constraint(arr, NamedSharding(self.mesh, P(*spec)))
 
     # ---------------------------------------------------------------- the program
 
     def _build(self, graphdef, *, batch: int, prompt_len: int, gen_len: int, greedy: bool, filtered: bool):
-        from medkr_jax.models.decoder import init_cache
-
-        cfg, pad_id, stop_ids = self.cfg, self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
-        cache_sharding, cache_dtype = self._cache_sharding(), self.cache_dtype
+        pad_id, stop_ids = self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
         max_len = prompt_len + gen_len
 
         def program(state, tokens, positions, mask, active, keys, max_new, temperature, top_k, top_p):
             model = nnx.merge(graphdef, state)
-            cache = init_cache(cfg, batch, max_len, cache_dtype)
-            if cache_sharding is not None:
-                cache = dataclasses.replace(
-                    cache, k=jax.lax.with_sharding_constraint(cache.k, cache_sharding),
-                    v=jax.lax.with_sharding_constraint(cache.v, cache_sharding))
+            # The model's own layout (one array per layer, or stacked for scanned layers): every layer
+            # then updates its cache in place inside the decode loop.
+            cache = model.init_cache(batch, max_len, self.cache_dtype)
+            cache = dataclasses.replace(cache, k=jax.tree.map(self._constrain_cache, cache.k),
+                                        v=jax.tree.map(self._constrain_cache, cache.v))
             if prompt_len > 1:
                 # The prefill's logits are unused (XLA drops the LM head); the last prompt token is fed
                 # by the first decode step, whose logits give the first generated token.
                 _, cache = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=cache)
             keys = jax.random.wrap_key_data(keys)
+            # Laid out for the decode step's LM-head matmul once, outside the loop.
+            head = model.head_kernel()
             ones = jnp.ones((batch, 1), jnp.bool_)
 
             def cond(carry):
@@ -191,12 +220,12 @@ class Sampler:
             def body(carry):
                 step, cache, tok, pos, done, lengths, out_tok, out_lp = carry
                 logits, cache = nnx.merge(graphdef, state)(tok[:, None], pos[:, None], attention_mask=ones,
-                                                           cache=cache)
+                                                           cache=cache, head=head)
                 logits = logits[:, -1].astype(jnp.float32)
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
                 nxt = sample_next(logits, step_keys, temperature=temperature, top_k=top_k, top_p=top_p,
                                   greedy=greedy, filtered=filtered)
-                lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+                lp = token_logprob(logits, nxt)
                 nxt = jnp.where(done, pad_id, nxt)
                 lp = jnp.where(done, 0.0, lp)
                 out_tok = jax.lax.dynamic_update_slice(out_tok, nxt[:, None], (0, step))
@@ -318,11 +347,17 @@ class Sampler:
 
     @staticmethod
     def _row_keys(seed: int, prompt_keys: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
-        base = jax.random.key(seed)
         pk = jnp.asarray(np.mod(prompt_keys, 2**31).astype(np.uint32))
         si = jnp.asarray(sample_index.astype(np.uint32))
-        keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(pk, si)
-        return np.asarray(jax.random.key_data(keys))
+        return np.asarray(_row_keys(jax.random.key(seed), pk, si))
+
+
+@jax.jit
+def _row_keys(base, prompt_keys, sample_index):
+    """Key data of fold_in(fold_in(base, prompt_key), sample_index) per row (jitted: run eagerly, this
+    vmap took ~0.1 s on every generate call)."""
+    keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(prompt_keys, sample_index)
+    return jax.random.key_data(keys)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -332,4 +367,4 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-__all__ = ["Sampler", "SampleOutput", "sample_next", "DEFAULT_PROMPT_BUCKETS", "DEFAULT_GEN_BUCKETS"]
+__all__ = ["Sampler", "SampleOutput", "sample_next", "first_argmax", "token_logprob", "DEFAULT_PROMPT_BUCKETS", "DEFAULT_GEN_BUCKETS"]

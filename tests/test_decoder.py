@@ -69,7 +69,10 @@ def test_kv_cache_incremental_decoding_matches_full_forward(tiny_decoder_folder)
         outs.append(np.asarray(logits))
     inc = np.concatenate(outs, axis=1)
     assert int(cache.index) == tokens.shape[1]
-    assert cache.k.shape == (cfg.num_layers, 3, 16, cfg.num_kv_heads, cfg.head_dim)
+    # heads-major, one array per layer
+    assert len(cache.k) == len(cache.v) == cfg.num_layers
+    assert all(k.shape == (3, cfg.num_kv_heads, cfg.head_dim, 16) for k in cache.k)
+    assert all(v.shape == (3, cfg.num_kv_heads, 16, cfg.head_dim) for v in cache.v)
     np.testing.assert_array_equal(np.asarray(cache.mask)[:, :tokens.shape[1]], mask)
     assert np.abs(inc - full)[mask].max() <= 1e-5
 
@@ -198,11 +201,25 @@ def test_scanned_layers_give_the_same_logits_and_cache(tmp_path):
     assert scanned.layers.attn.q_proj.kernel[...].shape[0] == cfg.num_layers
     np.testing.assert_allclose(_forward(scanned, tokens, positions, mask)[mask],
                                _forward(plain, tokens, positions, mask)[mask], atol=1e-5)
-    step = nnx.jit(lambda m, c: m(jnp.asarray(tokens), jnp.asarray(positions), attention_mask=jnp.asarray(mask),
-                                  cache=c))
-    (l1, c1), (l2, c2) = step(plain, init_cache(cfg, 2, 8)), step(scanned, init_cache(cfg, 2, 8))
-    np.testing.assert_allclose(np.asarray(c1.k), np.asarray(c2.k), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(l1)[mask], np.asarray(l2)[mask], atol=1e-5)
+    step = nnx.jit(lambda m, c, t, p, a: m(t, p, attention_mask=a, cache=c))
+
+    def decode(model, cache):
+        """The ragged batch as a prefill of all but the last token, then that token on its own."""
+        logits, cache = step(model, cache, tokens[:, :-1], positions[:, :-1], mask[:, :-1])
+        last, cache = step(model, cache, tokens[:, -1:], positions[:, -1:], mask[:, -1:])
+        stack = lambda x: np.asarray(x) if cache.stacked else np.stack(x)  # noqa: E731
+        return np.concatenate([logits, last], axis=1), stack(cache.k), stack(cache.v)
+
+    assert plain.init_cache(2, 8).stacked is False and scanned.init_cache(2, 8).stacked is True
+    ref = decode(plain, plain.init_cache(2, 8))
+    assert ref[1].shape == (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 8)
+    np.testing.assert_allclose(ref[0][mask], _forward(plain, tokens, positions, mask)[mask], atol=1e-5)
+    # each layer layout with each cache layout (native or converted) gives the same logits and cache
+    for model, stacked in [(scanned, True), (scanned, False), (plain, True)]:
+        out = decode(model, init_cache(cfg, 2, 8, stacked=stacked))
+        np.testing.assert_allclose(out[0][mask], ref[0][mask], atol=1e-5)
+        np.testing.assert_allclose(out[1], ref[1], atol=1e-5)
+        np.testing.assert_allclose(out[2], ref[2], atol=1e-5)
     # the stacked layout exports to the same per-layer HF tensors
     export_decoder(scanned, cfg, tmp_path / "hf")
     again, _ = load_decoder(tmp_path / "hf")

@@ -5,14 +5,20 @@ RMSNorm on q and k; GQA, SwiGLU, RMSNorm and tied/untied embeddings are shared.
 
 Layers are either a list of per-layer modules (default: fastest to run) or, with
 ``scan_layers=True``, one module whose parameters carry a leading "layers" axis, run with
-``jax.lax.scan`` (compile time independent of depth). The KV cache is one array per k/v with a
-leading layer axis either way; each layer writes its chunk in place.
+``jax.lax.scan`` (compile time independent of depth).
+
+The KV cache is heads-major, keys stored transposed ([B, KV, D, S]) and values as [B, KV, S, D]: both
+attention matmuls then read the cache as it lies in the canonical (batched, non-transposed) GEMM form,
+so a decode step moves no cache bytes besides the new chunk: each layer writes its chunk into the cache
+in place and attends over the cache itself. Per-layer models keep one cache array per layer (a stacked array would
+cost a copy of the layer's slice on every read); scanned models keep one stacked array.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -193,21 +199,41 @@ class _FrozenDict(dict):
 class KVCache:
     """Per-layer keys/values for incremental decoding.
 
-    k, v: [num_layers, B, S_max, num_kv_heads, head_dim]; mask: bool[B, S_max] (True = a real
-    token sits in that slot); index: int32 scalar, the next slot to write.
+    k: keys stored transposed, a tuple of num_layers arrays [B, num_kv_heads, head_dim, S_max]
+    (per-layer models) or one stacked array [num_layers, B, num_kv_heads, head_dim, S_max]
+    (``stacked=True``, for scanned models); v: values likewise, [..., B, num_kv_heads, S_max, head_dim].
+    Either representation works with either layer layout, the matching one without extra copies.
+    mask: bool[B, S_max] (True = a real token sits in that slot); index: int32 scalar, the next slot to
+    write.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: Any
+    v: Any
     mask: jax.Array
     index: jax.Array
 
+    @property
+    def stacked(self) -> bool:
+        """Whether k and v are single arrays with a leading layer axis."""
+        return not isinstance(self.k, (tuple, list))
 
-def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for ``batch`` rows of up to ``max_len`` tokens."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys [B, num_kv_heads, head_dim, S_max] and values [B, num_kv_heads, S_max, head_dim]."""
+        return self.k[i], self.v[i]
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+               stacked: bool = False) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (see KVCache for ``stacked``)."""
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if stacked:
+        k = jnp.zeros((cfg.num_layers, *k_shape), dtype)
+        v = jnp.zeros((cfg.num_layers, *v_shape), dtype)
+    else:
+        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=k, v=v, mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,14 +265,22 @@ def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
     return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate x [B, T, H, D] by positions [B, T] (rotate-half layout, as HF Llama/Qwen)."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32[B, T, 1, D] for positions [B, T]; computed once per call, shared by all layers."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, D] by positions [B, T] (rotate-half layout, as HF Llama/Qwen)."""
+    return _rotate(x, *rope_tables(positions, inv_freq))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,8 +371,8 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x, positions, inv_freq):
-        """q [B,T,H,D], k/v [B,T,KV,D] with RoPE applied."""
+    def project(self, x, rope):
+        """q [B,T,H,D], k/v [B,T,KV,D] with RoPE (the ``rope_tables`` pair) applied."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -346,20 +380,26 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return _rotate(q, *rope), _rotate(k, *rope), v
 
     def attend(self, q, k, v, allowed):
-        """q [B,T,H,D]; k, v [B,S,KV,D]; allowed bool [B,T,S] -> [B,T,E]."""
+        """q [B,T,H,D]; keys [B,KV,D,S], values [B,KV,S,D]; allowed bool [B,T,S] -> [B,T,E]."""
         cfg = self.cfg
         b, t, h, d = q.shape
-        groups = h // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
+        kv, s = cfg.num_kv_heads, k.shape[3]
+        groups = h // kv
+        # Both matmuls in the canonical batched form [B,KV] x ([G*T, D] @ [D, S]) and ([G*T, S] @ [S, D]),
+        # so the CPU backend runs them as plain batched GEMMs on the cache as it lies (for a decode step
+        # the query/output transposes are of a single position, i.e. free).
+        q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
         # Scores and softmax in at least float32, whatever the compute dtype.
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=acc) / math.sqrt(d)
-        scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        scores = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (2,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=acc) / math.sqrt(d)
+        scores = jnp.where(allowed[:, None, None], scores.reshape(b, kv, groups, t, s), _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, groups * t, s)
+        out = jax.lax.dot_general(probs, v.astype(self.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
+        out = out.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(b, t, h * d))
 
 
@@ -436,77 +476,118 @@ class Decoder(nnx.Module):
                             Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, stack=None,
                                   **kw))
 
+    def head_kernel(self) -> jax.Array:
+        """The LM-head kernel [E, V] in the compute dtype (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(self.dtype).T
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
+        return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """Logits float32[B, T, V] and the updated cache (None without one); see module docs."""
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32[B, T, V] and the updated cache (None without one); see module docs.
+
+        ``head``: the LM-head kernel [E, V] as returned by ``head_kernel()``, computed once by a caller
+        that runs the model many times (a decode loop), so a tied embedding is transposed once, not
+        read against its layout on every step.
+        """
         cfg = self.cfg
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
-        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        rope = rope_tables(positions, jnp.asarray(rope_inv_freq(cfg)))
         x = _constrain(self.embed(tokens).astype(self.dtype), ("batch", "length", "embed"))
 
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        allowed = causal[None] & attention_mask[:, None, :]  # [B, T, T] among the new tokens
         if cache is None:
+            allowed = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]  # [B, T, T]
             if segment_ids is not None:
                 allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            index = new_mask = None
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            # Keys are the cached slots before `index` followed by this chunk. The cache is only read
-            # while the layers run and written once at the end: one small in-place update instead of
-            # rewriting a whole cache array per layer.
-            s = cache.mask.shape[1]
-            old = (jnp.arange(s)[None, :] < cache.index) & cache.mask  # [B, S]
-            allowed = jnp.concatenate([jnp.broadcast_to(old[:, None, :], (b, t, s)), allowed], axis=-1)
+            # Each layer writes the chunk into its cache slots first and then attends over the whole
+            # cache: query slot index+i sees slot j iff j <= index+i and a real token sits there.
+            index, s = cache.index, cache.mask.shape[1]
+            new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+            slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+            allowed = slots[None] & new_mask[:, None, :]  # [B, T, S]
 
         graphdef = nnx.graphdef(self.layers if self.scan_layers else self.layers[0])
 
-        def layer(h, params, past):
-            """One layer on its parameter state; past = this layer's cached (k, v) or None.
+        def layer(h, params, store):
+            """One layer on its parameter state.
 
-            Returns the new hidden state and this chunk's (k, v)."""
+            ``store`` is None (no cache) or (keys, values, i): this layer's cache arrays (see KVCache)
+            with i=None, or the stacked arrays with this layer's index i. Returns the new hidden state
+            and the store's arrays with this chunk written in place.
+            """
             blk = nnx.merge(graphdef, params)
-            q, k, v = blk.attn.project(blk.attn_norm(h), positions, inv_freq)
-            keys, values = k, v
-            if past is not None:
-                keys = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
-                values = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
-            h = h + blk.attn.attend(q, keys, values, allowed)
+            q, k, v = blk.attn.project(blk.attn_norm(h), rope)
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KV, D, T], [B, KV, T, D]
+            out = None
+            if store is not None:
+                ks, vs, i = store
+                if i is None:
+                    ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, 0, 0, index))
+                    vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, 0, index, 0))
+                    k, v = ks, vs
+                else:
+                    ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, 0, 0, index))
+                    vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, 0, index, 0))
+                    k = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
+                    v = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
+                out = (ks, vs)
+            h = h + blk.attn.attend(q, k, v, allowed)
             h = h + blk.mlp(blk.mlp_norm(h))
-            return _constrain(h, ("batch", "length", "embed")), (k, v)
+            return _constrain(h, ("batch", "length", "embed")), out
 
         if self.remat:
             layer = jax.checkpoint(layer, policy=_remat_policy(self.remat))
 
-        if self.scan_layers:
-            def body(h, xs):
-                params, past = xs
-                return layer(h, params, past)
-            x, (new_k, new_v) = jax.lax.scan(
-                body, x, (nnx.state(self.layers), None if cache is None else (cache.k, cache.v)))
-        else:
-            chunks = []
+        new_k = new_v = None
+        if self.scan_layers and cache is None:
+            x, _ = jax.lax.scan(lambda h, p: layer(h, p, None), x, nnx.state(self.layers))
+        elif self.scan_layers:
+            # The cache rides in the scan carry, so each layer's chunk is written in place. A per-layer
+            # cache is stacked for the scan and split again after: correct, not free.
+            ks, vs = (cache.k, cache.v) if cache.stacked else (jnp.stack(cache.k), jnp.stack(cache.v))
+
+            def body(carry, xs):
+                h, ks, vs = carry
+                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]))
+                return (h, ks, vs), None
+
+            (x, new_k, new_v), _ = jax.lax.scan(body, (x, ks, vs),
+                                                (nnx.state(self.layers), jnp.arange(cfg.num_layers)))
+            if not cache.stacked:
+                new_k, new_v = tuple(new_k), tuple(new_v)
+        elif cache is None:
+            for blk in self.layers:
+                x, _ = layer(x, nnx.state(blk), None)
+        elif cache.stacked:
+            new_k, new_v = cache.k, cache.v
             for i, blk in enumerate(self.layers):
-                x, kv = layer(x, nnx.state(blk), None if cache is None else (cache.k[i], cache.v[i]))
-                chunks.append(kv)
-            if cache is not None:
-                new_k, new_v = jnp.stack([c[0] for c in chunks]), jnp.stack([c[1] for c in chunks])
-        new_cache = None
-        if cache is not None:
-            start = (0, 0, cache.index, 0, 0)
-            new_cache = KVCache(
-                k=jax.lax.dynamic_update_slice(cache.k, new_k.astype(cache.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(cache.v, new_v.astype(cache.v.dtype), start),
-                mask=jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index)),
-                index=cache.index + t)
+                x, (new_k, new_v) = layer(x, nnx.state(blk), (new_k, new_v, i))
+        else:
+            new_k, new_v = [], []
+            for i, blk in enumerate(self.layers):
+                x, (k, v) = layer(x, nnx.state(blk), (*cache.layer(i), None))
+                new_k.append(k)
+                new_v.append(v)
+            new_k, new_v = tuple(new_k), tuple(new_v)
+        new_cache = None if cache is None else KVCache(k=new_k, v=new_v, mask=new_mask, index=index + t)
 
         x = self.norm(x)
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        if self.lm_head is None:
+        if head is not None:
+            logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
+        elif self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, self.embed.embedding[...].astype(self.dtype),
                                 preferred_element_type=acc)
         else:
