@@ -6,9 +6,10 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 2 KV heads of 64) trained on the same random token batch (8 x 256, every target counted) with AdamW
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.loop with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
-clip_grad_norm_. The two steps alternate (so both see the same machine load); time per step is the median over
-`--steps` steps after two warm-up steps; tokens/s = batch * seq_len / time. `peak_fraction` = our step's model FLOP/s (6 * params * tokens + 12 * layers * B *
-T^2 * heads * head_dim) over the FLOP/s of a large jitted float32 matmul measured in the same run.
+clip_grad_norm_. The two steps alternate (so both see the same machine load); time per step is the median
+over `--steps` steps after two warm-up steps; tokens/s = batch * seq_len / time. `peak_fraction` = our step's
+model FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the FLOP/s of a large
+jitted float32 matmul measured in the same run.
 
 GRPO: the same tiny decoder (vocab 512, hidden 64, MLP 128, 2 layers, 4/2 heads of 16), 4 prompts per step x
 8 generations, 16 new tokens at temperature 1, beta 0.04 (a reference model), mu 1, AdamW 1e-3, the same

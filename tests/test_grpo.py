@@ -131,7 +131,6 @@ def test_masked_cross_entropy_matches_numpy():
 # ------------------------------------------------------------------------------------------- the GRPO job
 
 import os  # noqa: E402
-import shutil  # noqa: E402
 
 from medkr_jax import parallel  # noqa: E402
 from medkr_jax.data.records import LETTERS, MCQRecord, write_records  # noqa: E402

@@ -1,6 +1,5 @@
 """The shared training loop: optimizer, accumulation, logging, resume, SIGTERM, NaN stop, sharding."""
 
-import json
 import math
 import os
 import signal
