@@ -22,6 +22,7 @@ def test_plain_example_ends_with_the_answer():
     assert ex.response.startswith("Step 1") and ex.response.endswith("The answer is B.")
     assert extract_answer(ex.response, ex.record.options) == 1
     assert traces.plain_response(rec(1, trace=None)) == "The answer is B."
+    assert traces.plain_response(rec(1, trace="X points to Y. The answer is B.")) == "X points to Y. The answer is B."
 
 
 @pytest.mark.parametrize("seed", range(6))

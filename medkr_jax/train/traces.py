@@ -85,6 +85,8 @@ def plain_response(record: MCQRecord) -> str:
     """Trace (if any) followed by the final answer sentence."""
     final = ANSWER_TEMPLATE.format(letter=record.answer_letter)
     trace = (record.trace or "").strip()
+    if trace.endswith(final):  # traces that already close with the answer sentence are not repeated
+        return trace
     return f"{trace}\n{final}" if trace else final
 
 
