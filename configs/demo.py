@@ -31,6 +31,7 @@ def get_config():
                               "policy_init", "eval_init", "sft", "eval_sft", "grpo", "eval_grpo", "report")
     config.pipeline.eval_questions_per_split = 16
 
+    config.synthetic.n_diseases = 4   # a small world: the tiny policy has minutes of CPU to learn it
     config.synthetic.classifier_questions = 400
     config.synthetic.policy_train_questions = 600
     config.synthetic.policy_eval_questions = 160
@@ -38,7 +39,7 @@ def get_config():
     # Stage-specific settings, merged over this config for that stage only.
     config.pipeline.classifier = ml_collections.ConfigDict({
         "model": {"preset": "minilm"},
-        "classifier": {"max_len": 96, "epochs": 3.0},
+        "classifier": {"max_len": 64, "epochs": 2.0},
         "train": {"batch_size": 16, "checkpoint_every": 1000},
         "optimizer": {"learning_rate": 5e-5, "warmup_steps": 10, "weight_decay": 0.01},
     })
@@ -56,8 +57,8 @@ def get_config():
         "traces": {"plain": 0.6, "adversarial": 0.2, "backtracking": 0.2},
     })
     config.pipeline.grpo = ml_collections.ConfigDict({
-        "train": {"steps": 40, "checkpoint_every": 20},
-        "optimizer": {"learning_rate": 5e-4, "warmup_steps": 0, "schedule": "constant"},
-        "grpo": {"num_generations": 8, "prompts_per_step": 8, "max_new_tokens": 96, "beta": 0.0},
+        "train": {"steps": 20, "checkpoint_every": 10},
+        "optimizer": {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant"},
+        "grpo": {"num_generations": 8, "prompts_per_step": 4, "max_new_tokens": 80, "beta": 0.0},
     })
     return config
