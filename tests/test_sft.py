@@ -289,7 +289,7 @@ def compilation_cache(tmp_path_factory):
 def test_kill9_resume_matches_uninterrupted(world, tmp_path, tmp_path_factory):
     """SIGKILL a running SFT job, rerun the same command: it resumes and the loss curve is the uninterrupted one."""
     d, _ = world
-    steps = 150
+    steps = 60
     cfg = sft_config(tmp_path / "ref", d / "train.jsonl", d / "policy", steps=steps, ckpt_every=5)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4
     cfg.optimizer.grad_accum = 2
