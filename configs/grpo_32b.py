@@ -19,62 +19,25 @@ Run on the slice (see launch/README.md):
 config.output_dir has no default here: a pod run must write to storage every host can reach (gs://...).
 """
 
-from ml_collections import config_dict
+import importlib.util
+from pathlib import Path
 
-from medkr_jax.config import base_config
+# The recipe is the 8B one (configs/grpo_8b.py); only the model, the mesh and the slice differ.
+_spec = importlib.util.spec_from_file_location("grpo_8b_config", Path(__file__).with_name("grpo_8b.py"))
+grpo_8b = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(grpo_8b)
 
 SLICE = "v5p-256"
 CHIPS = 128  # v5p-N has N TensorCores, 2 per chip
 
 
 def get_config():
-    config = base_config()
-    config.job = "grpo"
-    # Required on the command line (--config.output_dir=gs://...); see the module docstring.
-    config.output_dir = config_dict.placeholder(str)
-    config.seed = 0
-
+    config = grpo_8b.get_config()
     config.model.preset = "qwen2.5-32b"
     config.model.path = ""  # local HF folder of the 32B policy on every host
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat = True
-
     config.mesh.data = 1
     config.mesh.fsdp = 16
     config.mesh.tensor = 8
     assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == CHIPS
-
-    config.grpo.train_path = ""
-    config.grpo.prompts_per_step = 64
-    config.grpo.num_generations = 8
-    config.grpo.max_new_tokens = 1024
-    config.grpo.temperature = 1.0
-    config.grpo.top_p = 1.0
-    config.grpo.beta = 0.0
-    config.grpo.epsilon_low = 0.2
-    config.grpo.epsilon_high = 0.28
-    config.grpo.mu = 1
-    config.grpo.loss_aggregation = "token"
-    config.grpo.format_reward = 0.1
-
-    # Per step: 64 prompts x 8 completions = 512 sequences of up to 1024 prompt + 1024 generated tokens.
-    # The grpo job derives its shapes from config.grpo; these two size the dry-run memory plan.
-    config.train.batch_size = 512
-    config.train.seq_len = 2048
-    config.train.steps = 300
-    config.train.log_every = 1
-    config.train.checkpoint_every = 25
-    config.train.keep_checkpoints = 2
-
-    config.optimizer.learning_rate = 1e-6
-    config.optimizer.schedule = "constant"
-    config.optimizer.warmup_steps = 10
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.b2 = 0.99
-    config.optimizer.grad_clip = 1.0
-    config.optimizer.grad_accum = 4       # 4 micro-batches of 128 sequences per update
-
-    config.dry_run.chip = "v5p"
     config.dry_run.num_devices = CHIPS
     return config
