@@ -126,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     out = resolve_output_dir(config, config_file)
     resolve_model_path(config)
     if parallel.is_main_process():
-        os.makedirs(out, exist_ok=True)
-        Path(out, "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        from etils import epath  # local paths and gs:// alike
+
+        epath.Path(out).mkdir(parents=True, exist_ok=True)
+        (epath.Path(out) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
         print(f"[medkr_jax] job={config.job} config={config_file} output_dir={out}")
         print(config)
     start = time.time()
