@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from medkr_jax import parallel
 
-    parallel.initialize_distributed(config)
+    if parallel.initialize_distributed(config) and not config.output_dir and config.job != "dry_run":
+        # every host must write to the same place (gs:// or a shared filesystem); a local default is wrong
+        print("error: a multi-process run needs --config.output_dir (gs://... or a shared filesystem)",
+              file=sys.stderr)
+        return 2
     out = resolve_output_dir(config, config_file)
     resolve_model_path(config)
     if parallel.is_main_process():
