@@ -14,9 +14,10 @@ batch * (new tokens - 1) / (t_full - t_one). Then (for the tiny model, or with `
 programs it compiles. ``peak_fraction`` = the sampler's model FLOP/s (2 * params per token) over the
 FLOP/s of a large jitted matmul measured in the same run. Ends with one JSON line.
 
-Both sides run on the CPU (the reference is a CPU build of PyTorch) with the same number of threads
-(``--threads``, default 1: on a shared machine OpenMP thread pools that wait on busy cores make multi-threaded
-timings swing by 10x or more, while one thread each gives a stable, like-for-like ratio).
+Both sides run on the CPU (the reference is a CPU build of PyTorch) on the same number of cores
+(``--threads``, default 1: the process is pinned to that many CPUs and torch uses that many threads; on a
+shared machine OpenMP thread pools that wait on busy cores make multi-threaded timings swing by 10x or more,
+while one core each gives a stable, like-for-like ratio).
 """
 
 from __future__ import annotations
@@ -42,9 +43,14 @@ def _early_threads() -> int:
         elif a == "--threads" and i + 1 < len(sys.argv):
             n = int(sys.argv[i + 1])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # XLA sizes its CPU thread pools (incl. the one its matmul kernels run on) from the CPUs this
+    # process may use; the XLA flags alone leave the matmuls on every core. Pinning the process to
+    # n CPUs holds both sides to n cores.
+    cpus = sorted(os.sched_getaffinity(0))
+    if n < len(cpus):
+        os.sched_setaffinity(0, cpus[:n])
     if n == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     return n
 
 
@@ -181,7 +187,7 @@ def main() -> None:
     peak_fraction = ours_tps * flops_per_token / peak
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), threads {args.threads} "
-          f"(torch {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"(torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params")
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
           f"greedy tokens equal to HF: {100 * match:.1f}%")
