@@ -209,8 +209,6 @@ class Sampler:
                 # by the first decode step, whose logits give the first generated token.
                 _, cache = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=cache)
             keys = jax.random.wrap_key_data(keys)
-            # Laid out for the decode step's LM-head matmul once, outside the loop.
-            head = model.head_kernel()
             ones = jnp.ones((batch, 1), jnp.bool_)
 
             def cond(carry):
@@ -220,7 +218,7 @@ class Sampler:
             def body(carry):
                 step, cache, tok, pos, done, lengths, out_tok, out_lp = carry
                 logits, cache = nnx.merge(graphdef, state)(tok[:, None], pos[:, None], attention_mask=ones,
-                                                           cache=cache, head=head)
+                                                           cache=cache)
                 logits = logits[:, -1].astype(jnp.float32)
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
                 nxt = sample_next(logits, step_keys, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -476,25 +476,14 @@ class Decoder(nnx.Module):
                             Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, stack=None,
                                   **kw))
 
-    def head_kernel(self) -> jax.Array:
-        """The LM-head kernel [E, V] in the compute dtype (the transposed embedding when tied)."""
-        if self.lm_head is None:
-            return self.embed.embedding[...].astype(self.dtype).T
-        return self.lm_head.kernel[...].astype(self.dtype)
-
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Logits float32[B, T, V] and the updated cache (None without one); see module docs.
-
-        ``head``: the LM-head kernel [E, V] as returned by ``head_kernel()``, computed once by a caller
-        that runs the model many times (a decode loop), so a tied embedding is transposed once, not
-        read against its layout on every step.
-        """
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32[B, T, V] and the updated cache (None without one); see module docs."""
         cfg = self.cfg
         b, t = tokens.shape
         if attention_mask is None:
@@ -585,8 +574,13 @@ class Decoder(nnx.Module):
 
         x = self.norm(x)
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        if head is not None:
-            logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
+        if self.lm_head is None and t == 1 and jax.default_backend() == "cpu":
+            # A decode step against the tied embedding [V, E]: XLA:CPU runs this skinny product as a
+            # GEMM well below memory speed, while the same contraction written as a broadcast multiply
+            # + reduce over E streams the embedding once in its own layout (1.2-2x faster for 8-128
+            # rows, measured by bench/sampler.py's models).
+            emb = self.embed.embedding[...].astype(acc)
+            logits = jnp.sum(emb[:, None, :] * x[:, 0].astype(acc)[None], axis=-1).T[:, None, :]
         elif self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, self.embed.embedding[...].astype(self.dtype),
                                 preferred_element_type=acc)
