@@ -187,7 +187,8 @@ def main() -> None:
     peak_fraction = ours_tps * flops_per_token / peak
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), threads {args.threads} "
-          f"(torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"(torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params")
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; "
           f"greedy tokens equal to HF: {100 * match:.1f}%")

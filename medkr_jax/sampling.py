@@ -206,8 +206,10 @@ class Sampler:
                                         v=jax.tree.map(self._constrain_cache, cache.v))
             if prompt_len > 1:
                 # The prefill's logits are unused (XLA drops the LM head); the last prompt token is fed
-                # by the first decode step, whose logits give the first generated token.
-                _, cache = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+                # by the first decode step, whose logits give the first generated token. The prompt
+                # fills an empty cache, so it attends within itself, not over the generation slots.
+                _, cache = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=cache,
+                                 kv_len=prompt_len - 1)
             keys = jax.random.wrap_key_data(keys)
             ones = jnp.ones((batch, 1), jnp.bool_)
 
@@ -365,4 +367,5 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-__all__ = ["Sampler", "SampleOutput", "sample_next", "first_argmax", "token_logprob", "DEFAULT_PROMPT_BUCKETS", "DEFAULT_GEN_BUCKETS"]
+__all__ = ["Sampler", "SampleOutput", "sample_next", "first_argmax", "token_logprob", "DEFAULT_PROMPT_BUCKETS",
+           "DEFAULT_GEN_BUCKETS"]

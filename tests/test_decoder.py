@@ -76,6 +76,27 @@ def test_kv_cache_incremental_decoding_matches_full_forward(tiny_decoder_folder)
     np.testing.assert_array_equal(np.asarray(cache.mask)[:, :tokens.shape[1]], mask)
     assert np.abs(inc - full)[mask].max() <= 1e-5
 
+    # Attending over a leading window of the cache only (kv_len): the prompt within itself, then each
+    # step over the first 12 slots. Same logits, same cache.
+    windowed = nnx.jit(lambda m, t, p, a, c, n: m(t, p, attention_mask=a, cache=c, kv_len=n), static_argnums=5)
+    cache2 = init_cache(cfg, batch=3, max_len=16)
+    logits, cache2 = windowed(model, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache2, prefill)
+    outs = [np.asarray(logits)]
+    for t in range(prefill, tokens.shape[1]):
+        logits, cache2 = windowed(model, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache2,
+                                  tokens.shape[1])
+        outs.append(np.asarray(logits))
+    assert np.abs(np.concatenate(outs, axis=1) - inc)[mask].max() <= 1e-5
+    real = np.asarray(cache.mask)  # padding slots hold never-attended values that may differ
+    for a, b in zip(cache.k, cache2.k):
+        np.testing.assert_allclose(np.asarray(a).transpose(0, 3, 1, 2)[real], np.asarray(b).transpose(0, 3, 1, 2)[real],
+                                   atol=1e-5)
+    for a, b in zip(cache.v, cache2.v):
+        np.testing.assert_allclose(np.asarray(a).transpose(0, 2, 1, 3)[real], np.asarray(b).transpose(0, 2, 1, 3)[real],
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="kv_len=17"):
+        model(tokens[:, :1], positions[:, :1], cache=init_cache(cfg, batch=3, max_len=16), kv_len=17)
+
 
 def test_segment_ids_packing_equals_separate_forwards():
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -481,9 +481,14 @@ class Decoder(nnx.Module):
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """Logits float32[B, T, V] and the updated cache (None without one); see module docs."""
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 kv_len: int | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32[B, T, V] and the updated cache (None without one); see module docs.
+
+        ``kv_len`` (static, with a cache): attend over cache slots [0, kv_len) only, not the whole
+        cache; the caller guarantees ``cache.index + T <= kv_len`` (e.g. ``kv_len=T`` for a prompt
+        written into an empty cache, which then attends within the chunk as without a cache).
+        """
         cfg = self.cfg
         b, t = tokens.shape
         if attention_mask is None:
@@ -503,9 +508,12 @@ class Decoder(nnx.Module):
             # Each layer writes the chunk into its cache slots first and then attends over the whole
             # cache: query slot index+i sees slot j iff j <= index+i and a real token sits there.
             index, s = cache.index, cache.mask.shape[1]
+            if kv_len is not None and not t <= kv_len <= s:
+                raise ValueError(f"kv_len={kv_len} must lie in [T, cache length] = [{t}, {s}]")
+            s = s if kv_len is None else kv_len
             new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
             slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-            allowed = slots[None] & new_mask[:, None, :]  # [B, T, S]
+            allowed = slots[None] & new_mask[:, None, :s]  # [B, T, S]
 
         graphdef = nnx.graphdef(self.layers if self.scan_layers else self.layers[0])
 
@@ -525,13 +533,19 @@ class Decoder(nnx.Module):
                 if i is None:
                     ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, 0, 0, index))
                     vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, 0, index, 0))
-                    k, v = ks, vs
+                    keys, values = ks, vs
                 else:
                     ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, 0, 0, index))
                     vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, 0, index, 0))
-                    k = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
-                    v = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
+                    keys = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
+                    values = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
                 out = (ks, vs)
+                if kv_len == t:  # index is 0: the chunk is all there is to attend to, as just computed
+                    k, v = k.astype(ks.dtype), v.astype(vs.dtype)
+                elif kv_len is not None:
+                    k, v = keys[..., :kv_len], values[:, :, :kv_len]
+                else:
+                    k, v = keys, values
             h = h + blk.attn.attend(q, k, v, allowed)
             h = h + blk.mlp(blk.mlp_norm(h))
             return _constrain(h, ("batch", "length", "embed")), out
