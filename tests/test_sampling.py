@@ -8,7 +8,7 @@ from scipy import stats
 
 from medkr_jax import parallel
 from medkr_jax.models.hf import load_decoder
-from medkr_jax.sampling import Sampler
+from medkr_jax.sampling import Sampler, decode_segments
 from tests.helpers_models import make_tiny_hf_model
 
 PAD, EOS = 0, 2
@@ -67,13 +67,16 @@ def first_token_probs(torch_model, prompt, temperature=1.0):
     return torch.softmax(logits / temperature, dim=-1).numpy()
 
 
-def test_greedy_parity_with_hf_generate(tiny):
+@pytest.mark.parametrize("min_segment", [64, 4])
+def test_greedy_parity_with_hf_generate(tiny, min_segment):
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts()
     ref = hf_greedy(torch_model, prompts, max_new=14)
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    # min_segment=4: the decode loop runs in segments of 4, 8, 16 generated tokens, growing the cache
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), min_decode_segment=min_segment, **BUCKETS)
     out = sampler.generate(model, prompts, max_new_tokens=14)
     assert out.tokens.shape == (len(prompts), 14)
+    assert out.lengths.max() > 8  # some row lives into the last segment
     for i in range(len(prompts)):
         n = out.lengths[i]
         np.testing.assert_array_equal(out.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
@@ -81,10 +84,17 @@ def test_greedy_parity_with_hf_generate(tiny):
     assert len({tuple(r) for r in out.tokens.tolist()}) == len(prompts)
 
 
+def test_decode_segments():
+    assert decode_segments(32) == (32,)
+    assert decode_segments(128) == (64, 128)
+    assert decode_segments(1024) == (256, 512, 1024)
+    assert decode_segments(16, min_segment=4) == (4, 8, 16)
+
+
 def test_logprobs_match_teacher_forced_forward(tiny):
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts(seed=3)
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), min_decode_segment=4, **BUCKETS)
     for temperature in (0.0, 1.0):
         out = sampler.generate(model, prompts, max_new_tokens=10, temperature=temperature, seed=5)
         for r in range(len(prompts)):
@@ -235,3 +245,28 @@ def test_bad_arguments_raise_clear_errors(tiny_qwen3):
         sampler.generate(model, [[5, 6]], max_new_tokens=0)
     with pytest.raises(ValueError, match="stop id"):
         Sampler(cfg, pad_id=PAD, stop_ids=())
+
+
+def test_sort_free_nucleus_matches_a_sorting_reference():
+    """top-k / top-p masks from threshold bisection equal HF's sort-based definition (NumPy, float64)."""
+    import jax.numpy as jnp
+
+    from medkr_jax.sampling import _nucleus_keep
+
+    rng = np.random.default_rng(0)
+    # peaked and flat rows, plus a -inf (banned) token
+    logits = np.concatenate([rng.normal(0, 4, (6, 300)), rng.normal(0, 0.3, (6, 300))]).astype(np.float32)
+    logits[:, 7] = -np.inf
+    for top_k, top_p in [(0, 0.9), (0, 0.5), (20, 1.0), (5, 0.7), (1, 1.0), (0, 0.999), (400, 0.3)]:
+        got = np.asarray(_nucleus_keep(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)))
+        for r, row in enumerate(logits.astype(np.float64)):
+            order = np.argsort(-row, kind="stable")
+            k = len(row) if top_k <= 0 else min(top_k, len(row))
+            kept = order[:k]
+            p = np.exp(row[kept] - row[kept].max())
+            p /= p.sum()
+            above = np.cumsum(p) - p
+            want = np.zeros(len(row), bool)
+            want[kept[above < top_p]] = True
+            np.testing.assert_array_equal(got[r], want, err_msg=f"top_k={top_k} top_p={top_p} row {r}")
+        assert got.sum(axis=1).min() >= 1
