@@ -605,15 +605,16 @@ class Decoder(nnx.Module):
 
         x = self.norm(x)
         acc = jnp.promote_types(self.dtype, jnp.float32)
-        if self.lm_head is None and t == 1 and jax.default_backend() == "cpu":
-            # A decode step against the tied embedding [V, E]: XLA:CPU runs this skinny product as a
-            # GEMM well below memory speed, while the same contraction written as a broadcast multiply
-            # + reduce over E streams the embedding once in its own layout (1.2-2x faster for 8-128
-            # rows, measured by bench/sampler.py's models).
-            emb = self.embed.embedding[...].astype(acc)
-            logits = jnp.sum(emb[:, None, :] * x[:, 0].astype(acc)[None], axis=-1).T[:, None, :]
+        emb = self.embed.embedding[...]
+        if (self.lm_head is None and t == 1 and jax.default_backend() == "cpu"
+                and emb.dtype == jnp.float32 and jnp.dtype(self.dtype) == jnp.float32):
+            # A float32 decode step against the tied embedding [V, E]: XLA:CPU runs this skinny
+            # product as a GEMM well below memory speed, while the same contraction written as a
+            # broadcast multiply + reduce over E streams the embedding once in its own layout (1.2-2x
+            # faster for 8-128 rows on bench/sampler.py's models; not so in bfloat16).
+            logits = jnp.sum(emb[:, None, :] * x[:, 0][None], axis=-1).T[:, None, :]
         elif self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", x, self.embed.embedding[...].astype(self.dtype),
+            logits = jnp.einsum("bte,ve->btv", x, emb.astype(self.dtype),
                                 preferred_element_type=acc)
         else:
             logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
