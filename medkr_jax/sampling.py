@@ -6,10 +6,6 @@ One call of :meth:`Sampler.generate` runs, per batch of rows, one compiled progr
 * decode: a ``jax.lax.while_loop`` feeds one token per step (first the prompt's last token, then each
   sampled token) until every row has emitted a stop id or ``max_new_tokens`` is reached.
 
-The decode loop runs in up to three segments (``decode_segments``) whose KV cache is just long enough
-for the segment (prompt + segment end), grown in between: attention then reads only slots that can be
-live, which matters for long generations.
-
 Ragged prompts are left-padded to a common length with explicit positions (each row's tokens sit at
 positions 0..L-1 whatever its padding), so the decoder's RoPE and cache mask see each row as if alone.
 
@@ -32,7 +28,6 @@ every call, so a policy that is being trained is sampled with its current weight
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Sequence
 
@@ -71,15 +66,6 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
             return b
     top = max(buckets)
     return top * math.ceil(n / top)
-
-
-def decode_segments(gen_len: int, min_segment: int = 64) -> tuple[int, ...]:
-    """Generation lengths at which the decode loop grows its KV cache: gen_len/4, gen_len/2, gen_len,
-    those below ``min_segment`` dropped. Each segment attends over a cache just long enough for it
-    (prompt + segment end), which on CPU costs about the cache's length per step, at the price of one
-    more compiled copy of the decode step per segment."""
-    ends = sorted({e for e in (gen_len // 4, gen_len // 2) if e >= min_segment} | {gen_len})
-    return tuple(ends)
 
 
 def _next_pow2(n: int) -> int:
@@ -180,8 +166,7 @@ class Sampler:
 
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32,
-                 min_decode_segment: int = 64):
+                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32):
         if not stop_ids:
             raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
         if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
@@ -194,7 +179,6 @@ class Sampler:
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.gen_buckets = tuple(sorted(gen_buckets))
         self.cache_dtype = jnp.dtype(cache_dtype)
-        self.min_decode_segment = int(min_decode_segment)
         self._programs: dict[Any, Any] = {}
 
     # ---------------------------------------------------------------- bookkeeping
@@ -243,17 +227,15 @@ class Sampler:
 
     def _build(self, graphdef, *, batch: int, prompt_len: int, gen_len: int, greedy: bool, filtered: bool):
         pad_id, stop_ids = self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
-        segments = decode_segments(gen_len, self.min_decode_segment)
-
-        def constrain(cache):
-            return dataclasses.replace(cache, k=jax.tree.map(self._constrain_cache, cache.k),
-                                       v=jax.tree.map(self._constrain_cache, cache.v))
+        max_len = prompt_len + gen_len
 
         def program(state, tokens, positions, mask, active, keys, max_new, temperature, top_k, top_p):
             model = nnx.merge(graphdef, state)
             # The model's own layout (one array per layer, or stacked for scanned layers): every layer
-            # then updates its cache in place inside the decode loop. Sized for the first segment.
-            cache = constrain(model.init_cache(batch, prompt_len + segments[0], self.cache_dtype))
+            # then updates its cache in place inside the decode loop.
+            cache = model.init_cache(batch, max_len, self.cache_dtype)
+            cache = dataclasses.replace(cache, k=jax.tree.map(self._constrain_cache, cache.k),
+                                        v=jax.tree.map(self._constrain_cache, cache.v))
             if prompt_len > 1:
                 # The prefill's logits are unused (XLA drops the LM head); the last prompt token is fed
                 # by the first decode step, whose logits give the first generated token. The prompt
@@ -263,9 +245,9 @@ class Sampler:
             keys = jax.random.wrap_key_data(keys)
             ones = jnp.ones((batch, 1), jnp.bool_)
 
-            def cond(end, carry):
+            def cond(carry):
                 step, _, _, _, done, *_ = carry
-                return (step < jnp.minimum(max_new, end)) & ~jnp.all(done)
+                return (step < max_new) & ~jnp.all(done)
 
             def body(carry):
                 step, cache, tok, pos, done, lengths, out_tok, out_lp = carry
@@ -287,11 +269,7 @@ class Sampler:
             carry = (jnp.int32(0), cache, tokens[:, -1], positions[:, -1], ~active,
                      jnp.zeros((batch,), jnp.int32), jnp.full((batch, gen_len), pad_id, jnp.int32),
                      jnp.zeros((batch, gen_len), jnp.float32))
-            for i, end in enumerate(segments):
-                if i:  # a loop that stopped early leaves the later ones nothing to do
-                    carry = (carry[0], constrain(carry[1].grow(prompt_len + end)), *carry[2:])
-                carry = jax.lax.while_loop(functools.partial(cond, end), body, carry)
-            _, _, _, _, _, lengths, out_tok, out_lp = carry
+            _, _, _, _, _, lengths, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
             return out_tok, out_lp, lengths
 
         return program

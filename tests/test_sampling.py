@@ -8,7 +8,7 @@ from scipy import stats
 
 from medkr_jax import parallel
 from medkr_jax.models.hf import load_decoder
-from medkr_jax.sampling import Sampler, decode_segments
+from medkr_jax.sampling import Sampler
 from tests.helpers_models import make_tiny_hf_model
 
 PAD, EOS = 0, 2
@@ -67,16 +67,13 @@ def first_token_probs(torch_model, prompt, temperature=1.0):
     return torch.softmax(logits / temperature, dim=-1).numpy()
 
 
-@pytest.mark.parametrize("min_segment", [64, 4])
-def test_greedy_parity_with_hf_generate(tiny, min_segment):
+def test_greedy_parity_with_hf_generate(tiny):
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts()
     ref = hf_greedy(torch_model, prompts, max_new=14)
-    # min_segment=4: the decode loop runs in segments of 4, 8, 16 generated tokens, growing the cache
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), min_decode_segment=min_segment, **BUCKETS)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
     out = sampler.generate(model, prompts, max_new_tokens=14)
     assert out.tokens.shape == (len(prompts), 14)
-    assert out.lengths.max() > 8  # some row lives into the last segment
     for i in range(len(prompts)):
         n = out.lengths[i]
         np.testing.assert_array_equal(out.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
@@ -84,17 +81,10 @@ def test_greedy_parity_with_hf_generate(tiny, min_segment):
     assert len({tuple(r) for r in out.tokens.tolist()}) == len(prompts)
 
 
-def test_decode_segments():
-    assert decode_segments(32) == (32,)
-    assert decode_segments(128) == (64, 128)
-    assert decode_segments(1024) == (256, 512, 1024)
-    assert decode_segments(16, min_segment=4) == (4, 8, 16)
-
-
 def test_logprobs_match_teacher_forced_forward(tiny):
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts(seed=3)
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), min_decode_segment=4, **BUCKETS)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
     for temperature in (0.0, 1.0):
         out = sampler.generate(model, prompts, max_new_tokens=10, temperature=temperature, seed=5)
         for r in range(len(prompts)):

@@ -221,22 +221,6 @@ class KVCache:
         """Layer i's keys [B, num_kv_heads, head_dim, S_max] and values [B, num_kv_heads, S_max, head_dim]."""
         return self.k[i], self.v[i]
 
-    def grow(self, max_len: int) -> "KVCache":
-        """The same cache with room for ``max_len`` slots (the new ones empty): a decode loop can run
-        on a short cache first and grow it as it goes, so attention reads only slots that can be live."""
-        extra = max_len - self.mask.shape[1]
-        if extra < 0:
-            raise ValueError(f"cannot grow a cache of {self.mask.shape[1]} slots to {max_len}")
-
-        def pad(x, axis):
-            widths = [(0, 0)] * x.ndim
-            widths[axis] = (0, extra)
-            return jnp.pad(x, widths)
-
-        return KVCache(k=jax.tree.map(lambda x: pad(x, x.ndim - 1), self.k),
-                       v=jax.tree.map(lambda x: pad(x, x.ndim - 2), self.v),
-                       mask=pad(self.mask, 1), index=self.index)
-
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32, *,
                stacked: bool = False) -> KVCache:
