@@ -220,3 +220,37 @@ def test_resume_false_refuses_existing_checkpoints_and_log_every(tmp_path):
     with pytest.raises(ValueError, match="resume=False .* already holds checkpoints"):
         loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
                    mesh=mesh)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_skips_norms_and_biases_by_name(scan_layers):
+    """Decay hits kernels and embeddings only, also when stacked layers make norm scales rank 2."""
+    import dataclasses
+
+    from medkr_jax.models.bert import BertConfig, init_bert_classifier
+    from medkr_jax.models.decoder import Decoder
+    from medkr_jax.models.presets import TINY
+
+    cfg = dataclasses.replace(TINY, qkv_bias=True, qk_norm=True, tie_word_embeddings=False)
+    dec = nnx.split(Decoder(cfg, scan_layers=scan_layers, rngs=nnx.Rngs(0)), nnx.Param, ...)[1]
+    bert_cfg = BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                          max_position_embeddings=16)
+    bert = nnx.split(init_bert_classifier(bert_cfg), nnx.Param, ...)[1]
+    if scan_layers:  # the case a rank rule gets wrong
+        assert dec["layers"]["attn_norm"]["scale"].get_value().ndim == 2
+    for params in (dec, bert):
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        names = [loop.param_path(p) for p, _ in flat]
+        expect = {n: n.rsplit(".", 1)[-1] in ("kernel", "embedding") for n in names}
+        assert any(expect.values()) and not all(expect.values())
+        # the optimizer really applies it: with zero gradients AdamW moves exactly the decayed parameters
+        tx = loop.make_optimizer(dict(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=0.0,
+                                      weight_decay=0.5), 10)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        for (path, upd), (_, p) in zip(jax.tree_util.tree_flatten_with_path(updates)[0], flat):
+            name = loop.param_path(path)
+            want = -0.1 * 0.5 * np.asarray(p) if expect[name] else np.zeros_like(np.asarray(p))
+            np.testing.assert_allclose(np.asarray(upd), want, rtol=1e-6, atol=1e-8, err_msg=name)
+        layer_norms = [n for n in names if "norm" in n.lower()]
+        assert layer_norms and not any(expect[n] for n in layer_norms)

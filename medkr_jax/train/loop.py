@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -78,13 +79,40 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     raise ValueError(f"config.optimizer.schedule: expected 'cosine', 'linear' or 'constant', got {kind!r}")
 
 
-def _decay_mask(params: Any) -> Any:
-    # No weight decay on biases and norm scales (rank < 2), as in most LM recipes.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+# Parameters whose lower-cased dotted path matches one of these get no weight decay: biases and
+# LayerNorm/RMSNorm parameters, the patterns of transformers.Trainer.get_decay_parameter_names (embeddings and
+# kernels are decayed, as there). By name, not rank: with stacked layers (scan_layers) a norm scale is
+# [layers, hidden], i.e. rank 2.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """The dotted name of a parameter from its pytree key path (NNX's trailing `.value` dropped)."""
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return ".".join(_key_name(k) for k in keys)
+
+
+def make_decay_mask(patterns: Sequence[str] = NO_DECAY_PATTERNS) -> Callable[[Any], Any]:
+    """An optax `mask` function: True (decay) for each parameter whose dotted path matches none of `patterns`
+    (regular expressions, searched in the lower-cased path)."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def mask(params: Any) -> Any:
+        def decay(path, _):
+            name = param_path(path).lower()
+            return not any(p.search(name) for p in compiled)
+        return jax.tree_util.tree_map_with_path(decay, params)
+
+    return mask
 
 
 def make_optimizer(opt_cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """AdamW with warmup + schedule and global-norm clipping, from config.optimizer.
+
+    Weight decay skips biases and norm parameters by name (`NO_DECAY_PATTERNS`, or the optional
+    config.optimizer.no_decay_patterns), whatever the layout of the layers.
 
     Gradient accumulation (config.optimizer.grad_accum) is not part of the transformation: `Trainer` scans
     over micro-batches inside one jitted step, so one optimizer update = one loop step.
@@ -100,7 +128,7 @@ def make_optimizer(opt_cfg: Any, total_steps: int) -> optax.GradientTransformati
         b2=float(_get(opt_cfg, "b2", 0.999)),
         eps=float(_get(opt_cfg, "eps", 1e-8)),
         weight_decay=float(_get(opt_cfg, "weight_decay", 0.0)),
-        mask=_decay_mask,
+        mask=make_decay_mask(tuple(_get(opt_cfg, "no_decay_patterns", None) or NO_DECAY_PATTERNS)),
     ))
     return optax.chain(*parts)
 
