@@ -166,6 +166,15 @@ def test_export_roundtrip_loads_in_transformers(tmp_path, batch, minilm_classifi
     assert np.abs(np.asarray(_ours(again, batch)) - np.asarray(_ours(model, batch))).max() <= 1e-6
 
 
+def test_export_into_the_tokenizer_folder(tmp_path, minilm_classifier):
+    model, cfg = minilm_classifier
+    out = export_bert_classifier(model, cfg, tmp_path / "cls", tokenizer_dir=MINILM)
+    vocab = (tmp_path / "cls" / "vocab.txt").read_text()
+    assert export_bert_classifier(model, cfg, out, tokenizer_dir=out) == out  # no SameFileError
+    assert (tmp_path / "cls" / "vocab.txt").read_text() == vocab and len(vocab) > 1000
+    assert transformers.AutoTokenizer.from_pretrained(out)("scurvy")["input_ids"][0] == 101
+
+
 def test_dropout_only_with_key_and_bf16_compute(tmp_path):
     folder, _ = _tiny_hf_classifier(tmp_path)
     model, _ = load_bert(folder)

@@ -204,6 +204,25 @@ def test_export_round_trip_sharded_loads_in_transformers(tiny, tmp_path):
     np.testing.assert_array_equal(_forward(ours_again, batch), _forward(model, batch))
 
 
+def test_export_into_the_tokenizer_folder(tiny, tmp_path):
+    """tokenizer_dir == out_dir (re-exporting into a folder that already holds the tokenizer) keeps the files."""
+    import transformers
+
+    folder, _ = tiny
+    model, cfg = load_decoder(folder)
+    out = tmp_path / "same"
+    out.mkdir()
+    template = json.dumps({"chat_template": "{{ messages }}", "model_max_length": 77})
+    (out / "tokenizer_config.json").write_text(template)
+    assert export_decoder(model, cfg, out, tokenizer_dir=out) == out
+    assert (out / "tokenizer_config.json").read_text() == template  # neither lost nor truncated
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == cfg.num_layers
+    assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == cfg.num_layers
+    # the same folder given by another spelling of its path
+    export_decoder(model, cfg, out, tokenizer_dir=tmp_path / "same" / ".." / "same")
+    assert (out / "tokenizer_config.json").read_text() == template
+
+
 def test_export_bf16_from_sharded_model(tiny, tmp_path):
     import torch
     import transformers

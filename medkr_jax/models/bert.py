@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -525,6 +524,8 @@ def export_bert_classifier(model: BertForSequenceClassification, cfg: BertConfig
     Every process must call it (sharded params are gathered); only process 0 writes. Returns out_dir."""
     from safetensors.numpy import save_file
 
+    from medkr_jax.models import hf
+
     if not isinstance(model, BertForSequenceClassification):
         raise TypeError(f"export_bert_classifier needs a BertForSequenceClassification, got {type(model).__name__}")
     out_dir = os.fspath(out_dir)
@@ -544,7 +545,7 @@ def export_bert_classifier(model: BertForSequenceClassification, cfg: BertConfig
         for name in TOKENIZER_FILES:
             src = os.path.join(os.fspath(tokenizer_dir), name)
             if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out_dir, name))
+                hf.copy_file(src, os.path.join(out_dir, name))
                 copied = True
         if not copied:
             raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir!r}")

@@ -463,6 +463,14 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst``, doing nothing when both name the same file (e.g. exporting into the folder the
+    tokenizer is read from)."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return
+    shutil.copyfile(src, dst)
+
+
 def export_decoder(model, cfg, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
                    max_shard_bytes: float = 5e9, dtype=None) -> Path:
     """Write ``model`` as an HF folder (config.json + safetensors) that transformers loads.
@@ -539,7 +547,7 @@ def export_decoder(model, cfg, out_dir: str | os.PathLike, *, tokenizer_dir: str
                 raise FileNotFoundError(f"tokenizer folder {str(tok)!r} does not exist")
             for name in TOKENIZER_FILES:
                 if (tok / name).is_file():
-                    shutil.copyfile(tok / name, out / name)
+                    copy_file(tok / name, out / name)
         if not (out / "generation_config.json").exists():
             eos = list(cfg.eos_token_ids)
             gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
