@@ -63,9 +63,10 @@ def _bars(ax, groups: list[str], series: dict[str, list[tuple[float, float, floa
         v = np.array([100 * a for a, _, _ in vals], dtype=float)
         lo = np.array([100 * (a - l) for a, l, _ in vals], dtype=float)
         hi = np.array([100 * (h - a) for a, _, h in vals], dtype=float)
-        # NaN bounds (no interval) draw no error bar.
+        # NaN bounds (no interval) draw no error bar; rounding can put a bound a hair past the value
+        # (Wilson at 0 / n), which matplotlib rejects as a negative error.
         ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(v), width, label=name,
-               yerr=np.stack([lo, hi]), capsize=3)
+               yerr=np.maximum(np.stack([lo, hi]), 0.0), capsize=3)
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=30, ha="right")
     ax.set_ylim(0, 100)
