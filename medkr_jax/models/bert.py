@@ -194,9 +194,16 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(_init(cfg, axes)(rngs.params(), (din, dout), param_dtype))
         self.bias = nnx.Param(_zeros((axes[1],))(rngs.params(), (dout,), param_dtype))
 
-    def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
-        return y + self.bias[...].astype(jnp.float32)
+    def __call__(self, x: Array, *, input_scale: float | None = None, output_scale: float | None = None) -> Array:
+        """x @ kernel + bias; `input_scale` computes (s * x) @ kernel + bias and `output_scale` s * (x @ kernel +
+        bias), both by scaling the [in, out] kernel (and bias) instead of a [..., in] or [..., out] activation."""
+        kernel, bias = self.kernel[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        if input_scale is not None:
+            kernel = kernel * input_scale
+        if output_scale is not None:
+            kernel, bias = kernel * output_scale, bias * output_scale
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        return y + bias
 
 
 def _dense(cfg, din, dout, axes, *, dtype, param_dtype, rngs) -> Dense:
@@ -271,15 +278,21 @@ class BertLayer(nnx.Module):
         # Heads-major [B, H, T, Dh] operands: XLA lowers these batched matmuls far better on CPU than the
         # [B, T, H, Dh] layout (about 3x faster attention measured; see bench/bert_forward.py).
         heads = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
-        cast = lambda y: heads(y).astype(self.dtype)
-        q = cast(self.query(x[:, :1] if first_only else x))
-        k, v = cast(self.key(x)), cast(self.value(x))
+        # The 1/sqrt(Dh) score scale is folded into the query kernel and bias ([D, D] work, not [B, H, T, T]).
+        q = heads(self.query(x[:, :1] if first_only else x, output_scale=1.0 / np.sqrt(cfg.head_dim)))
+        k, v = heads(self.key(x)), heads(self.value(x))
+        # HF's additive mask (padded keys get a huge negative score) rides inside the QK^T product as one more
+        # feature: q gets a constant 1, k the key's bias. XLA:CPU otherwise materialises the mask (and any
+        # scale) broadcast to [B, H, T, T] for its fused attention kernel; this way nothing of that size is
+        # built. -1e30, not float32's min: its sum with a score stays finite in every summation order and
+        # dtype (a fully padded row then gets finite, uniform weights, never NaN); exp() makes it exactly 0.
+        ones = jnp.ones(q.shape[:3] + (1,), jnp.float32)
+        bias = jnp.broadcast_to(jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, None, :, None],
+                                k.shape[:3] + (1,))
+        q = jnp.concatenate([q, ones], axis=-1).astype(self.dtype)
+        k = jnp.concatenate([k, bias], axis=-1).astype(self.dtype)
+        v = v.astype(self.dtype)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / np.sqrt(cfg.head_dim))
-        # HF's extended mask, added (as HF does): padded keys get the most negative float (never -inf, so no
-        # NaN rows). Adding fuses with the softmax; a select here measured 2x slower attention on CPU.
-        bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        scores = scores + bias[:, None, None, :]
         e = jnp.exp(scores - scores.max(-1, keepdims=True))
         denom = e.sum(-1, keepdims=True)
         # Dropout on the unnormalised weights then dividing by the sum equals HF's dropout(softmax).
@@ -288,14 +301,22 @@ class BertLayer(nnx.Module):
         ctx = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
         return ctx.transpose(0, 2, 1, 3).reshape(b, q.shape[2], cfg.hidden_size)
 
+    def _mlp(self, x: Array) -> Array:
+        u = self.intermediate(x)
+        if self.cfg.hidden_act == "gelu":
+            # Exact GELU 0.5 * u * erfc(-u / sqrt(2)) with the 0.5 folded into the output kernel (exact: a power
+            # of two); XLA:CPU would otherwise materialise the 0.5 broadcast to [B, T, intermediate] for the
+            # fused output matmul.
+            return self.output(u * jax.lax.erfc(u * np.float32(-np.sqrt(0.5))), input_scale=0.5)
+        return self.output(_ACTIVATIONS[self.cfg.hidden_act](u))
+
     def __call__(self, x: Array, mask: Array, rng: _Rng, first_only: bool = False) -> Array:
         """first_only: compute outputs for position 0 only (keys/values still from every position), exact for
         consumers of the first token alone (the pooler); returns [B, 1, D] then."""
         p = self.cfg.hidden_dropout_prob
         h = self.attention_output(self._attention(x, mask, rng, first_only))
         x = self.attention_norm(_dropout(h, p, rng()) + (x[:, :1] if first_only else x))
-        h = self.output(_ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x)))
-        return self.output_norm(_dropout(h, p, rng()) + x)
+        return self.output_norm(_dropout(self._mlp(x), p, rng()) + x)
 
 
 def _remat_body(first_only: bool):
