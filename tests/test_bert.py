@@ -240,3 +240,28 @@ def test_pooled_only_and_remat_are_exact(tmp_path):
     g2 = jax.tree.leaves(nnx.state(grads(remat)))
     assert len(g1) == len(g2) and max(float(jnp.abs(a - b).max()) for a, b in zip(g1, g2)) <= 1e-5
     assert max(float(jnp.abs(a).max()) for a in g1) > 1e-3
+
+
+def test_cpu_sequence_groups_match_one_pass(batch, monkeypatch):
+    """The CPU forward that runs the encoder on groups of sequences gives the one-pass (and HF) results."""
+    from medkr_jax.models import bert
+
+    model, _ = load_bert(MINILM)
+    t = batch["input_ids"].shape[1]
+    monkeypatch.setattr(bert, "CPU_CHUNK_TOKENS", 10 ** 9)
+    assert bert._cpu_chunk(4, t) == 4
+    whole, whole_pooled = (np.asarray(a) for a in _ours(model, batch))
+    monkeypatch.setattr(bert, "CPU_CHUNK_TOKENS", 2 * t)
+    assert bert._cpu_chunk(4, t) == 2 and bert._cpu_chunk(3, t) == 1
+    grouped, grouped_pooled = (np.asarray(a) for a in _ours(model, batch))
+    # Other GEMM shapes round differently: real tokens agree to float32 noise (padded ones, which nothing
+    # reads, drift more, as between HF's own attention kernels).
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(grouped[real], whole[real], atol=1e-5)
+    np.testing.assert_allclose(grouped_pooled, whole_pooled, atol=1e-5)
+    ref = _torch(transformers.BertModel.from_pretrained(MINILM, attn_implementation="eager").eval(), batch)
+    assert np.abs(grouped - ref.last_hidden_state.numpy()).max() <= 1e-4
+    # pooled_only (the classifier's path) under grouping: same pooled output
+    _, fast = model(*(jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")),
+                    pooled_only=True)
+    np.testing.assert_allclose(np.asarray(fast), whole_pooled, atol=1e-5)

@@ -355,6 +355,18 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros((b, t), jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        c = _cpu_chunk(b, t) if dropout_rng is None else b
+        if c < b:
+            # Inference on one CPU device: run the encoder on groups of c sequences in turn (lax.map), so each
+            # group's activations stay in cache: the same arithmetic per row, ~20% less time for MiniLM at
+            # batch 32 x 256 (bench/bert_forward.py).
+            group = lambda a: a.reshape(b // c, c, *a.shape[1:])
+            x, pooled = jax.lax.map(lambda a: self._encode(*a, None, pooled_only),
+                                    tuple(map(group, (input_ids, mask, token_type_ids, position_ids))))
+            return x.reshape(b, *x.shape[2:]), None if pooled is None else pooled.reshape(b, -1)
+        return self._encode(input_ids, mask, token_type_ids, position_ids, dropout_rng, pooled_only)
+
+    def _encode(self, input_ids, mask, token_type_ids, position_ids, dropout_rng, pooled_only):
         rng = _Rng(dropout_rng)
         x = self.embeddings(input_ids, token_type_ids, position_ids, rng)
         n = len(self.layers)
@@ -366,6 +378,20 @@ class BertModel(nnx.Module):
                 x = layer(x, mask, _Rng(rng()), first_only)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return x, pooled
+
+
+# Tokens per encoder step on CPU (see BertModel.__call__): a group's activations then fit in cache, while its
+# matmuls keep enough rows to run near the machine's GEMM peak (measured best for 512-2048).
+CPU_CHUNK_TOKENS = 1024
+
+
+def _cpu_chunk(b: int, t: int) -> int:
+    """Sequences per group for a deterministic forward: b (no grouping) unless this runs on a single CPU device
+    (a batch sharded over a mesh keeps its layout), else the largest divisor of b with at most
+    CPU_CHUNK_TOKENS tokens (at least one sequence)."""
+    if jax.default_backend() != "cpu" or b * t <= CPU_CHUNK_TOKENS or jax.sharding.get_abstract_mesh().size > 1:
+        return b
+    return max(d for d in range(1, b + 1) if b % d == 0 and (d * t <= CPU_CHUNK_TOKENS or d == 1))
 
 
 class BertForSequenceClassification(nnx.Module):
