@@ -13,7 +13,9 @@ Shapes are bucketed: the batch to ``batch_size`` (or a power of two), the prompt
 ``prompt_buckets`` entry and the generation length to the next ``gen_buckets`` entry; ``max_new_tokens``,
 temperature, top-k and top-p are runtime values. So a run over prompts of mixed lengths compiles one
 program per (batch, prompt bucket, generation bucket, greedy/sampled) combination; ``num_compiles`` counts
-them exactly (programs are compiled ahead of time and kept here, never re-traced behind our back).
+them exactly (programs are compiled ahead of time and kept here, never re-traced behind our back). On CPU
+one more small program per model lays out the LM head for decode steps (``Decoder.decode_head``;
+``num_layout_compiles``).
 
 Log-probs: ``logprobs[r, t]`` is ``log_softmax(raw logits)[token]`` of the model's logits at temperature 1
 before any top-k / top-p filtering, i.e. the log-probability of the emitted token under the policy
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -180,6 +183,8 @@ class Sampler:
         self.gen_buckets = tuple(sorted(gen_buckets))
         self.cache_dtype = jnp.dtype(cache_dtype)
         self._programs: dict[Any, Any] = {}
+        self._layouts: dict[Any, Any] = {}
+        self._head: tuple[weakref.ref, jax.Array | None] | None = None  # (LM-head weights, decode head)
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -187,6 +192,11 @@ class Sampler:
     def num_compiles(self) -> int:
         """Programs compiled so far by this sampler (one per distinct shape/mode combination)."""
         return len(self._programs)
+
+    @property
+    def num_layout_compiles(self) -> int:
+        """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
+        return len(self._layouts)
 
     def prompt_bucket(self, length: int) -> int:
         """The padded prompt length a prompt of ``length`` tokens is run at."""
@@ -229,7 +239,7 @@ class Sampler:
         pad_id, stop_ids = self.pad_id, jnp.asarray(self.stop_ids, jnp.int32)
         max_len = prompt_len + gen_len
 
-        def program(state, tokens, positions, mask, active, keys, max_new, temperature, top_k, top_p):
+        def program(state, head, tokens, positions, mask, active, keys, max_new, temperature, top_k, top_p):
             model = nnx.merge(graphdef, state)
             # The model's own layout (one array per layer, or stacked for scanned layers): every layer
             # then updates its cache in place inside the decode loop.
@@ -252,7 +262,7 @@ class Sampler:
             def body(carry):
                 step, cache, tok, pos, done, lengths, out_tok, out_lp = carry
                 logits, cache = nnx.merge(graphdef, state)(tok[:, None], pos[:, None], attention_mask=ones,
-                                                           cache=cache)
+                                                           cache=cache, head=head)
                 logits = logits[:, -1].astype(jnp.float32)
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
                 nxt = sample_next(logits, step_keys, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -274,8 +284,39 @@ class Sampler:
 
         return program
 
-    def _compiled(self, graphdef, state, args, *, batch, prompt_len, gen_len, greedy, filtered):
+    def _decode_head(self, model: nnx.Module, graphdef, state) -> jax.Array | None:
+        """``model.decode_head()`` (the LM head re-laid out for decode steps), remade only when the
+        LM-head weights change.
+
+        It is a full copy of the LM head (~20 ms for bench/sampler.py's model, a few percent of a
+        128-token call): made inside the program it would be redone on every call. jax arrays are
+        immutable, so while the model holds the same weight array the copy is current (a training step
+        replaces the array, and the next call lays out the new one).
+        """
+        if getattr(model, "decode_head", None) is None:
+            return None
+        weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
+        cached = self._head
+        if cached is not None and cached[0]() is weights:
+            return cached[1]
         sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
+        key = ("decode_head", graphdef, sig)
+        make = self._layouts.get(key)
+        if make is None:
+            jitted = jax.jit(lambda st: nnx.merge(graphdef, st).decode_head())
+            if self.mesh is None:
+                make = jitted.lower(state).compile()
+            else:
+                from medkr_jax.parallel import sharding_context
+                with sharding_context(self.mesh, self.rules):
+                    make = jitted.lower(state).compile()
+            self._layouts[key] = make
+        head = make(state)
+        self._head = (weakref.ref(weights), head)
+        return head
+
+    def _compiled(self, graphdef, state, args, *, batch, prompt_len, gen_len, greedy, filtered):
+        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves((state, args[0])))
         key = (graphdef, sig, batch, prompt_len, gen_len, greedy, filtered)
         prog = self._programs.get(key)
         if prog is None:
@@ -348,6 +389,7 @@ class Sampler:
         out_len = np.zeros((num_rows,), np.int32)
 
         graphdef, state = nnx.split(model)
+        head = self._decode_head(model, graphdef, state)
         scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
                    np.float32(top_p))
         for prompt_len, rows in chunks:
@@ -366,7 +408,7 @@ class Sampler:
             # Filler rows repeat the last real row's prompt (well-formed input) and start finished.
             for b in range(len(rows), batch):
                 tokens[b], positions[b], mask[b] = tokens[len(rows) - 1], positions[len(rows) - 1], mask[len(rows) - 1]
-            args = tuple(self._shard(a) for a in (tokens, positions, mask, active, keys)) + tuple(
+            args = (head,) + tuple(self._shard(a) for a in (tokens, positions, mask, active, keys)) + tuple(
                 jnp.asarray(s) for s in scalars)
             prog = self._compiled(graphdef, state, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                                   greedy=greedy, filtered=filtered)

@@ -201,6 +201,35 @@ def test_n_samples_layout_and_determinism(tiny_qwen3):
     assert not np.array_equal(a.tokens, d.tokens)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # untied and tied LM head
+def test_decode_head_odd_vocab_and_new_weights(kind, tmp_path):
+    """The decode steps' re-laid-out LM head: a vocabulary that does not fill its last tile, and a model
+    whose weights change between calls (as in GRPO) is sampled with the new weights."""
+    from flax import nnx
+
+    torch_model = make_tiny_hf_model(kind, tmp_path / "a", seed=3, vocab_size=101)
+    make_tiny_hf_model(kind, tmp_path / "b", seed=4, vocab_size=101)
+    model, cfg = load_decoder(tmp_path / "a")
+    other, _ = load_decoder(tmp_path / "b")
+    assert model.decode_head() is not None  # the path under test is the one taken (CPU, float32)
+    prompts = ragged_prompts(lengths=(7, 12, 3), seed=51, vocab=101)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+    out = sampler.generate(model, prompts, max_new_tokens=10)
+    ref = hf_greedy(torch_model, prompts, max_new=10)
+    for r in range(len(prompts)):
+        gen = out.row_tokens(r)
+        np.testing.assert_array_equal(gen, ref[r, :len(gen)], err_msg=f"row {r}")
+        lp, _ = teacher_forced_logprobs(torch_model, prompts[r], gen)
+        np.testing.assert_allclose(out.logprobs[r, :len(gen)], lp, atol=1e-4, rtol=0)
+    # The same model object with new weights, through the same sampler, equals a fresh sampler's output.
+    nnx.update(model, nnx.state(other))
+    again = sampler.generate(model, prompts, max_new_tokens=10)
+    fresh = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(other, prompts, max_new_tokens=10)
+    np.testing.assert_array_equal(again.tokens, fresh.tokens)
+    np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-6)
+    assert not np.array_equal(again.tokens, out.tokens)
+
+
 def test_bucketing_limits_compiles(tiny_qwen3):
     _, model, cfg, _ = tiny_qwen3
     sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
@@ -210,6 +239,7 @@ def test_bucketing_limits_compiles(tiny_qwen3):
         sampler.generate(model, prompts, max_new_tokens=int(rng.integers(3, 15)), batch_size=4)
     # at most one program per prompt bucket (16, 32): batch 4 fixed, one generation bucket (16)
     assert 1 <= sampler.num_compiles <= 2
+    assert sampler.num_layout_compiles == 1  # the LM head laid out for decode steps, once for the model
 
 
 def test_sharded_sampling_matches_single_device(tiny_qwen3):
