@@ -523,9 +523,10 @@ def grpo_smollm_stage(config: ml_collections.ConfigDict, out: Path, results: dic
     k = max(1, min(5, len(rewards) // 2))
     if rewards:
         res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    first, last = res.get("reward_first", float("nan")), res.get("reward_last", float("nan"))
     res["headline"] = (f"{res.get('steps')} steps x {sub.grpo.prompts_per_step} prompts x "
-                       f"{sub.grpo.num_generations} samples; mean reward first {k} steps "
-                       f"{res.get('reward_first', float('nan')):.2f} -> last {k} {res.get('reward_last', float('nan')):.2f}")
+                       f"{sub.grpo.num_generations} samples; mean reward first {k} steps {first:.2f} -> "
+                       f"last {k} {last:.2f}")
     return res
 
 
