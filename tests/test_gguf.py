@@ -110,9 +110,11 @@ def test_flax_logits_match_pytorch_on_converted_smollm2(smollm2_folder):  # noqa
     ours = np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, attention_mask=c)[0])(
         model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
     diff = np.abs(ours - ref)[mask]
-    # fp32 parity through 30 layers, logits up to ~40: nearly all logits agree to 1e-4. The largest
-    # differences sit at the float32 rounding floor (PyTorch's own eager vs sdpa attention differ by
-    # ~7e-5 on such inputs, and XLA:CPU sums f32 dot products in a different order than MKL).
+    # fp32 parity through 30 layers, logits up to ~40 (hidden states up to ~2.5e4): nearly all logits agree
+    # to 1e-4. The largest differences are float32 rounding: against a float64 forward of the same weights,
+    # HF's fp32 logits are off by up to 8.9e-5 (its eager vs sdpa attention differ by 5.7e-5) and ours by
+    # 1.5e-4; most of ours comes from XLA:CPU's f32 GEMM, whose rounding error at these shapes is 1.5x
+    # MKL's (with float64 matmuls ours is 5e-5 from the float64 forward).
     assert np.quantile(diff, 0.999) <= 1e-4, f"99.9th percentile |diff| {np.quantile(diff, 0.999):.2e}"
-    assert diff.max() <= 3e-4, f"max |diff| {diff.max():.2e}"
+    assert diff.max() <= 2e-4, f"max |diff| {diff.max():.2e}"
     assert np.array_equal(ours.argmax(-1)[mask], ref.argmax(-1)[mask])
