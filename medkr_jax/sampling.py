@@ -131,11 +131,17 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """Index of the first maximum along the last axis (``jnp.argmax``'s result, NaN-free input).
 
     A max reduction and a min-index reduction: on CPU about 8x faster over a vocabulary than argmax's
-    paired (value, index) reduction, which otherwise costs as much as a layer of a small model.
+    paired (value, index) reduction, which otherwise costs as much as a layer of a small model. The
+    min-index is taken as a float max of ``vocab - index`` (exact below 2^24 entries): XLA:CPU runs a
+    float max in one vectorised pass, an int32 min as a select plus a two-stage reduce (~1.4x slower).
     """
     vocab = x.shape[-1]
     top = jnp.max(x, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    if vocab < 2 ** 24:
+        flipped = jnp.where(x == top, (vocab - jnp.arange(vocab)).astype(jnp.float32), 0.0)
+        first = vocab - jnp.max(flipped, axis=-1).astype(jnp.int32)
+    else:
+        first = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
     return jnp.minimum(first, vocab - 1)  # an all-NaN row has no match; keep the id in range
 
 

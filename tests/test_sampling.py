@@ -267,6 +267,19 @@ def test_bad_arguments_raise_clear_errors(tiny_qwen3):
         Sampler(cfg, pad_id=PAD, stop_ids=())
 
 
+def test_first_argmax_is_numpy_argmax_with_ties():
+    import jax.numpy as jnp
+
+    from medkr_jax.sampling import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (64, 1000)).astype(np.float32)  # many tied maxima per row
+    x[5] = -np.inf
+    x[6, 999] = 100.0  # the maximum at the last index
+    x[7, 0] = 100.0  # and at the first
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_sort_free_nucleus_matches_a_sorting_reference():
     """top-k / top-p masks from threshold bisection equal HF's sort-based definition (NumPy, float64)."""
     import jax.numpy as jnp
