@@ -65,7 +65,9 @@ def get_config():
     })
     config.pipeline.grpo_smollm = ml_collections.ConfigDict({
         "train": {"steps": 8, "checkpoint_every": 4},
-        "optimizer": {"learning_rate": 1e-5, "warmup_steps": 0, "schedule": "constant"},
+        # 4 micro-batches of 4 rollouts: the whole 16-row batch (49k-token vocabulary, 30 layers of activations)
+        # needed over 20 GB in one backward pass
+        "optimizer": {"learning_rate": 1e-5, "warmup_steps": 0, "schedule": "constant", "grad_accum": 4},
         "grpo": {"num_generations": 4, "prompts_per_step": 4, "max_new_tokens": 128, "temperature": 0.9,
                  "beta": 0.0, "reasoning_only": False},
     })

@@ -97,6 +97,7 @@ def _config(out: Path, model: Path):
     config.pipeline.sft_smollm.optimizer.learning_rate = 1e-3
     g = config.pipeline.grpo_smollm
     g.train.steps = 1
+    g.optimizer.grad_accum = 1  # 8 rollout rows over 8 test devices: no smaller micro-batch
     g.grpo.num_generations = 4
     g.grpo.prompts_per_step = 2
     g.grpo.max_new_tokens = 12
