@@ -122,6 +122,64 @@ def test_packing_layout_and_truncation():
         sft.pack_sequences([(list(range(20)), 9)], 8, pad_id=0)
 
 
+def test_answer_tokens_are_marked_and_weighted():
+    seqs = [([1, 2, 3, 4, 5, 6], 2, (4, 5)), ([7, 8, 9], 1)]  # ids[4], ids[5] spell the answer
+    rows, stats = sft.pack_sequences(seqs, 8, pad_id=0, answer_weight=3.0)
+    assert stats["answer_tokens"] == 2 and stats["target_tokens"] == 6
+    # row 0 = the longer sequence: targets ids[1:], answer targets ids[4], ids[5] at positions 3, 4
+    np.testing.assert_array_equal(rows["answer_mask"][0], [0, 0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 1, 1, 3, 3, 1, 1, 0])  # then [7, 8, 9]
+    plain, _ = sft.pack_sequences(seqs, 8, pad_id=0)
+    np.testing.assert_array_equal(plain["loss_mask"][0], [0, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(plain["answer_mask"][0], rows["answer_mask"][0])
+    with pytest.raises(sft.SFTDataError, match="answer_weight"):
+        sft.pack_sequences(seqs, 8, pad_id=0, answer_weight=0.0)
+
+
+@pytest.mark.parametrize("answer_format", ["letter", "option"])
+def test_tokenize_example_finds_the_final_answer_tokens(world, answer_format):
+    from transformers import AutoTokenizer
+
+    from medkr_jax.train import traces
+
+    d, recs = world
+    tok = AutoTokenizer.from_pretrained(str(d / "policy"))
+    for kind in traces.KINDS:
+        ex = traces.make_example(recs[0], kind, np.random.default_rng(1), answer_format)
+        ids, p, answer = sft.tokenize_example(tok, ex, system_prompt=SYSTEM, eos_id=tok.eos_token_id)
+        want = recs[0].answer_letter if answer_format == "letter" else recs[0].options[recs[0].answer]
+        assert answer and min(answer) >= p
+        assert tok.decode([ids[j] for j in answer]).strip() == want
+        assert tok.decode(ids[max(answer) + 1:]).startswith(".")  # the statement's last answer token
+
+
+def test_weighted_loss_is_the_weighted_token_mean(world):
+    """loss = sum(w * nll) / sum(w); answer_accuracy reads only the answer targets."""
+    from transformers import AutoTokenizer
+
+    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.train import traces
+    from medkr_jax.train.losses import token_logprobs
+
+    d, recs = world
+    model, _ = load_decoder(str(d / "policy"))
+    tok = AutoTokenizer.from_pretrained(str(d / "policy"))
+    seqs = [sft.tokenize_example(tok, e, system_prompt=SYSTEM, eos_id=tok.eos_token_id)
+            for e in traces.build_examples(recs[:3], {"plain": 1.0})]
+    rows, _ = sft.pack_sequences(seqs, 256, pad_id=tok.pad_token_id, answer_weight=4.0)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    loss, aux = sft.sft_loss(model, batch, None)
+    logits, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["segment_ids"] > 0,
+                      segment_ids=batch["segment_ids"])
+    nll = -np.asarray(token_logprobs(logits, batch["targets"]), np.float64)
+    w = rows["loss_mask"].astype(np.float64)
+    assert (w == 4.0).sum() == rows["answer_mask"].sum() > 0
+    np.testing.assert_allclose(float(loss), (w * nll).sum() / w.sum(), rtol=1e-5)
+    pred = np.asarray(jnp.argmax(logits, -1)) == rows["targets"]
+    am = rows["answer_mask"] > 0
+    np.testing.assert_allclose(float(aux["answer_accuracy"]), pred[am].mean(), rtol=1e-6)
+
+
 def test_loss_masking_and_packing_isolation(world):
     """Prompt targets do not affect the loss; a packed row's loss equals its examples' losses computed alone."""
     from transformers import AutoTokenizer
@@ -135,7 +193,7 @@ def test_loss_masking_and_packing_isolation(world):
     exs = traces.build_examples(recs[:3], {"plain": 1.0})
     seqs = [sft.tokenize_example(tok, e, system_prompt=SYSTEM, eos_id=tok.eos_token_id) for e in exs]
     # the response (trace + answer + EOS) is exactly the masked part
-    ids, p = seqs[0]
+    ids, p, _ = seqs[0]
     assert tok.decode(ids[p:]) == exs[0].response + tok.eos_token
     packed, st = sft.pack_sequences(seqs, 256, pad_id=tok.pad_token_id)
     assert st["rows"] == 1 and packed["segment_ids"].max() == 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,10 @@ import numpy as np
 
 from medkr_jax.train.losses import masked_cross_entropy
 
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "answer_mask")
+# An answer statement of a response: what follows "answer is" on its line, without brackets or the final
+# period ("B" in "The answer is (B).", "240 mg" in "The answer is 240 mg."): the decision the evaluation scores.
+_ANSWER = re.compile(r"answer is \(?([^\n]*?)\)?\.?[ \t]*(?=\n|$)", re.IGNORECASE)
 
 
 class SFTDataError(ValueError):
@@ -33,41 +37,55 @@ class SFTDataError(ValueError):
 # ----------------------------------------------------------------------------------------------- data
 
 
-def tokenize_example(tokenizer: Any, example: Any, *, system_prompt: str, eos_id: int) -> tuple[list[int], int]:
-    """(token ids of prompt + response + EOS, number of prompt tokens) for a TraceExample."""
+def tokenize_example(tokenizer: Any, example: Any, *, system_prompt: str,
+                     eos_id: int) -> tuple[list[int], int, tuple[int, ...]]:
+    """(token ids of prompt + response + EOS, number of prompt tokens, indices into the ids of the tokens
+    spelling the answer of the response's last "The answer is X." statement; empty when it has none)."""
     from medkr_jax.eval import prompts
 
     prompt = prompts.build_prompt(tokenizer, example.record, system_prompt=system_prompt,
                                   assistant_prefix=example.assistant_prefix)
     p_ids = prompts.encode(tokenizer, prompt)
-    r_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"]) + [int(eos_id)]
-    return p_ids + r_ids, len(p_ids)
+    enc = tokenizer(example.response, add_special_tokens=False, return_offsets_mapping=True)
+    r_ids = list(enc["input_ids"]) + [int(eos_id)]
+    found = [m for m in _ANSWER.finditer(example.response) if m.group(1).strip()]
+    answer: tuple[int, ...] = ()
+    if found:
+        a, b = found[-1].span(1)
+        answer = tuple(len(p_ids) + i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < b and e > a)
+    return p_ids + r_ids, len(p_ids), answer
 
 
-def pack_sequences(seqs: Sequence[tuple[Sequence[int], int]], seq_len: int, *, pad_id: int,
-                   packing: bool = True) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Rows of `seq_len` next-token examples from (ids, prompt_len) pairs.
+def pack_sequences(seqs: Sequence[tuple], seq_len: int, *, pad_id: int, packing: bool = True,
+                   answer_weight: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Rows of `seq_len` next-token examples from (ids, prompt_len) or (ids, prompt_len, answer_indices) tuples
+    (as `tokenize_example` returns).
 
-    Each sequence contributes inputs ids[:-1] and targets ids[1:]; loss_mask marks targets that are response
-    tokens. With packing, sequences are placed first-fit (longest first) into rows, each with its own
+    Each sequence contributes inputs ids[:-1] and targets ids[1:]; loss_mask weights the targets that are
+    response tokens (1, or `answer_weight` for the tokens of the final answer (letter or option text): the
+    decision the evaluation scores, otherwise a token or two among a trace's dozens); answer_mask marks them. With
+    packing, sequences are placed first-fit (longest first) into rows, each with its own
     segment id (1, 2, ...; 0 = padding) and positions restarting at 0. Sequences longer than seq_len + 1
     lose the end of their response; those whose prompt alone fills the row are dropped.
     Returns (arrays [rows, seq_len], stats).
     """
     stats = collections.Counter()
+    if answer_weight <= 0:
+        raise SFTDataError(f"config.sft.answer_weight must be > 0, got {answer_weight}")
     items = []
-    for ids, p in seqs:
+    for ids, p, *rest in seqs:
         ids = list(ids)
+        answer = [j for j in (rest[0] if rest else ()) if p <= j <= seq_len]
         if p >= seq_len:
             stats["dropped"] += 1
             continue
         if len(ids) > seq_len + 1:
             ids = ids[:seq_len + 1]
             stats["truncated"] += 1
-        items.append((ids, p))
+        items.append((ids, p, answer))
     if not items:
         raise SFTDataError(f"no example fits config.train.seq_len={seq_len} (all {len(seqs)} prompts are longer)")
-    rows: list[list[tuple[list[int], int]]] = []
+    rows: list[list[tuple[list[int], int, list[int]]]] = []
     free: list[int] = []
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0])) if packing else range(len(items))
     for i in order:
@@ -86,10 +104,11 @@ def pack_sequences(seqs: Sequence[tuple[Sequence[int], int]], seq_len: int, *, p
         "positions": np.zeros((n, seq_len), np.int32),
         "segment_ids": np.zeros((n, seq_len), np.int32),
         "loss_mask": np.zeros((n, seq_len), np.float32),
+        "answer_mask": np.zeros((n, seq_len), np.float32),
     }
     for r, row in enumerate(rows):
         at = 0
-        for seg, (ids, p) in enumerate(row, start=1):
+        for seg, (ids, p, answer) in enumerate(row, start=1):
             m = len(ids) - 1
             sl = slice(at, at + m)
             out["tokens"][r, sl] = ids[:-1]
@@ -97,8 +116,12 @@ def pack_sequences(seqs: Sequence[tuple[Sequence[int], int]], seq_len: int, *, p
             out["positions"][r, sl] = np.arange(m)
             out["segment_ids"][r, sl] = seg
             out["loss_mask"][r, sl] = (np.arange(m) >= p - 1).astype(np.float32)
+            for j in answer:  # target ids[j] sits at input position j - 1
+                out["answer_mask"][r, at + j - 1] = 1.0
+                out["loss_mask"][r, at + j - 1] = answer_weight
             at += m
-    stats.update(examples=len(items), rows=n, target_tokens=int(out["loss_mask"].sum()),
+    stats.update(examples=len(items), rows=n, target_tokens=int((out["loss_mask"] > 0).sum()),
+                 answer_tokens=int(out["answer_mask"].sum()),
                  filled_tokens=int((out["segment_ids"] > 0).sum()))
     return out, dict(stats)
 
@@ -130,14 +153,22 @@ def filter_records(records: Sequence[Any], reasoning_only: bool, source: str) ->
 
 
 def sft_loss(model: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Masked next-token cross-entropy on response tokens of (packed) rows."""
+    """Weighted next-token cross-entropy on the response tokens of (packed) rows (weights: loss_mask).
+
+    Metrics: token_accuracy over all response targets, answer_accuracy over the final answers' tokens
+    (teacher forced: did the model name the right option after "The answer is"), when the batch has answer_mask.
+    """
     seg = batch["segment_ids"]
     logits, _ = model(batch["tokens"], batch["positions"], attention_mask=seg > 0, segment_ids=seg)
     loss, n = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    mask = batch["loss_mask"].astype(jnp.float32)
+    mask = (batch["loss_mask"] > 0).astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    acc = (correct * mask).sum() / jnp.maximum(n, 1.0)
-    return loss, {"weight": n, "tokens": (seg > 0).sum().astype(jnp.float32), "token_accuracy": acc}
+    acc = (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    metrics = {"weight": n, "tokens": (seg > 0).sum().astype(jnp.float32), "token_accuracy": acc}
+    if "answer_mask" in batch:
+        am = batch["answer_mask"].astype(jnp.float32)
+        metrics["answer_accuracy"] = (correct * am).sum() / jnp.maximum(am.sum(), 1.0)
+    return loss, metrics
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -184,7 +215,8 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     seqs = [tokenize_example(tokenizer, ex, system_prompt=config.eval.system_prompt, eos_id=eos)
             for ex in examples]
-    rows, stats = pack_sequences(seqs, int(config.train.seq_len), pad_id=pad, packing=bool(config.sft.packing))
+    rows, stats = pack_sequences(seqs, int(config.train.seq_len), pad_id=pad, packing=bool(config.sft.packing),
+                                 answer_weight=float(config.sft.answer_weight))
     batch_size = int(config.train.batch_size)
     steps = int(config.train.steps)
     epochs = float(config.sft.get("epochs", 0) or 0)
@@ -204,5 +236,6 @@ def run(config: Any, *, mesh: Any = None) -> dict:
                                   ("packed rows", stats["rows"]), ("target tokens", stats["target_tokens"]),
                                   ("truncated / dropped", f"{stats.get('truncated', 0)} / "
                                                           f"{stats.get('dropped', 0)}")],
-                      plots=[("loss", "loss.png"), ("token_accuracy", "token_accuracy.png")])
+                      plots=[("loss", "loss.png"), ("token_accuracy", "token_accuracy.png"),
+                             ("answer_accuracy", "answer_accuracy.png")])
     return summary
