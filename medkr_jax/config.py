@@ -141,7 +141,9 @@ def _adversarial_section() -> ml_collections.ConfigDict:
 
 
 def _traces_section() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"plain": 1.0, "adversarial": 0.0, "backtracking": 0.0, "seed": 0})
+    # answer_format: "letter" ("The answer is B.") or "option" ("The answer is <option text>.") in SFT targets.
+    return ml_collections.ConfigDict({"plain": 1.0, "adversarial": 0.0, "backtracking": 0.0, "seed": 0,
+                                      "answer_format": "letter"})
 
 
 def _sft_section() -> ml_collections.ConfigDict:
@@ -151,6 +153,7 @@ def _sft_section() -> ml_collections.ConfigDict:
         "reasoning_only": True,   # the BioMed-R1 recipe trains on reasoning-heavy examples
         "export_dir": "",         # "" = <output_dir>/hf
         "epochs": 0.0,            # > 0: train this many passes over the packed rows (overrides config.train.steps)
+        "answer_weight": 1.0,     # loss weight of the final answer's tokens, letter or option text (1 = token mean)
     })
 
 

@@ -103,6 +103,18 @@ def test_grpo_metrics_and_errors():
         losses.group_advantages(jnp.ones(4), 1)
 
 
+def test_completion_rewards_letter_and_option_text():
+    from medkr_jax.train import grpo
+
+    opts = ["aspirin", "heparin", "warfarin", "insulin"]
+    texts = ["So heparin. The answer is B.", "So heparin. The answer is heparin.", "The answer is warfarin.",
+             "The answer is digoxin.", "heparin, I think"]
+    reward, correct, formatted = grpo.completion_rewards(texts, [opts] * 5, [1] * 5, format_reward=0.5)
+    np.testing.assert_array_equal(correct, [1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(formatted, [1, 1, 1, 0, 0])  # "digoxin" names no option
+    np.testing.assert_allclose(reward, [1.5, 1.5, 0.5, 0.0, 1.0])
+
+
 def test_masked_cross_entropy_matches_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32)

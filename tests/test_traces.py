@@ -70,3 +70,35 @@ def test_mix_ratios_reproducibility_and_skipping():
     assert {e.kind for e in only_plain} == {"plain"}
     with pytest.raises(ValueError, match="config.traces"):
         traces.build_examples(records, {"plain": 0.0, "adversarial": 0.0, "backtracking": 0.0})
+
+
+def test_option_answer_format_names_the_option_text():
+    ex = traces.make_example(rec(0, trace="X points to heparin. The answer is B."), "plain",
+                             np.random.default_rng(0), "option")
+    assert ex.response == "X points to heparin. The answer is Heparin."
+    assert extract_answer(ex.response, ex.record.options) == 1
+    # a trace without a final statement gets one; letter format stays as before
+    assert traces.plain_response(rec(1, trace="Step 1."), "option") == "Step 1.\nThe answer is Heparin."
+    assert traces.plain_response(rec(1, trace="Step 1. The answer is B."), "letter") == "Step 1. The answer is B."
+    with pytest.raises(ValueError, match="answer_format"):
+        traces.build_examples([rec(0)], {"plain": 1.0, "answer_format": "number"})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_option_format_restates_released_prefix_and_cue_names_its_option(seed):
+    released = ["Clearly aspirin. The answer is A.", "Surely warfarin. The answer is C."]
+    ex = traces.make_example(rec(0, adv=released), "adversarial", np.random.default_rng(seed), "option")
+    prefix = ex.assistant_prefix.strip()
+    assert prefix in ("Clearly aspirin. The answer is Aspirin.", "Surely warfarin. The answer is Warfarin.")
+    wrong = extract_answer(prefix, ex.record.options)
+    assert wrong in (0, 2)
+    if "jumping to" in ex.response:
+        assert f"jumping to {'ABCD'[wrong]}" in ex.response  # the cue names the option the prefix argued for
+    assert ex.response.endswith("The answer is Heparin.")
+    assert extract_answer(ex.assistant_prefix + ex.response, ex.record.options) == 1
+
+
+def test_build_examples_reads_answer_format_from_config():
+    exs = traces.build_examples([rec(i, answer=i % 4) for i in range(8)], {"plain": 1.0, "answer_format": "option"})
+    for e in exs:
+        assert e.response.endswith(f"The answer is {e.record.options[e.answer]}.")

@@ -4,7 +4,7 @@ Per loop step: take config.grpo.prompts_per_step prompts (MCQ records rendered l
 config.traces share of them prefilled with misleading reasoning, as in adversarial evaluation), sample
 config.grpo.num_generations completions each from the current policy with the jitted KV-cache sampler,
 score them (1 if `extract_answer` finds the right option, + config.grpo.format_reward if the completion ends
-with "The answer is X."), normalise the rewards within each group, then run config.grpo.mu optimizer updates
+with "The answer is X." naming one option by letter or text), normalise the rewards within each group, then run config.grpo.mu optimizer updates
 of the GRPO objective (train/losses.py) on this rollout batch. The frozen reference model (only when
 config.grpo.beta > 0) lives on the same mesh as the policy; its log-probs are computed once per rollout.
 Old-policy log-probs for mu > 1 are the sampler's own (config.grpo.old_logprobs="sampler") or a recomputed
@@ -31,10 +31,19 @@ from medkr_jax.train.losses import group_advantages, grpo_loss, token_logprobs, 
 
 WIDTH_MULTIPLE = 16
 _FINAL = re.compile(r"the answer is \(?([A-Z])\)?\.?\s*$", re.IGNORECASE)
+_FINAL_STATEMENT = re.compile(r"the answer is [^\n]+?\.?\s*$", re.IGNORECASE)
 
 
 class GRPODataError(ValueError):
     """The GRPO prompts cannot be built."""
+
+
+def _well_formatted(text: str, options: Sequence[str]) -> bool:
+    """Ends with "The answer is X." naming one option by its letter or by its text."""
+    from medkr_jax.eval.extract import extract_answer
+
+    m = _FINAL_STATEMENT.search(text.strip())
+    return bool(_FINAL.search(text.strip())) or (m is not None and extract_answer(m.group(0), options) is not None)
 
 
 def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], answers: Sequence[int], *,
@@ -43,7 +52,7 @@ def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], a
     from medkr_jax.eval.extract import extract_answer
 
     correct = np.array([extract_answer(t, o) == a for t, o, a in zip(texts, options, answers)], np.float32)
-    formatted = np.array([bool(_FINAL.search(t.strip())) for t in texts], np.float32)
+    formatted = np.array([_well_formatted(t, o) for t, o in zip(texts, options)], np.float32)
     return correct + format_reward * formatted, correct, formatted
 
 

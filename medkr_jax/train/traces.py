@@ -11,11 +11,17 @@
 
 Kinds are drawn per record with the ratios of config.traces (plain / adversarial / backtracking), from a
 seeded generator, so a dataset is reproducible.
+
+config.traces.answer_format says how the final statement names the answer: "letter" ("The answer is B.") or
+"option" ("The answer is heparin.", the option's own text, which the evaluation's extractor maps back to
+the option). A trace that already ends with a letter statement gets it rewritten to the chosen form, and so
+does a released adversarial prefix, so prefix and response name options the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,8 +30,12 @@ import numpy as np
 from medkr_jax.data.records import LETTERS, MCQRecord
 
 KINDS = ("plain", "adversarial", "backtracking")
+ANSWER_FORMATS = ("letter", "option")
 
 ANSWER_TEMPLATE = "The answer is {letter}."
+OPTION_ANSWER_TEMPLATE = "The answer is {option}."
+# A final "The answer is X." (letter) sentence at the end of a trace.
+_FINAL_LETTER = re.compile(r"(\s*)The answer is \(?([A-Z])\)?\.\s*$")
 MISLEAD_TEMPLATES = (
     "The key finding here points to {letter}. {option} is the classic choice in this setting, so the answer "
     "is {letter}.",
@@ -81,28 +91,50 @@ def _fmt(template: str, record: MCQRecord, idx: int) -> str:
     return template.format(letter=LETTERS[idx], option=record.options[idx].strip())
 
 
-def plain_response(record: MCQRecord) -> str:
-    """Trace (if any) followed by the final answer sentence."""
-    final = ANSWER_TEMPLATE.format(letter=record.answer_letter)
-    trace = (record.trace or "").strip()
+def answer_statement(record: MCQRecord, idx: int, answer_format: str = "letter") -> str:
+    """"The answer is B." or, with answer_format="option", "The answer is <text of option idx>."."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"config.traces.answer_format: expected one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if answer_format == "option":
+        return OPTION_ANSWER_TEMPLATE.format(option=record.options[idx].strip())
+    return ANSWER_TEMPLATE.format(letter=LETTERS[idx])
+
+
+def _restate(text: str, record: MCQRecord, answer_format: str) -> str:
+    """`text` with a final letter statement rewritten in `answer_format` (unchanged when it has none)."""
+    m = _FINAL_LETTER.search(text)
+    if answer_format == "letter" or m is None or LETTERS.index(m.group(2)) >= len(record.options):
+        return text
+    return text[:m.start()] + m.group(1) + answer_statement(record, LETTERS.index(m.group(2)), answer_format)
+
+
+def plain_response(record: MCQRecord, answer_format: str = "letter") -> str:
+    """Trace (if any) followed by the final answer statement (see `answer_statement`)."""
+    final = answer_statement(record, record.answer, answer_format)
+    trace = _restate((record.trace or "").strip(), record, answer_format)
     if trace.endswith(final):  # traces that already close with the answer sentence are not repeated
         return trace
     return f"{trace}\n{final}" if trace else final
 
 
-def make_example(record: MCQRecord, kind: str, rng: np.random.Generator) -> TraceExample:
+def make_example(record: MCQRecord, kind: str, rng: np.random.Generator,
+                 answer_format: str = "letter") -> TraceExample:
     """Build one example of `kind` for `record` (randomness from `rng`: wrong option, phrasing)."""
     if kind not in KINDS:
         raise ValueError(f"trace kind {kind!r} unknown; expected one of {KINDS}")
     if kind != "plain" and len(record.options) < 2:
         raise ValueError(f"record {record.id}: {kind} traces need at least two options")
-    body = plain_response(record)
+    body = plain_response(record, answer_format)
     if kind == "plain":
         return TraceExample(record.id, kind, record, "", body)
     wrong = _wrong_option(record, rng)
     if kind == "adversarial":
         if record.adversarial_traces:
             prefix = str(record.adversarial_traces[int(rng.integers(len(record.adversarial_traces)))]).strip()
+            m = _FINAL_LETTER.search(prefix)
+            if m is not None and LETTERS.index(m.group(2)) < len(record.options):
+                wrong = LETTERS.index(m.group(2))  # the recovery cue names the option the prefix argued for
+            prefix = _restate(prefix, record, answer_format)
         else:
             prefix = _fmt(MISLEAD_TEMPLATES[int(rng.integers(len(MISLEAD_TEMPLATES)))], record, wrong)
         cue = _fmt(RECOVERY_CUES[int(rng.integers(len(RECOVERY_CUES)))], record, wrong)
@@ -120,9 +152,12 @@ def build_examples(records: Sequence[MCQRecord], traces_cfg: Any, *, seed: int |
     require_trace: skip records without a trace (SFT); GRPO prompts set it False (only the answer is needed).
     """
     ratios = _ratios(traces_cfg)
+    get = traces_cfg.get if hasattr(traces_cfg, "get") else lambda k, d=None: getattr(traces_cfg, k, d)
     if seed is None:
-        get = traces_cfg.get if hasattr(traces_cfg, "get") else lambda k, d=None: getattr(traces_cfg, k, d)
         seed = int(get("seed", 0) or 0)
+    answer_format = str(get("answer_format", "letter") or "letter")
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"config.traces.answer_format: expected one of {ANSWER_FORMATS}, got {answer_format!r}")
     rng = np.random.default_rng(seed)
     out = []
     for rec in records:
@@ -131,5 +166,5 @@ def build_examples(records: Sequence[MCQRecord], traces_cfg: Any, *, seed: int |
         kind = KINDS[int(rng.choice(len(KINDS), p=ratios))]
         if kind != "plain" and len(rec.options) < 2:
             kind = "plain"
-        out.append(make_example(rec, kind, rng))
+        out.append(make_example(rec, kind, rng, answer_format))
     return out
