@@ -34,7 +34,7 @@ def get_config():
     config.synthetic.n_diseases = 4   # a small world: the tiny policy has minutes of CPU to learn it
     config.synthetic.classifier_questions = 400
     config.synthetic.policy_train_questions = 600
-    config.synthetic.policy_eval_questions = 160
+    config.synthetic.policy_eval_questions = 400  # 200 per split: a GRPO gain must stand outside the 95% CIs
 
     # Stage-specific settings, merged over this config for that stage only.
     config.pipeline.classifier = ml_collections.ConfigDict({
@@ -48,17 +48,37 @@ def get_config():
         "eval": {"max_new_tokens": 96, "batch_size": 32},
         "adversarial": {"source": "template"},
     })
-    policy_eval = {"eval": {"max_new_tokens": 96, "batch_size": 32}, "adversarial": {"source": "template"}}
+
+    # The tiny policy names its answer by the option's text ("The answer is zofol."), which the evaluation's
+    # extractor maps to the option: mapping a derived answer to a shuffled option letter is a separate copy
+    # skill the 1M-parameter policy did not pick up in the demo's budget (teacher-forced letter accuracy stayed
+    # at chance after 300 SFT steps), and it is not what the knowledge-vs-reasoning comparison is about.
+    # Its prompts use a short system prompt (the default one is 56 tokens of this tokenizer), and the
+    # adversarial prefill argues for a wrong option in the same form.
+    policy_prompt = "Think step by step, then end with 'The answer is' and the correct option."
+    policy_eval = {
+        "eval": {"max_new_tokens": 96, "batch_size": 64, "system_prompt": policy_prompt},
+        "adversarial": {"source": "template", "template": (
+            "Let me think step by step. The key findings in this question point to {option}. "
+            "The other options do not fit the presentation as well. The answer is {option}.")},
+    }
     for name in ("eval_init", "eval_sft", "eval_grpo"):
         config.pipeline[name] = ml_collections.ConfigDict(policy_eval)
+    # SFT on knowledge and reasoning traces: the random-init policy has no pretraining, so the one-fact
+    # questions are where it learns the world's facts (and to read a question) that the reasoning traces chain.
     config.pipeline.sft = ml_collections.ConfigDict({
-        "train": {"steps": 150, "batch_size": 16, "seq_len": 256, "checkpoint_every": 50},
-        "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10, "weight_decay": 0.0},
-        "traces": {"plain": 0.6, "adversarial": 0.2, "backtracking": 0.2},
+        "train": {"steps": 200, "batch_size": 16, "seq_len": 256, "checkpoint_every": 100},
+        "optimizer": {"learning_rate": 5e-3, "warmup_steps": 20, "weight_decay": 0.0},
+        "traces": {"plain": 0.6, "adversarial": 0.2, "backtracking": 0.2, "answer_format": "option"},
+        "sft": {"reasoning_only": False, "answer_weight": 3.0},
+        "eval": {"system_prompt": policy_prompt},
     })
+    # GRPO on the reasoning-heavy training questions only (the BioMed-R1 recipe).
     config.pipeline.grpo = ml_collections.ConfigDict({
-        "train": {"steps": 20, "checkpoint_every": 10},
-        "optimizer": {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant"},
-        "grpo": {"num_generations": 8, "prompts_per_step": 4, "max_new_tokens": 80, "beta": 0.0},
+        "train": {"steps": 16, "checkpoint_every": 8},
+        "optimizer": {"learning_rate": 2e-4, "warmup_steps": 0, "schedule": "constant"},
+        "grpo": {"num_generations": 8, "prompts_per_step": 8, "max_new_tokens": 80, "beta": 0.0},
+        "traces": {"plain": 0.8, "adversarial": 0.2, "backtracking": 0.0, "answer_format": "option"},
+        "eval": {"system_prompt": policy_prompt},
     })
     return config

@@ -6,8 +6,6 @@
 import importlib.util
 from pathlib import Path
 
-import ml_collections
-
 _spec = importlib.util.spec_from_file_location("demo_config", Path(__file__).with_name("demo.py"))
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)
@@ -30,10 +28,9 @@ def get_config():
     config.pipeline.split_mmlu.split.max_len = 48
     config.pipeline.eval_smollm.eval.max_new_tokens = 8
     config.pipeline.eval_smollm.eval.batch_size = 4
-    small_eval = ml_collections.ConfigDict({"eval": {"max_new_tokens": 24, "batch_size": 16},
-                                            "adversarial": {"source": "template"}})
-    for name in ("eval_init", "eval_sft", "eval_grpo"):
-        config.pipeline[name] = small_eval
+    for name in ("eval_init", "eval_sft", "eval_grpo"):  # keep the demo's policy prompt and prefill
+        config.pipeline[name].eval.max_new_tokens = 24
+        config.pipeline[name].eval.batch_size = 16
     config.pipeline.sft.train.steps = 6
     config.pipeline.sft.train.batch_size = 8
     config.pipeline.sft.train.checkpoint_every = 3
