@@ -8,11 +8,11 @@ heads of 64, qk-norm, tied embeddings), or the ``--model`` checkpoint, batch 8, 
 ``--new-tokens`` new tokens (no stop token, so neither side stops early), on the same prompts of 32
 random tokens. HF runs with its KV cache (use_cache) and, by default, whichever of its dynamic and static
 cache implementations is faster on a timed call (``--hf-cache``). The headline time is wall-clock for the
-whole call (prefill + decode) after a warm-up call, best of ``--repeats``; tokens/s = batch * new tokens / time. The decode-only rate subtracts a
-call that generates a single token (prefill + first token) from the full call, on each side:
-batch * (new tokens - 1) / (t_full - t_one). Then (for the tiny model, or with ``--compile-count``)
-100 prompts of mixed lengths (8..250 tokens, batches of 8) go through a fresh sampler to count the
-programs it compiles. ``peak_fraction`` = the sampler's model FLOP/s (2 * params per token) over the
+whole call (prefill + decode) after a warm-up call, best of ``--repeats``; tokens/s = batch * new tokens /
+time. The decode-only rate subtracts a call that generates a single token (prefill + first token) from the
+full call, on each side: batch * (new tokens - 1) / (t_full - t_one). Then (for the tiny model, or with
+``--compile-count``) 100 prompts of mixed lengths (8..250 tokens, batches of 8) go through a fresh sampler
+to count the programs it compiles. ``peak_fraction`` = the sampler's model FLOP/s (2 * params per token) over the
 FLOP/s of a large jitted matmul measured in the same run. Ends with one JSON line.
 
 Both sides run on the CPU (the reference is a CPU build of PyTorch) on the same number of cores
@@ -218,8 +218,9 @@ def main() -> None:
               f"(+ {layouts} laying out the LM head for decode steps)")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; sampler at {100 * peak_fraction:.2f}% of it")
     print(json.dumps({"name": "sampler_decode", "ours": round(ours_tps, 2), "reference": round(ref_tps, 2),
-                      "unit": "tokens/s", "ratio": round(ours_tps / ref_tps, 3), "compiles": compiles, "layout_compiles": layouts,
-                      "decode_ours": round(ours_dec, 2), "decode_reference": round(ref_dec, 2),
+                      "unit": "tokens/s", "ratio": round(ours_tps / ref_tps, 3), "compiles": compiles,
+                      "layout_compiles": layouts, "decode_ours": round(ours_dec, 2),
+                      "decode_reference": round(ref_dec, 2),
                       "decode_ratio": round(ours_dec / ref_dec, 3), "round_ratios": [round(x, 3) for x in rounds],
                       "model": name, "hf_cache": hf_cache, "batch": args.batch, "threads": args.threads,
                       "peak_fraction": round(peak_fraction, 5), "greedy_match": match}))
