@@ -45,6 +45,9 @@ def _optimizer_section() -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "grad_clip": 1.0,
         "grad_accum": 1,
+        # Regexes over parameter names exempt from weight decay; empty = train.loop.NO_DECAY_PATTERNS
+        # (biases and norm parameters, as transformers.Trainer does).
+        "no_decay_patterns": (),
     })
 
 
