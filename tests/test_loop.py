@@ -178,6 +178,28 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
+def test_eval_fn_stop_request_ends_the_run_with_a_checkpoint(tmp_path):
+    mesh = one_device_mesh()
+    cfg = make_config(steps=20, checkpoint_every=100)
+    cfg.train.eval_every = 2
+    seen = []
+
+    def eval_fn(model, step):
+        seen.append(step)
+        if step == 6:
+            raise loop.StopTraining("no improvement", {"score": 0.5})
+        return {"score": 1.0}
+
+    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+                   mesh=mesh, eval_fn=eval_fn)
+    assert seen == [2, 4, 6]  # no final evaluation after the stop
+    assert s["early_stopped"] and s["stop_reason"] == "no improvement" and s["steps"] == 6
+    assert not s["preempted"] and s["last_metrics"]["eval/score"] == 0.5
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]
+    last = loop.read_metrics(str(tmp_path))[-1]
+    assert last["step"] == 6 and last["early_stopped"] is True and last["eval/score"] == 0.5
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     mesh = one_device_mesh()
     cfg = make_config(steps=10, checkpoint_every=2)

@@ -374,10 +374,6 @@ def reasoning_index(id2label: Sequence[tuple[int, str]], override: int = -1) -> 
 # --------------------------------------------------------------------------------------------- job: classify
 
 
-class _EarlyStop(Exception):
-    """Raised from the evaluation hook when validation stopped improving (ends the shared loop's run)."""
-
-
 def _weighted_ce_loss(class_weights: jax.Array):
     import optax
 
@@ -495,23 +491,12 @@ def run_classify(config) -> dict:
         if patience > 0 and track["bad"] >= patience and step < steps:
             log.info("early stopping at step %d: validation %s has not improved for %d evaluations (best %.4g "
                      "at step %d)", step, metric, patience, sign * track["best"][0], track["best_step"])
-            track["stopped_at"] = step
-            track["last_eval"] = result
-            raise _EarlyStop()
+            raise loop.StopTraining(f"validation {metric} has not improved for {patience} evaluations", result)
         return result
 
-    try:
-        summary = loop.train(model, loss_fn=_weighted_ce_loss(jnp.asarray(weights)), batches=batches,
-                             config=run_cfg, output_dir=out_dir, mesh=mesh, rules=rules, steps=steps,
-                             eval_fn=eval_fn, desc="classify")
-    except _EarlyStop:
-        # The loop closed its checkpointer and logger; record where and why the run ended.
-        summary = {"steps": track["stopped_at"], "early_stopped": True, "final_loss": None,
-                   "last_metrics": {f"eval/{k}": v for k, v in track["last_eval"].items()}}
-        if parallel.is_main_process():
-            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": track["stopped_at"], "early_stopped": True,
-                                    **summary["last_metrics"]}) + "\n")
+    summary = loop.train(model, loss_fn=_weighted_ce_loss(jnp.asarray(weights)), batches=batches,
+                         config=run_cfg, output_dir=out_dir, mesh=mesh, rules=rules, steps=steps,
+                         eval_fn=eval_fn, desc="classify")
     if track["state"] is not None:
         nnx.update(model, track["state"])  # the best validation checkpoint is the one exported
 

@@ -43,6 +43,19 @@ LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
 SUMMED_AUX = ("weight", "tokens")
 
 
+class StopTraining(Exception):
+    """Raised by an eval_fn to end the run after the current step (early stopping).
+
+    The loop logs `metrics` (as the step's eval metrics), saves a checkpoint of that step and returns with
+    `early_stopped=True` and `stop_reason`; nothing is lost and no private exception crosses the loop.
+    """
+
+    def __init__(self, reason: str, metrics: Mapping[str, Any] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = dict(metrics or {})
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN/inf; the run stopped and the last good checkpoint was kept."""
 
@@ -442,7 +455,8 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
       (grain iterators) its position is checkpointed and restored.
     step_fn(trainer, batch, rng) -> metrics: one loop step; default = one `trainer.update`. GRPO passes its
       rollout + inner updates here (it may call trainer.update several times and uses trainer.model()).
-    eval_fn(model, step) -> metrics: run every config.train.eval_every steps and at the end ("eval/" prefix).
+    eval_fn(model, step) -> metrics: run every config.train.eval_every steps and at the end ("eval/" prefix);
+      it may raise StopTraining(reason, metrics) to end the run after this step (early stopping).
     tx/schedule: default make_optimizer(config.optimizer, steps).
     on_trainer: called once with the Trainer after restore (e.g. to grab a reference copy of the params).
     The final model state is written back into `model` (nnx.update) before returning.
@@ -488,6 +502,7 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
     base_rng = jax.random.key(seed)
     last: dict = {}
     preempted = False
+    stop_reason: str | None = None
     t_start = time.perf_counter()
     total_tokens = 0.0
     step = start
@@ -521,7 +536,12 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
                         f"config.optimizer.learning_rate or raise config.optimizer.warmup_steps, then rerun.")
                 evaluated = eval_every > 0 and step % eval_every == 0 and eval_fn is not None and step < steps
                 if evaluated:
-                    metrics.update({f"eval/{k}": v for k, v in eval_fn(trainer.model(), step).items()})
+                    try:
+                        ev = eval_fn(trainer.model(), step)
+                    except StopTraining as stop:
+                        ev, stop_reason = stop.metrics, stop.reason
+                        metrics["early_stopped"] = True
+                    metrics.update({f"eval/{k}": v for k, v in ev.items()})
                 if step % log_every == 0 or step == steps or evaluated or preempt.requested:
                     logger.log(step, metrics)
                 last = metrics
@@ -531,12 +551,16 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
                         post["tok/s"] = f"{metrics['tokens_per_s']:.3g}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                if ckpt.should_save(step) or preempt.requested:
+                if ckpt.should_save(step) or preempt.requested or stop_reason is not None:
                     ckpt.save(step, trainer.checkpoint_state(step), data_state=_data_state(batches), force=True)
+                if stop_reason is not None:
+                    if bar is not None:
+                        bar.write(f"{desc}: stopped early at step {step}: {stop_reason}")
+                    break
                 if preempt.requested:
                     preempted = True
                     break
-        if not preempted:
+        if not preempted and stop_reason is None:
             if eval_fn is not None:
                 ev = {f"eval/{k}": v for k, v in eval_fn(trainer.model(), step).items()}
                 if ev:
@@ -556,6 +580,8 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
         "start_step": start,
         "resumed": start > 0,
         "preempted": preempted,
+        "early_stopped": stop_reason is not None,
+        "stop_reason": stop_reason,
         "final_loss": last.get("loss"),
         "last_metrics": last,
         "tokens_per_s": total_tokens / wall if total_tokens else None,
