@@ -73,11 +73,16 @@ def get_config():
         "sft": {"reasoning_only": False, "answer_weight": 3.0},
         "eval": {"system_prompt": policy_prompt},
     })
-    # GRPO on the reasoning-heavy training questions only (the BioMed-R1 recipe).
+    # GRPO on the reasoning-heavy training questions only (the BioMed-R1 recipe). The reward is the answer's
+    # correctness plus 0.25 for naming one of the options: a quarter of the SFT policy's reasoning answers name an
+    # entity that is no option. Measured from the same SFT policy (reasoning split, n=200): 16 steps at lr 2e-4
+    # 36.5 -> 37.5%; 24 steps at lr 3e-4 32.5 -> 37.5% but knowledge 45 -> 37%; lr 1e-3 collapsed into repetition;
+    # these 60 steps at lr 1e-4 36.5 -> 41.5%.
     config.pipeline.grpo = ml_collections.ConfigDict({
-        "train": {"steps": 16, "checkpoint_every": 8},
-        "optimizer": {"learning_rate": 2e-4, "warmup_steps": 0, "schedule": "constant"},
-        "grpo": {"num_generations": 8, "prompts_per_step": 8, "max_new_tokens": 80, "beta": 0.0},
+        "train": {"steps": 60, "checkpoint_every": 30},
+        "optimizer": {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant"},
+        "grpo": {"num_generations": 8, "prompts_per_step": 8, "max_new_tokens": 96, "beta": 0.0,
+                 "format_reward": 0.25},
         "traces": {"plain": 0.8, "adversarial": 0.2, "backtracking": 0.0, "answer_format": "option"},
         "eval": {"system_prompt": policy_prompt},
     })
