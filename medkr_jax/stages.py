@@ -599,6 +599,42 @@ def _eval_rows(config: ml_collections.ConfigDict, stage_name: str) -> tuple[dict
     return before, adv
 
 
+def _correct_by_question(config: ml_collections.ConfigDict, stage_name: str, split: str) -> dict[str, float]:
+    """{question key: fraction of its samples answered right} for one split of an evaluation's generation log."""
+    from medkr_jax.data.records import LETTERS
+
+    path = out_of(config, stage_name) / "generations.jsonl"
+    out: dict[str, float] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("label") != split or not row.get("samples"):
+            continue
+        right = [s.get("pred") == LETTERS[int(row["answer"])] for s in row["samples"]]
+        out[row["key"]] = sum(right) / len(right)
+    return out
+
+
+def paired_flips(config: ml_collections.ConfigDict, before: str, after: str, split: str) -> dict | None:
+    """Questions of `split` right only after / only before (majority of samples), with McNemar's exact p-value.
+
+    Both evaluations score the same questions, so the paired test sees a change that overlapping per-model
+    confidence intervals cannot.
+    """
+    import math
+
+    a, b = _correct_by_question(config, before, split), _correct_by_question(config, after, split)
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    gained = sum(1 for k in keys if b[k] > 0.5 >= a[k])
+    lost = sum(1 for k in keys if a[k] > 0.5 >= b[k])
+    n = gained + lost
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
+    return {"questions": len(keys), "gained": gained, "lost": lost, "p_value": p}
+
+
 def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):.1f}"
 
@@ -714,6 +750,11 @@ def report_stage(config: ml_collections.ConfigDict, out: Path, results: dict) ->
         if b_sft.get("reasoning") and b_grpo.get("reasoning"):
             lines += [f"Reasoning-split accuracy: SFT only {_pct(b_sft['reasoning']['accuracy'])}% -> after GRPO "
                       f"{_pct(b_grpo['reasoning']['accuracy'])}%.", ""]
+            flips = paired_flips(config, "eval_sft", "eval_grpo", "reasoning")
+            if flips:
+                lines += [f"Paired, on the same {flips['questions']} reasoning questions: {flips['gained']} right only "
+                          f"after GRPO, {flips['lost']} right only before it (McNemar exact p = "
+                          f"{flips['p_value']:.3g}).", ""]
         for st, names in (("sft", ("loss.png",)), ("grpo", ("reward.png", "accuracy.png", "kl.png"))):
             for name in names:
                 p = out_of(config, st) / name
