@@ -600,8 +600,9 @@ def _eval_rows(config: ml_collections.ConfigDict, stage_name: str) -> tuple[dict
 
 
 def _correct_by_question(config: ml_collections.ConfigDict, stage_name: str, split: str) -> dict[str, float]:
-    """{question key: fraction of its samples answered right} for one split of an evaluation's generation log."""
-    from medkr_jax.data.records import LETTERS
+    """{question key: fraction of its samples answered right} for one split of an evaluation's generation log,
+    scored by the evaluation's own scorer (as its accuracy table is)."""
+    from medkr_jax.eval.evaluate import score_text
 
     path = out_of(config, stage_name) / "generations.jsonl"
     out: dict[str, float] = {}
@@ -611,7 +612,7 @@ def _correct_by_question(config: ml_collections.ConfigDict, stage_name: str, spl
         row = json.loads(line)
         if row.get("label") != split or not row.get("samples"):
             continue
-        right = [s.get("pred") == LETTERS[int(row["answer"])] for s in row["samples"]]
+        right = [score_text(s["text"], row) == row["answer"] for s in row["samples"]]
         out[row["key"]] = sum(right) / len(right)
     return out
 

@@ -8,17 +8,19 @@ from scipy import stats
 
 from medkr_jax import stages
 
+OPTIONS = ["aspirin", "heparin", "warfarin", "insulin"]
+
 
 def _write_log(path, correct_by_key, label="reasoning", answer=2):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for key, right in correct_by_key.items():
-            preds = ["C" if r else "A" for r in np.atleast_1d(right)]
-            f.write(json.dumps({"key": key, "label": label, "answer": answer,
-                                "samples": [{"pred": p} for p in preds]}) + "\n")
+            texts = [f"The answer is {'C' if r else 'A'}." for r in np.atleast_1d(right)]
+            f.write(json.dumps({"key": key, "label": label, "answer": answer, "options": OPTIONS,
+                                "samples": [{"text": t} for t in texts]}) + "\n")
         # a question of the other split never counts
-        f.write(json.dumps({"key": "other", "label": "knowledge", "answer": answer,
-                            "samples": [{"pred": "C"}]}) + "\n")
+        f.write(json.dumps({"key": "other", "label": "knowledge", "answer": answer, "options": OPTIONS,
+                            "samples": [{"text": "The answer is C."}]}) + "\n")
 
 
 def test_paired_flips_match_scipy_binomial_test(tmp_path):
