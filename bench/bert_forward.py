@@ -88,12 +88,13 @@ class Timer:
 def bert_flops(cfg, b: int, t: int, *, pooled_only: bool) -> float:
     """Matmul FLOPs of one classifier forward (2 per multiply-add); elementwise work excluded.
 
-    pooled_only=True counts what our classifier executes: its last layer computes keys/values for every
-    token but queries, attention output and MLP for the [CLS] position only (all the pooler reads).
+    pooled_only=True counts what our classifier executes: its last layer computes the [CLS] position only (all
+    the pooler reads), with the key/value projections folded into the one query per head (no per-token keys or
+    values: [B, H, D] x [B, T, D] scores and weighted sums, plus four [B, D] x [D, D] projections and the MLP).
     """
     d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     full = 2 * b * t * (4 * d * d + 2 * d * f) + 2 * 2 * b * t * t * d  # projections + QK^T, PV
-    last = (2 * b * t * 2 * d * d + 2 * b * (2 * d * d + 2 * d * f) + 2 * 2 * b * t * d) if pooled_only else full
+    last = 2 * b * (4 * d * d + 2 * d * f) + 2 * 2 * b * t * d * cfg.num_heads if pooled_only else full
     return (n_layers - 1) * full + last + 2 * b * d * d + 2 * b * d * cfg.num_labels
 
 

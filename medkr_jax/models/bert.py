@@ -219,6 +219,14 @@ def _layer_norm(cfg, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
                          rngs=rngs)
 
 
+def _mask_bias(mask: Array) -> Array:
+    """HF's additive attention mask, float32[B, T]: 0 for real keys, a huge negative score for padded ones.
+
+    -1e30, not float32's min: its sum with a score stays finite in every summation order and dtype (a fully
+    padded row then gets finite, uniform weights, never NaN); exp() makes it exactly 0."""
+    return jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+
+
 def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
     """Inverted dropout; identity when rng is None (evaluation) or rate is 0."""
     if rng is None or rate == 0.0:
@@ -273,22 +281,22 @@ class BertLayer(nnx.Module):
         self.output_norm = _layer_norm(cfg, **kw)
 
     def _attention(self, x: Array, mask: Array, rng: _Rng, first_only: bool) -> Array:
+        if first_only:
+            return self._first_token_attention(x, mask, rng)
         cfg = self.cfg
         b, t, _ = x.shape
         # Heads-major [B, H, T, Dh] operands: XLA lowers these batched matmuls far better on CPU than the
         # [B, T, H, Dh] layout (about 3x faster attention measured; see bench/bert_forward.py).
-        heads = lambda y: y.reshape(b, y.shape[1], cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+        heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
         # The 1/sqrt(Dh) score scale is folded into the query kernel and bias ([D, D] work, not [B, H, T, T]).
-        q = heads(self.query(x[:, :1] if first_only else x, output_scale=1.0 / np.sqrt(cfg.head_dim)))
+        q = heads(self.query(x, output_scale=1.0 / np.sqrt(cfg.head_dim)))
         k, v = heads(self.key(x)), heads(self.value(x))
         # HF's additive mask (padded keys get a huge negative score) rides inside the QK^T product as one more
         # feature: q gets a constant 1, k the key's bias. XLA:CPU otherwise materialises the mask (and any
         # scale) broadcast to [B, H, T, T] for its fused attention kernel; this way nothing of that size is
-        # built. -1e30, not float32's min: its sum with a score stays finite in every summation order and
-        # dtype (a fully padded row then gets finite, uniform weights, never NaN); exp() makes it exactly 0.
+        # built.
         ones = jnp.ones(q.shape[:3] + (1,), jnp.float32)
-        bias = jnp.broadcast_to(jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, None, :, None],
-                                k.shape[:3] + (1,))
+        bias = jnp.broadcast_to(_mask_bias(mask)[:, None, :, None], k.shape[:3] + (1,))
         q = jnp.concatenate([q, ones], axis=-1).astype(self.dtype)
         k = jnp.concatenate([k, bias], axis=-1).astype(self.dtype)
         v = v.astype(self.dtype)
@@ -299,15 +307,41 @@ class BertLayer(nnx.Module):
         e = _dropout(e, cfg.attention_probs_dropout_prob, rng())
         # Normalise after the PV product: divides [.., T, Dh] instead of the [.., T, T] probabilities.
         ctx = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
-        return ctx.transpose(0, 2, 1, 3).reshape(b, q.shape[2], cfg.hidden_size)
+        return ctx.transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
+
+    def _first_token_attention(self, x: Array, mask: Array, rng: _Rng) -> Array:
+        """Attention output of position 0 alone, [B, 1, D], without the keys and values of every position.
+
+        With one query per sequence the key and value projections fold into it: q . (x_t Wk + bk) =
+        x_t . (Wk q) + q . bk, and the bk term is the same for every key, so softmax drops it; the weighted sum
+        of values is (sum_t p_t x_t) Wv + bv since the weights sum to one. That is [B, H, D] x [B, T, D] work
+        instead of two [B*T, D] x [D, D] projections: exact in real arithmetic, float32 rounding otherwise.
+        """
+        cfg = self.cfg
+        h, dh, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+        q = self.query(x[:, 0], output_scale=1.0 / np.sqrt(dh)).reshape(-1, h, dh)
+        wk = self.key.kernel[...].astype(jnp.float32).reshape(d, h, dh)
+        qk = jnp.einsum("bhe,dhe->bhd", q, wk)
+        scores = jnp.einsum("bhd,btd->bht", qk.astype(self.dtype), x.astype(self.dtype),
+                            preferred_element_type=jnp.float32) + _mask_bias(mask)[:, None, :]
+        e = jnp.exp(scores - scores.max(-1, keepdims=True))
+        denom = e.sum(-1, keepdims=True)
+        e = _dropout(e, cfg.attention_probs_dropout_prob, rng())  # as above: dropout(softmax) = this / denom
+        px = jnp.einsum("bht,btd->bhd", e.astype(self.dtype), x.astype(self.dtype),
+                        preferred_element_type=jnp.float32) / denom
+        wv = self.value.kernel[...].astype(jnp.float32).reshape(d, h, dh)
+        ctx = jnp.einsum("bhd,dhe->bhe", px.astype(self.dtype), wv.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        ctx = ctx + self.value.bias[...].astype(jnp.float32).reshape(h, dh)
+        return ctx.reshape(-1, 1, d)
 
     def _mlp(self, x: Array) -> Array:
         u = self.intermediate(x)
         if self.cfg.hidden_act == "gelu":
-            # Exact GELU 0.5 * u * erfc(-u / sqrt(2)) with the 0.5 folded into the output kernel (exact: a power
-            # of two); XLA:CPU would otherwise materialise the 0.5 broadcast to [B, T, intermediate] for the
-            # fused output matmul.
-            return self.output(u * jax.lax.erfc(u * np.float32(-np.sqrt(0.5))), input_scale=0.5)
+            # Exact GELU 0.5 * u * (1 + erf(u / sqrt(2))), PyTorch's formula, with the 0.5 folded into the output
+            # kernel (exact: a power of two); XLA:CPU would otherwise materialise the 0.5 broadcast to
+            # [B, T, intermediate] for the fused output matmul. (The erfc(-u / sqrt(2)) form is ~3% slower.)
+            return self.output(u + u * jax.lax.erf(u * np.float32(np.sqrt(0.5))), input_scale=0.5)
         return self.output(_ACTIVATIONS[self.cfg.hidden_act](u))
 
     def __call__(self, x: Array, mask: Array, rng: _Rng, first_only: bool = False) -> Array:
