@@ -43,7 +43,7 @@ if THREADS < len(_CPUS):
     os.sched_setaffinity(0, _CPUS[:THREADS])
 if THREADS == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+                               + " --xla_cpu_multi_thread_eigen=false").strip()
 
 MEDICAL_TOPICS = ("professional medicine", "clinical knowledge", "college medicine", "anatomy",
                   "medical genetics", "nutrition", "virology", "college biology", "high school biology")
@@ -118,6 +118,7 @@ def main() -> None:
     from flax import nnx
 
     from medkr_jax.models.bert import load_bert
+    from medkr_jax.xla_options import dense_program_options
 
     torch.set_num_threads(args.threads)
 
@@ -131,7 +132,9 @@ def main() -> None:
     def jitted(dtype):
         model, cfg = load_bert(folder, num_labels=2, seed=0, dtype=dtype)
         graphdef, state = nnx.split(model)
-        fwd = jax.jit(lambda st, i, m, t: jax.nn.softmax(nnx.merge(graphdef, st)(i, m, t), axis=-1))
+        # compiled as the classifier's own forward is (medkr_jax.train.classifier): dense-program options
+        fwd = jax.jit(lambda st, i, m, t: jax.nn.softmax(nnx.merge(graphdef, st)(i, m, t), axis=-1),
+                      compiler_options=dense_program_options())
         t0 = time.perf_counter()
         probs = np.asarray(fwd(state, ids, mask, types))
         return model, cfg, (lambda: fwd(state, ids, mask, types).block_until_ready()), probs, time.perf_counter() - t0
@@ -200,6 +203,7 @@ def main() -> None:
     rows = [
         ("device", f"{jax.devices()[0].platform} ({platform.machine()}, {os.cpu_count()} cores shared, "
                    f"threads {args.threads} (torch {torch.get_num_threads()}), load avg {os.getloadavg()[0]:.1f})"),
+        ("XLA options", f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; ours compiled with {dense_program_options()}"),
         ("model", f"MiniLM-L6-H384 + 2-label head, batch {args.batch} x seq {args.seq} "
                   f"({100 * real_frac:.0f}% real tokens), fp32"),
         ("ours (jax jit)", f"{ours_qps:8.1f} questions/s  ({1e3 * ours.wall:7.1f} ms/batch wall, "

@@ -67,8 +67,7 @@ def _thread_env(n: int) -> None:
     """XLA's CPU thread pool is fixed when jax starts: set it before any import of jax."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if n == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 # ------------------------------------------------------------------------------------------ tunix worker

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medkr_jax import parallel
+from medkr_jax import parallel, xla_options
 from medkr_jax.data.records import LETTERS, MCQRecord, write_records
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ class Predictor:
             logits = nnx.merge(graphdef_, state)(ids, mask, types)
             return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-        self._forward = jax.jit(forward, out_shardings=parallel.replicated(mesh))
+        self._forward = jax.jit(forward, out_shardings=parallel.replicated(mesh),
+                                compiler_options=xla_options.dense_program_options())
 
     def __call__(self, state: nnx.State, examples: Sequence[Mapping[str, np.ndarray]], *,
                  progress: bool = False) -> np.ndarray:

@@ -13,7 +13,6 @@ forward pass ("recompute"); for mu = 1 the ratio is exactly 1 (stop-gradient of 
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import time
@@ -27,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from medkr_jax import xla_options
 from medkr_jax.train.losses import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
 
 WIDTH_MULTIPLE = 16
@@ -115,7 +115,7 @@ def make_loss_fn(gcfg: Any):
     return loss_fn
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@xla_options.jit_dense(static_argnums=0)
 def _forward_logps(graphdef, state, tokens, positions, attention_mask, targets):
     logits, _ = nnx.merge(graphdef, state)(tokens, positions, attention_mask=attention_mask)
     return token_logprobs(logits, targets)

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medkr_jax import parallel
+from medkr_jax import parallel, xla_options
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
 SUMMED_AUX = ("weight", "tokens")
@@ -233,6 +233,7 @@ class Trainer:
                           repl),
             out_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, repl),
             donate_argnums=(0, 1, 2),
+            compiler_options=xla_options.dense_program_options(),
         )
 
     # -- model views ---------------------------------------------------------------------------------------
