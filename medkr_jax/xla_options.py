@@ -6,12 +6,13 @@ accumulates each output over the whole contraction in one chain, which costs acc
 Eigen GEMM 3.0e-7, PyTorch's MKL 2.5e-7); it is fastest for the few-row matmuls of decode steps. So:
 
 - "dense" programs, made of large matmuls (training steps, the classifier's forward, full-sequence decoder
-  forwards), compile with Eigen GEMMs and keep YNNPACK for reductions only. Measured on this project's CPU
-  benchmarks: BERT classifier forward 1,643 -> 1,574 ms per batch, SFT step 4,879 -> 5,088 tokens/s, and
-  SmolLM2-135M fp32 logits 1.08e-4 -> 8.7e-5 from Hugging Face's (vs a float64 forward: 1.22e-5 rms, HF's
-  own 1.18e-5).
-- the sampler keeps XLA's defaults (YNNPACK's decode-step matmuls: 1,889 vs 1,719 tokens/s with the dense
-  options).
+  forwards), compile with Eigen GEMMs and keep YNNPACK for reductions only. Measured here: the BERT classifier
+  forward (bench/bert_forward.py, 1 thread) 1,636 -> 1,596 ms per batch; a SmolLM2-135M loss + gradient on
+  4 x 255 tokens 6.40-6.64 -> 6.29-6.33 s (the tiny model of bench/train_step.py: within its run-to-run
+  noise); SmolLM2-135M fp32 logits vs a float64 forward: max 1.26e-4 -> 9.3e-5, rms 1.54e-5 -> 1.19e-5, as
+  close as Hugging Face's own fp32 logits (9.3e-5, 1.24e-5; tests/test_gguf.py).
+- the sampler keeps XLA's defaults: YNNPACK is faster for the few-row matmuls of decode steps (bench/sampler.py
+  decode 1,889 tokens/s vs 1,719 with the dense options).
 
 The options apply to the CPU backend only (`None`, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in the
 environment turns them off, to compare.
