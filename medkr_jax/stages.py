@@ -364,16 +364,17 @@ def _recipe_eval(config: ml_collections.ConfigDict, out: Path, results: dict, st
     return res
 
 
+def _overall_rows(path: Path) -> list[dict]:
+    """The rows of an evaluation's metrics.jsonl pooled over benchmarks ("overall"); none if it is missing."""
+    if not path.exists():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return [row for row in rows if row.get("benchmark") == "overall"]
+
+
 def _recipe_overall(out: Path) -> dict | None:
     """The evaluate job's overall accuracy row (all questions) from its metrics.jsonl."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("benchmark") == "overall" and row.get("split") == "all":
-            return row
-    return None
+    return next((row for row in _overall_rows(out / "metrics.jsonl") if row.get("split") == "all"), None)
 
 
 @stage("eval_base")
@@ -584,14 +585,8 @@ def _recipe_report(config: ml_collections.ConfigDict, results: dict, rel: Callab
 
 def _eval_rows(config: ml_collections.ConfigDict, stage_name: str) -> tuple[dict, dict]:
     """(before, adversarial) rows of an evaluation stage keyed by split, pooled over benchmarks."""
-    path = out_of(config, stage_name) / "metrics.jsonl"
     before, adv = {}, {}
-    if not path.exists():
-        return before, adv
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("benchmark") != "overall":
-            continue
+    for row in _overall_rows(out_of(config, stage_name) / "metrics.jsonl"):
         if row.get("kind") == "before":
             before[row["split"]] = row
         elif row.get("kind") == "adversarial" and row.get("variant") in ("mean", "template", row.get("source")):
