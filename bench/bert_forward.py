@@ -85,6 +85,33 @@ class Timer:
         self.cpu = min(self.cpu, (_cpu_seconds() - c) / self.iters)
 
 
+def peak_timers(n: int) -> dict[str, Timer]:
+    """Timers of a jitted JAX and a PyTorch fp32 [n, n] x [n, n] matmul (warmed up), for `matmul_peak`."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    ta = torch.randn(n, n)
+
+    def torch_mm():
+        with torch.inference_mode():
+            torch.mm(ta, ta)
+
+    torch_mm()
+    return {"jax_mm": Timer(lambda: mm(a).block_until_ready(), 1), "torch_mm": Timer(torch_mm, 1)}
+
+
+def matmul_peak(timers: dict[str, Timer], n: int) -> tuple[float, float]:
+    """This machine's fp32 matmul peak from `peak_timers`' timings: (FLOP/s wall, FLOP per CPU-second), the
+    better framework of the two."""
+    flops = 2 * n ** 3
+    return (max(flops / timers["jax_mm"].wall, flops / timers["torch_mm"].wall),
+            max(flops / timers["jax_mm"].cpu, flops / timers["torch_mm"].cpu))
+
+
 def bert_flops(cfg, b: int, t: int, *, pooled_only: bool) -> float:
     """Matmul FLOPs of one classifier forward (2 per multiply-add); elementwise work excluded.
 
@@ -162,21 +189,9 @@ def main() -> None:
     ref_probs = ref_fns["sdpa"]().numpy()
     max_diff = max(float(np.abs(ours_probs - f().numpy()).max()) for f in ref_fns.values())
 
-    # matmul peak of this machine, fp32 (both frameworks; the better one is the peak)
     n = args.peak_n
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    ta = torch.randn(n, n)
-
-    def torch_mm():
-        with torch.inference_mode():
-            torch.mm(ta, ta)
-
-    torch_mm()
     timers = {"ours": Timer(ours_fn, args.iters), "ref_sdpa": Timer(ref_fns["sdpa"], args.iters),
-              "ref_eager": Timer(ref_fns["eager"], args.iters),
-              "jax_mm": Timer(lambda: mm(a).block_until_ready(), 1), "torch_mm": Timer(torch_mm, 1)}
+              "ref_eager": Timer(ref_fns["eager"], args.iters), **peak_timers(n)}
     bf16 = None
     if args.bf16:
         _, _, bf16_fn, bf16_probs, _ = jitted(jnp.bfloat16)
@@ -190,8 +205,7 @@ def main() -> None:
                 t.round()
 
     mm_flops = 2 * n ** 3
-    peak = max(mm_flops / timers["jax_mm"].wall, mm_flops / timers["torch_mm"].wall)
-    peak_cpu = max(mm_flops / timers["jax_mm"].cpu, mm_flops / timers["torch_mm"].cpu)  # FLOP per CPU-second
+    peak, peak_cpu = matmul_peak(timers, n)
     flops = bert_flops(cfg, args.batch, args.seq, pooled_only=True)
     model_flops = bert_flops(cfg, args.batch, args.seq, pooled_only=False)
     ref_attn = min(("sdpa", "eager"), key=lambda k: timers[f"ref_{k}"].wall)
