@@ -265,3 +265,22 @@ def test_cpu_sequence_groups_match_one_pass(batch, monkeypatch):
     _, fast = model(*(jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")),
                     pooled_only=True)
     np.testing.assert_allclose(np.asarray(fast), whole_pooled, atol=1e-5)
+
+
+def test_dropout_keep_mask_is_bernoulli_and_independent():
+    """The hash-based dropout mask: keep rate 1 - rate, no correlation between neighbours or between keys."""
+    from medkr_jax.models.bert import dropout_keep_mask
+
+    shape = (8, 4, 128, 256)  # 1M positions, laid out like [B, H, T, T] attention weights
+    n = int(np.prod(shape))
+    for rate in (0.1, 0.3):
+        a = np.asarray(dropout_keep_mask(jax.random.key(0), shape, rate), np.float64)
+        b = np.asarray(dropout_keep_mask(jax.random.key(1), shape, rate), np.float64)
+        p = 1.0 - rate
+        assert abs(a.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+        corr = lambda u, v: float(np.corrcoef(u.ravel(), v.ravel())[0, 1])
+        bound = 5 / np.sqrt(n)
+        assert abs(corr(a, b)) < bound  # two keys
+        assert abs(corr(a[..., 1:], a[..., :-1])) < bound  # neighbours along the last axis
+        assert abs(corr(a[1:], a[:-1])) < bound  # and along the first
+        assert (np.asarray(dropout_keep_mask(jax.random.key(0), shape, rate)) == a.astype(bool)).all()
