@@ -8,7 +8,6 @@ tree merged over the run config for that stage only), so one config file sizes e
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -273,15 +272,23 @@ def grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> d
         "model.path": summary_of(results, "sft")["export_dir"],
         "grpo.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"]})
     res = run_job(sub)
-    from medkr_jax.train.loop import read_metrics
-
-    rewards = [m["reward_mean"] for m in read_metrics(str(out)) if "reward_mean" in m]
-    k = max(1, min(5, len(rewards) // 4))
-    if rewards:
-        res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    k = _add_reward_trend(res, out, parts=4)
+    if "reward_first" in res:
         res["headline"] = (f"{res.get('steps')} steps, mean reward of the first {k} steps {res['reward_first']:.2f} "
                            f"-> last {k} steps {res['reward_last']:.2f}")
     return res
+
+
+def _add_reward_trend(res: dict, out: Path, *, parts: int) -> int:
+    """Adds reward_first / reward_last (mean reward of a GRPO run's first and last k steps, from its metrics;
+    k = 1/parts of the steps, 1 to 5) to `res` when the run logged rewards; returns k."""
+    from medkr_jax.train.loop import read_metrics
+
+    rewards = [m["reward_mean"] for m in read_metrics(str(out)) if "reward_mean" in m]
+    k = max(1, min(5, len(rewards) // parts))
+    if rewards:
+        res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    return k
 
 
 @stage("eval_grpo")
@@ -355,21 +362,25 @@ def _recipe_eval(config: ml_collections.ConfigDict, out: Path, results: dict, st
         "model.path": model_path, "data.eval_path": _recipe_files(results)["heldout"]})
     res = run_job(sub)
     row = _recipe_overall(out)
-    preds = collections.Counter()
-    for line in (out / "generations.jsonl").read_text().splitlines():
-        for s in json.loads(line)["samples"]:
-            preds[s["pred"] or "none"] += 1
+    preds = collections.Counter(s["pred"] or "none" for e in _jsonl_rows(out / "generations.jsonl")
+                                for s in e["samples"])
     res.update(model_path=model_path, overall=row, predicted_letters=dict(sorted(preds.items())))
     res["headline"] = f"held-out accuracy {_acc_cell(row)}"
     return res
 
 
-def _overall_rows(path: Path) -> list[dict]:
-    """The rows of an evaluation's metrics.jsonl pooled over benchmarks ("overall"); none if it is missing."""
-    if not path.exists():
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file an earlier stage wrote (records.iter_jsonl); none if it is missing or empty."""
+    from medkr_jax.data.records import iter_jsonl
+
+    if not path.exists() or path.stat().st_size == 0:
         return []
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return [row for row in rows if row.get("benchmark") == "overall"]
+    return [row for _, row in iter_jsonl(path)]
+
+
+def _overall_rows(path: Path) -> list[dict]:
+    """The rows of an evaluation's metrics.jsonl pooled over benchmarks ("overall")."""
+    return [row for row in _jsonl_rows(path) if row.get("benchmark") == "overall"]
 
 
 def _recipe_overall(out: Path) -> dict | None:
@@ -514,16 +525,11 @@ def eval_sft_smollm_stage(config: ml_collections.ConfigDict, out: Path, results:
 @stage("grpo_smollm")
 def grpo_smollm_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """GRPO from the SFT export on the training questions, verifiable answer reward."""
-    from medkr_jax.train.loop import read_metrics
-
     sub = job_config(config, "grpo_smollm", "grpo", out, {
         "model.path": summary_of(results, "sft_smollm")["export_dir"],
         "grpo.train_path": _recipe_files(results)["train"]})
     res = run_job(sub)
-    rewards = [m["reward_mean"] for m in read_metrics(str(out)) if "reward_mean" in m]
-    k = max(1, min(5, len(rewards) // 2))
-    if rewards:
-        res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+    k = _add_reward_trend(res, out, parts=2)
     first, last = res.get("reward_first", float("nan")), res.get("reward_last", float("nan"))
     res["headline"] = (f"{res.get('steps')} steps x {sub.grpo.prompts_per_step} prompts x "
                        f"{sub.grpo.num_generations} samples; mean reward first {k} steps {first:.2f} -> "
@@ -550,8 +556,8 @@ def _recipe_report(config: ml_collections.ConfigDict, results: dict, rel: Callab
     for st in RECIPE_EVALS:
         if st not in results:
             continue
-        row = _recipe_overall(out_of(config, st))
         s = results[st]["summary"]
+        row = s.get("overall")
         lines.append(f"| {names[st]} | {_acc_cell(row)} | {_pct((row or {}).get('no_answer_rate'))} | "
                      f"{s.get('predicted_letters', '')} | {results[st]['wall_s']:.0f}s |")
     key = h.get("answer_letters", {}).get("heldout") or {}
@@ -571,11 +577,7 @@ def _recipe_report(config: ml_collections.ConfigDict, results: dict, rel: Callab
     if "grpo_smollm" in results:
         s = results["grpo_smollm"]["summary"]
         lines += [f"GRPO: {s.get('headline', '')}.", ""]
-    for st, names_ in (("sft_smollm", ("loss.png",)), ("grpo_smollm", ("reward.png", "accuracy.png"))):
-        for name in names_:
-            p = out_of(config, st) / name
-            if p.exists():
-                lines.append(f"![{st} {name}]({rel(p)})")
+    lines += _plot_lines(config, rel, {"sft_smollm": ("loss.png",), "grpo_smollm": ("reward.png", "accuracy.png")})
     lines.append("")
     return lines
 
@@ -599,12 +601,8 @@ def _correct_by_question(config: ml_collections.ConfigDict, stage_name: str, spl
     scored by the evaluation's own scorer (as its accuracy table is)."""
     from medkr_jax.eval.evaluate import score_text
 
-    path = out_of(config, stage_name) / "generations.jsonl"
     out: dict[str, float] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in _jsonl_rows(out_of(config, stage_name) / "generations.jsonl"):
         if row.get("label") != split or not row.get("samples"):
             continue
         right = [score_text(s["text"], row) == row["answer"] for s in row["samples"]]
@@ -633,6 +631,13 @@ def paired_flips(config: ml_collections.ConfigDict, before: str, after: str, spl
 
 def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):.1f}"
+
+
+def _plot_lines(config: ml_collections.ConfigDict, rel: Callable[[Path], str],
+                plots: dict[str, tuple[str, ...]]) -> list[str]:
+    """Markdown image lines for the training plots {stage: file names} that exist."""
+    return [f"![{st} {name}]({rel(out_of(config, st) / name)})" for st, names in plots.items() for name in names
+            if (out_of(config, st) / name).exists()]
 
 
 def _acc_cell(row: dict | None) -> str:
@@ -751,11 +756,7 @@ def report_stage(config: ml_collections.ConfigDict, out: Path, results: dict) ->
                 lines += [f"Paired, on the same {flips['questions']} reasoning questions: {flips['gained']} right only "
                           f"after GRPO, {flips['lost']} right only before it (McNemar exact p = "
                           f"{flips['p_value']:.3g}).", ""]
-        for st, names in (("sft", ("loss.png",)), ("grpo", ("reward.png", "accuracy.png", "kl.png"))):
-            for name in names:
-                p = out_of(config, st) / name
-                if p.exists():
-                    lines += [f"![{st} {name}]({rel(p)})"]
+        lines += _plot_lines(config, rel, {"sft": ("loss.png",), "grpo": ("reward.png", "accuracy.png", "kl.png")})
         lines.append("")
 
     if any(st in results for st in RECIPE_EVALS):
