@@ -170,6 +170,11 @@ def sample_next(logits: jax.Array, keys: jax.Array, *, temperature: jax.Array, t
     return _categorical(keys, x)
 
 
+def _signature(tree: Any) -> tuple:
+    """(shape, dtype, sharding) of every array of a pytree: what a compiled program is specialised on."""
+    return tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree))
+
+
 class Sampler:
     """Prefill + while_loop decode with a preallocated KV cache; see the module docstring."""
 
@@ -305,39 +310,33 @@ class Sampler:
         cached = self._head
         if cached is not None and cached[0]() is weights:
             return cached[1]
-        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
-        key = ("decode_head", graphdef, sig)
+        key = ("decode_head", graphdef, _signature(state))
         make = self._layouts.get(key)
         if make is None:
-            jitted = jax.jit(lambda st: nnx.merge(graphdef, st).decode_head())
-            if self.mesh is None:
-                make = jitted.lower(state).compile()
-            else:
-                from medkr_jax.parallel import sharding_context
-                with sharding_context(self.mesh, self.rules):
-                    make = jitted.lower(state).compile()
+            make = self._compile(jax.jit(lambda st: nnx.merge(graphdef, st).decode_head()), state)
             self._layouts[key] = make
         head = make(state)
         self._head = (weakref.ref(weights), head)
         return head
 
     def _compiled(self, graphdef, state, args, *, batch, prompt_len, gen_len, greedy, filtered):
-        sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves((state, args[0])))
-        key = (graphdef, sig, batch, prompt_len, gen_len, greedy, filtered)
+        key = (graphdef, _signature((state, args[0])), batch, prompt_len, gen_len, greedy, filtered)
         prog = self._programs.get(key)
         if prog is None:
             fn = self._build(graphdef, batch=batch, prompt_len=prompt_len, gen_len=gen_len, greedy=greedy,
                              filtered=filtered)
             out_shardings = None if self.mesh is None else NamedSharding(self.mesh, P())
-            jitted = jax.jit(fn, out_shardings=out_shardings)
-            if self.mesh is None:
-                prog = jitted.lower(state, *args).compile()
-            else:
-                from medkr_jax.parallel import sharding_context
-                with sharding_context(self.mesh, self.rules):
-                    prog = jitted.lower(state, *args).compile()
+            prog = self._compile(jax.jit(fn, out_shardings=out_shardings), state, *args)
             self._programs[key] = prog
         return prog
+
+    def _compile(self, jitted, *args):
+        """`jitted` compiled ahead of time for `args`, under this sampler's sharding rules when it has a mesh."""
+        if self.mesh is None:
+            return jitted.lower(*args).compile()
+        from medkr_jax.parallel import sharding_context
+        with sharding_context(self.mesh, self.rules):
+            return jitted.lower(*args).compile()
 
     # ---------------------------------------------------------------- public API
 
