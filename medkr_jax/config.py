@@ -176,6 +176,9 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "loss_aggregation": "token",  # token | sequence | constant (Dr. GRPO: sum / (rows * max_new_tokens))
         "scale_rewards": True,    # divide advantages by group std (False = Dr. GRPO)
         "format_reward": 0.0,
+        # what earns the correctness reward: "final" = the closing "The answer is X." names the right option;
+        # "extract" = the evaluation's extractor, whose fallbacks also credit a letter mentioned anywhere
+        "answer_source": "final",
         "export_dir": "",
         "old_logprobs": "sampler",  # mu > 1: old-policy log-probs from the sampler, or "recompute" (a forward pass)
         "reasoning_only": True,   # train on reasoning-heavy records (label or is_reasoning), as BioMed-R1

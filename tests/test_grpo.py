@@ -108,11 +108,45 @@ def test_completion_rewards_letter_and_option_text():
 
     opts = ["aspirin", "heparin", "warfarin", "insulin"]
     texts = ["So heparin. The answer is B.", "So heparin. The answer is heparin.", "The answer is warfarin.",
-             "The answer is digoxin.", "heparin, I think"]
-    reward, correct, formatted = grpo.completion_rewards(texts, [opts] * 5, [1] * 5, format_reward=0.5)
-    np.testing.assert_array_equal(correct, [1, 1, 0, 0, 1])
-    np.testing.assert_array_equal(formatted, [1, 1, 1, 0, 0])  # "digoxin" names no option
-    np.testing.assert_allclose(reward, [1.5, 1.5, 0.5, 0.0, 1.0])
+             "The answer is digoxin.", "heparin, I think", "At first sight (B) looks right. The answer is 120 mg.",
+             "The answer is A. Wait. The answer is (B).", "The answer is B or D."]
+    reward, correct, formatted = grpo.completion_rewards(texts, [opts] * 8, [1] * 8, format_reward=0.5)
+    # only a closing "The answer is X." naming an option counts: not a letter mentioned earlier ("(B)" in the
+    # sixth), not a closing statement that names no option ("digoxin") or two ("B or D")
+    np.testing.assert_array_equal(correct, [1, 1, 0, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(formatted, [1, 1, 1, 0, 0, 0, 1, 0])
+    np.testing.assert_allclose(reward, [1.5, 1.5, 0.5, 0.0, 0.0, 0.0, 1.5, 0.0])
+    # the evaluation's extractor, with its fallbacks, credits the stray "(B)" and the bare option text
+    _, lenient, _ = grpo.completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="extract")
+    np.testing.assert_array_equal(lenient, [1, 1, 0, 0, 1, 1, 1, 0])
+    with pytest.raises(ValueError, match="answer_source"):
+        grpo.completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="bogus")
+
+
+def test_rollout_diagnostics_by_hand():
+    from medkr_jax.train import grpo
+
+    # 3 groups of 4: all rewards equal (no signal), mixed, all equal again
+    rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0.25, 0, 0, 0, 0], np.float32)
+    tokens = np.array([[5, 6, 7], [5, 6, 9], [5, 6, 7], [5, 6, 7],     # 2 distinct (length 3)
+                       [1, 2, 0], [1, 2, 0], [1, 3, 0], [4, 0, 0],     # lengths 2,2,2,1 -> (1,2),(1,3),(4,) : 3
+                       [8, 8, 8], [8, 8, 9], [8, 8, 7], [8, 0, 0]], np.int32)  # lengths 2,2,2,1 -> (8,8),(8,): 2
+    lengths = np.array([3, 3, 3, 3, 2, 2, 2, 1, 2, 2, 2, 1])
+    d = grpo.rollout_diagnostics(rewards, tokens, lengths, 4)
+    assert d["zero_std_groups"] == pytest.approx(2 / 3)
+    assert d["signal_rows"] == pytest.approx(1 / 3)
+    assert d["distinct_completions"] == pytest.approx((2 + 3 + 2) / 3)
+
+
+def test_logprob_agreement_by_hand():
+    from medkr_jax.train import grpo
+
+    trainer = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -0.25, -9.0]])
+    sampler = jnp.array([[-1.0, -2.5, 0.0], [-0.75, -0.25, 0.0]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 0]], jnp.float32)  # the third column is padding: ignored
+    d = grpo.logprob_agreement(trainer, sampler, mask)
+    assert float(d["logp_diff_max"]) == pytest.approx(0.5)
+    assert float(d["logp_diff_mean"]) == pytest.approx((0 + 0.5 + 0.25 + 0) / 4)
 
 
 def test_masked_cross_entropy_matches_numpy():
@@ -227,7 +261,10 @@ def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory)
     recs = loop.read_metrics(cfg.output_dir)
     rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
     assert rewards[0] <= 0.35 and np.mean(rewards[-5:]) >= 0.9, rewards
-    assert {"kl", "clip_fraction", "entropy", "response_length", "reward_std", "accuracy"} <= set(recs[-1])
+    assert {"kl", "clip_fraction", "entropy", "response_length", "reward_std", "accuracy", "zero_std_groups",
+            "distinct_completions", "update_ratio"} <= set(recs[-1])
+    # the sampler draws from the distribution the trainer differentiates: same log-probs of the same tokens
+    assert max(r["logp_diff_max"] for r in recs if "logp_diff_max" in r) < 1e-4
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert max(r["clip_fraction"] for r in recs) > 0  # mu = 2: the second inner update is clipped somewhere
     assert summary["sampler_compiles"] == 1  # one program for every rollout

@@ -123,6 +123,21 @@ def test_grad_accumulation_equals_full_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
 
 
+def test_update_ratio_is_update_norm_over_param_norm():
+    """update_ratio = ||delta theta|| / ||theta|| (before the update), by hand for plain SGD: lr * ||g|| / ||theta||."""
+    mesh = one_device_mesh()
+    batch = Batches(n_batches=1, batch=8).data[0]
+    model = make_model(mesh)
+    tr = loop.Trainer(model, loss_fn=mse_loss, tx=optax.sgd(0.1), mesh=mesh)
+    before = [np.asarray(x, np.float64) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))]
+    m = tr.update(batch, jax.random.key(0))
+    after = [np.asarray(x, np.float64) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))]
+    delta = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
+    norm = np.sqrt(sum((b ** 2).sum() for b in before))
+    assert float(m["update_ratio"]) == pytest.approx(delta / norm, rel=1e-4)
+    assert float(m["update_ratio"]) == pytest.approx(0.1 * float(m["grad_norm"]) / norm, rel=1e-4)
+
+
 def test_train_logs_learns_and_resumes(tmp_path):
     """Loss drops; metrics.jsonl/TensorBoard written; a second run resumes and matches an uninterrupted run."""
     mesh = one_device_mesh()

@@ -30,29 +30,48 @@ from medkr_jax import xla_options
 from medkr_jax.train.losses import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
 
 WIDTH_MULTIPLE = 16
-_FINAL = re.compile(r"the answer is \(?([A-Z])\)?\.?\s*$", re.IGNORECASE)
-_FINAL_STATEMENT = re.compile(r"the answer is [^\n]+?\.?\s*$", re.IGNORECASE)
 
 
 class GRPODataError(ValueError):
     """The GRPO prompts cannot be built."""
 
 
-def _well_formatted(text: str, options: Sequence[str]) -> bool:
-    """Ends with "The answer is X." naming one option by its letter or by its text."""
+_LAST_STATEMENT = re.compile(r"the answer is (?!.*the answer is)[^\n]+?\.?\s*$", re.IGNORECASE)
+ANSWER_SOURCES = ("final", "extract")
+
+
+def final_statement_answer(text: str, options: Sequence[str]) -> int | None:
+    """The option named by the completion's closing "The answer is X." (letter or option text), else None.
+
+    Only the last such statement, ending the text, counts: a letter mentioned earlier ("At first sight (C)
+    looks right") or a closing statement that names no option gives None.
+    """
     from medkr_jax.eval.extract import extract_answer
 
-    m = _FINAL_STATEMENT.search(text.strip())
-    return bool(_FINAL.search(text.strip())) or (m is not None and extract_answer(m.group(0), options) is not None)
+    m = _LAST_STATEMENT.search(text.strip())
+    return None if m is None else extract_answer(m.group(0), options)
 
 
 def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], answers: Sequence[int], *,
-                       format_reward: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reward, correct, well_formatted) per completion: correctness via the evaluation's extractor."""
+                       format_reward: float = 0.0, answer_source: str = "final"
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reward, correct, well_formatted) per completion.
+
+    well_formatted: the completion ends with "The answer is X." naming one option. correct: with
+    answer_source="final", that closing statement names the right option (a verifiable reward that a stray
+    letter cannot earn); with "extract", the evaluation's extractor (eval.extract) finds the right option
+    anywhere by its fallback rules. reward = correct + format_reward * well_formatted.
+    """
     from medkr_jax.eval.extract import extract_answer
 
-    correct = np.array([extract_answer(t, o) == a for t, o, a in zip(texts, options, answers)], np.float32)
-    formatted = np.array([_well_formatted(t, o) for t, o in zip(texts, options)], np.float32)
+    if answer_source not in ANSWER_SOURCES:
+        raise ValueError(f"config.grpo.answer_source: expected one of {ANSWER_SOURCES}, got {answer_source!r}")
+    final = [final_statement_answer(t, o) for t, o in zip(texts, options)]
+    formatted = np.array([f is not None and f >= 0 for f in final], np.float32)
+    if answer_source == "final":
+        correct = np.array([f == a for f, a in zip(final, answers)], np.float32)
+    else:
+        correct = np.array([extract_answer(t, o) == a for t, o, a in zip(texts, options, answers)], np.float32)
     return correct + format_reward * formatted, correct, formatted
 
 
@@ -62,7 +81,7 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, len
     """Next-token training rows (prompt + completion, right-padded to `width`) with a completion mask.
 
     tokens/targets/positions/attention_mask: [R, width]; completion_mask marks targets that are generated
-    tokens (stop token included); old_logps holds the sampler's log-probs at those targets when given.
+    tokens (stop token included); sampler_logps holds the sampler's log-probs at those targets when given.
     """
     r = len(prompt_index)
     out = {
@@ -73,7 +92,7 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, len
         "completion_mask": np.zeros((r, width), np.float32),
     }
     if sampler_logprobs is not None:
-        out["old_logps"] = np.zeros((r, width), np.float32)
+        out["sampler_logps"] = np.zeros((r, width), np.float32)
     for i in range(r):
         p = list(prompts[prompt_index[i]])
         n = int(lengths[i])
@@ -87,8 +106,35 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, len
         out["attention_mask"][i, :m] = True
         out["completion_mask"][i, len(p) - 1:m] = 1.0
         if sampler_logprobs is not None:
-            out["old_logps"][i, len(p) - 1:m] = sampler_logprobs[i, :n]
+            out["sampler_logps"][i, len(p) - 1:m] = sampler_logprobs[i, :n]
     return out
+
+
+def logprob_agreement(trainer_logps: jax.Array, sampler_logps: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """max and mean |trainer - sampler| log-prob of the same completion tokens (mask) at the same weights.
+
+    On-policy GRPO assumes the sampler draws from the distribution the trainer differentiates; a gap here
+    (other kernels, a padding or position bug, temperature) biases the gradient and the importance ratio.
+    """
+    mask = mask.astype(jnp.float32)
+    diff = jnp.abs(trainer_logps - sampler_logps) * mask
+    return {"logp_diff_max": diff.max(), "logp_diff_mean": diff.sum() / jnp.maximum(mask.sum(), 1.0)}
+
+
+def rollout_diagnostics(rewards: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, group_size: int
+                        ) -> dict[str, float]:
+    """Per rollout batch (rows of a group contiguous): why a GRPO step may carry no signal.
+
+    zero_std_groups: share of groups whose G rewards are all equal (every advantage 0: no gradient from them);
+    distinct_completions: mean number of different completions (token sequences) per group;
+    signal_rows: share of rows with a non-zero advantage.
+    """
+    groups = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    flat = groups.max(axis=1) == groups.min(axis=1)
+    distinct = [len({tuple(tokens[g * group_size + j, :int(lengths[g * group_size + j])].tolist())
+                     for j in range(group_size)}) for g in range(groups.shape[0])]
+    return {"zero_std_groups": float(flat.mean()), "distinct_completions": float(np.mean(distinct)),
+            "signal_rows": float(1.0 - flat.mean())}
 
 
 def make_loss_fn(gcfg: Any):
@@ -110,6 +156,8 @@ def make_loss_fn(gcfg: Any):
         weight = n_tok if aggregation == "token" else jnp.asarray(mask.shape[0], jnp.float32)
         if "ref_logps" not in batch:
             metrics.pop("kl")
+        if "sampler_logps" in batch:
+            metrics.update(logprob_agreement(jax.lax.stop_gradient(logps), batch["sampler_logps"], mask))
         return loss, {**metrics, "entropy": ent, "weight": weight, "tokens": n_tok}
 
     return loss_fn
@@ -203,16 +251,19 @@ def run(config: Any, *, mesh: Any = None) -> dict:
         pi = out.prompt_index
         reward, correct, formatted = completion_rewards(
             texts, [exs[j].record.options for j in pi], [exs[j].answer for j in pi],
-            format_reward=float(g.format_reward))
+            format_reward=float(g.format_reward), answer_source=str(g.answer_source))
         adv = group_advantages(reward, G, scale=bool(g.scale_rewards))  # numpy in, numpy out (host)
         use_sampler_old = mu > 1 and g.old_logprobs == "sampler"
+        diagnostics = rollout_diagnostics(reward, out.tokens, out.lengths, G)
         step_prompts = [prompt_ids[int(i)] for i in idx]
         # train on the rows' real length rounded up to a multiple of 16 (a few compiled shapes), not on the
         # padded maximum: short prompts and early stops then cost no compute
         need = max(len(step_prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
         width = min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
         batch = rollout_batch(step_prompts, out.tokens, out.lengths, pi, width=width,
-                              pad_id=pad, sampler_logprobs=out.logprobs if use_sampler_old else None)
+                              pad_id=pad, sampler_logprobs=out.logprobs)
+        if use_sampler_old:
+            batch["old_logps"] = batch["sampler_logps"]
         batch["advantages"] = adv.astype(np.float32)
         batch = {k: v[local] for k, v in batch.items()}
         t_score = time.perf_counter() - t0 - t_gen
@@ -226,9 +277,10 @@ def run(config: Any, *, mesh: Any = None) -> dict:
         inner = [{k: float(v) for k, v in jax.device_get(m).items()} for m in inner]
         metrics = {k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("weight", "tokens")}
         # entropy / kl of the rollout policy: the first inner update sees the sampling-time weights
-        for k in ("entropy", "kl"):
+        for k in ("entropy", "kl", "logp_diff_max", "logp_diff_mean"):
             if k in inner[0]:
                 metrics[k] = inner[0][k]
+        metrics.update(diagnostics)
         dt = time.perf_counter() - t0
         groups = reward.reshape(-1, G)
         metrics.update(

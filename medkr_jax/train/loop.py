@@ -286,8 +286,11 @@ class Trainer:
             loss = l_sum / denom
             aux = {k: (v if k in SUMMED_AUX else v / denom) for k, v in a_sum.items()}
         updates, opt_state = self.tx.update(grads, opt_state, params)
+        # update size relative to the weights, ||delta theta|| / ||theta||: how far one step moves the model
+        update_ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(params), 1e-12)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "weight": weight, **aux}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "update_ratio": update_ratio,
+                   "weight": weight, **aux}
         return params, opt_state, rest, metrics
 
     def place_batch(self, batch: Any) -> Any:
