@@ -130,19 +130,29 @@ def test_flax_logits_match_pytorch_on_converted_smollm2(smollm2_folder):  # noqa
         return e.max(), np.sqrt((e ** 2).mean())
 
     # fp32 through 30 layers (logits up to ~40, hidden states up to ~2.5e4) is ~1e-4 from the float64 truth on
-    # both sides: HF's own fp32 logits are off by up to ~9e-5 (rms ~1.2e-5), so |ours - HF| <= 1e-4 on every
-    # logit is a matter of rounding luck (measured 8.7e-5 to 1.15e-4 with the thread count and GEMM kernel;
-    # a float64-matmul version of ours is 9.4e-5 from HF's fp32). The oracle: ours is as accurate as HF.
+    # both sides, so |ours - HF fp32| on the worst logit compares two roundings: it was 8.7e-5 to 1.15e-4 (by
+    # GEMM kernel) on one machine and 1.50e-4 on another (issue #14). On a given machine it did not move at all:
+    # bit-identical logits, both sides, with 1 or 2 threads, with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+    # and on a busy box; the spread comes from the CPU's kernels, not from threads or load. So the oracle is the
+    # float64 truth: ours must be about as accurate as HF's own fp32 logits.
     hf_max, hf_rms = error(ref)
-    assert hf_max < 1.5e-4 and hf_rms < 2e-5  # the truth is right: HF fp32 is near it
-    for options, slack in ((dense_program_options(), 1.2), (None, 1.5)):
+    # measured 9.3e-5 / 1.18e-5 to 1.24e-5 (two machines): the truth is right, HF fp32 is near it
+    assert hf_max < 1.5e-4 and hf_rms < 2e-5, (hf_max, hf_rms)
+    # Ratios (ours / HF) of rms and max error vs the truth, measured on two machines (AVX-512 Xeon: issue #14):
+    #   dense options: rms 0.96 / 1.11, max 0.99 / 1.17;  XLA's default (YNNPACK): rms 1.24 / 1.40, max 1.35 / 1.69.
+    # The slacks are >= 1.5x the worst of those. A real bug is far outside them: with rms_norm_eps off by 10x the
+    # ratios are ~300, with rope_theta off by 0.1% they are 37 (max) and 52 (rms).
+    for options, rms_slack, max_slack in ((dense_program_options(), 1.7, 1.8), (None, 2.1, 2.6)):
         # dense-program options (training steps, reference log-probs: XLA's Eigen GEMM on CPU) and XLA's
         # default (YNNPACK GEMM, as the sampler runs: one accumulation chain per output, less accurate)
         ours = forward(options)
         ours_max, ours_rms = error(ours)
-        assert ours_rms <= slack * hf_rms and ours_max <= slack * hf_max, (options, ours_max, ours_rms,
-                                                                           hf_max, hf_rms)
+        assert ours_rms <= rms_slack * hf_rms and ours_max <= max_slack * hf_max, (options, ours_max, ours_rms,
+                                                                                   hf_max, hf_rms)
+        # |ours - HF| directly, as a quantile (99.9th percentile measured 5.5e-5 dense, 7.3e-5 default; <= 1e-4 on
+        # the issue's machine) and a max bound 1.67x the worst max seen (1.50e-4): a coarse absolute check only.
         diff = np.abs(ours - ref)[mask]
-        assert np.quantile(diff, 0.999) <= 1e-4, f"99.9th percentile |diff| {np.quantile(diff, 0.999):.2e}"
-        assert diff.max() <= 1.5e-4, f"max |diff| {diff.max():.2e}"
+        assert np.quantile(diff, 0.999) <= 1.5e-4, f"99.9th percentile |diff| {np.quantile(diff, 0.999):.2e}"
+        assert diff.max() <= 2.5e-4, f"max |diff| {diff.max():.2e}"
+        # smallest top-1 / top-2 gap of HF's logits here: 4.6e-3, 30x the largest |diff| seen
         assert np.array_equal(ours.argmax(-1)[mask], ref.argmax(-1)[mask])
