@@ -194,7 +194,16 @@ def _synthetic_section() -> ml_collections.ConfigDict:
         "reasoning_fraction": 0.5,
         "classifier_questions": 400,     # labelled questions for the reasoning/knowledge classifier
         "policy_train_questions": 600,   # SFT / GRPO training questions for the tiny policy
-        "policy_eval_questions": 200,    # held-out questions for its evaluation
+        "policy_eval_questions": 200,    # held-out questions for its evaluation (the scored test split)
+        "policy_val_questions": 0,       # > 0: a validation split, disjoint from the others, for choosing settings
+    })
+
+
+def _study_section() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "seeds": (0, 1, 2),       # scored seeds: each its own world, splits, policy init and data order
+        "search_seed": 100,       # GRPO settings are chosen on this seed's validation split (not scored)
+        "grpo_candidates": (),    # partial config.pipeline.grpo trees to choose from; () = config.pipeline.grpo
     })
 
 
@@ -255,6 +264,7 @@ def base_config() -> ml_collections.ConfigDict:
         "sft": _sft_section(),
         "grpo": _grpo_section(),
         "synthetic": _synthetic_section(),
+        "study": _study_section(),
         "dry_run": _dry_run_section(),
         "export": _export_section(),
         "import_": _import_section(),

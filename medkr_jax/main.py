@@ -23,6 +23,7 @@ JOBS: dict[str, str] = {
     "sft": "medkr_jax.train.sft:run",
     "grpo": "medkr_jax.train.grpo:run",
     "pipeline": "medkr_jax.pipeline:run",
+    "study": "medkr_jax.study:run",
     "dry_run": "medkr_jax.models.memory:run",
     "export": "medkr_jax.models.hf:run_export",
     "import": "medkr_jax.models.gguf:run",

@@ -29,7 +29,7 @@ def completed(config: ml_collections.ConfigDict, name: str) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    from medkr_jax import parallel, stages as stage_lib
+    from medkr_jax import parallel, stages as stage_lib, study  # noqa: F401  (study registers its stages)
 
     names = list(config.pipeline.stages)
     if not names:

@@ -100,6 +100,8 @@ def data_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> d
     synthetic.save_world(world, out / "world.json")
     sizes = {"classifier": int(sc.classifier_questions), "policy_train": int(sc.policy_train_questions),
              "policy_eval": int(sc.policy_eval_questions)}
+    if int(sc.policy_val_questions) > 0:  # drawn last, so the other splits stay as they were without it
+        sizes["policy_val"] = int(sc.policy_val_questions)
     splits = synthetic.make_splits(world, sizes, int(sc.seed), reasoning_fraction=float(sc.reasoning_fraction))
     files = {name: str(write_records(out / f"synthetic_{name}.jsonl", recs)) for name, recs in splits.items()}
 
@@ -596,14 +598,16 @@ def _eval_rows(config: ml_collections.ConfigDict, stage_name: str) -> tuple[dict
     return before, adv
 
 
-def _correct_by_question(config: ml_collections.ConfigDict, stage_name: str, split: str) -> dict[str, float]:
-    """{question key: fraction of its samples answered right} for one split of an evaluation's generation log,
-    scored by the evaluation's own scorer (as its accuracy table is)."""
+def correct_by_question(config: ml_collections.ConfigDict, stage_name: str, split: str, *,
+                        log: str = "generations.jsonl") -> dict[str, float]:
+    """{question key: fraction of its samples answered right} for one split ("all" = every question) of an
+    evaluation's generation log (or its adversarial log), scored by the evaluation's own scorer (as its
+    accuracy table is)."""
     from medkr_jax.eval.evaluate import score_text
 
     out: dict[str, float] = {}
-    for row in _jsonl_rows(out_of(config, stage_name) / "generations.jsonl"):
-        if row.get("label") != split or not row.get("samples"):
+    for row in _jsonl_rows(out_of(config, stage_name) / log):
+        if (split != "all" and row.get("label") != split) or not row.get("samples"):
             continue
         right = [score_text(s["text"], row) == row["answer"] for s in row["samples"]]
         out[row["key"]] = sum(right) / len(right)
@@ -618,7 +622,7 @@ def paired_flips(config: ml_collections.ConfigDict, before: str, after: str, spl
     """
     import math
 
-    a, b = _correct_by_question(config, before, split), _correct_by_question(config, after, split)
+    a, b = correct_by_question(config, before, split), correct_by_question(config, after, split)
     keys = sorted(set(a) & set(b))
     if not keys:
         return None

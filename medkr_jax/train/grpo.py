@@ -287,7 +287,8 @@ def run(config: Any, *, mesh: Any = None) -> dict:
             reward_mean=float(reward.mean()), reward_std=float(reward.std()),
             group_reward_std=float(groups.std(axis=1).mean()), accuracy=float(correct.mean()),
             format_rate=float(formatted.mean()), response_length=float(out.lengths.mean()),
-            tokens=float(out.lengths.sum()), samples_per_s=len(reward) / dt, generate_s=t_gen,
+            tokens=float(out.lengths.sum()), train_tokens=float(rows * width * mu), samples_per_s=len(reward) / dt,
+            generate_s=t_gen,
             score_s=t_score, update_s=dt - t_gen - t_score,
         )
         return metrics

@@ -1,0 +1,194 @@
+"""job=study: the BioMed-R1 recipe's ablation on the synthetic world, over several seeds, with paired tests.
+
+    python -m medkr_jax.main --config configs/study.py
+
+Arms (each an SFT or GRPO stage of the pipeline, evaluated on the held-out test split with the adversarial
+evaluation):
+  (a) sft_plain   SFT on plain traces only
+  (b) sft         SFT on plain + adversarial + backtracking traces
+  (c) grpo        (b) + GRPO on reasoning-heavy prompts
+  (d) sft_more    (b) + more SFT on (b)'s mixture, as many training tokens as (c)'s GRPO updates processed
+
+Every seed draws its own world, question splits, policy init and data order (config.seed, config.synthetic.seed
+and config.traces.seed are all set to it). GRPO's settings are chosen first, on a search seed that is not
+scored: each candidate in config.study.grpo_candidates (a partial config.pipeline.grpo tree) runs GRPO from
+that seed's (b) and is scored on its validation split; the best reasoning accuracy there wins. The test
+questions of the scored seeds are never seen by the search. Every seed's stages resume like the demo's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from medkr_jax import parallel, pipeline, stages
+from medkr_jax.stages import _adversarial_stage, job_config, merge, out_of, run_job, stage, summary_of
+
+ARMS = (("a", "sft_plain", "SFT, plain traces"),
+        ("b", "sft", "SFT, plain + adversarial + backtracking traces"),
+        ("c", "grpo", "(b) + GRPO on reasoning-heavy prompts"),
+        ("d", "sft_more", "(b) + more SFT, GRPO's training tokens"))
+SPLITS = ("knowledge", "reasoning", "all")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+@stage("sft_plain")
+def sft_plain_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """Arm (a): SFT of the random-init policy on plain traces (config.pipeline.sft_plain over config.pipeline.sft)."""
+    sub = job_config(config, "sft", "sft", out, {
+        "model.path": summary_of(results, "policy_init")["path"],
+        "sft.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"]})
+    merge(sub, config.pipeline.get("sft_plain"))
+    res = run_job(sub)
+    res["headline"] = f"{res.get('steps')} steps, final loss {float(res.get('final_loss') or 'nan'):.3f}"
+    return res
+
+
+def grpo_training_tokens(grpo_dir: Path) -> float:
+    """Tokens the GRPO updates processed (rows x padded width, summed over steps and inner updates)."""
+    from medkr_jax.train.loop import read_metrics
+
+    return float(sum(m.get("train_tokens", 0.0) for m in read_metrics(str(grpo_dir))))
+
+
+@stage("sft_more")
+def sft_more_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+    """Arm (d): continue (b)'s SFT on its mixture for as many training tokens as GRPO's updates processed."""
+    base = job_config(config, "sft", "sft", out)
+    tokens = grpo_training_tokens(out_of(config, "grpo"))
+    if tokens <= 0:
+        raise ValueError(f"sft_more: no train_tokens in {out_of(config, 'grpo') / 'metrics.jsonl'}; run grpo first")
+    steps = max(1, math.ceil(tokens / (int(base.train.batch_size) * int(base.train.seq_len))))
+    sub = job_config(config, "sft", "sft", out, {
+        "model.path": summary_of(results, "sft")["export_dir"],
+        "sft.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"],
+        "train.steps": steps, "sft.epochs": 0.0})
+    merge(sub, config.pipeline.get("sft_more"))
+    res = run_job(sub)
+    res["grpo_train_tokens"] = tokens
+    res["headline"] = f"{steps} more steps ({tokens:.0f} tokens, as GRPO's updates)"
+    return res
+
+
+def _eval_stage(name: str, model_stage: str, split_file: str):
+    @stage(name)
+    def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+        return _adversarial_stage(config, out, results, name, summary_of(results, model_stage)["export_dir"],
+                                  summary_of(results, "data")["synthetic_files"][split_file])
+    fn.__doc__ = f"{model_stage}'s policy on the {split_file} split: knowledge vs reasoning, then adversarial."
+    return fn
+
+
+eval_sft_plain_stage = _eval_stage("eval_sft_plain", "sft_plain", "policy_eval")
+eval_sft_more_stage = _eval_stage("eval_sft_more", "sft_more", "policy_eval")
+val_sft_stage = _eval_stage("val_sft", "sft", "policy_val")
+val_grpo_stage = _eval_stage("val_grpo", "grpo", "policy_val")
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean over seeds (NaN bounds for a single seed)."""
+    from scipy import stats as st
+
+    x = np.asarray(values, np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    half = float(st.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on discordant pairs): P(as extreme | p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_counts(x: dict[str, float], y: dict[str, float]) -> tuple[int, int, int]:
+    """(y better, x better, shared keys) over the keys both dicts score; values are per-question scores."""
+    keys = set(x) & set(y)
+    return sum(y[k] > x[k] for k in keys), sum(x[k] > y[k] for k in keys), len(keys)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int, out: Path) -> ml_collections.ConfigDict:
+    sub = copy.deepcopy(config)
+    with sub.unlocked():
+        sub.job = "pipeline"
+        sub.output_dir = str(out)
+        sub.seed = seed
+        sub.synthetic.seed = seed
+        sub.traces.seed = seed
+    return sub
+
+
+def _val_reasoning(run_dir: Path, stage_name: str) -> float:
+    cfg = ml_collections.ConfigDict({"output_dir": str(run_dir)})
+    before, _ = stages._eval_rows(cfg, stage_name)
+    return float(before["reasoning"]["accuracy"])
+
+
+def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, list[dict]]:
+    """Run each GRPO candidate from the search seed's (b) policy; score on its validation split."""
+    sc = config.study
+    seed_dir = root / f"search_seed{int(sc.search_seed)}"
+    base = seed_config(config, int(sc.search_seed), seed_dir)
+    with base.unlocked():
+        base.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "val_sft")
+    pipeline.run(base)
+    rows = [{"candidate": "(b) no GRPO", "val_reasoning": _val_reasoning(seed_dir, "val_sft")}]
+    for i, cand in enumerate(sc.grpo_candidates):
+        cand_dir = seed_dir / f"grpo_candidate{i}"
+        for name in ("data", "tokenizer", "policy_init", "sft"):  # the candidates share the seed's earlier stages
+            (cand_dir / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(seed_dir / name / "stage.json", cand_dir / name / "stage.json")
+        sub = seed_config(config, int(sc.search_seed), cand_dir)
+        with sub.unlocked():
+            sub.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "grpo", "val_grpo")
+        merge(sub.pipeline.grpo, cand, "config.study.grpo_candidates")
+        pipeline.run(sub)
+        rows.append({"candidate": json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else cand, sort_keys=True),
+                     "val_reasoning": _val_reasoning(cand_dir, "val_grpo"), "run_dir": str(cand_dir)})
+    best = max(range(len(sc.grpo_candidates)), key=lambda i: rows[i + 1]["val_reasoning"])
+    return best, rows
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Job "study": the GRPO search on validation, then every arm on every seed, then report.md."""
+    from medkr_jax import study_report
+
+    sc = config.study
+    root = Path(config.output_dir)
+    if int(sc.search_seed) in tuple(sc.seeds):
+        raise ValueError(f"config.study.search_seed={sc.search_seed} is also a scored seed {tuple(sc.seeds)}; "
+                         "choose settings on a seed whose test questions the report does not score")
+    if int(config.synthetic.policy_val_questions) <= 0:
+        raise ValueError("config.synthetic.policy_val_questions must be > 0: GRPO settings are chosen on it")
+    chosen, search = (None, [])
+    if len(sc.grpo_candidates):
+        chosen, search = search_grpo(config, root)
+    for seed in sc.seeds:
+        sub = seed_config(config, int(seed), root / f"seed{int(seed)}")
+        if chosen is not None:
+            merge(sub.pipeline.grpo, sc.grpo_candidates[chosen], "config.study.grpo_candidates")
+        pipeline.run(sub)
+    report = study_report.write(config, root, search=search, chosen=chosen)
+    if parallel.is_main_process():
+        print(report["text"])
+    return {k: v for k, v in report.items() if k != "text"}

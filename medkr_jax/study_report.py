@@ -1,0 +1,187 @@
+"""The study's report: per arm accuracy over seeds with 95% CIs, paired tests between arms, the GRPO search.
+
+Read only from the files the study's stages wrote (evaluation metrics and generation logs, GRPO metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from medkr_jax import parallel, stages
+from medkr_jax.study import ARMS, SPLITS, mean_ci, paired_counts, sign_test
+
+EVAL_OF = {"sft_plain": "eval_sft_plain", "sft": "eval_sft", "grpo": "eval_grpo", "sft_more": "eval_sft_more"}
+
+
+def _cfg(run_dir: Path) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"output_dir": str(run_dir)})
+
+
+def arm_rows(run_dir: Path, arm_stage: str) -> dict[str, float]:
+    """{"<split>": accuracy, "adv_<split>": adversarial accuracy, "drop_all": drop} of one arm on one seed."""
+    before, adv = stages._eval_rows(_cfg(run_dir), EVAL_OF[arm_stage])
+    out = {s: before[s]["accuracy"] for s in SPLITS if s in before}
+    out.update({f"adv_{s}": adv[s]["after"] for s in SPLITS if s in adv})
+    if "all" in adv:
+        out["drop_all"] = adv["all"]["drop"]
+    return out
+
+
+def per_question(run_dir: Path, arm_stage: str, split: str, log: str) -> dict[str, float]:
+    """{seed-qualified question key: share of samples right} for one arm's evaluation log."""
+    got = stages.correct_by_question(_cfg(run_dir), EVAL_OF[arm_stage], split, log=log)
+    return {f"{run_dir.name}/{k}": v for k, v in got.items()}
+
+
+def reward_trend(run_dir: Path) -> tuple[float, float, list[float]] | None:
+    """(mean reward of the first 10% of GRPO steps, of the last 10%, the whole curve)."""
+    from medkr_jax.train.loop import read_metrics
+
+    rewards = [m["reward_mean"] for m in read_metrics(str(stages.out_of(_cfg(run_dir), "grpo")))
+               if "reward_mean" in m]
+    if not rewards:
+        return None
+    k = max(1, len(rewards) // 10)
+    return float(np.mean(rewards[:k])), float(np.mean(rewards[-k:])), rewards
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _ci_cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m, lo, hi = mean_ci(values)
+    return f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _paired(seed_dirs: list[Path], x_arm: str, y_arm: str, split: str, log: str = "generations.jsonl") -> dict:
+    x, y = {}, {}
+    for d in seed_dirs:
+        x.update(per_question(d, x_arm, split, log))
+        y.update(per_question(d, y_arm, split, log))
+    wins, losses, n = paired_counts(x, y)
+    diff = (sum(y.values()) - sum(x.values())) / max(len(y), 1) if len(x) == len(y) else float("nan")
+    return {"wins": wins, "losses": losses, "n": n, "diff": diff, "p": sign_test(wins, losses)}
+
+
+def _paired_drop(seed_dirs: list[Path], x_arm: str, y_arm: str) -> dict:
+    """Per question drop = right before - right after the adversarial prefill; y wins where its drop is smaller."""
+    wins = losses = n = 0
+    dx, dy = [], []
+    for d in seed_dirs:
+        bx, by = per_question(d, x_arm, "all", "generations.jsonl"), per_question(d, y_arm, "all", "generations.jsonl")
+        ax = per_question(d, x_arm, "all", "adversarial_template.jsonl")
+        ay = per_question(d, y_arm, "all", "adversarial_template.jsonl")
+        for k in set(bx) & set(by) & set(ax) & set(ay):
+            drop_x, drop_y = bx[k] - ax[k], by[k] - ay[k]
+            dx.append(drop_x)
+            dy.append(drop_y)
+            wins += drop_y < drop_x
+            losses += drop_y > drop_x
+            n += 1
+    diff = float(np.mean(dy) - np.mean(dx)) if n else float("nan")
+    return {"wins": wins, "losses": losses, "n": n, "diff": diff, "p": sign_test(wins, losses)}
+
+
+def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], chosen: int | None) -> dict:
+    """report.md (+ grpo_reward.png) in the study folder; returns the headline numbers."""
+    sc = config.study
+    seed_dirs = [root / f"seed{int(s)}" for s in sc.seeds]
+    syn = config.synthetic
+    lines = ["# medkr_jax study: SFT traces and GRPO on the synthetic world", "",
+             f"Seeds {', '.join(str(int(s)) for s in sc.seeds)} (each: its own world, question splits, policy init and "
+             f"data order). Per seed: {int(syn.policy_train_questions)} training questions, "
+             f"{int(syn.policy_val_questions)} validation questions (GRPO settings chosen here, on search seed "
+             f"{int(sc.search_seed)}, which is not scored), {int(syn.policy_eval_questions)} test questions (scored "
+             "below, never seen by the search); half of each split reasoning-heavy. Greedy decoding; adversarial = the "
+             "answer prefilled with reasoning for a wrong option, then a reconsideration cue.", ""]
+    if search:
+        lines += ["## GRPO settings, chosen on the validation split", "",
+                  "| candidate (config.pipeline.grpo overrides) | validation reasoning accuracy |", "|---|---:|"]
+        for i, row in enumerate(search):
+            mark = " **(chosen)**" if chosen is not None and i == chosen + 1 else ""
+            lines.append(f"| `{row['candidate']}`{mark} | {_pct(row['val_reasoning'])} |")
+        lines.append("")
+
+    per_arm = {arm: [arm_rows(d, arm) for d in seed_dirs] for _, arm, _ in ARMS}
+    lines += ["## Accuracy per arm (test split; mean over seeds, 95% t-interval over seeds)", "",
+              "| arm | knowledge | reasoning | all | knowledge - reasoning | adversarial (all) | adversarial drop |",
+              "|---|---|---|---|---:|---|---:|"]
+    for letter, arm, title in ARMS:
+        rows = per_arm[arm]
+        gap = [r["knowledge"] - r["reasoning"] for r in rows]
+        lines.append(f"| ({letter}) {title} | {_ci_cell([r['knowledge'] for r in rows])} | "
+                     f"{_ci_cell([r['reasoning'] for r in rows])} | {_ci_cell([r['all'] for r in rows])} | "
+                     f"{_pct(float(np.mean(gap)))} | {_ci_cell([r['adv_all'] for r in rows])} | "
+                     f"{_pct(float(np.mean([r['drop_all'] for r in rows])))} |")
+    lines += ["", "Reasoning accuracy per seed:", "",
+              "| arm | " + " | ".join(d.name for d in seed_dirs) + " |", "|---|" + "---:|" * len(seed_dirs)]
+    for letter, arm, _ in ARMS:
+        lines.append(f"| ({letter}) | " + " | ".join(_pct(r["reasoning"]) for r in per_arm[arm]) + " |")
+
+    tests = {
+        "c_vs_b": _paired(seed_dirs, "sft", "grpo", "reasoning"),
+        "c_vs_d": _paired(seed_dirs, "sft_more", "grpo", "reasoning"),
+        "d_vs_b": _paired(seed_dirs, "sft", "sft_more", "reasoning"),
+        "b_vs_a_drop": _paired_drop(seed_dirs, "sft_plain", "sft"),
+    }
+    targets = {"c_vs_b": "(c) beats (b) on reasoning by >= 5 points, p < 0.01",
+               "c_vs_d": "(c) beats (d) on reasoning by >= 5 points, p < 0.01",
+               "d_vs_b": "(no target: does more SFT alone help?)",
+               "b_vs_a_drop": "(b) has a smaller adversarial drop than (a), p < 0.05"}
+    met = {"c_vs_b": tests["c_vs_b"]["diff"] >= 0.05 and tests["c_vs_b"]["p"] < 0.01,
+           "c_vs_d": tests["c_vs_d"]["diff"] >= 0.05 and tests["c_vs_d"]["p"] < 0.01,
+           "b_vs_a_drop": tests["b_vs_a_drop"]["diff"] < 0 and tests["b_vs_a_drop"]["p"] < 0.05}
+    lines += ["", "## Paired tests, pooled over seeds (same questions; exact sign / McNemar test)", "",
+              "| comparison | questions | better | worse | difference (points) | p | target | met |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
+    names = {"c_vs_b": "(c) vs (b), reasoning", "c_vs_d": "(c) vs (d), reasoning", "d_vs_b": "(d) vs (b), reasoning",
+             "b_vs_a_drop": "(b) vs (a), adversarial drop (all)"}
+    for key, t in tests.items():
+        status = "–" if key not in met else ("yes" if met[key] else "**no**")
+        lines.append(f"| {names[key]} | {t['n']} | {t['wins']} | {t['losses']} | {100 * t['diff']:+.1f} | "
+                     f"{t['p']:.3g} | {targets[key]} | {status} |")
+
+    trends = {d.name: reward_trend(d) for d in seed_dirs}
+    lines += ["", "## GRPO training reward (first 10% of steps -> last 10%)", "",
+              "| seed | first | last | rise |", "|---|---:|---:|---:|"]
+    for name, t in trends.items():
+        if t:
+            lines.append(f"| {name} | {t[0]:.3f} | {t[1]:.3f} | {t[1] - t[0]:+.3f} |")
+    if _plot_rewards(trends, root / "grpo_reward.png"):
+        lines += ["", "![GRPO reward per seed](grpo_reward.png)"]
+    text = "\n".join(lines) + "\n"
+    if parallel.is_main_process():
+        (root / "report.md").write_text(text)
+    return {"text": text, "tests": tests, "targets_met": met,
+            "reasoning": {arm: [r["reasoning"] for r in per_arm[arm]] for _, arm, _ in ARMS}}
+
+
+def _plot_rewards(trends: dict[str, Any], path: Path) -> bool:
+    curves = {k: v[2] for k, v in trends.items() if v}
+    if not curves or not parallel.is_main_process():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, rewards in curves.items():
+        w = max(1, len(rewards) // 10)
+        smooth = np.convolve(rewards, np.ones(w) / w, mode="valid")
+        ax.plot(range(w, len(rewards) + 1), smooth, label=f"{name} ({w}-step mean)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,76 @@
+"""The study job: its statistics against scipy / hand computations, and a toy-sized end-to-end run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from medkr_jax import study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mean_ci_is_the_student_t_interval_over_seeds():
+    x = [0.40, 0.46, 0.49]
+    m, lo, hi = study.mean_ci(x)
+    sd = math.sqrt(sum((v - np.mean(x)) ** 2 for v in x) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2 d.o.f.}
+    assert m == pytest.approx(np.mean(x)) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
+    assert (lo, hi) == pytest.approx(stats.t.interval(0.95, 2, loc=np.mean(x), scale=stats.sem(x)))
+    m1, lo1, hi1 = study.mean_ci([0.5])
+    assert m1 == 0.5 and math.isnan(lo1) and math.isnan(hi1)
+
+
+@pytest.mark.parametrize("wins,losses", [(0, 0), (5, 0), (25, 15), (15, 15), (3, 40), (60, 31)])
+def test_sign_test_matches_scipy_binomial_test(wins, losses):
+    want = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
+    assert study.sign_test(wins, losses) == pytest.approx(want, rel=1e-9)
+
+
+def test_paired_counts_by_hand():
+    x = {"s0/q1": 1.0, "s0/q2": 0.0, "s1/q1": 0.0, "s1/q3": 1.0, "only_x": 1.0}
+    y = {"s0/q1": 1.0, "s0/q2": 1.0, "s1/q1": 1.0, "s1/q3": 0.0, "only_y": 0.0}
+    assert study.paired_counts(x, y) == (2, 1, 4)
+
+
+def test_study_refuses_a_scored_search_seed(tmp_path):
+    cmd = [sys.executable, "-m", "medkr_jax.main", "--config", "configs/study_smoke.py",
+           f"--config.output_dir={tmp_path}", "--config.study.search_seed=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 1 and "search_seed=1 is also a scored seed" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_study_end_to_end_at_toy_sizes(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "medkr_jax.main", "--config", "configs/study_smoke.py", f"--config.output_dir={out}"]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for text in ("chosen on the validation split", "(chosen)", "Accuracy per arm", "Paired tests",
+                 "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1"):
+        assert text in report, text
+    # the search ran on the search seed only; its candidates were scored on the validation split
+    assert (out / "search_seed100" / "grpo_candidate1" / "val_grpo" / "metrics.jsonl").exists()
+    assert not (out / "seed0" / "val_grpo").exists()
+    # every arm of every scored seed was evaluated on the test split
+    for seed in ("seed0", "seed1"):
+        for st in ("eval_sft_plain", "eval_sft", "eval_grpo", "eval_sft_more"):
+            assert (out / seed / st / "metrics.jsonl").exists(), (seed, st)
+        # (d) trains on as many tokens as (c)'s GRPO updates processed
+        more = json.loads((out / seed / "sft_more" / "stage.json").read_text())["summary"]
+        grpo_tokens = sum(json.loads(line).get("train_tokens", 0)
+                          for line in (out / seed / "grpo" / "metrics.jsonl").read_text().splitlines())
+        assert more["grpo_train_tokens"] == grpo_tokens > 0
+        assert more["steps"] == math.ceil(grpo_tokens / (8 * 128))
+    # a rerun resumes: every stage is already complete
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+    assert again.returncode == 0 and "] grpo ..." not in again.stdout
