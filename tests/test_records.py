@@ -141,3 +141,44 @@ def test_question_hash_uses_option_set():
     assert question_hash(r) == question_hash(shuffled)
     assert question_hash(r) != question_hash(different)
     assert question_hash(r, with_options=False) == question_hash(different, with_options=False)
+
+
+def test_duplicate_option_texts_are_rejected_at_read_time(tmp_path):
+    # [Liver, Liver, Kidney, Spleen] answer 1: "The answer is Liver." would be scored as option A, i.e. wrong.
+    p = tmp_path / "dup.jsonl"
+    p.write_text(json.dumps(_rec(id="q9", options=["Liver", " Liver.", "Kidney", "Spleen"], answer=1).to_dict()) + "\n")
+    with pytest.raises(RecordError) as e:
+        read_records(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}, line 1, field 'options'")
+    assert "options A and B of record 'q9'" in msg and "'Liver'" in msg
+    # distinct (both in MMLU): letter case (genotypes, high_school_biology) and symbols (nutrition)
+    _rec(options=["BB BB", "BB Bb", "Bb Bb"], answer=1).validate()
+    _rec(options=["BMI > 25 kg/m2", "BMI = 25 kg/m2"], answer=1).validate()
+    _rec(options=["α-blocker", "β-blocker"], answer=0).validate()
+    _rec(options=["+", "-", "+/-"], answer=0).validate()
+
+
+def test_extractor_tells_non_ascii_options_apart():
+    from medkr_jax.eval.extract import extract_answer
+
+    assert extract_answer("The answer is β-blocker.", ["α-blocker", "β-blocker"]) == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is BB Bb.", 1), ("The answer is BB BB.", 0), ("BB Bb", 1), ("\\boxed{BB Bb}", 1),
+    ("I pick BB Bb", 1), ("The answer is bb bb.", None),
+])
+def test_extractor_breaks_case_only_ties_by_case(text, expected):
+    from medkr_jax.eval.extract import extract_answer
+
+    assert extract_answer(text, ["BB BB", "BB Bb", "bb bb x"]) == expected
+
+
+def test_extractor_breaks_symbol_only_ties_exactly():
+    from medkr_jax.eval.extract import extract_answer
+
+    options = ["BMI > 25 kg/m2", "BMI = 25 kg/m2", "BMI < 18"]
+    assert extract_answer("The answer is BMI = 25 kg/m2.", options) == 1
+    assert extract_answer("Final answer: BMI > 25 kg/m2", options) == 0
+    assert extract_answer("So: BMI = 25 kg/m2", options) == 1

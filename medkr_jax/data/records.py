@@ -86,9 +86,13 @@ class MCQRecord:
         """The option letters of this question, e.g. ``"ABCD"``."""
         return LETTERS[: len(self.options)]
 
-    def validate(self, *, source: str | os.PathLike | None = None, where: str | None = None) -> MCQRecord:
-        """Check every field; raise ``RecordError`` naming ``source``/``where`` and the field."""
-        validate_record(self, source=source, where=where)
+    def validate(self, *, source: str | os.PathLike | None = None, where: str | None = None,
+                 duplicate_options_ok: bool = False) -> MCQRecord:
+        """Check every field; raise ``RecordError`` naming ``source``/``where`` and the field.
+
+        Options that repeat a text (``duplicate_options``) are an error unless ``duplicate_options_ok`` (the
+        benchmark readers, which drop such questions of published sets with a count and a warning)."""
+        validate_record(self, source=source, where=where, duplicate_options_ok=duplicate_options_ok)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +151,8 @@ def _is_int(x: Any) -> bool:
 
 
 def validate_record(
-    record: MCQRecord, *, source: str | os.PathLike | None = None, where: str | None = None
+    record: MCQRecord, *, source: str | os.PathLike | None = None, where: str | None = None,
+    duplicate_options_ok: bool = False,
 ) -> None:
     """Raise ``RecordError`` (naming file, row/line and field) if ``record`` breaks the contract."""
 
@@ -171,6 +176,12 @@ def validate_record(
     for i, opt in enumerate(record.options):
         if not isinstance(opt, str) or not opt.strip():
             fail("options", f"option {LETTERS[i]} must be a non-empty string, got {opt!r}")
+    dup = None if duplicate_options_ok else duplicate_options(record.options)
+    if dup is not None:
+        i, j = dup
+        fail("options", f"options {LETTERS[i]} and {LETTERS[j]} of record {record.id!r} are the same text "
+                        f"({record.options[i]!r} / {record.options[j]!r}, spacing and a final period ignored), so an "
+                        "answer naming it cannot be scored; remove or reword the duplicate")
     if not _is_int(record.answer):
         fail("answer", f"expected an integer option index, got {record.answer!r}")
     if not 0 <= record.answer < len(record.options):
@@ -210,6 +221,26 @@ def normalize_text(text: str) -> str:
     """Case-, punctuation- and whitespace-insensitive form of ``text`` (NFKC, casefolded)."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(_NON_WORD.sub(" ", text).replace("_", " ").split())
+
+
+def option_key(text: str) -> str:
+    """An option text as far as any reader can tell options apart: NFKC, spacing collapsed, surrounding
+    spaces and a final period dropped; letter case and symbols kept ("BB BB" / "BB Bb" are different
+    genotypes, "BMI > 25" / "BMI = 25" different thresholds). ``eval.extract`` matches options
+    ``normalize_text``-insensitively and breaks the ties that leaves with this key."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).removesuffix(".").rstrip()
+
+
+def duplicate_options(options: Iterable[str]) -> tuple[int, int] | None:
+    """The first pair (i, j), i < j, of options with the same ``option_key`` (which no answer extractor
+    can tell apart), or None."""
+    seen: dict[str, int] = {}
+    for j, opt in enumerate(options):
+        key = option_key(opt)
+        if key in seen:
+            return seen[key], j
+        seen[key] = j
+    return None
 
 
 def text_hash(text: str) -> str:
@@ -259,6 +290,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 _RECORD_FORMATS = (".jsonl", ".parquet")
 
 
+_EXPECTED = "a .jsonl or .parquet file of canonical records"
+
+
 def _record_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in _RECORD_FORMATS:
@@ -266,9 +300,20 @@ def _record_format(path: Path) -> str:
     return suffix
 
 
+def _check_records_path(path: Path) -> None:
+    """A folder or a missing extension-less path (an ``owner/name``) given where a records file is read."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected {_EXPECTED} (a published benchmark's folder or file "
+                         "needs its reader, e.g. 'biomed_r1_eval:<folder>?config=medqa')")
+    if not path.suffix and not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; expected {_EXPECTED} (a Hugging Face Hub dataset id "
+                                "needs its reader and hub=1, e.g. 'biomed_r1_eval:owner/name?config=medqa&hub=1')")
+
+
 def read_records(path: str | os.PathLike) -> list[MCQRecord]:
     """Read canonical records from ``.jsonl`` (one record per line) or ``.parquet``; all validated."""
     path = Path(path)
+    _check_records_path(path)
     fmt = _record_format(path)
     if fmt == ".jsonl":
         return [MCQRecord.from_dict(obj, source=path, where=f"line {n}") for n, obj in iter_jsonl(path)]

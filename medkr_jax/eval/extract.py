@@ -21,7 +21,9 @@ of falling through, since the model did not commit to one.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
+
+from medkr_jax.data.records import normalize_text, option_key
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -55,7 +57,28 @@ def _clean(text: str) -> str:
 
 
 def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+    # The records' normalisation (NFKC, casefold, non-word characters -> space). It keeps non-ASCII letters
+    # ("α-blocker" and "β-blocker" stay distinct, where an ASCII-only rule mapped both to "blocker").
+    return normalize_text(s)
+
+
+def _exact(s: str) -> str:
+    # case and symbols kept; read-time validation rejects options equal under this key
+    return option_key(s)
+
+
+def _tiebreak(cands: list[int], exact_match: Callable[[int], bool]) -> int | None:
+    """The one candidate when there is one; among options equal under ``_norm`` ("BB BB" / "BB Bb",
+    "BMI > 25" / "BMI = 25"), the single one ``exact_match`` accepts, else _AMBIGUOUS; None for no candidate."""
+    if len(cands) <= 1:
+        return cands[0] if cands else None
+    exact = [i for i in cands if exact_match(i)]
+    return exact[0] if len(exact) == 1 else _AMBIGUOUS
+
+
+def _opens_exact(text: str, option: str) -> bool:
+    t, o = _exact(text), _exact(option)
+    return t.startswith(o) and (len(t) == len(o) or not t[len(o)].isalnum())
 
 
 def _leading_letter(tail: str, n: int) -> tuple[int | None, str]:
@@ -77,13 +100,14 @@ def _leading_letter(tail: str, n: int) -> tuple[int | None, str]:
 
 def _option_text_at_start(tail: str, options: Sequence[str]) -> int | None:
     """Index of the (longest) option whose text opens ``tail``, word-bounded."""
+    def opens(t: str, o: str) -> bool:
+        return bool(o) and (t == o or t.startswith(o + " "))
+
     t = _norm(tail)
-    best, best_len = None, 0
-    for i, opt in enumerate(options):
-        o = _norm(opt)
-        if o and (t == o or t.startswith(o + " ")) and len(o) > best_len:
-            best, best_len = i, len(o)
-    return best
+    hits = [i for i, opt in enumerate(options) if opens(t, _norm(opt))]
+    longest = max((len(_norm(options[i])) for i in hits), default=0)
+    best = [i for i in hits if len(_norm(options[i])) == longest]
+    return _tiebreak(best, lambda i: _opens_exact(tail.strip(), options[i]))
 
 
 def _options_named(text: str, options: Sequence[str]) -> set[int]:
@@ -91,7 +115,12 @@ def _options_named(text: str, options: Sequence[str]) -> set[int]:
     are ignored ("aspirin" inside "aspirin and clopidogrel")."""
     t = " " + _norm(text) + " "
     hits = [(i, _norm(o)) for i, o in enumerate(options) if _norm(o) and f" {_norm(o)} " in t]
-    return {i for i, o in hits if not any(o != o2 and f" {o} " in f" {o2} " for _, o2 in hits)}
+    named = {i for i, o in hits if not any(o != o2 and f" {o} " in f" {o2} " for _, o2 in hits)}
+    if len({_norm(options[i]) for i in named}) == 1:  # options equal under _norm: which one, exactly
+        one = _tiebreak(sorted(named), lambda i: re.search(
+            rf"(?<!\w){re.escape(_exact(options[i]))}(?!\w)", _exact(text)) is not None)
+        return named if one == _AMBIGUOUS else {one}
+    return named
 
 
 def _parse_statement(tail: str, options: Sequence[str]) -> int | None:
@@ -181,8 +210,8 @@ def _stage_option_text(text: str, options: Sequence[str]) -> int | None:
     if not line:
         return None
     exact = [i for i, o in enumerate(options) if _norm(o) and _norm(o) == _norm(line)]
-    if len(exact) == 1:
-        return exact[0]
+    if exact:
+        return _tiebreak(exact, lambda i: _exact(options[i]) == _exact(line))
     named = _options_named(line, options)
     if len(named) == 1:
         return named.pop()
