@@ -277,3 +277,51 @@ def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, trained)
     base = np.asarray(load_decoder(folder)[0].layers[0].attn.q_proj.kernel[...])
     assert np.abs(got["layers"][0]["attn"]["q_proj"]["kernel"].get_value() - base).max() > 1e-4
+
+
+# -------------------------------------------------------------------------------------- #17 rough edges
+
+
+@pytest.mark.parametrize("fname", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors", 3])
+def test_index_shard_names_outside_the_folder_are_refused(tiny, tmp_path, fname):
+    folder = _copy(tiny[0], tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": fname}}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json names shard .*not a file name inside"):
+        SafetensorsCheckpoint(folder)
+
+
+@pytest.mark.parametrize("payload, needle", [
+    ("namespace", r"pytorch_model.bin is not a PyTorch weights file \(torch.load .*UnpicklingError"),
+    ("dict", r"pytorch_model.bin holds a dict, not a state dict of name -> tensor"),
+])
+def test_pickle_that_is_not_weights_is_one_error_naming_the_file(tiny, tmp_path, payload, needle):
+    import argparse
+
+    import torch
+
+    folder = _copy(tiny[0], tmp_path)
+    (folder / "model.safetensors").unlink()
+    obj = argparse.Namespace(lr=1.0) if payload == "namespace" else {"step": 3}
+    torch.save(obj, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=needle):
+        load_decoder(folder, allow_pickle=True)
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tiny, tmp_path):
+    from medkr_jax.config import base_config
+    from medkr_jax.data.tokenizer import train_bpe_tokenizer
+    from medkr_jax.eval.evaluate import load_runtime
+    from medkr_jax.models.hf import check_tokenizer_fits
+    from medkr_jax.train.sft import load_policy
+
+    tok_dir = tmp_path / "tok"
+    tok = train_bpe_tokenizer(["the answer is liver", "kidney and spleen"] * 3, tok_dir, vocab_size=400)
+    assert len(tok) > 96  # the tiny model's vocab_size
+    config = base_config()
+    config.model.path, config.tokenizer_path = str(tiny[0]), str(tok_dir)
+    needle = rf"tokenizer in '{tok_dir}' has {len(tok)} tokens but the model in '{tiny[0]}' has vocab_size 96"
+    with pytest.raises(CheckpointError, match=needle):
+        load_runtime(config)
+    with pytest.raises(CheckpointError, match=needle):
+        load_policy(config, None, None)
+    check_tokenizer_fits(list(range(96)), tiny[0], tokenizer_dir="t")  # as many tokens as rows: fine

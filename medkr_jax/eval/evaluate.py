@@ -112,7 +112,7 @@ def load_runtime(config: Any, *, model_path: str | None = None, tokenizer_path: 
 
     from medkr_jax import parallel
     from medkr_jax.config import require
-    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
     from medkr_jax.sampling import Sampler
 
     if model_path is None:
@@ -122,10 +122,12 @@ def load_runtime(config: Any, *, model_path: str | None = None, tokenizer_path: 
     tokenizer_path = tokenizer_path or model_path
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
+    read_hf_config(model_path)  # a missing model folder is named as such, not as a missing tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_fits(tokenizer, model_path, tokenizer_dir=tokenizer_path)
     model, cfg = load_decoder(model_path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
                               param_dtype=jnp.dtype(config.model.param_dtype),
                               allow_pickle=config.model.allow_pickle)
-    tokenizer = load_tokenizer(tokenizer_path)
     stop_ids = prompts.stop_token_ids(tokenizer, cfg.eos_token_ids, tuple(config.eval.stop_strings))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else stop_ids[0])

@@ -129,6 +129,28 @@ class _SafetensorsFile:
             raise CheckpointError(f"cannot read tensor {name!r} from {str(self.path)!r}: {e}") from None
 
 
+def shard_path(folder: Path, fname: Any, index: Path) -> Path:
+    """``folder / fname`` for a shard named by an index file; a name that is not a plain relative path inside
+    ``folder`` (absolute, with '..', not a string) is refused: an index must not point outside its folder."""
+    rel = Path(fname) if isinstance(fname, str) and fname else None
+    if rel is None or rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise CheckpointError(f"{index} names shard {fname!r}, which is not a file name inside {str(folder)!r} "
+                              "(absolute paths and '..' are refused)")
+    return folder / rel
+
+
+def _torch_state_dict(torch: Any, path: Path) -> dict:
+    """``torch.load(path, weights_only=True)`` as a name -> tensor dict; anything else is a CheckpointError."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for non-weight objects, RuntimeError / EOFError for corrupt files
+        raise CheckpointError(f"{path} is not a PyTorch weights file (torch.load with weights_only=True failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict) or not all(hasattr(t, "detach") for t in sd.values()):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict of name -> tensor")
+    return sd
+
+
 class SafetensorsCheckpoint:
     """Lazy view over the weights of a Hugging Face model folder.
 
@@ -155,7 +177,7 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' "
                                       f"object): {e}") from None
             for name, fname in weight_map.items():
-                path = self.folder / fname
+                path = shard_path(self.folder, fname, index)
                 if not path.is_file():
                     raise FileNotFoundError(f"shard {fname!r} listed in {index} for tensor {name!r} "
                                             "does not exist")
@@ -199,11 +221,10 @@ class SafetensorsCheckpoint:
         files = [self.folder / PICKLE_SINGLE]
         if (self.folder / PICKLE_INDEX).is_file():
             wm = json.loads((self.folder / PICKLE_INDEX).read_text())["weight_map"]
-            files = [self.folder / f for f in sorted(set(wm.values()))]
+            files = [shard_path(self.folder, f, self.folder / PICKLE_INDEX) for f in sorted(set(wm.values()))]
         self._pickled = {}
         for path in files:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            for name, t in sd.items():
+            for name, t in _torch_state_dict(torch, path).items():
                 t = t.detach()
                 if t.dtype == torch.bfloat16:
                     arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -447,6 +468,20 @@ def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = 
                         mesh=mesh,
                         ignore_unused=ignore)
     return model, cfg
+
+
+def check_tokenizer_fits(tokenizer: Any, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike) -> None:
+    """Refuse a tokenizer whose ids run past the embedding rows of the model in ``model_dir`` (its config.json
+    only is read, so call this before loading weights): ``len(tokenizer) > vocab_size`` means lookups past the
+    table and a run that goes on writing nonsense. More rows than tokens (padded vocabularies) is fine."""
+    from medkr_jax.models.decoder import DecoderConfig
+
+    n, rows = len(tokenizer), DecoderConfig.from_hf(read_hf_config(model_dir)).vocab_size
+    if n > rows:
+        raise CheckpointError(
+            f"the tokenizer in {str(tokenizer_dir)!r} has {n} tokens but the model in {str(model_dir)!r} has "
+            f"vocab_size {rows} (embedding rows); they do not belong together. Point config.tokenizer_path at "
+            "the model's own tokenizer (or leave it empty to use the model folder's)")
 
 
 # Files that make up an HF tokenizer + chat template; copied next to exported weights.

@@ -179,16 +179,18 @@ def load_policy(config: Any, mesh: Any, rules: Any):
     from transformers import AutoTokenizer
 
     from medkr_jax.config import require
-    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
 
     require(config, "model.path")
-    model, cfg = load_decoder(config.model.path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
-                              param_dtype=jnp.dtype(config.model.param_dtype), remat=config.model.remat,
-                              allow_pickle=config.model.allow_pickle)
+    read_hf_config(config.model.path)  # a missing model folder is named as such, not as a missing tokenizer
     tok_dir = config.tokenizer_path or config.model.path
     if not os.path.isdir(tok_dir):
         raise FileNotFoundError(f"config.tokenizer_path: {tok_dir!r} is not a folder with an HF tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    check_tokenizer_fits(tokenizer, config.model.path, tokenizer_dir=tok_dir)
+    model, cfg = load_decoder(config.model.path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
+                              param_dtype=jnp.dtype(config.model.param_dtype), remat=config.model.remat,
+                              allow_pickle=config.model.allow_pickle)
     return model, cfg, tokenizer, tok_dir
 
 
