@@ -291,3 +291,56 @@ def test_weight_decay_skips_norms_and_biases_by_name(scan_layers):
             np.testing.assert_allclose(np.asarray(upd), want, rtol=1e-6, atol=1e-8, err_msg=name)
         layer_norms = [n for n in names if "norm" in n.lower()]
         assert layer_norms and not any(expect[n] for n in layer_norms)
+
+
+class TokenBatches:
+    """Endless copies of one packed next-token batch for a decoder (the sft_loss layout)."""
+
+    def __init__(self, vocab, rows=4, seq=16, seed=0):
+        ids = np.random.default_rng(seed).integers(3, vocab, size=(rows, seq + 1)).astype(np.int32)
+        self.batch = {"tokens": ids[:, :-1], "targets": ids[:, 1:],
+                      "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+                      "segment_ids": np.ones((rows, seq), np.int32), "loss_mask": np.ones((rows, seq), np.float32)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.batch
+
+
+@pytest.mark.parametrize("lr, warns", [(1e6, True), (3e-3, False)])
+def test_run_that_cannot_train_says_so(tmp_path, capsys, lr, warns):
+    """SFT at learning_rate=1e6 used to exit 0 with a flat loss and exploded weights, no word about it."""
+    from medkr_jax.models.decoder import Decoder
+    from medkr_jax.models.presets import TINY
+    from medkr_jax.train.sft import sft_loss
+
+    mesh = one_device_mesh()
+    with parallel.sharding_context(mesh):
+        model = Decoder(TINY, rngs=nnx.Rngs(0))
+    cfg = make_config(steps=3, checkpoint_every=0, lr=lr)
+    cfg.optimizer.warmup_steps = 0
+    out = str(tmp_path / "run")
+    summary = loop.train(model, loss_fn=sft_loss, batches=TokenBatches(TINY.vocab_size), config=cfg, output_dir=out,
+                         mesh=mesh)
+    ratios = [r["update_ratio"] for r in loop.read_metrics(out) if "update_ratio" in r]
+    losses = [r["loss"] for r in loop.read_metrics(out) if "loss" in r]
+    err = capsys.readouterr().err
+    if warns:
+        assert max(ratios) > 1e3 and losses[-1] == pytest.approx(math.log(TINY.vocab_size), abs=0.01)  # flat: ln V
+        assert "the loss did not move" in summary["warnings"][0]
+        assert len(summary["warnings"]) == 1 and "the run did not train" in summary["warnings"][0]
+        assert "learning_rate=1000000.0 is far too high" in summary["warnings"][0]
+        assert "WARNING [train]: the run did not train" in err
+    else:  # a healthy run (the loss falls) is far below the limit
+        assert max(ratios) < loop.UPDATE_RATIO_LIMIT / 10 and summary["final_loss"] < 0.9 * math.log(TINY.vocab_size)
+        assert summary["warnings"] == [] and "WARNING" not in err
+
+
+def test_zero_steps_is_refused(tmp_path):
+    mesh = one_device_mesh()
+    with pytest.raises(ValueError, match=r"sft: 0 training steps .*set config.train.steps >= 1"):
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=make_config(steps=0),
+                   output_dir=str(tmp_path / "r"), mesh=mesh, desc="sft")
+    assert not (tmp_path / "r").exists()

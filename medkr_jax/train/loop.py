@@ -25,6 +25,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -448,6 +449,44 @@ def default_step_fn(trainer: Trainer, batch: Any, rng: jax.Array) -> dict:
 StepFn = Callable[[Trainer, Any, jax.Array], Mapping[str, Any]]
 
 
+# A step whose update is this many times the norm of the weights it updates (update_ratio =
+# ||delta theta|| / ||theta||) is no training step: fine-tuning moves weights by ~1e-4..1e-2 of their norm per
+# step and even a from-scratch tiny model at a high learning rate stays below ~0.5 (Adam's step is bounded by
+# lr per coordinate), so healthy runs sit orders of magnitude below. At learning_rate=1e6 it is ~1e5.
+UPDATE_RATIO_LIMIT = 10.0
+# "the loss did not move": first and last loss within this fraction of each other (healthy runs that are
+# long enough to matter move their loss by far more than 1%).
+FLAT_LOSS_RTOL = 0.01
+
+
+class _Health:
+    """Watches the per-step loss and update_ratio; says what is wrong with a run that finished but did not
+    train (update norm exploded, loss flat), so it does not end with exit code 0 and no word."""
+
+    def __init__(self):
+        self.first_loss = self.last_loss = None
+        self.max_ratio, self.max_ratio_step = 0.0, None
+
+    def observe(self, step: int, metrics: Mapping[str, Any]) -> None:
+        loss, ratio = metrics.get("loss"), metrics.get("update_ratio")
+        if isinstance(loss, float):
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
+        if isinstance(ratio, float) and math.isfinite(ratio) and ratio > self.max_ratio:
+            self.max_ratio, self.max_ratio_step = ratio, step
+
+    def warnings(self, *, lr: Any = None) -> list[str]:
+        if self.max_ratio <= UPDATE_RATIO_LIMIT:
+            return []
+        first, last = self.first_loss, self.last_loss
+        flat = first is not None and abs(last - first) <= FLAT_LOSS_RTOL * max(abs(first), 1e-12)
+        loss = (f"the loss did not move ({first:.6g} -> {last:.6g})" if flat else
+                f"the loss went {first:.6g} -> {last:.6g}" if first is not None else "no loss was logged")
+        return [f"the run did not train: update_ratio (||delta theta|| / ||theta||) reached {self.max_ratio:.3g} at "
+                f"step {self.max_ratio_step} (healthy runs stay far below {UPDATE_RATIO_LIMIT:g}) and {loss}; "
+                f"config.optimizer.learning_rate={lr} is far too high"]
+
+
 def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, config: Any, output_dir: str,
           mesh: Mesh, rules: Any = None, steps: int | None = None, tx: optax.GradientTransformation | None = None,
           schedule: optax.Schedule | None = None, step_fn: StepFn | None = None,
@@ -469,6 +508,10 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
 
     tcfg = config.train
     steps = int(steps if steps is not None else tcfg.steps)
+    if steps < 1:
+        raise ValueError(f"{desc}: {steps} training steps (config.train.steps, or sft.epochs when set): nothing would "
+                         "be trained, and the job would go on to export or score the untrained model; set "
+                         "config.train.steps >= 1")
     seed = int(_get(config, "seed", 0))
     opt_cfg = _get(config, "optimizer")
     if tx is None:
@@ -505,6 +548,7 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
     log_every = max(1, int(_get(tcfg, "log_every", 1) or 1))
     base_rng = jax.random.key(seed)
     last: dict = {}
+    health = _Health()
     preempted = False
     stop_reason: str | None = None
     t_start = time.perf_counter()
@@ -538,6 +582,7 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
                         f"non-finite loss {metrics['loss']} at step {step} ({output_dir}); stopped without saving "
                         f"this state; last good checkpoint: step {good} in {ckpt.directory}. Lower "
                         f"config.optimizer.learning_rate or raise config.optimizer.warmup_steps, then rerun.")
+                health.observe(step, metrics)
                 evaluated = eval_every > 0 and step % eval_every == 0 and eval_fn is not None and step < steps
                 if evaluated:
                     try:
@@ -579,6 +624,9 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
             bar.close()
     nnx.update(model, trainer.params, trainer.rest)
     wall = time.perf_counter() - t_start
+    warnings = health.warnings(lr=_get(opt_cfg, "learning_rate"))
+    for w in warnings if parallel.is_main_process() else ():
+        print(f"WARNING [{desc}]: {w}", file=sys.stderr, flush=True)
     return {
         "steps": step,
         "start_step": start,
@@ -592,6 +640,7 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
         "wall_s": wall,
         "checkpoint_dir": os.path.join(output_dir, "checkpoints"),
         "metrics_path": os.path.join(output_dir, "metrics.jsonl"),
+        "warnings": warnings,
     }
 
 
@@ -617,6 +666,7 @@ def write_report(output_dir: str, title: str, summary: Mapping[str, Any], *,
             lines.append(f"| {k} | {_fmt_value(summary[k])} |")
     for k, v in extra_rows:
         lines.append(f"| {k} | {_fmt_value(v)} |")
+    lines += [f"\n**Warning:** {w}" for w in summary.get("warnings") or ()]
     last = summary.get("last_metrics") or {}
     if last:
         lines += ["", "## Last step", "", "| metric | value |", "|---|---|"]
