@@ -156,3 +156,19 @@ def test_flax_logits_match_pytorch_on_converted_smollm2(smollm2_folder):  # noqa
         assert diff.max() <= 2.5e-4, f"max |diff| {diff.max():.2e}"
         # smallest top-1 / top-2 gap of HF's logits here: 4.6e-3, 30x the largest |diff| seen
         assert np.array_equal(ours.argmax(-1)[mask], ref.argmax(-1)[mask])
+
+
+def test_truncated_gguf_names_the_file_and_tensor(tmp_path):
+    import gguf
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.ones((8, 4), np.float32))
+    w.add_tensor("output_norm.weight", np.ones((4,), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(GGUFError, match=r"t.gguf' \(\d+ bytes\) is truncated or corrupt \(tensor 'output_norm.weight'"):
+        convert_gguf(path, tmp_path / "out")

@@ -159,6 +159,21 @@ def _write_tokenizer(reader, arch: str, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _read_error(path: Path, err: Exception) -> GGUFError:
+    """The reader's error in words: a tensor whose data runs past the end of the file ("cannot reshape array of
+    size 3 into shape (4,)") means a truncated (interrupted download) or corrupt file."""
+    text = str(err)
+    if "cannot reshape array" not in text and "mmap length" not in text:
+        return GGUFError(f"cannot read GGUF file {str(path)!r}: {text}")
+    tb, tensor = err.__traceback__, None
+    while tb is not None:  # the gguf reader names the tensor it was building in its frame
+        tensor = tb.tb_frame.f_locals.get("tensor_name", tensor)
+        tb = tb.tb_next
+    which = f" (tensor {tensor!r} needs more bytes than are left)" if tensor else ""
+    return GGUFError(f"GGUF file {str(path)!r} ({path.stat().st_size} bytes) is truncated or corrupt{which}; "
+                     f"download or convert it again [{text}]")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=np.float32,
                  max_shard_bytes: float = 5e9) -> Path:
     """Convert a Llama / Qwen2 / Qwen3 GGUF file into an HF folder; returns ``out_dir``.
@@ -176,7 +191,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError, IndexError) as e:
-        raise GGUFError(f"cannot read GGUF file {str(gguf_path)!r}: {e}") from None
+        raise _read_error(gguf_path, e) from None
     cfg = gguf_hf_config(reader)
     arch = _field(reader, "general.architecture")
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
