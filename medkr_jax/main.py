@@ -47,8 +47,9 @@ def parse_config(argv: list[str]):
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
+    # sys_argv: the override flags (--config.x=...) are found in `argv`, not in the process's sys.argv
     config_flags.DEFINE_config_file("config", None, "path to a config file under configs/", lock_config=True,
-                                    flag_values=fv)
+                                    flag_values=fv, sys_argv=argv)
     try:
         fv(argv)
         config = fv.config
@@ -112,8 +113,51 @@ def resolve_model_path(config) -> None:
         config.model.path = str(path)
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _docstring_line(path: Path) -> str:
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    except (SyntaxError, OSError, UnicodeDecodeError):
+        return ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def usage() -> str:
+    """--help: how to run, the jobs, and the configs under configs/ with the first line of their docstring."""
+    lines = [__doc__.strip().splitlines()[0], "", "  --config=configs/<file>.py   the run's config (required)",
+             "  --config.<key>=<value>       override any key, e.g. --config.model.path=/models/x "
+             "--config.output_dir=runs/x", "", "jobs (config.job):"]
+    lines += [f"  {name:<12} {target}" for name, target in JOBS.items()]
+    configs = sorted(CONFIG_DIR.glob("*.py")) if CONFIG_DIR.is_dir() else []
+    lines += ["", f"configs ({CONFIG_DIR}):"] if configs else []
+    lines += [f"  {p.name:<18} {_docstring_line(p)}" for p in configs if not p.name.startswith("_")]
+    return "\n".join(lines)
+
+
+def prepare_output_dir(out: str, config, config_file: str) -> None:
+    """Create output_dir and write config.json; one UsageError when it is a file or cannot be written."""
+    from etils import epath  # local paths and gs:// alike
+
+    try:
+        epath.Path(out).mkdir(parents=True, exist_ok=True)
+        (epath.Path(out) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UsageError(f"config.output_dir={out!r} cannot be a run folder: {err.filename or out} is a file, "
+                         "not a folder; choose another --config.output_dir") from None
+    except OSError as err:
+        raise UsageError(f"config.output_dir={out!r} cannot be written ({err.strerror or err}: "
+                         f"{err.filename or out}); choose a writable --config.output_dir") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
+        print(usage())
+        return 0
     try:
         config, config_file = parse_config(argv)
         fn = job_function(config.job)
@@ -131,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     out = resolve_output_dir(config, config_file)
     resolve_model_path(config)
     if parallel.is_main_process():
-        from etils import epath  # local paths and gs:// alike
-
-        epath.Path(out).mkdir(parents=True, exist_ok=True)
-        (epath.Path(out) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        try:
+            prepare_output_dir(out, config, config_file)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"[medkr_jax] job={config.job} config={config_file} output_dir={out}")
         print(config)
     start = time.time()
@@ -142,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = fn(config)
     except Exception as err:  # user errors from deep inside a job: one clear line, non-zero exit
         from medkr_jax.config import ConfigError
-        if isinstance(err, (ConfigError, FileNotFoundError, ValueError, KeyError)) and not os.environ.get(
-                "MEDKR_TRACEBACK"):
+        # FloatingPointError: train.loop.TrainingDiverged, whose message names the last good checkpoint
+        if isinstance(err, (ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError)) and \
+                not os.environ.get("MEDKR_TRACEBACK"):
             print(f"error: {type(err).__name__}: {err}\n(set MEDKR_TRACEBACK=1 for the traceback)", file=sys.stderr)
             return 1
         raise

@@ -61,3 +61,54 @@ def test_config_is_printed_and_written(tmp_path):
     written = json.loads((out / "config.json").read_text())
     assert written["job"] == "dry_run" and written["mesh"]["fsdp"] == 16
     assert "job: dry_run" in res.stdout
+
+
+def test_help_lists_jobs_and_configs():
+    res = run_main("--help")
+    assert res.returncode == 0, res.stderr
+    for job in entry.JOBS:
+        assert f"\n  {job} " in res.stdout
+    assert "evaluate.py        Evaluate a model on benchmark files" in res.stdout
+    assert "demo.py            The demo:" in res.stdout
+
+
+@pytest.mark.parametrize("config_file, job", [("configs/evaluate.py", "evaluate"),
+                                              ("configs/adversarial.py", "adversarial")])
+def test_evaluate_and_adversarial_configs_load_and_name_the_missing_model(tmp_path, capsys, config_file, job):
+    from medkr_jax.data.records import MCQRecord, write_records
+
+    config, _ = entry.parse_config(["prog", f"--config={config_file}"])
+    assert config.job == job and config.model.path == ""
+    recs = write_records(tmp_path / "r.jsonl", [MCQRecord(id="q", benchmark="b", question="Q?", options=["x", "y"],
+                                                          answer=0, label="knowledge")])
+    rc = entry.main(["prog", f"--config={config_file}", f"--config.output_dir={tmp_path / 'out'}",
+                     f"--config.data.eval_path={recs}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 1 and err[0] == (f"error: ConfigError: config.job={job!r} needs these keys set: config.model.path "
+                                  "(set them in the config file or with --config.<key>=<value>)")
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        rc = entry.main(["prog", "--config=configs/evaluate.py", f"--config.output_dir={out}"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: config.output_dir='{out}' cannot be a run folder: ") and "is a file" in err[0]
+
+
+def _diverge(config):
+    from medkr_jax.train.loop import TrainingDiverged
+
+    raise TrainingDiverged("non-finite loss nan at step 7 (runs/x); stopped without saving this state; last good "
+                           "checkpoint: step 5 in runs/x/checkpoints. Lower config.optimizer.learning_rate ...")
+
+
+def test_diverged_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(entry.JOBS, "diverge", "tests.test_main:_diverge")
+    monkeypatch.delenv("MEDKR_TRACEBACK", raising=False)
+    rc = entry.main(["prog", "--config=configs/evaluate.py", "--config.job=diverge",
+                     f"--config.output_dir={tmp_path / 'out'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 1 and err[0].startswith("error: TrainingDiverged: non-finite loss nan at step 7")
+    assert "last good checkpoint: step 5 in runs/x/checkpoints" in err[0] and "Traceback" not in "".join(err)
