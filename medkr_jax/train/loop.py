@@ -578,9 +578,10 @@ def train(model: nnx.Module, *, loss_fn: LossFn | None, batches: Iterator, confi
                     logger.log(step, metrics)
                     ckpt.wait()
                     good = ckpt.latest_step()
+                    kept = f"step {good} in {ckpt.directory}" if good is not None else "none (no checkpoint saved yet)"
                     raise TrainingDiverged(
                         f"non-finite loss {metrics['loss']} at step {step} ({output_dir}); stopped without saving "
-                        f"this state; last good checkpoint: step {good} in {ckpt.directory}. Lower "
+                        f"this state; last good checkpoint: {kept}. Lower "
                         f"config.optimizer.learning_rate or raise config.optimizer.warmup_steps, then rerun.")
                 health.observe(step, metrics)
                 evaluated = eval_every > 0 and step % eval_every == 0 and eval_fn is not None and step < steps
