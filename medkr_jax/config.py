@@ -196,6 +196,7 @@ def _synthetic_section() -> ml_collections.ConfigDict:
         "policy_train_questions": 600,   # SFT / GRPO training questions for the tiny policy
         "policy_eval_questions": 200,    # held-out questions for its evaluation (the scored test split)
         "policy_val_questions": 0,       # > 0: a validation split, disjoint from the others, for choosing settings
+        "policy_rl_questions": 0,        # > 0: GRPO's own questions (answers only), disjoint from SFT's
     })
 
 

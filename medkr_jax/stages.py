@@ -100,8 +100,9 @@ def data_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> d
     synthetic.save_world(world, out / "world.json")
     sizes = {"classifier": int(sc.classifier_questions), "policy_train": int(sc.policy_train_questions),
              "policy_eval": int(sc.policy_eval_questions)}
-    if int(sc.policy_val_questions) > 0:  # drawn last, so the other splits stay as they were without it
-        sizes["policy_val"] = int(sc.policy_val_questions)
+    for name in ("policy_val", "policy_rl"):  # drawn last, so the other splits stay as they were without them
+        if int(sc[f"{name}_questions"]) > 0:
+            sizes[name] = int(sc[f"{name}_questions"])
     splits = synthetic.make_splits(world, sizes, int(sc.seed), reasoning_fraction=float(sc.reasoning_fraction))
     files = {name: str(write_records(out / f"synthetic_{name}.jsonl", recs)) for name, recs in splits.items()}
 
@@ -269,10 +270,12 @@ def eval_sft_stage(config: ml_collections.ConfigDict, out: Path, results: dict) 
 
 @stage("grpo")
 def grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
-    """GRPO of the SFT policy on reasoning-heavy synthetic questions with the verifiable answer reward."""
+    """GRPO of the SFT policy on reasoning-heavy synthetic questions with the verifiable answer reward: the
+    questions of the policy_rl split (answers only, unseen by SFT) when the data stage made one, else SFT's."""
+    files = summary_of(results, "data")["synthetic_files"]
     sub = job_config(config, "grpo", "grpo", out, {
         "model.path": summary_of(results, "sft")["export_dir"],
-        "grpo.train_path": summary_of(results, "data")["synthetic_files"]["policy_train"]})
+        "grpo.train_path": files.get("policy_rl", files["policy_train"])})
     res = run_job(sub)
     k = _add_reward_trend(res, out, parts=4)
     if "reward_first" in res:

@@ -33,9 +33,10 @@ def arm_rows(run_dir: Path, arm_stage: str) -> dict[str, float]:
 
 
 def per_question(run_dir: Path, arm_stage: str, split: str, log: str) -> dict[str, float]:
-    """{seed-qualified question key: share of samples right} for one arm's evaluation log."""
+    """{seed-qualified question key: share of samples right} for one arm's evaluation log (an adversarial
+    log's "<key>#<variant>" counted as its question's key)."""
     got = stages.correct_by_question(_cfg(run_dir), EVAL_OF[arm_stage], split, log=log)
-    return {f"{run_dir.name}/{k}": v for k, v in got.items()}
+    return {f"{run_dir.name}/{k.split('#')[0]}": v for k, v in got.items()}
 
 
 def reward_trend(run_dir: Path) -> tuple[float, float, list[float]] | None:

@@ -55,6 +55,7 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
+    assert "| (b) vs (a), adversarial drop (all) | 16 |" in report  # every test question of both seeds, paired
     for text in ("chosen on the validation split", "(chosen)", "Accuracy per arm", "Paired tests",
                  "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1"):
         assert text in report, text
