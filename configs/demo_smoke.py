@@ -18,6 +18,7 @@ def get_config():
     config.synthetic.classifier_questions = 80
     config.synthetic.policy_train_questions = 48
     config.synthetic.policy_eval_questions = 16
+    config.synthetic.policy_rl_questions = 16
     config.data.subjects = ("anatomy", "medical_genetics")
     config.pipeline.policy.hidden_size = 64
     config.pipeline.policy.intermediate_size = 128

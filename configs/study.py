@@ -46,4 +46,7 @@ def get_config():
 GRPO_CANDIDATES = (
     {"optimizer": {"learning_rate": 1e-4}},
     {"optimizer": {"learning_rate": 3e-4}},
+    {"optimizer": {"learning_rate": 1e-3}},
+    {"optimizer": {"learning_rate": 1e-4}, "grpo": {"num_prompts": 64}},
+    {"optimizer": {"learning_rate": 3e-4}, "grpo": {"num_prompts": 64}},
 )

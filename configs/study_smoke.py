@@ -1,4 +1,5 @@
-"""A reduced study for tests: every arm of configs/study.py at toy sizes, 2 seeds, 2 GRPO candidates.
+"""A reduced study for tests: every arm of configs/study.py at toy sizes, 2 seeds, 2 GRPO candidates (a
+learning rate; a prompt pool).
 
     python -m medkr_jax.main --config configs/study_smoke.py --config.output_dir=/tmp/study_smoke
 """
@@ -15,10 +16,12 @@ def get_config():
     config = study.get_config()
     config.output_dir = "runs/study_smoke"
     config.study.seeds = (0, 1)
+    config.study.grpo_candidates = config.study.grpo_candidates[:1] + config.study.grpo_candidates[-1:]
     config.synthetic.classifier_questions = 8
     config.synthetic.policy_train_questions = 32
     config.synthetic.policy_eval_questions = 8
     config.synthetic.policy_val_questions = 8
+    config.synthetic.policy_rl_questions = 16
     config.pipeline.policy.hidden_size = 32
     config.pipeline.policy.intermediate_size = 64
     config.pipeline.policy.num_layers = 1

@@ -182,6 +182,7 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "export_dir": "",
         "old_logprobs": "sampler",  # mu > 1: old-policy log-probs from the sampler, or "recompute" (a forward pass)
         "reasoning_only": True,   # train on reasoning-heavy records (label or is_reasoning), as BioMed-R1
+        "num_prompts": 0,         # > 0: train on the first N of those questions only (more visits per question)
     })
 
 

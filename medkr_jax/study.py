@@ -127,6 +127,18 @@ def paired_counts(x: dict[str, float], y: dict[str, float]) -> tuple[int, int, i
 # ------------------------------------------------------------------------------------------------ the job
 
 
+def overlay(partial: ml_collections.ConfigDict, extra: Any) -> None:
+    """Set the keys of `extra` on a partial per-stage tree, adding the ones it lacks (the stage's merge over the
+    full config checks every key later)."""
+    for key, value in extra.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            if key not in partial:
+                partial[key] = ml_collections.ConfigDict()
+            overlay(partial[key], value)
+        else:
+            partial[key] = value
+
+
 def seed_config(config: ml_collections.ConfigDict, seed: int, out: Path) -> ml_collections.ConfigDict:
     sub = copy.deepcopy(config)
     with sub.unlocked():
@@ -161,7 +173,8 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
         sub = seed_config(config, int(sc.search_seed), cand_dir)
         with sub.unlocked():
             sub.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "grpo", "val_grpo")
-        merge(sub.pipeline.grpo, cand, "config.study.grpo_candidates")
+        with sub.unlocked():
+            overlay(sub.pipeline.grpo, cand)
         pipeline.run(sub)
         rows.append({"candidate": json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else cand, sort_keys=True),
                      "val_reasoning": _val_reasoning(cand_dir, "val_grpo"), "run_dir": str(cand_dir)})
@@ -186,7 +199,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     for seed in sc.seeds:
         sub = seed_config(config, int(seed), root / f"seed{int(seed)}")
         if chosen is not None:
-            merge(sub.pipeline.grpo, sc.grpo_candidates[chosen], "config.study.grpo_candidates")
+            with sub.unlocked():
+                overlay(sub.pipeline.grpo, sc.grpo_candidates[chosen])
         pipeline.run(sub)
     report = study_report.write(config, root, search=search, chosen=chosen)
     if parallel.is_main_process():

@@ -34,7 +34,7 @@ def _config(out_dir, **classifier):
     c.classifier.test_fraction = 0.25
     c.classifier.val_fraction = 0.1
     c.classifier.epochs = 3.0
-    c.synthetic.num_questions = 160
+    c.synthetic.classifier_questions = 160
     c.synthetic.reasoning_fraction = 0.5
     c.train.batch_size = 16
     c.train.checkpoint_every = 0
@@ -241,3 +241,22 @@ def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     kinds = {r.meta["kind"] for r in fresh}
     assert {r["benchmark"] for r in by_kind["per_benchmark"]} == kinds and len(kinds) > 2
     assert by_kind["reasoning"] == next(r["reasoning"] for r in s["per_benchmark"] if r["benchmark"] == "synthetic")
+
+
+def test_synthetic_training_path_from_the_command_line(tmp_path, capsys):
+    """--config.classifier.train_path=synthetic through main: the questions come from config.synthetic."""
+    import re
+    from pathlib import Path
+
+    from medkr_jax import main
+
+    root = Path(__file__).resolve().parents[1]
+    rc = main.main(["medkr_jax.main", "--config", str(root / "configs" / "demo.py"), "--config.job=classify",
+                    f"--config.output_dir={tmp_path}", f"--config.model.path={MINILM}",
+                    "--config.classifier.train_path=synthetic", "--config.synthetic.classifier_questions=48",
+                    "--config.classifier.max_len=32", "--config.classifier.epochs=1.0", "--config.train.batch_size=16",
+                    "--config.train.checkpoint_every=0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    counts = {k: int(re.search(rf'"{k}_questions": (\d+)', out).group(1)) for k in ("train", "val", "test")}
+    assert sum(counts.values()) == 48, counts

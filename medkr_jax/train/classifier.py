@@ -56,16 +56,18 @@ def record_text(record: MCQRecord, mode: str = "question") -> str:
 def load_labelled_records(spec: str, config: Any = None) -> list[MCQRecord]:
     """Labelled records from a benchmark spec ("medxpertqa:path", a canonical .jsonl/.parquet, ...).
 
-    "synthetic" draws them from the synthetic world (config.synthetic: seed, num_questions,
-    reasoning_fraction). Records without a label are left out (counted in a warning); none labelled is an error.
+    "synthetic" draws them from the synthetic world (config.synthetic: seed, the world's sizes,
+    classifier_questions, reasoning_fraction). Records without a label are left out (counted in a warning); none
+    labelled is an error.
     """
     if spec == "synthetic":
+        from medkr_jax.config import base_config
         from medkr_jax.data import synthetic
-        s = config.synthetic if config is not None else None
-        seed = int(s.seed) if s is not None else 0
-        world = synthetic.make_world(seed)
-        records = synthetic.make_questions(world, int(s.num_questions) if s is not None else 400, seed,
-                                           reasoning_fraction=float(s.reasoning_fraction) if s is not None else 0.5)
+        s = (config if config is not None else base_config()).synthetic
+        world = synthetic.make_world(int(s.seed), n_diseases=int(s.n_diseases), n_classes=int(s.n_classes),
+                                     drugs_per_class=int(s.drugs_per_class))
+        records = synthetic.make_questions(world, int(s.classifier_questions), int(s.seed),
+                                           reasoning_fraction=float(s.reasoning_fraction))
     else:
         from medkr_jax.data.benchmarks import load_benchmark_spec
         records = list(load_benchmark_spec(spec))

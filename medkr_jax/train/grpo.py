@@ -3,12 +3,17 @@
 Per loop step: take config.grpo.prompts_per_step prompts (MCQ records rendered like evaluation prompts; a
 config.traces share of them prefilled with misleading reasoning, as in adversarial evaluation), sample
 config.grpo.num_generations completions each from the current policy with the jitted KV-cache sampler,
-score them (1 if `extract_answer` finds the right option, + config.grpo.format_reward if the completion ends
-with "The answer is X." naming one option by letter or text), normalise the rewards within each group, then run config.grpo.mu optimizer updates
-of the GRPO objective (train/losses.py) on this rollout batch. The frozen reference model (only when
-config.grpo.beta > 0) lives on the same mesh as the policy; its log-probs are computed once per rollout.
+score them (1 if the closing "The answer is X." names the right option, by letter or text,
++ config.grpo.format_reward if it names any one option; see completion_rewards), normalise the rewards within
+each group, then run config.grpo.mu optimizer updates of the GRPO objective (train/losses.py) on this rollout
+batch. The frozen reference model (only when config.grpo.beta > 0) lives on the same mesh as the policy; its
+log-probs are computed once per rollout.
 Old-policy log-probs for mu > 1 are the sampler's own (config.grpo.old_logprobs="sampler") or a recomputed
 forward pass ("recompute"); for mu = 1 the ratio is exactly 1 (stop-gradient of the current log-probs).
+
+Per step it also logs why a step may carry no signal (rollout_diagnostics: groups whose rewards are all equal,
+distinct completions per group), whether the sampler drew from the distribution the trainer differentiates
+(logprob_agreement at the sampling weights), and the update size (the trainer's update_ratio).
 """
 
 from __future__ import annotations
@@ -202,6 +207,8 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     rules = parallel.logical_rules(config)
 
     records = filter_records(read_records(g.train_path), bool(g.reasoning_only), g.train_path)
+    if int(g.num_prompts) > 0:  # a pool of the first N questions, each visited more often in the same steps
+        records = records[:int(g.num_prompts)]
     examples = traces.build_examples(records, config.traces, require_trace=False)
     model, cfg, tokenizer, tok_dir = load_policy(config, mesh, rules)
     stop_ids = P_.stop_token_ids(tokenizer, cfg.eos_token_ids)
