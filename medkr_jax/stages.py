@@ -636,6 +636,30 @@ def paired_flips(config: ml_collections.ConfigDict, before: str, after: str, spl
     return {"questions": len(keys), "gained": gained, "lost": lost, "p_value": p}
 
 
+GRPO_DIAGNOSTICS = (("reward_mean", "mean reward"), ("accuracy", "sampled accuracy"),
+                    ("zero_std_groups", "groups with equal rewards (no signal)"),
+                    ("distinct_completions", "distinct completions per group"), ("entropy", "entropy per token"),
+                    ("update_ratio", "update size, norm(dθ) / norm(θ)"),
+                    ("logp_diff_max", "max abs(sampler - trainer) log-prob"))
+
+
+def grpo_diagnostics(grpo_dir: Path) -> list[str]:
+    """A table of a GRPO run's signal diagnostics: mean over its first and last 10% of steps."""
+    from medkr_jax.train.loop import read_metrics
+
+    rows = [m for m in read_metrics(str(grpo_dir)) if "reward_mean" in m]
+    if not rows:
+        return []
+    k = max(1, len(rows) // 10)
+    lines = [f"GRPO diagnostics (mean of the first / last {k} of {len(rows)} steps):", "",
+             "| metric | first | last |", "|---|---:|---:|"]
+    for key, name in GRPO_DIAGNOSTICS:
+        vals = [m[key] for m in rows if key in m]
+        if len(vals) == len(rows):
+            lines.append(f"| {name} | {sum(vals[:k]) / k:.4g} | {sum(vals[-k:]) / k:.4g} |")
+    return lines + [""]
+
+
 def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):.1f}"
 
@@ -763,6 +787,7 @@ def report_stage(config: ml_collections.ConfigDict, out: Path, results: dict) ->
                 lines += [f"Paired, on the same {flips['questions']} reasoning questions: {flips['gained']} right only "
                           f"after GRPO, {flips['lost']} right only before it (McNemar exact p = "
                           f"{flips['p_value']:.3g}).", ""]
+        lines += grpo_diagnostics(out_of(config, "grpo"))
         lines += _plot_lines(config, rel, {"sft": ("loss.png",), "grpo": ("reward.png", "accuracy.png", "kl.png")})
         lines.append("")
 

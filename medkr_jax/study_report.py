@@ -158,6 +158,8 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
             lines.append(f"| {name} | {t[0]:.3f} | {t[1]:.3f} | {t[1] - t[0]:+.3f} |")
     if _plot_rewards(trends, root / "grpo_reward.png"):
         lines += ["", "![GRPO reward per seed](grpo_reward.png)"]
+    for d in seed_dirs:
+        lines += ["", f"{d.name}: " + "\n".join(stages.grpo_diagnostics(stages.out_of(_cfg(d), "grpo")))]
     text = "\n".join(lines) + "\n"
     if parallel.is_main_process():
         (root / "report.md").write_text(text)

@@ -45,7 +45,7 @@ def test_reduced_demo_end_to_end_and_resume(tmp_path):
 
     report = (out / "report.md").read_text()
     for heading in ("Reasoning / knowledge classifier", "MMLU medical", "SmolLM2-135M-Instruct",
-                    "Tiny policy", "Wall time per stage"):
+                    "Tiny policy", "GRPO diagnostics", "Wall time per stage"):
         assert heading in report
     # numbers in the report are the ones the stages wrote
     split = json.loads((out / "split_mmlu" / "split_summary.json").read_text())

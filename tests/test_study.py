@@ -57,7 +57,8 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
     report = (out / "report.md").read_text()
     assert "| (b) vs (a), adversarial drop (all) | 16 |" in report  # every test question of both seeds, paired
     for text in ("chosen on the validation split", "(chosen)", "Accuracy per arm", "Paired tests",
-                 "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1"):
+                 "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1",
+                 "seed1: GRPO diagnostics", "groups with equal rewards (no signal)"):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
     assert (out / "search_seed100" / "grpo_candidate1" / "val_grpo" / "metrics.jsonl").exists()
