@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = fn(config)
     except Exception as err:  # user errors from deep inside a job: one clear line, non-zero exit
         from medkr_jax.config import ConfigError
+        from medkr_jax.pipeline import StagePreempted
+
+        if isinstance(err, StagePreempted):  # saved and resumable: say so, exit like a terminated process
+            print(f"[medkr_jax] {err}", file=sys.stderr)
+            return 143
         # FloatingPointError: train.loop.TrainingDiverged, whose message names the last good checkpoint
         if isinstance(err, (ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError)) and \
                 not os.environ.get("MEDKR_TRACEBACK"):

@@ -16,6 +16,10 @@ from typing import Any
 import ml_collections
 
 
+class StagePreempted(RuntimeError):
+    """A stage's job stopped on a preemption signal after saving; the pipeline stops without marking it done."""
+
+
 def stage_dir(config: ml_collections.ConfigDict, name: str) -> Path:
     return Path(config.output_dir) / name
 
@@ -50,6 +54,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
         out = stage_dir(config, name)
         out.mkdir(parents=True, exist_ok=True)
         summary = stage_lib.STAGES[name](config, out, results)
+        if (summary or {}).get("preempted"):
+            raise StagePreempted(
+                f"pipeline stage {name!r} was preempted (SIGTERM) at step {summary.get('steps')} and saved a "
+                f"checkpoint in {out}; it is not complete: rerun the same command to resume it")
         record = {"stage": name, "wall_s": time.time() - start, "summary": summary or {}}
         if parallel.is_main_process():
             tmp = out / "stage.json.tmp"
