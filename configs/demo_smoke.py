@@ -3,16 +3,13 @@
     python -m medkr_jax.main --config configs/demo_smoke.py --config.output_dir=/tmp/demo_smoke
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("demo_config", Path(__file__).with_name("demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+from medkr_jax.config import config_from_file
 
 
 def get_config():
-    config = demo.get_config()
+    config = config_from_file(Path(__file__).with_name("demo.py"))
     config.output_dir = "runs/demo_smoke"
     config.pipeline.eval_questions_per_split = 2
     config.synthetic.classifier_questions = 80

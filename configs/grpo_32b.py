@@ -19,20 +19,18 @@ Run on the slice (see launch/README.md):
 config.output_dir has no default here: a pod run must write to storage every host can reach (gs://...).
 """
 
-import importlib.util
 from pathlib import Path
 
+from medkr_jax.config import config_from_file
+
 # The recipe is the 8B one (configs/grpo_8b.py); only the model, the mesh and the slice differ.
-_spec = importlib.util.spec_from_file_location("grpo_8b_config", Path(__file__).with_name("grpo_8b.py"))
-grpo_8b = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(grpo_8b)
 
 SLICE = "v5p-256"
 CHIPS = 128  # v5p-N has N TensorCores, 2 per chip
 
 
 def get_config():
-    config = grpo_8b.get_config()
+    config = config_from_file(Path(__file__).with_name("grpo_8b.py"))
     config.model.preset = "qwen2.5-32b"
     config.model.path = ""  # local HF folder of the 32B policy on every host
     config.mesh.data = 1

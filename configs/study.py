@@ -8,18 +8,15 @@ Arms (medkr_jax/study.py): (a) SFT on plain traces; (b) SFT on plain + adversari
 chosen among config.study.grpo_candidates on the validation split of a search seed that is not scored.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("demo_config", Path(__file__).with_name("demo.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+from medkr_jax.config import config_from_file
 
 
 def get_config():
-    config = demo.get_config()
+    config = config_from_file(Path(__file__).with_name("demo.py"))
     config.job = "study"
     config.output_dir = "runs/study"
     config.pipeline.stages = ("data", "tokenizer", "policy_init", "sft_plain", "eval_sft_plain", "sft", "eval_sft",

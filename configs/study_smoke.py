@@ -4,16 +4,13 @@ learning rate; a prompt pool).
     python -m medkr_jax.main --config configs/study_smoke.py --config.output_dir=/tmp/study_smoke
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("study_config", Path(__file__).with_name("study.py"))
-study = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(study)
+from medkr_jax.config import config_from_file
 
 
 def get_config():
-    config = study.get_config()
+    config = config_from_file(Path(__file__).with_name("study.py"))
     config.output_dir = "runs/study_smoke"
     config.study.seeds = (0, 1)
     config.study.grpo_candidates = config.study.grpo_candidates[:1] + config.study.grpo_candidates[-1:]

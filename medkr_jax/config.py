@@ -7,6 +7,9 @@ Each job reads its own section (config.classifier, config.eval, config.sft, ...)
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -272,6 +275,14 @@ def base_config() -> ml_collections.ConfigDict:
         "import_": _import_section(),
         "pipeline": _pipeline_section(),
     })
+
+
+def config_from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The get_config() of another config file: configs build on each other (demo_smoke on demo, study on demo)."""
+    spec = importlib.util.spec_from_file_location(f"medkr_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 class ConfigError(ValueError):
