@@ -341,3 +341,15 @@ def test_group_advantages_numpy_and_jax_agree():
         np.testing.assert_allclose(a_np, np.asarray(losses.group_advantages(jnp.asarray(r), 4, scale=scale)),
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a_np, np_advantages(r, 4, scale), rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_on_a_split_without_reasoning_questions_names_the_grpo_key(tmp_path):
+    knowledge = [MCQRecord(id="k1", benchmark="toy", question="Signal red 0", options=list(WAYS), answer=0,
+                           label="knowledge", trace="Signal red A.")]
+    write_records(str(tmp_path / "k.jsonl"), knowledge)
+    from medkr_jax.config import base_config
+
+    c = base_config()
+    c.job, c.output_dir, c.grpo.train_path = "grpo", str(tmp_path / "run"), str(tmp_path / "k.jsonl")
+    with pytest.raises(sft.SFTDataError, match=r"config\.grpo\.reasoning_only=True .* set config\.grpo\.reasoning"):
+        grpo.run(c)  # the questions are checked before any model is loaded

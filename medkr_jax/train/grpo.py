@@ -206,7 +206,7 @@ def run(config: Any, *, mesh: Any = None) -> dict:
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
 
-    records = filter_records(read_records(g.train_path), bool(g.reasoning_only), g.train_path)
+    records = filter_records(read_records(g.train_path), bool(g.reasoning_only), g.train_path, key="config.grpo")
     if int(g.num_prompts) > 0:  # a pool of the first N questions, each visited more often in the same steps
         records = records[:int(g.num_prompts)]
     examples = traces.build_examples(records, config.traces, require_trace=False)

@@ -137,15 +137,16 @@ def make_batches(rows: dict[str, np.ndarray], batch_size: int, *, seed: int) -> 
     return make_loader(examples, batch_size=batch_size, seed=seed, num_epochs=None)
 
 
-def filter_records(records: Sequence[Any], reasoning_only: bool, source: str) -> list[Any]:
-    """The reasoning-heavy records (gold label, else the classifier's is_reasoning) when asked."""
+def filter_records(records: Sequence[Any], reasoning_only: bool, source: str, *, key: str = "config.sft") -> list[Any]:
+    """The reasoning-heavy records (gold label, else the classifier's is_reasoning) when asked; `key` is the config
+    section whose reasoning_only asked (named in the error)."""
     if not reasoning_only:
         return list(records)
     keep = [r for r in records if r.label == "reasoning" or (r.label is None and r.is_reasoning)]
     if not keep:
         raise SFTDataError(
-            f"config.sft.reasoning_only=True but no record of {source} is reasoning-heavy (label == 'reasoning' "
-            f"or is_reasoning); run the split job first or set config.sft.reasoning_only=False")
+            f"{key}.reasoning_only=True but no record of {source} is reasoning-heavy (label == 'reasoning' "
+            f"or is_reasoning); run the split job first or set {key}.reasoning_only=False")
     return keep
 
 
