@@ -582,6 +582,7 @@ def _recipe_report(config: ml_collections.ConfigDict, results: dict, rel: Callab
     if "grpo_smollm" in results:
         s = results["grpo_smollm"]["summary"]
         lines += [f"GRPO: {s.get('headline', '')}.", ""]
+        lines += grpo_diagnostics(out_of(config, "grpo_smollm"))
     lines += _plot_lines(config, rel, {"sft_smollm": ("loss.png",), "grpo_smollm": ("reward.png", "accuracy.png")})
     lines.append("")
     return lines

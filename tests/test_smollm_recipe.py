@@ -170,3 +170,4 @@ def test_recipe_stages_end_to_end_on_a_tiny_model(tmp_path):
     assert "## Real model: SFT then GRPO of SmolLM2-135M-Instruct" in report
     assert f"{100 * accuracy['eval_base']:.1f} [" in report
     assert f"yield {star['yield']:.1%}" in report
+    assert "GRPO diagnostics" in report and "groups with equal rewards (no signal)" in report
