@@ -58,8 +58,8 @@ def _pct(x: float) -> str:
 def _ci_cell(values: list[float]) -> str:
     if not values:
         return "–"
-    m, lo, hi = mean_ci(values)
-    return f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]"
+    m, lo, hi = mean_ci(values)  # an accuracy's interval shown within [0, 100]%
+    return f"{_pct(m)} [{_pct(max(lo, 0.0))}, {_pct(min(hi, 1.0))}]"
 
 
 def _paired(seed_dirs: list[Path], x_arm: str, y_arm: str, split: str, log: str = "generations.jsonl") -> dict:
@@ -112,7 +112,7 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
         lines.append("")
 
     per_arm = {arm: [arm_rows(d, arm) for d in seed_dirs] for _, arm, _ in ARMS}
-    lines += ["## Accuracy per arm (test split; mean over seeds, 95% t-interval over seeds)", "",
+    lines += ["## Accuracy per arm (test split; mean over seeds, 95% t-interval over seeds, clipped to [0, 100])", "",
               "| arm | knowledge | reasoning | all | knowledge - reasoning | adversarial (all) | adversarial drop |",
               "|---|---|---|---|---:|---|---:|"]
     for letter, arm, title in ARMS:
