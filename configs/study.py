@@ -3,7 +3,7 @@ backtracking traces buy robustness? Four arms on the demo's synthetic world and 
 
     python -m medkr_jax.main --config configs/study.py     # report in runs/study/report.md
 
-Arms (medkr_jax/study.py): (a) SFT on plain traces; (b) SFT on plain + adversarial + backtracking traces;
+Arms (medkr_jax/pipeline/study.py): (a) SFT on plain traces; (b) SFT on plain + adversarial + backtracking traces;
 (c) (b) + GRPO on reasoning-heavy prompts; (d) (b) + more SFT with GRPO's training tokens. GRPO's settings are
 chosen among config.study.grpo_candidates on the validation split of a search seed that is not scored.
 """

@@ -15,6 +15,23 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+# Logical axis name -> mesh axis ("data", "fsdp", "tensor"), a tuple of them, or None (replicated). The
+# default table: config.sharding_rules starts as this, and rules a config sets are merged over it (by name),
+# so a config lists only what it changes.
+DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("classes", None),
+    ("length", None),
+)
+
+
 def _mesh_section() -> ml_collections.ConfigDict:
     # data * fsdp * tensor must equal the device count; one of them may be -1 = "the rest".
     return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -48,7 +65,7 @@ def _optimizer_section() -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "grad_clip": 1.0,
         "grad_accum": 1,
-        # Regexes over parameter names exempt from weight decay; empty = train.loop.NO_DECAY_PATTERNS
+        # Regexes over parameter names exempt from weight decay; empty = train.optim.NO_DECAY_PATTERNS
         # (biases and norm parameters, as transformers.Trainer does).
         "no_decay_patterns": (),
     })
@@ -70,7 +87,7 @@ def _train_section() -> ml_collections.ConfigDict:
 
 def _data_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        # Benchmarks as "reader_name:path" strings (see medkr_jax.data.benchmarks.READERS), or canonical JSONL.
+        # Benchmarks as "reader_name:path" strings (see medkr_jax.data.readers.READERS), or canonical JSONL.
         "benchmarks": (),
         "train_path": "",
         "eval_path": "",
@@ -177,7 +194,9 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "epsilon_high": 0.2,
         "mu": 1,                  # inner updates per rollout batch
         "loss_aggregation": "token",  # token | sequence | constant (Dr. GRPO: sum / (rows * max_new_tokens))
-        "scale_rewards": True,    # divide advantages by group std (False = Dr. GRPO)
+        "loss": "grpo",           # RL objective by name (train/losses.py RL_LOSSES): grpo (clipped ratio + k3 KL)
+        "advantage": "grpo",      # advantages by name (train/losses.py ADVANTAGES): grpo (r - mean) / std | dr_grpo
+        "scale_rewards": True,    # False with advantage "grpo" = advantage "dr_grpo" (r - mean, no std scaling)
         "format_reward": 0.0,
         # what earns the correctness reward: "final" = the closing "The answer is X." names the right option;
         # "extract" = the evaluation's extractor, whose fallbacks also credit a letter mentioned anywhere
@@ -254,7 +273,7 @@ def base_config() -> ml_collections.ConfigDict:
         "output_dir": "",
         "seed": 0,
         "mesh": _mesh_section(),
-        "sharding_rules": (),     # (logical, mesh axis) pairs overriding parallel.DEFAULT_RULES
+        "sharding_rules": DEFAULT_SHARDING_RULES,  # (logical, mesh axis) pairs; set ones merge over the defaults
         "distributed": _distributed_section(),
         "model": _model_section(),
         "tokenizer_path": "",     # "" = the model folder

@@ -6,39 +6,17 @@ every run folder says exactly how it was made.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
-# Jobs are imported lazily, so `--help` and config errors answer without loading jax/transformers.
-JOBS: dict[str, str] = {
-    "classify": "medkr_jax.train.classifier:run_classify",
-    "split": "medkr_jax.train.classifier:run_split",
-    "evaluate": "medkr_jax.eval.evaluate:run",
-    "adversarial": "medkr_jax.eval.adversarial:run",
-    "sft": "medkr_jax.train.sft:run",
-    "grpo": "medkr_jax.train.grpo:run",
-    "pipeline": "medkr_jax.pipeline:run",
-    "study": "medkr_jax.study:run",
-    "dry_run": "medkr_jax.models.memory:run",
-    "export": "medkr_jax.models.hf:run_export",
-    "import": "medkr_jax.models.gguf:run",
-}
+from medkr_jax.jobs import JOBS, UnknownJob, job_function
 
 
 class UsageError(Exception):
     """A problem with the command line or the config, reported as one line."""
-
-
-def job_function(name: str) -> Callable[[Any], Any]:
-    if name not in JOBS:
-        raise UsageError(f"unknown config.job={name!r}; valid jobs: {', '.join(JOBS)}")
-    module_name, fn_name = JOBS[name].split(":")
-    return getattr(importlib.import_module(module_name), fn_name)
 
 
 def parse_config(argv: list[str]):
@@ -99,20 +77,6 @@ def resolve_output_dir(config, config_file: str) -> str:
     return config.output_dir
 
 
-def resolve_model_path(config) -> None:
-    """config.model.path from config.model.preset when the preset's files ship with an installed package."""
-    if config.model.path or not config.model.preset or config.job == "dry_run":
-        return
-    from medkr_jax.models import presets
-
-    try:
-        path = presets.resolve_path(config.model.preset)
-    except presets.PresetError:
-        return  # no local files: the job reports config.model.path as missing
-    with config.unlocked():
-        config.model.path = str(path)
-
-
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -161,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, config_file = parse_config(argv)
         fn = job_function(config.job)
-    except UsageError as err:
+    except (UsageError, UnknownJob) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -173,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = resolve_output_dir(config, config_file)
+    from medkr_jax.jobs.common import resolve_model_path  # imports jax: after --help and config errors
+
     resolve_model_path(config)
     if parallel.is_main_process():
         try:
@@ -187,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = fn(config)
     except Exception as err:  # user errors from deep inside a job: one clear line, non-zero exit
         from medkr_jax.config import ConfigError
-        from medkr_jax.pipeline import StagePreempted
+        from medkr_jax.pipeline.runner import StagePreempted
 
         if isinstance(err, StagePreempted):  # saved and resumable: say so, exit like a terminated process
             print(f"[medkr_jax] {err}", file=sys.stderr)

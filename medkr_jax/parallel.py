@@ -18,22 +18,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from medkr_jax.config import DEFAULT_SHARDING_RULES
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical name -> mesh axis (or a tuple of mesh axes, or None = replicated)
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("classes", None),
-    ("length", None),
-)
+# logical name -> mesh axis (or a tuple of mesh axes, or None = replicated): the table in config.py
+DEFAULT_RULES = DEFAULT_SHARDING_RULES
 
 
 class MeshError(ValueError):

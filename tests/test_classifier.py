@@ -16,6 +16,10 @@ from medkr_jax.config import ConfigError, base_config
 from medkr_jax.data import synthetic
 from medkr_jax.data.pipeline import load_tokenizer
 from medkr_jax.data.records import read_records, write_records
+from medkr_jax.eval import classification as M
+from medkr_jax.eval import split as S
+from medkr_jax.jobs import classify as classify_job
+from medkr_jax.jobs import split as split_job
 from medkr_jax.models.bert import load_bert
 from medkr_jax.train import classifier as C
 
@@ -56,18 +60,18 @@ def test_metrics_match_scikit_learn():
     logits = rng.normal(size=(200, 2)) + 1.5 * np.eye(2)[y] * rng.random((200, 1))
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     pred = probs.argmax(-1)
-    m = C.classification_metrics(y, probs)
+    m = M.classification_metrics(y, probs)
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred)
-    for c, name in enumerate(C.LABEL_NAMES):
+    for c, name in enumerate(M.LABEL_NAMES):
         assert m["per_class"][name]["precision"] == pytest.approx(prec[c])
         assert m["per_class"][name]["recall"] == pytest.approx(rec[c])
         assert m["per_class"][name]["support"] == sup[c]
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
     assert m["log_loss"] == pytest.approx(skm.log_loss(y, probs))
     other = np.where(rng.random(200) < 0.2, 1 - y, y)
-    assert C.cohen_kappa(pred, other) == pytest.approx(skm.cohen_kappa_score(pred, other))
+    assert M.cohen_kappa(pred, other) == pytest.approx(skm.cohen_kappa_score(pred, other))
     # ECE from its definition: sum over bins of |bin| / n * |accuracy - confidence|
     conf, correct = probs.max(-1), (pred == y)
     bins = np.minimum((conf * 15 - 1e-12).astype(int), 14)
@@ -84,22 +88,22 @@ def test_class_weights_are_balanced():
     np.testing.assert_allclose(C.class_weights_for(y, 2, True),
                                compute_class_weight("balanced", classes=np.arange(2), y=np.array(y)), rtol=1e-6)
     np.testing.assert_array_equal(C.class_weights_for(y, 2, False), [1.0, 1.0])
-    with pytest.raises(C.ClassifierError, match="reasoning"):
+    with pytest.raises(M.ClassifierError, match="reasoning"):
         C.class_weights_for([0, 0, 0], 2, True)
 
 
 def test_reasoning_index_and_bad_inputs(tmp_path):
-    assert C.reasoning_index(((0, "knowledge"), (1, "reasoning"))) == 1
-    assert C.reasoning_index(((0, "Reasoning"), (1, "Knowledge"))) == 0
-    assert C.reasoning_index(((0, "LABEL_0"), (1, "LABEL_1"))) == 1  # released-style generic names
-    with pytest.raises(C.ClassifierError, match="reasoning_index"):
-        C.reasoning_index(((0, "a"), (1, "b")), override=5)
-    with pytest.raises(C.ClassifierError, match="label"):  # released eval rows carry no gold label
+    assert M.reasoning_index(((0, "knowledge"), (1, "reasoning"))) == 1
+    assert M.reasoning_index(((0, "Reasoning"), (1, "Knowledge"))) == 0
+    assert M.reasoning_index(((0, "LABEL_0"), (1, "LABEL_1"))) == 1  # released-style generic names
+    with pytest.raises(M.ClassifierError, match="reasoning_index"):
+        M.reasoning_index(((0, "a"), (1, "b")), override=5)
+    with pytest.raises(M.ClassifierError, match="label"):  # released eval rows carry no gold label
         C.load_labelled_records("biomed_r1_eval:tests/data/biomed_r1_eval?config=medqa")
     with pytest.raises(ConfigError, match="num_labels"):
-        C.run_classify(_config(tmp_path, num_labels=3))
+        classify_job.run(_config(tmp_path, num_labels=3))
     with pytest.raises(ConfigError, match="classifier.train_path"):
-        C.run_classify(_config(tmp_path, train_path=""))
+        classify_job.run(_config(tmp_path, train_path=""))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -108,7 +112,7 @@ def test_reasoning_index_and_bad_inputs(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("classify")
-    summary = C.run_classify(_config(out))
+    summary = classify_job.run(_config(out))
     return out, summary
 
 
@@ -142,10 +146,10 @@ def test_saved_classifier_loads_in_transformers(trained):
     with torch.inference_mode():
         ref_probs = torch.softmax(ref(**enc).logits, -1).numpy()
     model, cfg = load_bert(folder)
-    ex = C.tokenize_records(load_tokenizer(folder), recs, max_len=64)
+    ex = S.tokenize_records(load_tokenizer(folder), recs, max_len=64)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     from flax import nnx
-    ours = C.Predictor(nnx.graphdef(model), mesh, batch_size=8, max_len=64)(nnx.state(model), ex)
+    ours = S.Predictor(nnx.graphdef(model), mesh, batch_size=8, max_len=64)(nnx.state(model), ex)
     assert np.abs(ours - ref_probs).max() <= 1e-4
     truth = np.array([r.label == "reasoning" for r in recs])
     assert (ref_probs.argmax(-1) == truth).mean() >= 0.8
@@ -166,7 +170,7 @@ def test_early_stopping_ends_the_run(tmp_path):
     c.train.steps, c.train.eval_every = 30, 1
     c.optimizer.learning_rate = 0.0
     c.synthetic.reasoning_fraction = 0.25
-    summary = C.run_classify(c)
+    summary = classify_job.run(c)
     assert summary["early_stopped"] and summary["steps"] == 3 and summary["best_step"] == 1
     assert summary["class_weights"]["reasoning"] > 2.5 * summary["class_weights"]["knowledge"]
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -192,7 +196,7 @@ def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     c.data.benchmarks = (str(tmp_path / "fresh.jsonl"),
                          "biomed_r1_eval:tests/data/biomed_r1_eval?config=medqa",
                          "biomed_r1_eval:tests/data/biomed_r1_eval?config=pubmedqa")
-    s = C.run_split(c)
+    s = split_job.run(c)
     assert jax.device_count() == 8
     assert {r["benchmark"] for r in s["per_benchmark"]} == {"synthetic", "medqa", "pubmedqa"}
     assert s["questions"] == 24 + 4 + 3
@@ -200,11 +204,11 @@ def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     # 1 device, same classifier, same questions
     model, cfg = load_bert(folder)
     mesh1 = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    from medkr_jax.data.benchmarks import load_benchmark_spec
+    from medkr_jax.data.readers import load_benchmark_spec
     tok = load_tokenizer(folder)
     for bench, spec in zip(("synthetic", "medqa", "pubmedqa"), c.data.benchmarks):
         recs = list(load_benchmark_spec(spec))
-        one = C.split_records(recs, model, cfg.id2label, mesh1, tokenizer=tok, threshold=0.5, batch_size=4,
+        one = S.split_records(recs, model, cfg.id2label, mesh1, tokenizer=tok, threshold=0.5, batch_size=4,
                               max_len=64, progress=False)
         d = tmp_path / "split" / "split" / bench
         parts = {k: read_records(d / f"{k}.jsonl") if (d / f"{k}.jsonl").exists() else []
@@ -237,7 +241,7 @@ def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     c.output_dir = str(tmp_path / "by_kind")
     c.data.benchmarks = (str(tmp_path / "fresh.jsonl"),)
     c.split.group_by = "kind"
-    by_kind = C.run_split(c)
+    by_kind = split_job.run(c)
     kinds = {r.meta["kind"] for r in fresh}
     assert {r["benchmark"] for r in by_kind["per_benchmark"]} == kinds and len(kinds) > 2
     assert by_kind["reasoning"] == next(r["reasoning"] for r in s["per_benchmark"] if r["benchmark"] == "synthetic")

@@ -10,11 +10,14 @@ import pytest
 
 from medkr_jax.config import base_config
 from medkr_jax.data import synthetic
+from medkr_jax.data.answer import extract_answer
+from medkr_jax.data.pipeline import load_tokenizer
 from medkr_jax.data.records import MCQRecord, write_records
 from medkr_jax.data.tokenizer import train_bpe_tokenizer
 from medkr_jax.eval import adversarial, evaluate, metrics, prompts
-from medkr_jax.eval.extract import extract_answer
 from medkr_jax.eval.genlog import GenerationLog, ResumeError
+from medkr_jax.jobs import adversarial as adversarial_job
+from medkr_jax.jobs import evaluate as evaluate_job
 from tests.helpers_models import make_tiny_hf_model
 
 SYSTEM = "Think step by step. End with 'The answer is X.'"
@@ -47,7 +50,7 @@ def model_dir(tmp_path_factory, world_records):
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    return evaluate.load_tokenizer(str(model_dir))
+    return load_tokenizer(str(model_dir))
 
 
 def make_config(tmp_path, model_dir, records_path, name="run", **eval_overrides):
@@ -195,18 +198,18 @@ def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, w
         raise Killed(done)
 
     with pytest.raises(Killed):
-        evaluate.run(config, on_batch=kill_after_first_batch)
+        evaluate_job.run(config, on_batch=kill_after_first_batch)
     log_path = tmp_path / "run" / "generations.jsonl"
     first = [json.loads(line)["key"] for line in log_path.read_text().splitlines()]
     assert len(first) == 4  # batch_size 8 rows / 2 samples = 4 questions per batch
     assert not (tmp_path / "run" / "results.csv").exists()
 
-    summary = evaluate.run(config)
+    summary = evaluate_job.run(config)
     assert summary["resumed"] == 4 and summary["generated"] == len(recs) - 4
     keys = [json.loads(line)["key"] for line in log_path.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == len(recs)  # nothing generated twice
 
-    fresh = evaluate.run(make_config(tmp_path, model_dir, records_path, name="fresh", num_samples=2))
+    fresh = evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="fresh", num_samples=2))
     assert fresh["generated"] == len(recs) and fresh["resumed"] == 0
     assert (tmp_path / "run" / "results.csv").read_text() == (tmp_path / "fresh" / "results.csv").read_text()
     assert (tmp_path / "run" / "generations.jsonl").read_text().count("\n") == len(recs)
@@ -235,7 +238,7 @@ def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, w
 
     # Resuming with other settings is refused instead of mixing two experiments.
     with pytest.raises(ResumeError, match="max_new_tokens"):
-        evaluate.run(make_config(tmp_path, model_dir, records_path, num_samples=2, max_new_tokens=5))
+        evaluate_job.run(make_config(tmp_path, model_dir, records_path, num_samples=2, max_new_tokens=5))
 
 
 def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
@@ -246,7 +249,7 @@ def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     config.job = "adversarial"
     config.adversarial.source = "released,generated,template"
     config.adversarial.generator_max_new_tokens = 10
-    summary = adversarial.run(config)
+    summary = adversarial_job.run(config)
     assert set(summary["overall"]) == {"released", "generated", "template"}
     assert summary["generated"]["released"]["generated"] == 3 * len(recs)
 
@@ -290,7 +293,7 @@ def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     assert "| released | overall | all |" in (tmp_path / "adv" / "adversarial.md").read_text()
 
     # Everything is resumable: a rerun generates nothing.
-    again = adversarial.run(config)
+    again = adversarial_job.run(config)
     assert all(c["generated"] == 0 for c in again["generated"].values())
     assert again["overall"] == summary["overall"]
 
@@ -301,11 +304,11 @@ def test_config_errors_name_the_key(tmp_path, model_dir, world_records):
     config = make_config(tmp_path, model_dir, records_path)
     config.adversarial.source = "released,bogus"
     with pytest.raises(ValueError, match="config.adversarial.source"):
-        adversarial.run(config)
+        adversarial_job.run(config)
     config = make_config(tmp_path, model_dir, records_path, chat_template_kwargs="{not json")
     with pytest.raises(ValueError, match="chat_template_kwargs"):
-        evaluate.run(config)
+        evaluate_job.run(config)
     config = make_config(tmp_path, model_dir, records_path)
     config.data.eval_path = ""
     with pytest.raises(ValueError, match="config.data.benchmarks"):
-        evaluate.run(config)
+        evaluate_job.run(config)

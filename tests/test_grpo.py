@@ -1,11 +1,32 @@
-"""GRPO objective and SFT loss vs independent NumPy implementations written from the formulas."""
+"""GRPO: the objective and SFT loss vs independent NumPy implementations written from the formulas, the RL
+registries, the learner's steps (rollout -> reward -> advantages -> update) each alone, and the job end to end."""
+
+import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from medkr_jax.train import losses
+from medkr_jax import parallel
+from medkr_jax.config import base_config
+from medkr_jax.data.answer import LETTERS
+from medkr_jax.data.records import MCQRecord, write_records
+from medkr_jax.jobs import grpo as grpo_job, sft as sft_job
+from medkr_jax.models.decoder import Decoder
+from medkr_jax.models.presets import TINY
+from medkr_jax.sampling import SampleOutput, Sampler
+from medkr_jax.train import grpo, losses, sft, traces
+from medkr_jax.train.metrics_log import read_metrics
+from medkr_jax.train.trainer import Trainer
+from tests.test_sft import (cache_dir_of, compilation_cache, make_policy_folder, one_device_mesh,
+                            run_killed_then_resumed, sft_config, write_config_file)
+
+COLORS = ["red", "blue", "green", "gold"]
+WAYS = ["north", "south", "east", "west"]
 
 
 def np_advantages(rewards, g, scale, eps=1e-4):
@@ -104,8 +125,6 @@ def test_grpo_metrics_and_errors():
 
 
 def test_completion_rewards_letter_and_option_text():
-    from medkr_jax.train import grpo
-
     opts = ["aspirin", "heparin", "warfarin", "insulin"]
     texts = ["So heparin. The answer is B.", "So heparin. The answer is heparin.", "The answer is warfarin.",
              "The answer is digoxin.", "heparin, I think", "At first sight (B) looks right. The answer is 120 mg.",
@@ -124,8 +143,6 @@ def test_completion_rewards_letter_and_option_text():
 
 
 def test_rollout_diagnostics_by_hand():
-    from medkr_jax.train import grpo
-
     # 3 groups of 4: all rewards equal (no signal), mixed, all equal again
     rewards = np.array([1, 1, 1, 1, 0, 1, 0, 0.25, 0, 0, 0, 0], np.float32)
     tokens = np.array([[5, 6, 7], [5, 6, 9], [5, 6, 7], [5, 6, 7],     # 2 distinct (length 3)
@@ -139,8 +156,6 @@ def test_rollout_diagnostics_by_hand():
 
 
 def test_logprob_agreement_by_hand():
-    from medkr_jax.train import grpo
-
     trainer = jnp.array([[-1.0, -2.0, -3.0], [-0.5, -0.25, -9.0]])
     sampler = jnp.array([[-1.0, -2.5, 0.0], [-0.75, -0.25, 0.0]])
     mask = jnp.array([[1, 1, 0], [1, 1, 0]], jnp.float32)  # the third column is padding: ignored
@@ -174,18 +189,159 @@ def test_masked_cross_entropy_matches_numpy():
     np.testing.assert_allclose(np.asarray(g)[0, 0], np.eye(11)[targets[0, 0]] - p[0, 0], rtol=1e-5, atol=1e-6)
 
 
+# --------------------------------------------------------------------------------- the RL registries by name
+
+
+def test_rl_registries_find_each_name_and_refuse_unknown_ones():
+    assert losses.rl_loss("grpo") is losses.grpo_loss
+    assert losses.advantage_fn("grpo") is losses.group_advantages
+    r = np.random.default_rng(3).random(8).astype(np.float32)
+    np.testing.assert_allclose(losses.advantage_fn("dr_grpo")(r, 4), np_advantages(r, 4, scale=False), atol=1e-6)
+    with pytest.raises(ValueError, match=r"config\.grpo\.loss: unknown 'ppo'; valid: grpo$"):
+        losses.rl_loss("ppo")
+    with pytest.raises(ValueError, match=r"config\.grpo\.advantage: unknown 'rloo'; valid: dr_grpo, grpo$"):
+        losses.advantage_fn("rloo")
+    with pytest.raises(ValueError, match=r"config\.grpo\.loss: unknown"):
+        grpo.GRPOSettings(loss="ppo")  # the settings refuse it before any model is loaded
+
+
+def test_the_job_reads_loss_and_advantage_names_and_maps_scale_rewards():
+    c = base_config()
+    assert (c.grpo.loss, c.grpo.advantage, c.grpo.scale_rewards) == ("grpo", "grpo", True)
+    assert grpo_job.grpo_settings(c.grpo).advantage == "grpo"
+    c.grpo.scale_rewards = False  # the older spelling of Dr. GRPO's unscaled advantages
+    assert grpo_job.grpo_settings(c.grpo).advantage == "dr_grpo"
+    c.grpo.scale_rewards, c.grpo.advantage = True, "dr_grpo"
+    assert grpo_job.grpo_settings(c.grpo).advantage == "dr_grpo"
+    c.grpo.advantage = "bogus"
+    with pytest.raises(ValueError, match=r"config\.grpo\.advantage: unknown 'bogus'; valid: dr_grpo, grpo"):
+        grpo_job.grpo_settings(c.grpo)
+
+
+# ---------------------------------------------------------------- the learner: rollout, reward, advantages, update
+
+
+class IdTokenizer:
+    """decode = the ids as text: all the learner needs of a tokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def tiny_policy(mesh, seed=0):
+    with parallel.sharding_context(mesh):
+        return Decoder(TINY, rngs=nnx.Rngs(seed))
+
+
+def toy_prompt_set(n=3):
+    """n questions (answer i % 4) as plain examples, with made-up prompt ids and sampler keys."""
+    recs = [MCQRecord(id=f"p{i}", benchmark="toy", question=f"q{i}", options=list(WAYS), answer=i % 4,
+                      label="reasoning") for i in range(n)]
+    examples = [traces.make_example(r, "plain", np.random.default_rng(0)) for r in recs]
+    return grpo.PromptSet(examples, [[1, 5 + i, 6 + i, 7] for i in range(n)], [100 + i for i in range(n)], 64)
+
+
+def test_rollout_samples_a_group_of_each_prompt():
+    mesh = one_device_mesh()
+    model = tiny_policy(mesh)
+    sampler = Sampler(TINY, mesh=mesh, pad_id=0, stop_ids=(2,))
+    settings = grpo.GRPOSettings(num_generations=3, max_new_tokens=5)
+    ps = toy_prompt_set()
+    ro = grpo.rollout(sampler, model, IdTokenizer(), ps, np.array([2, 0]), settings=settings, seed=7)
+    assert ro.prompts == [ps.ids[2], ps.ids[0]] and [e.record_id for e in ro.examples] == ["p2", "p0"]
+    out = ro.samples
+    np.testing.assert_array_equal(out.prompt_index, [0, 0, 0, 1, 1, 1])  # a prompt's rows are contiguous
+    assert len(out.lengths) == 6 and ((out.lengths >= 1) & (out.lengths <= 5)).all()
+    assert ro.texts == [" ".join(map(str, out.row_tokens(r))) for r in range(6)]
+    for r, n in enumerate(out.lengths):  # the sampler's log-probs of the drawn tokens, 0 after the row's end
+        assert (out.logprobs[r, :n] < 0).all() and not out.logprobs[r, n:].any()
+    again = grpo.rollout(sampler, model, IdTokenizer(), ps, np.array([2, 0]), settings=settings, seed=7)
+    np.testing.assert_array_equal(again.samples.tokens, out.tokens)  # the seed and the prompt keys fix the draw
+    other = grpo.rollout(sampler, model, IdTokenizer(), ps, np.array([2, 0]), settings=settings, seed=8)
+    assert not np.array_equal(other.samples.tokens, out.tokens)
+
+
+def toy_rollout(texts=("",) * 4):
+    """Two prompts (records p1: answer B = south, p2: answer C = east), two hand-made completions each."""
+    ps = toy_prompt_set()
+    tokens = np.array([[9, 2, 0], [9, 9, 2], [3, 0, 0], [4, 4, 0]], np.int32)
+    lengths = np.array([2, 3, 1, 2], np.int32)
+    logprobs = -np.arange(1, 13, dtype=np.float32).reshape(4, 3) * (np.arange(3)[None] < lengths[:, None])
+    samples = SampleOutput(tokens, logprobs, lengths, np.array([0, 0, 1, 1]))
+    return grpo.Rollout(samples, list(texts), [[1, 5, 6, 7], [1, 8]], [ps.examples[1], ps.examples[2]])
+
+
+def test_rollout_rewards_score_each_row_against_its_prompts_record():
+    ro = toy_rollout(["The answer is B.", "The answer is C.", "So east. The answer is east.", "The answer is west."])
+    reward, correct, formatted = grpo.rollout_rewards(ro, grpo.GRPOSettings(num_generations=2, format_reward=0.5))
+    np.testing.assert_array_equal(correct, [1, 0, 1, 0])
+    np.testing.assert_array_equal(formatted, [1, 1, 1, 1])
+    np.testing.assert_allclose(reward, [1.5, 0.5, 1.5, 0.5])
+
+
+@pytest.mark.parametrize("name, scale", [("grpo", True), ("dr_grpo", False)])
+def test_advantages_by_name(name, scale):
+    r = np.random.default_rng(2).random(12).astype(np.float32)
+    got = grpo.advantages(r, grpo.GRPOSettings(num_generations=4, advantage=name))
+    assert isinstance(got, np.ndarray)  # host in, host out
+    np.testing.assert_allclose(got, np_advantages(r, 4, scale), rtol=1e-5, atol=1e-6)
+
+
+def test_update_batch_rows_width_and_old_logprobs():
+    ro = toy_rollout()
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    s = grpo.GRPOSettings(num_generations=2, mu=2)  # mu > 1, old_logprobs="sampler"
+    batch, width = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
+    assert width == 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6 tokens, rounded up to 16
+    np.testing.assert_array_equal(batch["tokens"][1, :7], [1, 5, 6, 7, 9, 9, 0])
+    np.testing.assert_array_equal(batch["targets"][1, :6], [5, 6, 7, 9, 9, 2])
+    np.testing.assert_array_equal(batch["completion_mask"][1, :7], [0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(batch["sampler_logps"][1, 3:6], ro.samples.logprobs[1])
+    np.testing.assert_array_equal(batch["old_logps"], batch["sampler_logps"])
+    assert batch["advantages"].dtype == np.float32 and batch["advantages"].tolist() == adv.tolist()
+    # the width is capped at max_width; "recompute" leaves old log-probs to `update`; this process's rows only
+    half, w = grpo.update_batch(ro, adv, dataclasses.replace(s, old_logprobs="recompute"), max_width=8, pad_id=0,
+                                local=slice(2, 4))
+    assert w == 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
+    np.testing.assert_array_equal(half["advantages"], [0.5, -0.5])
+
+
+def toy_update_rows(rows=4, width=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, TINY.vocab_size, size=(rows, width + 1)).astype(np.int32)
+    mask = (np.arange(width)[None] >= width // 2).astype(np.float32).repeat(rows, 0)
+    return {"tokens": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(width, dtype=np.int32),
+                                                                                (rows, 1)),
+            "attention_mask": np.ones((rows, width), bool), "completion_mask": mask,
+            "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+
+
+def test_update_runs_mu_steps_with_reference_and_recomputed_old_logprobs():
+    mesh = one_device_mesh()
+    settings = grpo.GRPOSettings(num_generations=2, mu=2, beta=0.1, old_logprobs="recompute", max_new_tokens=8)
+    trainer = Trainer(tiny_policy(mesh), loss_fn=grpo.make_loss_fn(settings), tx=optax.sgd(0.5), mesh=mesh)
+    batch = toy_update_rows()
+    m = grpo.update(trainer, batch, jax.random.key(0), settings, nnx.split(tiny_policy(mesh)))
+    assert trainer.opt_steps == 2  # mu optimizer updates
+    # the reference (the same initial weights) and the recomputed old policy log-probs join the rows
+    np.testing.assert_allclose(np.asarray(batch["old_logps"]), np.asarray(batch["ref_logps"]), atol=1e-6)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update's: the policy is still the reference
+    assert 0 < m["update_ratio"] and {"loss", "grad_norm", "entropy", "clip_fraction", "pg_loss"} <= set(m)
+    assert "weight" not in m and "tokens" not in m
+    assert m["ratio_mean"] != 1.0  # the second update's ratio moved away from 1 (mean of both)
+
+
+def test_update_without_reference_has_ratio_one_and_no_kl():
+    mesh = one_device_mesh()
+    settings = grpo.GRPOSettings(num_generations=2, mu=1, max_new_tokens=8)
+    trainer = Trainer(tiny_policy(mesh), loss_fn=grpo.make_loss_fn(settings), tx=optax.sgd(0.5), mesh=mesh)
+    batch = toy_update_rows()
+    m = grpo.update(trainer, batch, jax.random.key(0), settings)
+    assert trainer.opt_steps == 1 and "ref_logps" not in batch and "old_logps" not in batch
+    assert "kl" not in m and m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- the GRPO job
-
-import os  # noqa: E402
-
-from medkr_jax import parallel  # noqa: E402
-from medkr_jax.data.records import LETTERS, MCQRecord, write_records  # noqa: E402
-from medkr_jax.train import grpo, loop, sft  # noqa: E402
-from tests.test_sft import (cache_dir_of, compilation_cache, make_policy_folder, one_device_mesh,  # noqa: E402
-                            run_killed_then_resumed, sft_config, write_config_file)
-
-COLORS = ["red", "blue", "green", "gold"]
-WAYS = ["north", "south", "east", "west"]
 
 
 def signal_records(answer_of, variants=2):
@@ -216,7 +372,6 @@ def sampled_accuracy(model_dir, records, n=32):
 
     from medkr_jax.eval.prompts import build_prompt, encode
     from medkr_jax.models.hf import load_decoder
-    from medkr_jax.sampling import Sampler
 
     model, cfg = load_decoder(str(model_dir))
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -244,7 +399,7 @@ def signal_world(tmp_path_factory):
     c.eval.system_prompt = ""
     c.output_dir = str(d / "warm")
     with compilation_cache(tmp_path_factory):
-        sft.run(c, mesh=one_device_mesh())
+        sft_job.run(c, mesh=one_device_mesh())
     return d, rule
 
 
@@ -255,10 +410,10 @@ def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory)
     cfg = grpo_config(tmp_path, d / "rule.jsonl", d / "warm" / "hf", steps=20, generations=16)
     with compilation_cache(tmp_path_factory):
         before = sampled_accuracy(d / "warm" / "hf", rule)
-        summary = grpo.run(cfg, mesh=one_device_mesh())
+        summary = grpo_job.run(cfg, mesh=one_device_mesh())
         after = sampled_accuracy(summary["export_dir"], rule)
     assert before <= 0.3, before
-    recs = loop.read_metrics(cfg.output_dir)
+    recs = read_metrics(cfg.output_dir)
     rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
     assert rewards[0] <= 0.35 and np.mean(rewards[-5:]) >= 0.9, rewards
     assert {"kl", "clip_fraction", "entropy", "response_length", "reward_std", "accuracy", "zero_std_groups",
@@ -284,10 +439,10 @@ def test_grpo_learns_under_a_noisy_reward(signal_world, tmp_path, tmp_path_facto
     cfg = grpo_config(tmp_path, tmp_path / "noisy.jsonl", d / "warm" / "hf", steps=24, generations=16)
     cfg.grpo.num_prompts = 16  # a pool of the file's first 16 questions: variant 0 of every signal
     with compilation_cache(tmp_path_factory):
-        summary = grpo.run(cfg, mesh=one_device_mesh())
+        summary = grpo_job.run(cfg, mesh=one_device_mesh())
         after = sampled_accuracy(summary["export_dir"], signal_records(lambda i: [i]))
     assert summary["prompts"] == 16
-    rewards = [r["reward_mean"] for r in loop.read_metrics(cfg.output_dir) if "reward_mean" in r]
+    rewards = [r["reward_mean"] for r in read_metrics(cfg.output_dir) if "reward_mean" in r]
     assert np.mean(rewards[:3]) <= 0.35 and np.mean(rewards[-5:]) >= 0.55, rewards
     assert after >= 0.8, after  # the majority letter, though a quarter of its rewards said otherwise
 
@@ -299,9 +454,9 @@ def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_p
                        ("eight", parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}))):
         cfg = grpo_config(tmp_path / name, d / "rule.jsonl", d / "warm" / "hf", steps=2)
         with compilation_cache(tmp_path_factory):
-            grpo.run(cfg, mesh=mesh)
+            grpo_job.run(cfg, mesh=mesh)
         curves.append([[r[k] for k in ("reward_mean", "loss", "kl", "entropy", "grad_norm")]
-                       for r in loop.read_metrics(cfg.output_dir) if "loss" in r])
+                       for r in read_metrics(cfg.output_dir) if "loss" in r])
     one, eight = np.array(curves[0]), np.array(curves[1])
     np.testing.assert_array_equal(one[:, 0], eight[:, 0])  # the same rollouts
     # the GRPO loss is a near-cancelling sum of O(1) terms (advantages have zero mean per group): compare
@@ -320,15 +475,15 @@ def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path, tmp_pat
     cfg = grpo_config(tmp_path / "ref", d / "rule.jsonl", d / "warm" / "hf", steps=steps)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4  # the same programs as the 8-device run above
     with compilation_cache(tmp_path_factory):
-        grpo.run(cfg)
-    want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+        grpo_job.run(cfg)
+    want = [r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r]
 
     cfg.output_dir = str(tmp_path / "killed" / "run")
     write_config_file(tmp_path / "killed.py", cfg)
     killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=5,
                                         cache_dir=cache_dir_of(tmp_path_factory))
     assert 5 <= killed_at < steps
-    got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r}
     assert sorted(got) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)
 
@@ -347,9 +502,7 @@ def test_grpo_on_a_split_without_reasoning_questions_names_the_grpo_key(tmp_path
     knowledge = [MCQRecord(id="k1", benchmark="toy", question="Signal red 0", options=list(WAYS), answer=0,
                            label="knowledge", trace="Signal red A.")]
     write_records(str(tmp_path / "k.jsonl"), knowledge)
-    from medkr_jax.config import base_config
-
     c = base_config()
     c.job, c.output_dir, c.grpo.train_path = "grpo", str(tmp_path / "run"), str(tmp_path / "k.jsonl")
     with pytest.raises(sft.SFTDataError, match=r"config\.grpo\.reasoning_only=True .* set config\.grpo\.reasoning"):
-        grpo.run(c)  # the questions are checked before any model is loaded
+        grpo_job.run(c)  # the questions are checked before any model is loaded

@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 from medkr_jax import parallel
 from medkr_jax.models.decoder import UnsupportedModelError
-from medkr_jax.models.hf import (CheckpointError, SafetensorsCheckpoint, export_decoder, load_decoder, load_params,
-                                 read_hf_config)
+from medkr_jax.models.hf import export_decoder, load_decoder, load_params, read_hf_config
+from medkr_jax.models.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from tests.helpers_models import hf_logits, make_tiny_hf_model, ragged_batch
 
 _FWD = nnx.jit(lambda m, t, p, a: m(t, p, attention_mask=a)[0])
@@ -245,9 +245,11 @@ def test_export_bf16_from_sharded_model(tiny, tmp_path):
 def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
     """Job "export": the params of a train.loop checkpoint (not the base weights) end up in the HF folder."""
     from medkr_jax.config import base_config
-    from medkr_jax.models.hf import run_export
+    from medkr_jax.jobs import export as export_job
     from medkr_jax.train.checkpoint import Checkpointer
-    from medkr_jax.train.loop import Trainer, make_optimizer
+    from medkr_jax.jobs.training import optimizer_settings
+    from medkr_jax.train.optim import make_optimizer
+    from medkr_jax.train.trainer import Trainer
 
     folder, _ = tiny
     config = base_config()
@@ -264,13 +266,13 @@ def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
         logp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(logp, batch[:, 1:, None], -1).mean(), {}
 
-    trainer = Trainer(model, loss_fn=loss_fn, tx=make_optimizer(config.optimizer, 10), mesh=mesh)
+    trainer = Trainer(model, loss_fn=loss_fn, tx=make_optimizer(optimizer_settings(config), 10), mesh=mesh)
     trainer.update(trainer.place_batch(tokens), jax.random.key(0))
     trained = jax.tree.map(np.asarray, nnx.state(trainer.model(), nnx.Param))
     with Checkpointer(str(tmp_path / "run" / "checkpoints"), save_every=1) as ckpt:
         ckpt.save(3, trainer.checkpoint_state(3), force=True)
 
-    summary = run_export(config)
+    summary = export_job.run(config)
     assert summary["step"] == 3 and summary["out_dir"] == str(tmp_path / "run" / "hf")
     exported, _ = load_decoder(tmp_path / "run" / "hf")
     got = jax.tree.map(np.asarray, nnx.state(exported, nnx.Param))
@@ -310,9 +312,9 @@ def test_pickle_that_is_not_weights_is_one_error_naming_the_file(tiny, tmp_path,
 def test_tokenizer_larger_than_the_embedding_is_refused(tiny, tmp_path):
     from medkr_jax.config import base_config
     from medkr_jax.data.tokenizer import train_bpe_tokenizer
-    from medkr_jax.eval.evaluate import load_runtime
+    from medkr_jax.jobs.evaluate import runtime_from_config
     from medkr_jax.models.hf import check_tokenizer_fits
-    from medkr_jax.train.sft import load_policy
+    from medkr_jax.jobs.training import load_policy_from_config
 
     tok_dir = tmp_path / "tok"
     tok = train_bpe_tokenizer(["the answer is liver", "kidney and spleen"] * 3, tok_dir, vocab_size=400)
@@ -321,7 +323,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tiny, tmp_path):
     config.model.path, config.tokenizer_path = str(tiny[0]), str(tok_dir)
     needle = rf"tokenizer in '{tok_dir}' has {len(tok)} tokens but the model in '{tiny[0]}' has vocab_size 96"
     with pytest.raises(CheckpointError, match=needle):
-        load_runtime(config)
+        runtime_from_config(config)
     with pytest.raises(CheckpointError, match=needle):
-        load_policy(config, None, None)
+        load_policy_from_config(config, None, None)
     check_tokenizer_fits(list(range(96)), tiny[0], tokenizer_dir="t")  # as many tokens as rows: fine

@@ -6,7 +6,6 @@ import signal
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,6 +13,9 @@ from flax import nnx
 
 from medkr_jax import parallel
 from medkr_jax.train import loop
+from medkr_jax.train.metrics_log import UPDATE_RATIO_LIMIT, read_metrics
+from medkr_jax.train.optim import OptimizerSettings, make_optimizer, make_schedule, param_path
+from medkr_jax.train.trainer import Trainer
 
 
 class MLP(nnx.Module):
@@ -67,14 +69,13 @@ class Batches:
         self.i = int(s["i"])
 
 
-def make_config(steps=6, checkpoint_every=2, grad_accum=1, lr=5e-2):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.optimizer = dict(learning_rate=lr, warmup_steps=2, weight_decay=0.01, b1=0.9, b2=0.99, eps=1e-8,
-                       grad_clip=1.0, grad_accum=grad_accum, schedule="cosine")
-    c.train = dict(steps=steps, batch_size=8, log_every=1, eval_every=0, checkpoint_every=checkpoint_every,
-                   keep_checkpoints=3)
-    return c
+def make_config(steps=6, checkpoint_every=2, grad_accum=1, lr=5e-2, warmup_steps=2, **loop_settings):
+    """loop.train's settings and optimizer keyword arguments."""
+    optimizer = OptimizerSettings(learning_rate=lr, warmup_steps=warmup_steps, weight_decay=0.01, b1=0.9, b2=0.99,
+                                  eps=1e-8, grad_clip=1.0, grad_accum=grad_accum, schedule="cosine")
+    settings = loop.LoopSettings(**{"steps": steps, "seed": 0, "log_every": 1, "eval_every": 0,
+                                    "checkpoint_every": checkpoint_every, "keep_checkpoints": 3, **loop_settings})
+    return {"settings": settings, "optimizer": optimizer}
 
 
 def one_device_mesh():
@@ -87,8 +88,8 @@ def make_model(mesh, seed=0):
 
 
 def test_schedule_and_optimizer_match_formula():
-    opt = dict(learning_rate=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    sched = loop.make_schedule(opt, 110)
+    opt = OptimizerSettings(learning_rate=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    sched = make_schedule(opt, 110)
     assert float(sched(0)) == pytest.approx(0.0)
     assert float(sched(5)) == pytest.approx(5e-4)
     assert float(sched(10)) == pytest.approx(1e-3)
@@ -96,10 +97,10 @@ def test_schedule_and_optimizer_match_formula():
     t = 50 / 100
     assert float(sched(60)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * t)), rel=1e-5)
     with pytest.raises(ValueError, match="schedule"):
-        loop.make_schedule(dict(schedule="bogus"), 10)
+        make_schedule(OptimizerSettings(schedule="bogus"), 10)
     # clipping: a huge gradient produces an update of at most lr (Adam's normalised step) on each entry
-    tx = loop.make_optimizer(dict(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=1.0,
-                                  weight_decay=0.0), 10)
+    tx = make_optimizer(OptimizerSettings(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=1.0,
+                                          weight_decay=0.0), 10)
     p = {"w": jnp.ones((2, 2))}
     upd, _ = tx.update({"w": jnp.full((2, 2), 1e6)}, tx.init(p), p)
     assert np.allclose(np.abs(upd["w"]), 0.1, rtol=1e-4)
@@ -114,7 +115,7 @@ def test_grad_accumulation_equals_full_batch():
     for k in (1, 4):
         model = make_model(mesh)
         tx = optax.sgd(0.1)
-        tr = loop.Trainer(model, loss_fn=mse_loss, tx=tx, mesh=mesh, grad_accum=k)
+        tr = Trainer(model, loss_fn=mse_loss, tx=tx, mesh=mesh, grad_accum=k)
         m = tr.update(batch, jax.random.key(0))
         results.append((float(m["loss"]), float(m["tokens"]), jax.tree.map(np.asarray, nnx.to_pure_dict(tr.params))))
     (l1, t1, p1), (l4, t4, p4) = results
@@ -128,7 +129,7 @@ def test_update_ratio_is_update_norm_over_param_norm():
     mesh = one_device_mesh()
     batch = Batches(n_batches=1, batch=8).data[0]
     model = make_model(mesh)
-    tr = loop.Trainer(model, loss_fn=mse_loss, tx=optax.sgd(0.1), mesh=mesh)
+    tr = Trainer(model, loss_fn=mse_loss, tx=optax.sgd(0.1), mesh=mesh)
     before = [np.asarray(x, np.float64) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))]
     m = tr.update(batch, jax.random.key(0))
     after = [np.asarray(x, np.float64) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))]
@@ -143,10 +144,10 @@ def test_train_logs_learns_and_resumes(tmp_path):
     mesh = one_device_mesh()
     cfg = make_config(steps=8, checkpoint_every=2)
     evals = []
-    full = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg,
+    full = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg,
                       output_dir=str(tmp_path / "full"), mesh=mesh,
                       eval_fn=lambda m, s: evals.append(s) or {"n": 1.0})
-    recs = loop.read_metrics(str(tmp_path / "full"))
+    recs = read_metrics(str(tmp_path / "full"))
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == list(range(1, 9))
     assert train_recs[-1]["loss"] < 0.6 * train_recs[0]["loss"]
@@ -166,13 +167,13 @@ def test_train_logs_learns_and_resumes(tmp_path):
 
     part = str(tmp_path / "part")
     with pytest.raises(Crash):
-        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=part, mesh=mesh,
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=part, mesh=mesh,
                    step_fn=crashing_step)
-    assert [r["step"] for r in loop.read_metrics(part)] == [1, 2, 3, 4, 5]
-    s2 = loop.train(make_model(mesh, seed=123), loss_fn=mse_loss, batches=Batches(), config=cfg,
+    assert [r["step"] for r in read_metrics(part)] == [1, 2, 3, 4, 5]
+    s2 = loop.train(make_model(mesh, seed=123), loss_fn=mse_loss, batches=Batches(), **cfg,
                     output_dir=part, mesh=mesh)
     assert s2["resumed"] and s2["start_step"] == 4 and s2["steps"] == 8
-    got = [r["loss"] for r in loop.read_metrics(part) if "loss" in r]
+    got = [r["loss"] for r in read_metrics(part) if "loss" in r]
     want = [r["loss"] for r in train_recs]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -187,7 +188,7 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # as a TPU preemption notice would
         return m
 
-    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                    mesh=mesh, step_fn=step_fn)
     assert s["preempted"] and s["steps"] == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
@@ -195,8 +196,7 @@ def test_sigterm_checkpoints_and_returns(tmp_path):
 
 def test_eval_fn_stop_request_ends_the_run_with_a_checkpoint(tmp_path):
     mesh = one_device_mesh()
-    cfg = make_config(steps=20, checkpoint_every=100)
-    cfg.train.eval_every = 2
+    cfg = make_config(steps=20, checkpoint_every=100, eval_every=2)
     seen = []
 
     def eval_fn(model, step):
@@ -205,13 +205,13 @@ def test_eval_fn_stop_request_ends_the_run_with_a_checkpoint(tmp_path):
             raise loop.StopTraining("no improvement", {"score": 0.5})
         return {"score": 1.0}
 
-    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                    mesh=mesh, eval_fn=eval_fn)
     assert seen == [2, 4, 6]  # no final evaluation after the stop
     assert s["early_stopped"] and s["stop_reason"] == "no improvement" and s["steps"] == 6
     assert not s["preempted"] and s["last_metrics"]["eval/score"] == 0.5
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6"]
-    last = loop.read_metrics(str(tmp_path))[-1]
+    last = read_metrics(str(tmp_path))[-1]
     assert last["step"] == 6 and last["early_stopped"] is True and last["eval/score"] == 0.5
 
 
@@ -219,12 +219,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     mesh = one_device_mesh()
     cfg = make_config(steps=10, checkpoint_every=2)
     with pytest.raises(loop.TrainingDiverged, match="non-finite loss .* step 6.*last good checkpoint: step 4"):
-        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(nan_at=5), config=cfg,
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(nan_at=5), **cfg,
                    output_dir=str(tmp_path), mesh=mesh)
     from medkr_jax.train.checkpoint import Checkpointer
     ck = Checkpointer(str(tmp_path / "checkpoints"), save_every=2)
     assert ck.all_steps() == [2, 4]
-    tr = loop.Trainer(make_model(mesh), loss_fn=mse_loss, tx=loop.make_optimizer(cfg.optimizer, 10), mesh=mesh)
+    tr = Trainer(make_model(mesh), loss_fn=mse_loss, tx=make_optimizer(cfg["optimizer"], 10), mesh=mesh)
     state, data = ck.restore(None, tr.checkpoint_state(0))
     ck.close()
     assert data == {"i": 4}
@@ -240,22 +240,21 @@ def test_same_losses_on_one_and_eight_devices(tmp_path):
         if name == "eight":
             spec = model.l1.kernel.value.sharding.spec
             assert tuple(spec) == ("fsdp", "tensor")
-        loop.train(model, loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path / name),
+        loop.train(model, loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path / name),
                    mesh=mesh)
-        curves.append([r["loss"] for r in loop.read_metrics(str(tmp_path / name)) if "loss" in r])
+        curves.append([r["loss"] for r in read_metrics(str(tmp_path / name)) if "loss" in r])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
 
 
 def test_resume_false_refuses_existing_checkpoints_and_log_every(tmp_path):
     mesh = one_device_mesh()
-    cfg = make_config(steps=5, checkpoint_every=2)
-    cfg.train.log_every = 2
-    loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+    cfg = make_config(steps=5, checkpoint_every=2, log_every=2)
+    loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                mesh=mesh)
-    assert [r["step"] for r in loop.read_metrics(str(tmp_path))] == [2, 4, 5]  # every 2nd step and the last
-    cfg.train.resume = False
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 5]  # every 2nd step and the last
+    cfg = make_config(steps=5, checkpoint_every=2, log_every=2, resume=False)
     with pytest.raises(ValueError, match="resume=False .* already holds checkpoints"):
-        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=cfg, output_dir=str(tmp_path),
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                    mesh=mesh)
 
 
@@ -277,16 +276,16 @@ def test_weight_decay_skips_norms_and_biases_by_name(scan_layers):
         assert dec["layers"]["attn_norm"]["scale"].get_value().ndim == 2
     for params in (dec, bert):
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        names = [loop.param_path(p) for p, _ in flat]
+        names = [param_path(p) for p, _ in flat]
         expect = {n: n.rsplit(".", 1)[-1] in ("kernel", "embedding") for n in names}
         assert any(expect.values()) and not all(expect.values())
         # the optimizer really applies it: with zero gradients AdamW moves exactly the decayed parameters
-        tx = loop.make_optimizer(dict(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=0.0,
-                                      weight_decay=0.5), 10)
+        tx = make_optimizer(OptimizerSettings(learning_rate=0.1, warmup_steps=0, schedule="constant", grad_clip=0.0,
+                                              weight_decay=0.5), 10)
         zeros = jax.tree.map(jnp.zeros_like, params)
         updates, _ = tx.update(zeros, tx.init(params), params)
         for (path, upd), (_, p) in zip(jax.tree_util.tree_flatten_with_path(updates)[0], flat):
-            name = loop.param_path(path)
+            name = param_path(path)
             want = -0.1 * 0.5 * np.asarray(p) if expect[name] else np.zeros_like(np.asarray(p))
             np.testing.assert_allclose(np.asarray(upd), want, rtol=1e-6, atol=1e-8, err_msg=name)
         layer_norms = [n for n in names if "norm" in n.lower()]
@@ -319,13 +318,12 @@ def test_run_that_cannot_train_says_so(tmp_path, capsys, lr, warns):
     mesh = one_device_mesh()
     with parallel.sharding_context(mesh):
         model = Decoder(TINY, rngs=nnx.Rngs(0))
-    cfg = make_config(steps=3, checkpoint_every=0, lr=lr)
-    cfg.optimizer.warmup_steps = 0
+    cfg = make_config(steps=3, checkpoint_every=0, lr=lr, warmup_steps=0)
     out = str(tmp_path / "run")
-    summary = loop.train(model, loss_fn=sft_loss, batches=TokenBatches(TINY.vocab_size), config=cfg, output_dir=out,
+    summary = loop.train(model, loss_fn=sft_loss, batches=TokenBatches(TINY.vocab_size), **cfg, output_dir=out,
                          mesh=mesh)
-    ratios = [r["update_ratio"] for r in loop.read_metrics(out) if "update_ratio" in r]
-    losses = [r["loss"] for r in loop.read_metrics(out) if "loss" in r]
+    ratios = [r["update_ratio"] for r in read_metrics(out) if "update_ratio" in r]
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     err = capsys.readouterr().err
     if warns:
         assert max(ratios) > 1e3 and losses[-1] == pytest.approx(math.log(TINY.vocab_size), abs=0.01)  # flat: ln V
@@ -334,13 +332,13 @@ def test_run_that_cannot_train_says_so(tmp_path, capsys, lr, warns):
         assert "learning_rate=1000000.0 is far too high" in summary["warnings"][0]
         assert "WARNING [train]: the run did not train" in err
     else:  # a healthy run (the loss falls) is far below the limit
-        assert max(ratios) < loop.UPDATE_RATIO_LIMIT / 10 and summary["final_loss"] < 0.9 * math.log(TINY.vocab_size)
+        assert max(ratios) < UPDATE_RATIO_LIMIT / 10 and summary["final_loss"] < 0.9 * math.log(TINY.vocab_size)
         assert summary["warnings"] == [] and "WARNING" not in err
 
 
 def test_zero_steps_is_refused(tmp_path):
     mesh = one_device_mesh()
     with pytest.raises(ValueError, match=r"sft: 0 training steps .*set config.train.steps >= 1"):
-        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), config=make_config(steps=0),
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **make_config(steps=0),
                    output_dir=str(tmp_path / "r"), mesh=mesh, desc="sft")
     assert not (tmp_path / "r").exists()

@@ -105,7 +105,7 @@ def _diverge(config):
 
 
 def test_diverged_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(entry.JOBS, "diverge", "tests.test_main:_diverge")
+    monkeypatch.setattr(entry, "job_function", lambda name: _diverge)
     monkeypatch.delenv("MEDKR_TRACEBACK", raising=False)
     rc = entry.main(["prog", "--config=configs/evaluate.py", "--config.job=diverge",
                      f"--config.output_dir={tmp_path / 'out'}"])

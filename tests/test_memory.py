@@ -6,6 +6,7 @@ import math
 import pytest
 
 from medkr_jax.config import base_config
+from medkr_jax.jobs import dry_run
 from medkr_jax.models import memory, presets
 from medkr_jax.models.memory import CHIP_HBM, GiB, MemoryPlanError, memory_plan
 
@@ -89,7 +90,7 @@ def test_dry_run_job_from_config(tmp_path, capsys):
     config.dry_run.num_devices = 64
     config.dry_run.chip = "v5p"
     config.train.batch_size, config.train.seq_len = 32, 2048
-    summary = memory.run(config)
+    summary = dry_run.run(config)
     assert summary["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4} and summary["model"] == "qwen3-32b"
     assert summary["fits"] is True
     written = json.loads((tmp_path / "memory_plan.json").read_text())

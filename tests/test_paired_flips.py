@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from medkr_jax import stages
+from medkr_jax.pipeline import report
 
 OPTIONS = ["aspirin", "heparin", "warfarin", "insulin"]
 
@@ -30,7 +30,7 @@ def test_paired_flips_match_scipy_binomial_test(tmp_path):
     _write_log(tmp_path / "a" / "generations.jsonl", {f"q{i}": bool(b) for i, b in enumerate(before)})
     _write_log(tmp_path / "b" / "generations.jsonl", {f"q{i}": bool(x) for i, x in enumerate(after)})
     config = ml_collections.ConfigDict({"output_dir": str(tmp_path)})
-    got = stages.paired_flips(config, "a", "b", "reasoning")
+    got = report.paired_flips(config, "a", "b", "reasoning")
     gained, lost = int((after & ~before).sum()), int((before & ~after).sum())
     assert (got["questions"], got["gained"], got["lost"]) == (60, gained, lost)
     assert np.isclose(got["p_value"], stats.binomtest(gained, gained + lost, 0.5).pvalue)
@@ -40,6 +40,6 @@ def test_paired_flips_use_the_majority_of_samples_and_handle_no_overlap(tmp_path
     _write_log(tmp_path / "a" / "generations.jsonl", {"q0": [True, False, False], "q1": [True, True, False]})
     _write_log(tmp_path / "b" / "generations.jsonl", {"q0": [True, True, False], "q1": [True, True, False]})
     config = ml_collections.ConfigDict({"output_dir": str(tmp_path)})
-    got = stages.paired_flips(config, "a", "b", "reasoning")
+    got = report.paired_flips(config, "a", "b", "reasoning")
     assert (got["gained"], got["lost"], got["p_value"]) == (1, 0, 1.0)
-    assert stages.paired_flips(config, "a", "missing", "reasoning") is None
+    assert report.paired_flips(config, "a", "missing", "reasoning") is None

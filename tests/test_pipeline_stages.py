@@ -2,7 +2,7 @@
 
 import pytest
 
-from medkr_jax import pipeline, stages
+from medkr_jax.pipeline import runner, stages
 from medkr_jax.config import base_config
 
 
@@ -24,13 +24,13 @@ def test_preempted_stage_stops_the_pipeline_and_resumes_on_rerun(fake_stage, tmp
     config = base_config()
     config.output_dir = str(tmp_path)
     config.pipeline.stages = ("fake_preemptible",)
-    with pytest.raises(pipeline.StagePreempted, match="'fake_preemptible' was preempted .* at step 3"):
-        pipeline.run(config)
-    assert pipeline.completed(config, "fake_preemptible") is None  # not recorded as complete
-    pipeline.run(config)  # the rerun runs the stage again (its job resumes from the checkpoint)
+    with pytest.raises(runner.StagePreempted, match="'fake_preemptible' was preempted .* at step 3"):
+        runner.run(config)
+    assert runner.completed(config, "fake_preemptible") is None  # not recorded as complete
+    runner.run(config)  # the rerun runs the stage again (its job resumes from the checkpoint)
     assert fake_stage == [0, 1]
-    assert pipeline.completed(config, "fake_preemptible")["summary"]["steps"] == 8
-    pipeline.run(config)  # now complete: skipped
+    assert runner.completed(config, "fake_preemptible")["summary"]["steps"] == 8
+    runner.run(config)  # now complete: skipped
     assert fake_stage == [0, 1]
 
 

@@ -5,16 +5,9 @@ import json
 
 import pytest
 
-from medkr_jax.data.records import (
-    LETTERS,
-    MCQRecord,
-    RecordError,
-    normalize_text,
-    question_hash,
-    read_records,
-    text_hash,
-    write_records,
-)
+from medkr_jax.data.answer import LETTERS
+from medkr_jax.data.text import normalize_text
+from medkr_jax.data.records import MCQRecord, RecordError, question_hash, read_records, text_hash, write_records
 
 
 def _rec(**kw) -> MCQRecord:
@@ -160,7 +153,7 @@ def test_duplicate_option_texts_are_rejected_at_read_time(tmp_path):
 
 
 def test_extractor_tells_non_ascii_options_apart():
-    from medkr_jax.eval.extract import extract_answer
+    from medkr_jax.data.answer import extract_answer
 
     assert extract_answer("The answer is β-blocker.", ["α-blocker", "β-blocker"]) == 1
 
@@ -170,13 +163,13 @@ def test_extractor_tells_non_ascii_options_apart():
     ("I pick BB Bb", 1), ("The answer is bb bb.", None),
 ])
 def test_extractor_breaks_case_only_ties_by_case(text, expected):
-    from medkr_jax.eval.extract import extract_answer
+    from medkr_jax.data.answer import extract_answer
 
     assert extract_answer(text, ["BB BB", "BB Bb", "bb bb x"]) == expected
 
 
 def test_extractor_breaks_symbol_only_ties_exactly():
-    from medkr_jax.eval.extract import extract_answer
+    from medkr_jax.data.answer import extract_answer
 
     options = ["BMI > 25 kg/m2", "BMI = 25 kg/m2", "BMI < 18"]
     assert extract_answer("The answer is BMI = 25 kg/m2.", options) == 1

@@ -284,14 +284,14 @@ def test_sort_free_nucleus_matches_a_sorting_reference():
     """top-k / top-p masks from threshold bisection equal HF's sort-based definition (NumPy, float64)."""
     import jax.numpy as jnp
 
-    from medkr_jax.sampling import _nucleus_keep
+    from medkr_jax.sampling.ops import nucleus_keep
 
     rng = np.random.default_rng(0)
     # peaked and flat rows, plus a -inf (banned) token
     logits = np.concatenate([rng.normal(0, 4, (6, 300)), rng.normal(0, 0.3, (6, 300))]).astype(np.float32)
     logits[:, 7] = -np.inf
     for top_k, top_p in [(0, 0.9), (0, 0.5), (20, 1.0), (5, 0.7), (1, 1.0), (0, 0.999), (400, 0.3)]:
-        got = np.asarray(_nucleus_keep(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)))
+        got = np.asarray(nucleus_keep(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)))
         for r, row in enumerate(logits.astype(np.float64)):
             order = np.argsort(-row, kind="stable")
             k = len(row) if top_k <= 0 else min(top_k, len(row))

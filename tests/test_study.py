@@ -11,32 +11,32 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medkr_jax import study
+from medkr_jax.pipeline import study_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mean_ci_is_the_student_t_interval_over_seeds():
     x = [0.40, 0.46, 0.49]
-    m, lo, hi = study.mean_ci(x)
+    m, lo, hi = study_report.mean_ci(x)
     sd = math.sqrt(sum((v - np.mean(x)) ** 2 for v in x) / 2)
     half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2 d.o.f.}
     assert m == pytest.approx(np.mean(x)) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
     assert (lo, hi) == pytest.approx(stats.t.interval(0.95, 2, loc=np.mean(x), scale=stats.sem(x)))
-    m1, lo1, hi1 = study.mean_ci([0.5])
+    m1, lo1, hi1 = study_report.mean_ci([0.5])
     assert m1 == 0.5 and math.isnan(lo1) and math.isnan(hi1)
 
 
 @pytest.mark.parametrize("wins,losses", [(0, 0), (5, 0), (25, 15), (15, 15), (3, 40), (60, 31)])
 def test_sign_test_matches_scipy_binomial_test(wins, losses):
     want = 1.0 if wins + losses == 0 else stats.binomtest(wins, wins + losses, 0.5).pvalue
-    assert study.sign_test(wins, losses) == pytest.approx(want, rel=1e-9)
+    assert study_report.sign_test(wins, losses) == pytest.approx(want, rel=1e-9)
 
 
 def test_paired_counts_by_hand():
     x = {"s0/q1": 1.0, "s0/q2": 0.0, "s1/q1": 0.0, "s1/q3": 1.0, "only_x": 1.0}
     y = {"s0/q1": 1.0, "s0/q2": 1.0, "s1/q1": 1.0, "s1/q3": 0.0, "only_y": 0.0}
-    assert study.paired_counts(x, y) == (2, 1, 4)
+    assert study_report.paired_counts(x, y) == (2, 1, 4)
 
 
 def test_study_refuses_a_scored_search_seed(tmp_path):

@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from medkr_jax.data import synthetic as S
-from medkr_jax.data.records import LETTERS, normalize_text
+from medkr_jax.data.answer import LETTERS, final_letter
+from medkr_jax.data.text import normalize_text
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,9 @@ def test_knowledge_answers_are_the_one_true_fact(world, questions):
 
 def test_adversarial_traces_cover_each_wrong_option_once(questions):
     for r in questions:
-        letters = [S.final_answer(t) for t in r.adversarial_traces]
+        letters = [final_letter(t) for t in r.adversarial_traces]
         assert sorted(letters) == sorted(set(LETTERS[:4]) - {r.answer_letter})
-        assert S.final_answer(r.trace) == r.answer_letter
+        assert final_letter(r.trace) == r.answer_letter
     switched = next(r for r in questions if r.meta.get("switched"))
     first_line = [t for t in switched.adversarial_traces if "ruled out" not in t and "first-line" in t]
     assert first_line  # one misleading trace ignores the contraindication
@@ -169,7 +170,7 @@ def test_backtracking_trace(questions):
     r = questions[0]
     t = S.backtracking_trace(r, 1)
     wrong, gold = t.split(" Wait, that is not right. ")
-    assert gold == r.trace and S.final_answer(t) == r.answer_letter
+    assert gold == r.trace and final_letter(t) == r.answer_letter
     assert "The answer is" not in wrong and r.adversarial_traces[1].startswith(wrong)
 
 

@@ -1,12 +1,13 @@
 """Trace construction: plain / adversarial / backtracking examples and their mix."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
 
 from medkr_jax.data.records import MCQRecord
-from medkr_jax.eval.extract import extract_answer
+from medkr_jax.data.answer import extract_answer
 from medkr_jax.train import traces
 
 
@@ -54,7 +55,7 @@ def test_backtracking_takes_a_wrong_step_then_corrects(seed):
 
 def test_mix_ratios_reproducibility_and_skipping():
     records = [rec(i, answer=i % 4) for i in range(600)] + [rec(999, trace=None)]
-    cfg = {"plain": 0.5, "adversarial": 0.3, "backtracking": 0.2, "seed": 3}
+    cfg = traces.TraceMix(plain=0.5, adversarial=0.3, backtracking=0.2, seed=3)
     exs = traces.build_examples(records, cfg)
     assert len(exs) == 600  # the record without a trace is skipped for SFT
     counts = collections.Counter(e.kind for e in exs)
@@ -63,13 +64,13 @@ def test_mix_ratios_reproducibility_and_skipping():
     assert abs(counts["backtracking"] / 600 - 0.2) < 0.07
     again = traces.build_examples(records, cfg)
     assert [(e.kind, e.response) for e in again] == [(e.kind, e.response) for e in exs]
-    other = traces.build_examples(records, dict(cfg, seed=4))
+    other = traces.build_examples(records, dataclasses.replace(cfg, seed=4))
     assert [e.kind for e in other] != [e.kind for e in exs]
     assert len(traces.build_examples(records, cfg, require_trace=False)) == 601
-    only_plain = traces.build_examples(records[:50], {"plain": 1.0})
+    only_plain = traces.build_examples(records[:50], traces.TraceMix(plain=1.0))
     assert {e.kind for e in only_plain} == {"plain"}
     with pytest.raises(ValueError, match="config.traces"):
-        traces.build_examples(records, {"plain": 0.0, "adversarial": 0.0, "backtracking": 0.0})
+        traces.build_examples(records, traces.TraceMix(plain=0.0, adversarial=0.0, backtracking=0.0))
 
 
 def test_option_answer_format_names_the_option_text():
@@ -81,7 +82,7 @@ def test_option_answer_format_names_the_option_text():
     assert traces.plain_response(rec(1, trace="Step 1."), "option") == "Step 1.\nThe answer is Heparin."
     assert traces.plain_response(rec(1, trace="Step 1. The answer is B."), "letter") == "Step 1. The answer is B."
     with pytest.raises(ValueError, match="answer_format"):
-        traces.build_examples([rec(0)], {"plain": 1.0, "answer_format": "number"})
+        traces.build_examples([rec(0)], traces.TraceMix(plain=1.0, answer_format="number"))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -98,7 +99,7 @@ def test_option_format_restates_released_prefix_and_cue_names_its_option(seed):
     assert extract_answer(ex.assistant_prefix + ex.response, ex.record.options) == 1
 
 
-def test_build_examples_reads_answer_format_from_config():
-    exs = traces.build_examples([rec(i, answer=i % 4) for i in range(8)], {"plain": 1.0, "answer_format": "option"})
+def test_build_examples_reads_answer_format_from_the_mix():
+    exs = traces.build_examples([rec(i, answer=i % 4) for i in range(8)], traces.TraceMix(answer_format="option"))
     for e in exs:
         assert e.response.endswith(f"The answer is {e.record.options[e.answer]}.")

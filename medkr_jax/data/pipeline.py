@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import grain
 import numpy as np
+from transformers import AutoTokenizer
 
 Example = Mapping[str, Any]
 Batch = dict[str, np.ndarray]
@@ -40,14 +41,23 @@ class PipelineError(ValueError):
 # Padding and collation
 
 
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= ``n``; the largest bucket when ``n`` exceeds all of them."""
+def bucket_length(n: int, buckets: Sequence[int], *, past_top: str = "clip") -> int:
+    """The smallest bucket >= ``n`` (few distinct shapes, so few compilations).
+
+    Past the largest bucket: ``past_top="clip"`` gives the largest (the caller truncates to it);
+    ``"grow"`` gives the next multiple of the largest (the caller keeps every token).
+    """
     if not buckets:
         raise PipelineError("buckets must be a non-empty sequence of lengths")
     for b in sorted(buckets):
         if n <= b:
             return int(b)
-    return int(max(buckets))
+    top = int(max(buckets))
+    if past_top == "clip":
+        return top
+    if past_top == "grow":
+        return top * math.ceil(n / top)
+    raise PipelineError(f"past_top: expected 'clip' or 'grow', got {past_top!r}")
 
 
 def pad_to_length(
@@ -247,10 +257,11 @@ def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool 
 
 def load_tokenizer(path: str | os.PathLike):
     """``transformers.AutoTokenizer`` from a local folder (never the hub)."""
-    from transformers import AutoTokenizer
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: tokenizer folder not found (expected a local folder with tokenizer files)")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"no tokenizer in {str(path)!r} (expected tokenizer.json / tokenizer_config.json); "
+                                "set config.tokenizer_path to a folder with the model's tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:

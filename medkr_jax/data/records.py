@@ -1,6 +1,6 @@
 """The canonical multiple-choice record, its validation, and JSONL / Parquet I/O.
 
-Every benchmark reader (``benchmarks.py``) and the synthetic world (``synthetic.py``) produce
+Every benchmark reader (``data/readers/``) and the synthetic world (``data/synthetic/``) produce
 ``MCQRecord`` objects; every job downstream consumes them. Validation errors are raised as one
 ``RecordError`` whose message names the file, the row/line and the field at fault.
 """
@@ -11,14 +11,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medkr_jax.data.answer import LETTERS
+from medkr_jax.data.text import normalize_text, option_key
+
 LABELS = ("reasoning", "knowledge")
 
 
@@ -214,23 +217,6 @@ def validate_record(
 # Duplicate detection
 
 
-_NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
-
-
-def normalize_text(text: str) -> str:
-    """Case-, punctuation- and whitespace-insensitive form of ``text`` (NFKC, casefolded)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_NON_WORD.sub(" ", text).replace("_", " ").split())
-
-
-def option_key(text: str) -> str:
-    """An option text as far as any reader can tell options apart: NFKC, spacing collapsed, surrounding
-    spaces and a final period dropped; letter case and symbols kept ("BB BB" / "BB Bb" are different
-    genotypes, "BMI > 25" / "BMI = 25" different thresholds). ``eval.extract`` matches options
-    ``normalize_text``-insensitively and breaks the ties that leaves with this key."""
-    return " ".join(unicodedata.normalize("NFKC", text).split()).removesuffix(".").rstrip()
-
-
 def duplicate_options(options: Iterable[str]) -> tuple[int, int] | None:
     """The first pair (i, j), i < j, of options with the same ``option_key`` (which no answer extractor
     can tell apart), or None."""
@@ -319,8 +305,6 @@ def read_records(path: str | os.PathLike) -> list[MCQRecord]:
         return [MCQRecord.from_dict(obj, source=path, where=f"line {n}") for n, obj in iter_jsonl(path)]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    import pyarrow.parquet as pq
-
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -330,9 +314,7 @@ def read_records(path: str | os.PathLike) -> list[MCQRecord]:
     return [MCQRecord.from_dict(row, source=path, where=f"row {i}") for i, row in enumerate(rows, start=1)]
 
 
-def _parquet_schema():
-    import pyarrow as pa
-
+def _parquet_schema() -> pa.Schema:
     return pa.schema(
         [
             ("id", pa.string()),
@@ -366,9 +348,6 @@ def write_records(path: str | os.PathLike, records: Iterable[MCQRecord]) -> Path
             for r in records:
                 fh.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         rows = [r.to_dict() | {"meta": json.dumps(r.meta, ensure_ascii=False)} for r in records]
         pq.write_table(pa.Table.from_pylist(rows, schema=_parquet_schema()), tmp)
     os.replace(tmp, path)

@@ -1,28 +1,18 @@
-"""Job "adversarial": accuracy when the answer is prefilled with misleading reasoning toward a wrong option.
+"""Adversarial evaluation: accuracy when the answer is prefilled with misleading reasoning toward a wrong option.
 
-    python -m medkr_jax.main --config configs/<x>.py --config.job=adversarial \\
-        --config.model.path=/models/m \\
-        --config.data.benchmarks="('biomed_r1_eval:/data/BioMed-R1-Eval?config=medqa',)" \\
-        --config.adversarial.source=released,template
-
-For each question the assistant turn is prefilled with ``config.adversarial.prefix_format`` (the misleading
-reasoning, then the reconsideration cue ``config.adversarial.cue``) and the model continues from there. The
-continuation decides the answer; when it names no option, the prefix's answer stands. Prefix sources
-(``config.adversarial.source``, comma-separated for several):
+For each question the assistant turn is prefilled with ``AdversarialSettings.prefix_format`` (the misleading
+reasoning, then the reconsideration cue) and the model continues from there. The continuation decides the
+answer; when it names no option, the prefix's answer stands. Prefix sources (``SOURCES``):
 
 * ``released``: the record's ``adversarial_traces`` (the released eval set has three per question); each
   trace is one run, and the report gives their mean, standard deviation, min and max;
-* ``generated``: a model (``config.adversarial.generator_path``, default the evaluated one) is asked with
-  ``config.adversarial.generator_prompt`` to argue for a wrong option (drawn per question from the seed);
-  greedy, ``config.adversarial.generator_max_new_tokens`` tokens, its visible answer (after any think block);
-* ``template``: ``config.adversarial.template`` filled with the wrong option.
+* ``generated``: a model (the generator, default the evaluated one) is asked with the generator prompt to
+  argue for a wrong option (drawn per question from the seed); greedy, its visible answer (after any think
+  block);
+* ``template``: a fixed template filled with the wrong option.
 
-For thinking models whose answers open with a reasoning block, put the prefix inside it, e.g.
-``--config.adversarial.prefix_format='<think>\n{prefix}\n\n{cue}\n'``.
-
-"Before" is the plain evaluation of the same questions (same settings as job "evaluate"). Outputs in
-``config.output_dir``: ``generations.jsonl`` (before), ``adversarial_<source>.jsonl``, ``adversarial.csv``,
-``adversarial.md``, ``adversarial.png``, ``before.csv|md``, ``metrics.jsonl``; every log resumes.
+"Before" is the plain evaluation of the same questions. The job (medkr_jax.jobs.adversarial) builds the
+settings from config.adversarial and writes the tables.
 """
 
 from __future__ import annotations
@@ -34,15 +24,29 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medkr_jax.data.answer import LETTERS, extract_answer, split_think
 from medkr_jax.eval import metrics, prompts, report
-from medkr_jax.eval.evaluate import (GenSettings, Item, Runtime, build_items, chat_kwargs, item_key,
-                                     load_eval_records, load_runtime, record_split, run_generation, score_rows,
+from medkr_jax.eval.evaluate import (GenSettings, Item, PromptSettings, Runtime, build_items,
+                                     item_key, load_runtime, record_split, run_generation, score_rows,
                                      settings_fingerprint, write_accuracy_outputs, write_metrics)
-from medkr_jax.eval.extract import LETTERS, extract_answer, split_think
 from medkr_jax.eval.genlog import GenerationLog
 from medkr_jax.parallel import is_main_process
 
 SOURCES = ("released", "generated", "template")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialSettings:
+    """The prefix sources and how prefixes are written and prefilled (config.adversarial; seed = config.seed)."""
+
+    sources: tuple[str, ...]
+    cue: str
+    prefix_format: str            # fields {prefix}, {cue}
+    template: str                 # source "template": fields {letter}, {option}
+    generator_prompt: str         # source "generated": fields {letter}, {option}
+    generator_max_new_tokens: int
+    generator_path: str = ""      # source "generated": the model that argues ("" = the evaluated one)
+    seed: int = 0
 
 
 def parse_sources(value: str) -> list[str]:
@@ -68,10 +72,9 @@ def template_prefix(template: str, record: Any, wrong: int) -> str:
         raise ValueError(f"config.adversarial.template: unknown field {err}; use {{letter}} and {{option}}") from None
 
 
-def generated_prefixes(config: Any, gen_rt: Runtime, records: Sequence[Any], wrongs: Sequence[int],
-                       out_dir: Path) -> list[str]:
+def generated_prefixes(gen_rt: Runtime, records: Sequence[Any], wrongs: Sequence[int], out_dir: Path, *,
+                       adv: AdversarialSettings, prompt: PromptSettings, gen: GenSettings) -> list[str]:
     """Misleading reasoning written by ``gen_rt`` for each record's wrong option (logged and resumable)."""
-    adv = config.adversarial
     items = []
     for r, w in zip(records, wrongs):
         try:
@@ -79,13 +82,13 @@ def generated_prefixes(config: Any, gen_rt: Runtime, records: Sequence[Any], wro
         except (KeyError, IndexError) as err:
             raise ValueError(f"config.adversarial.generator_prompt: unknown field {err}; use {{letter}} and "
                              "{option}") from None
-        text = prompts.render_chat(gen_rt.tokenizer, prompts.format_question(r, config.eval.prompt_template)
-                                   + "\n\n" + ask, chat_template_kwargs=chat_kwargs(config))
+        text = prompts.render_chat(gen_rt.tokenizer, prompts.format_question(r, prompt.template) + "\n\n" + ask,
+                                   chat_template_kwargs=prompt.chat_template_kwargs)
         items.append(Item(item_key(r, "argue"), r, prompts.encode(gen_rt.tokenizer, text), "argue",
                           extra={"target": w}))
-    gen = GenSettings.from_config(config, max_new_tokens=int(adv.generator_max_new_tokens), temperature=0.0,
-                                  top_k=0, top_p=1.0, num_samples=1)
-    fp = settings_fingerprint(config, gen_rt, gen) | {"generator_prompt": adv.generator_prompt}
+    gen = dataclasses.replace(gen, max_new_tokens=adv.generator_max_new_tokens, temperature=0.0, top_k=0,
+                              top_p=1.0, num_samples=1)  # greedy, one sample
+    fp = settings_fingerprint(gen_rt, gen, prompt) | {"generator_prompt": adv.generator_prompt}
     glog = GenerationLog(out_dir / "adversarial_prefixes.jsonl", fp, writable=is_main_process())
     run_generation(gen_rt, items, glog, gen, desc="write misleading prefixes")
     out = []
@@ -107,33 +110,40 @@ class Variant:
     targets: list[int | None]   # the option each prefix argues for
 
 
-def make_variants(config: Any, source: str, records: Sequence[Any], rt: Runtime, out_dir: Path) -> list[Variant]:
-    adv, seed = config.adversarial, int(config.seed)
-    if source == "released":
-        n = max((len(r.adversarial_traces) for r in records), default=0)
-        if n == 0:
-            raise ValueError(f"config.adversarial.source=released needs records with adversarial_traces (the released "
-                             f"BioMed-R1-Eval layout); none of the {len(records)} questions has any")
-        out = []
-        for k in range(n):
-            recs = [r for r in records if len(r.adversarial_traces) > k]
-            pre = [str(r.adversarial_traces[k]).strip() for r in recs]
-            out.append(Variant(source, f"trace{k}", recs, pre, [extract_answer(p, r.options) for p, r in
+def _released_variants(records: Sequence[Any]) -> list[Variant]:
+    n = max((len(r.adversarial_traces) for r in records), default=0)
+    if n == 0:
+        raise ValueError(f"config.adversarial.source=released needs records with adversarial_traces (the released "
+                         f"BioMed-R1-Eval layout); none of the {len(records)} questions has any")
+    out = []
+    for k in range(n):
+        recs = [r for r in records if len(r.adversarial_traces) > k]
+        pre = [str(r.adversarial_traces[k]).strip() for r in recs]
+        out.append(Variant("released", f"trace{k}", recs, pre, [extract_answer(p, r.options) for p, r in
                                                                 zip(pre, recs)]))
-        return out
-    wrongs = [wrong_option(r, seed) for r in records]
+    return out
+
+
+def make_variants(source: str, records: Sequence[Any], out_dir: Path, *, adv: AdversarialSettings, rt: Runtime,
+                  prompt: PromptSettings, gen: GenSettings) -> list[Variant]:
+    """The runs of one prefix source; source "generated" loads its generator (as ``rt`` was loaded) when it
+    has its own path."""
+    if source == "released":
+        return _released_variants(records)
+    wrongs = [wrong_option(r, adv.seed) for r in records]
     if source == "template":
         pre = [template_prefix(adv.template, r, w) for r, w in zip(records, wrongs)]
         return [Variant(source, "template", list(records), pre, list(wrongs))]
-    gen_rt = rt if not adv.generator_path else load_runtime(config, model_path=adv.generator_path)
-    pre = generated_prefixes(config, gen_rt, records, wrongs, out_dir)
+    gen_rt = rt if not adv.generator_path else load_runtime(adv.generator_path, rt.settings)
+    pre = generated_prefixes(gen_rt, records, wrongs, out_dir, adv=adv, prompt=prompt, gen=gen)
     return [Variant(source, "generated", list(records), pre, [extract_answer(p, r.options) for p, r in
                                                               zip(pre, records)])]
 
 
-def _prefill(config: Any, prefix: str) -> str:
+def prefill(adv: AdversarialSettings, prefix: str) -> str:
+    """The prefilled assistant text: ``prefix_format`` with the misleading prefix and the cue."""
     try:
-        return config.adversarial.prefix_format.format(prefix=prefix, cue=config.adversarial.cue)
+        return adv.prefix_format.format(prefix=prefix, cue=adv.cue)
     except (KeyError, IndexError) as err:
         raise ValueError(f"config.adversarial.prefix_format: unknown field {err}; use {{prefix}} and {{cue}}") from None
 
@@ -181,59 +191,46 @@ def _on_target(records: Sequence[Any], targets: Sequence[int | None]) -> dict[tu
     return {k: float(np.mean([x["hit"] for x in v])) for k, v in metrics.group_rows(rows).items()}
 
 
-def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
-    """Job "adversarial"; returns a summary with before / after / drop over all questions per source."""
-    from medkr_jax.config import require
+def run_source(source: str, records: Sequence[Any], before_rows: dict[str, dict], out_dir: Path, *,
+               adv: AdversarialSettings, rt: Runtime, prompt: PromptSettings, gen: GenSettings, ci: str = "auto",
+               on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict[str, int]]:
+    """Generate (resuming) and score every variant of one prefix source; returns (before / after rows per
+    variant, then their mean when there are several; generation counts). ``before_rows``: the plain
+    evaluation's per-question rows by key."""
+    variants = make_variants(source, records, out_dir, adv=adv, rt=rt, prompt=prompt, gen=gen)
+    adv_fp = settings_fingerprint(rt, gen, prompt) | {"source": source, "cue": adv.cue,
+                                                      "prefix_format": adv.prefix_format}
+    adv_log = GenerationLog(out_dir / f"adversarial_{source}.jsonl", adv_fp, writable=is_main_process())
+    items: list[Item] = []
+    for v in variants:
+        vi = build_items(prompt, rt.tokenizer, v.records, variant=v.name,
+                         prefixes=[prefill(adv, p) for p in v.prefixes])
+        for it, t in zip(vi, v.targets):
+            it.extra = {"source": source, "target": t}
+        items += vi
+    counts = run_generation(rt, items, adv_log, gen, desc=f"adversarial ({source})", on_batch=on_batch)
+    rows = []
+    for v in variants:
+        keys = [item_key(r, v.name) for r in v.records]
+        after = metrics.accuracy_table(score_rows(adv_log, keys), ci=ci, seed=adv.seed)
+        before = metrics.accuracy_table([before_rows[item_key(r)] for r in v.records], ci=ci, seed=adv.seed)
+        rows += compare_tables(before, after, source=source, variant=v.name,
+                               on_target=_on_target(v.records, v.targets))
+    return rows + (aggregate_variants(rows, source) if len(variants) > 1 else []), counts
 
-    require(config, "output_dir")
-    sources = parse_sources(config.adversarial.source)
-    out_dir = Path(config.output_dir)
-    records = load_eval_records(config)
-    rt = load_runtime(config)
-    gen = GenSettings.from_config(config)
-    fp = settings_fingerprint(config, rt, gen)
 
-    before_items = build_items(config, rt.tokenizer, records)
-    before_log = GenerationLog(out_dir / "generations.jsonl", fp, writable=is_main_process())
-    counts = {"before": run_generation(rt, before_items, before_log, gen, desc="before", on_batch=on_batch)}
-    before_rows = {r["key"]: r for r in score_rows(before_log, [it.key for it in before_items])}
-    before_table = metrics.accuracy_table(list(before_rows.values()), ci=config.eval.ci, seed=int(config.seed))
+def headline_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per source and (benchmark, split): the released traces' mean, the other sources' only run."""
+    return [r for r in rows if r["variant"] == "mean" or r["source"] != "released"]
 
-    all_rows: list[dict] = []
-    for source in sources:
-        variants = make_variants(config, source, records, rt, out_dir)
-        adv_fp = fp | {"source": source, "cue": config.adversarial.cue,
-                       "prefix_format": config.adversarial.prefix_format}
-        adv_log = GenerationLog(out_dir / f"adversarial_{source}.jsonl", adv_fp, writable=is_main_process())
-        items: list[Item] = []
-        for v in variants:
-            vi = build_items(config, rt.tokenizer, v.records, variant=v.name,
-                             prefixes=[_prefill(config, p) for p in v.prefixes])
-            for it, t in zip(vi, v.targets):
-                it.extra = {"source": source, "target": t}
-            items += vi
-        counts[source] = run_generation(rt, items, adv_log, gen, desc=f"adversarial ({source})", on_batch=on_batch)
-        source_rows = []
-        for v in variants:
-            keys = [item_key(r, v.name) for r in v.records]
-            after = metrics.accuracy_table(score_rows(adv_log, keys), ci=config.eval.ci, seed=int(config.seed))
-            before = metrics.accuracy_table([before_rows[item_key(r)] for r in v.records], ci=config.eval.ci,
-                                            seed=int(config.seed))
-            source_rows += compare_tables(before, after, source=source, variant=v.name,
-                                          on_target=_on_target(v.records, v.targets))
-        all_rows += source_rows
-        if len(variants) > 1:
-            all_rows += aggregate_variants(source_rows, source)
 
-    headline = [r for r in all_rows if r["variant"] == "mean" or r["source"] != "released"]
-    if is_main_process():
-        write_accuracy_outputs(out_dir, before_table, stem="before", title="Accuracy before (%)")
-        report.write_csv(all_rows, out_dir / "adversarial.csv")
-        (out_dir / "adversarial.md").write_text(report.adversarial_markdown(headline))
-        report.plot_adversarial(headline, out_dir / "adversarial.png")
-        write_metrics(out_dir, [{"kind": "before", **r} for r in before_table]
-                      + [{"kind": "adversarial", **r} for r in all_rows])
-    overall = {r["source"]: {k: round(r[k], 4) for k in ("before", "after", "drop")}
-               for r in headline if r["benchmark"] == metrics.OVERALL and r["split"] == "all"}
-    return {"questions": len(records), "generated": counts, "overall": overall,
-            "files": [str(out_dir / f) for f in ("adversarial.csv", "adversarial.md", "adversarial.png")]}
+def write_outputs(out_dir: Path, before_table: list[dict], rows: list[dict]) -> None:
+    """before.csv|md and its plot, adversarial.csv (every row), adversarial.md / adversarial.png (headline rows)
+    and metrics.jsonl."""
+    headline = headline_rows(rows)
+    write_accuracy_outputs(out_dir, before_table, stem="before", title="Accuracy before (%)")
+    report.write_csv(rows, out_dir / "adversarial.csv")
+    (out_dir / "adversarial.md").write_text(report.adversarial_markdown(headline))
+    report.plot_adversarial(headline, out_dir / "adversarial.png")
+    write_metrics(out_dir, [{"kind": "before", **r} for r in before_table]
+                  + [{"kind": "adversarial", **r} for r in rows])

@@ -1,16 +1,10 @@
-"""Job "evaluate": accuracy of a causal LM on the knowledge-heavy and reasoning-heavy questions of each benchmark.
+"""Evaluating a causal LM on multiple-choice questions: prompts, resumable generation, scoring, accuracy tables.
 
-    python -m medkr_jax.main --config configs/<x>.py --config.job=evaluate \\
-        --config.model.path=/models/Qwen3-8B --config.data.eval_path=runs/split/labelled.jsonl
-
-Questions come from ``config.data.benchmarks`` (benchmark spec strings, see ``medkr_jax.data.benchmarks``)
-and/or ``config.data.eval_path`` (canonical records); their split is ``record.label`` or, when unset, the
-released classifier's ``record.is_reasoning``. Each question is rendered with the tokenizer's chat template
-(``config.eval.system_prompt``, ``config.eval.prompt_template``), continued ``config.eval.num_samples``
-times by the jitted sampler, and scored with ``extract_answer``.
-
-Outputs in ``config.output_dir``: ``generations.jsonl`` (appended as batches finish; a rerun skips what is
-there), ``results.csv``, ``results.md``, ``knowledge_vs_reasoning.png``, ``metrics.jsonl``.
+Each question is rendered with the tokenizer's chat template (``PromptSettings``), continued
+``GenSettings.num_samples`` times by the jitted sampler, logged as it finishes (``GenerationLog``: a killed run
+resumes) and scored with ``extract_answer``; accuracy is tabulated per benchmark and knowledge / reasoning split
+(``record.label``, or the released classifier's ``record.is_reasoning``). The jobs "evaluate" and
+"adversarial" (medkr_jax.jobs) build the settings from the config.
 """
 
 from __future__ import annotations
@@ -18,20 +12,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from medkr_jax.data.answer import answer_letter, extract_answer
+from medkr_jax.data.pipeline import load_tokenizer
+from medkr_jax.data.readers import load_benchmark_spec
+from medkr_jax.data.records import read_records
 from medkr_jax.eval import metrics, prompts, report
-from medkr_jax.eval.extract import answer_letter, extract_answer
 from medkr_jax.eval.genlog import GenerationLog
+from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
 from medkr_jax.parallel import is_main_process
-
-log = logging.getLogger(__name__)
+from medkr_jax.sampling import Sampler
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -46,21 +46,18 @@ def record_split(record: Any) -> str | None:
     return None
 
 
-def load_eval_records(config: Any) -> list:
-    """Records of ``config.data.benchmarks`` specs and ``config.data.eval_path``; ``config.data.limit``
-    keeps the first N questions of each benchmark. Duplicate (benchmark, id) pairs are an error."""
-    from medkr_jax.data.benchmarks import load_benchmark_spec
-    from medkr_jax.data.records import read_records
-
+def load_eval_records(benchmarks: Sequence[str], eval_path: str = "", limit: int = 0) -> list:
+    """Records of the ``benchmarks`` specs and the canonical records file ``eval_path`` (config.data.benchmarks,
+    config.data.eval_path); ``limit`` > 0 keeps the first N questions of each benchmark. Duplicate
+    (benchmark, id) pairs are an error."""
     records = []
-    for spec in config.data.benchmarks:
+    for spec in benchmarks:
         records += list(load_benchmark_spec(spec))
-    if config.data.eval_path:
-        records += read_records(config.data.eval_path)
+    if eval_path:
+        records += read_records(eval_path)
     if not records:
         raise ValueError("no questions to evaluate: set config.data.benchmarks (spec strings) or "
                          "config.data.eval_path (canonical records)")
-    limit = int(config.data.limit or 0)
     if limit > 0:
         seen: dict[str, int] = {}
         kept = []
@@ -84,6 +81,18 @@ def item_key(record: Any, variant: str = "") -> str:
 # ------------------------------------------------------------------------------------------- model
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """How a decoder is loaded for generation (config.model, config.mesh, config.eval.stop_strings)."""
+
+    mesh: Any
+    rules: tuple
+    dtype: str
+    param_dtype: str
+    allow_pickle: bool = False
+    stop_strings: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass
 class Runtime:
     """A loaded model with its tokenizer and a sampler for it."""
@@ -93,47 +102,25 @@ class Runtime:
     tokenizer: Any
     sampler: Any
     path: str
+    settings: ModelSettings   # how it was loaded (a second model, e.g. an adversarial generator, loads alike)
 
 
-def load_tokenizer(folder: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if not Path(folder, "tokenizer_config.json").is_file() and not Path(folder, "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {folder!r} (expected tokenizer.json / tokenizer_config.json); "
-                                "set config.tokenizer_path to a folder with the model's tokenizer")
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def load_runtime(config: Any, *, model_path: str | None = None, tokenizer_path: str | None = None,
-                 mesh: Any = None) -> Runtime:
-    """Decoder from ``model_path`` (default config.model.path), tokenizer from ``tokenizer_path`` (default
-    config.tokenizer_path or the model folder), and a Sampler with the tokenizer's stop ids."""
-    import jax.numpy as jnp
-
-    from medkr_jax import parallel
-    from medkr_jax.config import require
-    from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
-    from medkr_jax.sampling import Sampler
-
-    if model_path is None:
-        require(config, "model.path")
-        model_path = config.model.path
-        tokenizer_path = tokenizer_path or config.tokenizer_path or model_path
+def load_runtime(model_path: str, settings: ModelSettings, *, tokenizer_path: str | None = None) -> Runtime:
+    """Decoder from ``model_path``, tokenizer from ``tokenizer_path`` (default the model folder), and a
+    Sampler with the tokenizer's stop ids."""
     tokenizer_path = tokenizer_path or model_path
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
     read_hf_config(model_path)  # a missing model folder is named as such, not as a missing tokenizer
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits(tokenizer, model_path, tokenizer_dir=tokenizer_path)
-    model, cfg = load_decoder(model_path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
-                              param_dtype=jnp.dtype(config.model.param_dtype),
-                              allow_pickle=config.model.allow_pickle)
-    stop_ids = prompts.stop_token_ids(tokenizer, cfg.eos_token_ids, tuple(config.eval.stop_strings))
+    model, cfg = load_decoder(model_path, mesh=settings.mesh, rules=settings.rules,
+                              dtype=jnp.dtype(settings.dtype), param_dtype=jnp.dtype(settings.param_dtype),
+                              allow_pickle=settings.allow_pickle)
+    stop_ids = prompts.stop_token_ids(tokenizer, cfg.eos_token_ids, tuple(settings.stop_strings))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else stop_ids[0])
-    sampler = Sampler(cfg, mesh=mesh, rules=rules, pad_id=pad, stop_ids=stop_ids,
-                      cache_dtype=jnp.dtype(config.model.dtype))
-    return Runtime(model, cfg, tokenizer, sampler, str(model_path))
+    sampler = Sampler(cfg, mesh=settings.mesh, rules=settings.rules, pad_id=pad, stop_ids=stop_ids,
+                      cache_dtype=jnp.dtype(settings.dtype))
+    return Runtime(model, cfg, tokenizer, sampler, str(model_path), settings)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -141,7 +128,7 @@ def load_runtime(config: Any, *, model_path: str | None = None, tokenizer_path: 
 
 @dataclasses.dataclass(frozen=True)
 class GenSettings:
-    """Sampling settings of one evaluation (config.eval)."""
+    """Sampling settings of one evaluation (config.eval; seed = config.seed)."""
 
     max_new_tokens: int
     temperature: float
@@ -151,17 +138,19 @@ class GenSettings:
     batch_size: int
     seed: int
 
-    @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> "GenSettings":
-        e = config.eval
-        kw = dict(max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), top_k=int(e.top_k),
-                  top_p=float(e.top_p), num_samples=int(e.num_samples), batch_size=int(e.batch_size),
-                  seed=int(config.seed))
-        kw.update(overrides)
-        if kw["num_samples"] < 1 or kw["batch_size"] < 1 or kw["max_new_tokens"] < 1:
+    def __post_init__(self):
+        if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("config.eval.num_samples, batch_size and max_new_tokens must be >= 1, got "
-                             f"{kw['num_samples']}, {kw['batch_size']}, {kw['max_new_tokens']}")
-        return cls(**kw)
+                             f"{self.num_samples}, {self.batch_size}, {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """How a question becomes a prompt (config.eval.system_prompt, prompt_template, chat_template_kwargs)."""
+
+    system_prompt: str = prompts.DEFAULT_SYSTEM_PROMPT
+    template: str = prompts.DEFAULT_TEMPLATE
+    chat_template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -176,30 +165,14 @@ class Item:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def chat_kwargs(config: Any) -> dict:
-    raw = config.eval.chat_template_kwargs
-    if not raw:
-        return {}
-    try:
-        out = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config.eval.chat_template_kwargs must be a JSON object, e.g. "
-                         f"'{{\"enable_thinking\": false}}'; got {raw!r} ({err})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"config.eval.chat_template_kwargs must be a JSON object, got {raw!r}")
-    return out
-
-
-def build_items(config: Any, tokenizer: Any, records: Sequence[Any], *, variant: str = "",
+def build_items(prompt: PromptSettings, tokenizer: Any, records: Sequence[Any], *, variant: str = "",
                 prefixes: Sequence[str] | None = None) -> list[Item]:
     """Prompts of ``records`` (with one assistant prefix each when given)."""
     items = []
-    kwargs = chat_kwargs(config)
     for i, r in enumerate(records):
         prefix = prefixes[i] if prefixes is not None else ""
-        text = prompts.build_prompt(tokenizer, r, system_prompt=config.eval.system_prompt,
-                                    template=config.eval.prompt_template, assistant_prefix=prefix,
-                                    chat_template_kwargs=kwargs)
+        text = prompts.build_prompt(tokenizer, r, system_prompt=prompt.system_prompt, template=prompt.template,
+                                    assistant_prefix=prefix, chat_template_kwargs=prompt.chat_template_kwargs)
         items.append(Item(item_key(r, variant), r, prompts.encode(tokenizer, text), variant, prefix))
     return items
 
@@ -210,11 +183,8 @@ def _prompt_hash(tokens: Sequence[int]) -> str:
 
 def _remaining_mask(items: Sequence[Item], glog: GenerationLog) -> np.ndarray:
     """Items still to generate, decided by the main process and shared with all (they must agree)."""
-    import jax
-
     mask = np.array([it.key not in glog for it in items], bool)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         mask = np.asarray(multihost_utils.broadcast_one_to_all(mask)).astype(bool)
     return mask
 
@@ -228,8 +198,6 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
     so a resumed run reproduces an uninterrupted one. ``on_batch(items_done_this_run)`` is called after each
     batch is durable.
     """
-    from tqdm import tqdm
-
     for it in items:
         if it.key in glog and glog.entries[it.key].get("prompt_hash") != _prompt_hash(it.prompt):
             raise ValueError(f"{glog.path}: item {it.key!r} was generated from a different prompt; use a new "
@@ -303,12 +271,12 @@ def score_rows(glog: GenerationLog, keys: Sequence[str]) -> list[dict]:
     return rows
 
 
-def settings_fingerprint(config: Any, rt: Runtime, gen: GenSettings) -> dict:
+def settings_fingerprint(rt: Runtime, gen: GenSettings, prompt: PromptSettings) -> dict:
     """What decides a generation; a log made with other settings is not resumed."""
     return {"model": os.path.abspath(rt.path), "tokenizer": str(getattr(rt.tokenizer, "name_or_path", "")),
-            "dtype": config.model.dtype, "system_prompt": config.eval.system_prompt,
-            "prompt_template": config.eval.prompt_template, "chat_template_kwargs": chat_kwargs(config),
-            "stop_ids": list(rt.sampler.stop_ids), **dataclasses.asdict(gen)}
+            "dtype": rt.settings.dtype, "system_prompt": prompt.system_prompt, "prompt_template": prompt.template,
+            "chat_template_kwargs": dict(prompt.chat_template_kwargs), "stop_ids": list(rt.sampler.stop_ids),
+            **dataclasses.asdict(gen)}
 
 
 def write_accuracy_outputs(out_dir: Path, table: list[dict], *, stem: str = "results",
@@ -328,34 +296,15 @@ def write_metrics(out_dir: Path, rows: Sequence[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-# ------------------------------------------------------------------------------------------- job
+# ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(config: Any, rt: Runtime, records: Sequence[Any], out_dir: Path, *, log_name: str = "generations.jsonl",
-             on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
-    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts)."""
-    gen = GenSettings.from_config(config)
-    items = build_items(config, rt.tokenizer, records)
-    glog = GenerationLog(out_dir / log_name, settings_fingerprint(config, rt, gen),
-                         writable=is_main_process())
-    counts = run_generation(rt, items, glog, gen, desc="evaluate", on_batch=on_batch)
+def evaluate(rt: Runtime, records: Sequence[Any], out_dir: Path, *, prompt: PromptSettings, gen: GenSettings,
+             ci: str = "auto", seed: int = 0, log_name: str = "generations.jsonl", desc: str = "evaluate",
+             on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict, list[dict]]:
+    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts, per-question rows)."""
+    items = build_items(prompt, rt.tokenizer, records)
+    glog = GenerationLog(out_dir / log_name, settings_fingerprint(rt, gen, prompt), writable=is_main_process())
+    counts = run_generation(rt, items, glog, gen, desc=desc, on_batch=on_batch)
     rows = score_rows(glog, [it.key for it in items])
-    return metrics.accuracy_table(rows, ci=config.eval.ci, seed=int(config.seed)), counts
-
-
-def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
-    """Job "evaluate"; returns a summary (overall accuracy per split, counts, output files)."""
-    from medkr_jax.config import require
-
-    require(config, "output_dir")
-    out_dir = Path(config.output_dir)
-    records = load_eval_records(config)
-    rt = load_runtime(config)
-    table, counts = evaluate(config, rt, records, out_dir, on_batch=on_batch)
-    if is_main_process():
-        write_accuracy_outputs(out_dir, table)
-        write_metrics(out_dir, [{"kind": "accuracy", **r} for r in table])
-    overall = {r["split"]: round(r["accuracy"], 4) for r in table if r["benchmark"] == metrics.OVERALL}
-    return {"questions": len(records), **counts, "accuracy": overall,
-            "files": [str(out_dir / f) for f in ("results.csv", "results.md", "knowledge_vs_reasoning.png",
-                                                 "generations.jsonl")]}
+    return metrics.accuracy_table(rows, ci=ci, seed=seed), counts, rows

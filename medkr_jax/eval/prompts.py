@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from medkr_jax.eval.extract import LETTERS
+from medkr_jax.data.answer import LETTERS
 
 DEFAULT_SYSTEM_PROMPT = ("You are a medical expert. Think step by step, then end your reply with "
                          "'The answer is X.' where X is the letter of the correct option.")

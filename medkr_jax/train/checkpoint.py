@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+
+from medkr_jax.models.hf import concrete_sharding
+from medkr_jax.models.safetensors_io import CheckpointError
 
 
 def _to_json(data_state: Any) -> Any:
@@ -135,3 +140,74 @@ class Checkpointer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+
+# ------------------------------------------------------------------------- state <-> nested dict
+
+
+def key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def to_nested_dict(tree: Any) -> dict:
+    """Any pytree as nested dicts of its leaves, keyed by path (what orbax stores, readable on disk)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        names = [key_name(k) for k in path] or ["value"]
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = leaf
+    return out
+
+
+def from_nested_dict(nested: Mapping, like: Any) -> Any:
+    """Inverse of `to_nested_dict`, rebuilding the structure of `like`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node: Any = nested
+        names = [key_name(k) for k in path] or ["value"]
+        for name in names:
+            node = node[name]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def restore_params(abstract_model: nnx.Module, checkpoint_dir: str | os.PathLike, *,
+                   mesh: jax.sharding.Mesh | None = None, step: int | None = None):
+    """Fill an abstract module with the parameters of a training checkpoint (``train.loop`` layout).
+
+    ``checkpoint_dir`` is a run's ``checkpoints`` folder (or the run folder holding one); the
+    newest step is used unless ``step`` is given. Only the parameters are read (not the optimizer
+    state), each straight into its sharding on ``mesh``. Returns (model, step).
+    """
+    directory = epath.Path(checkpoint_dir)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
+                                    f"{str(directory)!r} (steps: {list(manager.all_steps())})")
+        graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise CheckpointError("restore_params handles modules whose state is all nnx.Param")
+        target = to_nested_dict(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=concrete_sharding(x, mesh)), params))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                                 {"params": target}))))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint step {step} in {str(directory)!r} does not hold this model's "
+                                  f"parameters: {e}") from None
+    finally:
+        manager.close()
+    return nnx.merge(graphdef, from_nested_dict(restored["state"]["params"], params), rest), step

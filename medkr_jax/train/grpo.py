@@ -1,60 +1,86 @@
-"""GRPO reinforcement learning of the policy with a verifiable answer reward (job "grpo").
+"""GRPO's learner, one loop step at a time: rollout -> reward -> advantages -> update.
 
-Per loop step: take config.grpo.prompts_per_step prompts (MCQ records rendered like evaluation prompts; a
-config.traces share of them prefilled with misleading reasoning, as in adversarial evaluation), sample
-config.grpo.num_generations completions each from the current policy with the jitted KV-cache sampler,
-score them (1 if the closing "The answer is X." names the right option, by letter or text,
-+ config.grpo.format_reward if it names any one option; see completion_rewards), normalise the rewards within
-each group, then run config.grpo.mu optimizer updates of the GRPO objective (train/losses.py) on this rollout
-batch. The frozen reference model (only when config.grpo.beta > 0) lives on the same mesh as the policy; its
-log-probs are computed once per rollout.
-Old-policy log-probs for mu > 1 are the sampler's own (config.grpo.old_logprobs="sampler") or a recomputed
-forward pass ("recompute"); for mu = 1 the ratio is exactly 1 (stop-gradient of the current log-probs).
+* rollout: sample G = num_generations completions of each of the step's prompts (MCQ records rendered like
+  evaluation prompts; a trace-mix share of them prefilled with misleading reasoning, as in adversarial
+  evaluation) from the current policy with the jitted KV-cache sampler (`rollout`);
+* reward: 1 if the closing "The answer is X." names the right option, by letter or text, + format_reward if
+  it names any one option (`completion_rewards`, `rollout_rewards`);
+* advantages: the rewards normalised within each group by the advantage function named by settings.advantage
+  (train/losses.py registry; `advantages`);
+* update: the training rows of the rollout with old / reference log-probs, then mu optimizer updates of the
+  RL loss named by settings.loss (`update_batch`, `update`). The frozen reference model (only when beta > 0)
+  lives on the same mesh as the policy; its log-probs are computed once per rollout. Old-policy log-probs for
+  mu > 1 are the sampler's own (old_logprobs="sampler") or a recomputed forward pass ("recompute"); for
+  mu = 1 the ratio is exactly 1 (stop-gradient of the current log-probs).
 
-Per step it also logs why a step may carry no signal (rollout_diagnostics: groups whose rewards are all equal,
-distinct completions per group), whether the sampler drew from the distribution the trainer differentiates
-(logprob_agreement at the sampling weights), and the update size (the trainer's update_ratio).
+`make_step_fn` chains them into the `step_fn` of the shared loop. Per step it also logs why a step may carry no
+signal (rollout_diagnostics: groups whose rewards are all equal, distinct completions per group), whether the
+sampler drew from the distribution the trainer differentiates (logprob_agreement at the sampling weights), and
+the update size (the trainer's update_ratio). Job "grpo" (medkr_jax/jobs/grpo.py) reads the config and runs it.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import dataclasses
 import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medkr_jax import xla_options
-from medkr_jax.train.losses import group_advantages, grpo_loss, token_logprobs, token_logprobs_and_entropy
+from medkr_jax.data.answer import extract_answer, final_statement_answer
+from medkr_jax.data.pipeline import bucket_length, make_loader
+from medkr_jax.eval import prompts as P_
+from medkr_jax.sampling import DEFAULT_PROMPT_BUCKETS, SampleOutput, Sampler
+from medkr_jax.train.losses import advantage_fn, rl_loss, token_logprobs, token_logprobs_and_entropy
+from medkr_jax.train.traces import TraceExample
+from medkr_jax.train.trainer import Trainer
 
 WIDTH_MULTIPLE = 16
+OLD_LOGPROBS = ("sampler", "recompute")
 
 
-class GRPODataError(ValueError):
-    """The GRPO prompts cannot be built."""
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """config.grpo's learner settings as plain values (the job builds them; see medkr_jax.config)."""
+
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    mu: int = 1
+    loss: str = "grpo"
+    loss_aggregation: str = "token"
+    advantage: str = "grpo"
+    format_reward: float = 0.0
+    answer_source: str = "final"
+    old_logprobs: str = "sampler"
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"config.grpo.num_generations must be >= 2 (a group), got {self.num_generations}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"config.grpo.old_logprobs: expected 'sampler' or 'recompute', got {self.old_logprobs!r}")
+        rl_loss(self.loss)  # an unknown loss or advantage name fails here, before any model is loaded
+        advantage_fn(self.advantage)
+
+    @property
+    def sampler_old_logprobs(self) -> bool:
+        """mu > 1 with the sampler's log-probs as the old policy's."""
+        return self.mu > 1 and self.old_logprobs == "sampler"
 
 
-_LAST_STATEMENT = re.compile(r"the answer is (?!.*the answer is)[^\n]+?\.?\s*$", re.IGNORECASE)
 ANSWER_SOURCES = ("final", "extract")
-
-
-def final_statement_answer(text: str, options: Sequence[str]) -> int | None:
-    """The option named by the completion's closing "The answer is X." (letter or option text), else None.
-
-    Only the last such statement, ending the text, counts: a letter mentioned earlier ("At first sight (C)
-    looks right") or a closing statement that names no option gives None.
-    """
-    from medkr_jax.eval.extract import extract_answer
-
-    m = _LAST_STATEMENT.search(text.strip())
-    return None if m is None else extract_answer(m.group(0), options)
 
 
 def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], answers: Sequence[int], *,
@@ -64,11 +90,9 @@ def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], a
 
     well_formatted: the completion ends with "The answer is X." naming one option. correct: with
     answer_source="final", that closing statement names the right option (a verifiable reward that a stray
-    letter cannot earn); with "extract", the evaluation's extractor (eval.extract) finds the right option
+    letter cannot earn); with "extract", the evaluation's extractor (data.answer) finds the right option
     anywhere by its fallback rules. reward = correct + format_reward * well_formatted.
     """
-    from medkr_jax.eval.extract import extract_answer
-
     if answer_source not in ANSWER_SOURCES:
         raise ValueError(f"config.grpo.answer_source: expected one of {ANSWER_SOURCES}, got {answer_source!r}")
     final = [final_statement_answer(t, o) for t, o in zip(texts, options)]
@@ -142,20 +166,20 @@ def rollout_diagnostics(rewards: np.ndarray, tokens: np.ndarray, lengths: np.nda
             "signal_rows": float(1.0 - flat.mean())}
 
 
-def make_loss_fn(gcfg: Any):
-    """The trainer's loss on a rollout batch (GRPO objective + entropy, weights for exact accumulation)."""
-    aggregation = str(gcfg.loss_aggregation)
-    beta = float(gcfg.beta)
+def make_loss_fn(settings: GRPOSettings):
+    """The trainer's loss on a rollout batch (the RL objective + entropy, weights for exact accumulation)."""
+    aggregation = settings.loss_aggregation
+    beta = settings.beta
+    objective = rl_loss(settings.loss)
 
     def loss_fn(model, batch, rng):
         logits, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
         logps, entropy = token_logprobs_and_entropy(logits, batch["targets"])
         mask = batch["completion_mask"]
         old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
-        loss, metrics = grpo_loss(logps, old, batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
-                                  beta=beta, epsilon_low=float(gcfg.epsilon_low),
-                                  epsilon_high=float(gcfg.epsilon_high), aggregation=aggregation,
-                                  max_len=int(gcfg.max_new_tokens))
+        loss, metrics = objective(logps, old, batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
+                                  beta=beta, epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
+                                  aggregation=aggregation, max_len=settings.max_new_tokens)
         n_tok = mask.sum()
         ent = (entropy * mask).sum() / jnp.maximum(n_tok, 1.0)
         weight = n_tok if aggregation == "token" else jnp.asarray(mask.shape[0], jnp.float32)
@@ -174,148 +198,158 @@ def _forward_logps(graphdef, state, tokens, positions, attention_mask, targets):
     return token_logprobs(logits, targets)
 
 
-def _prompt_bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    return int(np.ceil(n / 64) * 64)
+# ------------------------------------------------------------------------------------------------- prompts
 
 
-def run(config: Any, *, mesh: Any = None) -> dict:
-    """Job "grpo": GRPO on MCQ prompts with a correctness reward; exports the policy; returns a summary."""
-    from medkr_jax import parallel
-    from medkr_jax.config import require
-    from medkr_jax.data.pipeline import make_loader
-    from medkr_jax.data.records import read_records
-    from medkr_jax.eval import prompts as P_
-    from medkr_jax.models.hf import export_decoder, load_decoder
-    from medkr_jax.sampling import DEFAULT_PROMPT_BUCKETS, Sampler
-    from medkr_jax.train import loop, traces
-    from medkr_jax.train.sft import filter_records, load_policy
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The training prompts: examples, their token ids, the sampler's stable per-prompt keys, and the widest
+    training row a rollout of them can need."""
 
-    import grain
+    examples: Sequence[TraceExample]
+    ids: list[list[int]]
+    keys: list[int]
+    max_width: int
 
-    require(config, "output_dir", "grpo.train_path")
-    g = config.grpo
-    G = int(g.num_generations)
-    if G < 2:
-        raise ValueError(f"config.grpo.num_generations must be >= 2 (a group), got {G}")
-    if str(g.old_logprobs) not in ("sampler", "recompute"):
-        raise ValueError(f"config.grpo.old_logprobs: expected 'sampler' or 'recompute', got {g.old_logprobs!r}")
-    mu = int(g.mu)
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
 
-    records = filter_records(read_records(g.train_path), bool(g.reasoning_only), g.train_path, key="config.grpo")
-    if int(g.num_prompts) > 0:  # a pool of the first N questions, each visited more often in the same steps
-        records = records[:int(g.num_prompts)]
-    examples = traces.build_examples(records, config.traces, require_trace=False)
-    model, cfg, tokenizer, tok_dir = load_policy(config, mesh, rules)
-    stop_ids = P_.stop_token_ids(tokenizer, cfg.eos_token_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    prompt_ids = [P_.encode(tokenizer, P_.build_prompt(tokenizer, e.record, system_prompt=config.eval.system_prompt,
-                                                       assistant_prefix=e.assistant_prefix)) for e in examples]
-    prompt_keys = [zlib.crc32(f"{e.record_id}/{i}".encode()) for i, e in enumerate(examples)]
-    max_new = int(g.max_new_tokens)
-    max_width = _prompt_bucket(max(map(len, prompt_ids)), DEFAULT_PROMPT_BUCKETS) + max_new - 1
-    sampler = Sampler(cfg, mesh=mesh, rules=rules, pad_id=pad, stop_ids=stop_ids)
+def build_prompts(examples: Sequence[TraceExample], tokenizer: Any, *, system_prompt: str,
+                  max_new_tokens: int) -> PromptSet:
+    """Each example rendered as evaluation renders it (chat template, system prompt, prefilled prefix)."""
+    ids = [P_.encode(tokenizer, P_.build_prompt(tokenizer, e.record, system_prompt=system_prompt,
+                                                assistant_prefix=e.assistant_prefix)) for e in examples]
+    keys = [zlib.crc32(f"{e.record_id}/{i}".encode()) for i, e in enumerate(examples)]
+    max_width = bucket_length(max(map(len, ids)), DEFAULT_PROMPT_BUCKETS, past_top="grow") + max_new_tokens - 1
+    return PromptSet(examples, ids, keys, max_width)
 
-    ref_state = None
-    if float(g.beta) != 0.0:
-        ref_model, _ = load_decoder(config.model.path, mesh=mesh, rules=rules,
-                                    dtype=jnp.dtype(config.model.dtype),
-                                    param_dtype=jnp.dtype(config.model.param_dtype),
-                                    allow_pickle=config.model.allow_pickle)
-        ref_graphdef, ref_state = nnx.split(ref_model)
 
-    # The same global prompt batch on every process (the sampler takes global prompts); each process then
-    # trains on its slice of the rollout rows.
-    n_pp = int(g.prompts_per_step)
-    prompt_iter = make_loader([{"index": np.int64(i)} for i in range(len(examples))], batch_size=n_pp,
-                              seed=int(config.seed), num_epochs=None, shard=grain.sharding.ShardOptions(0, 1))
+def prompt_batches(num_prompts: int, prompts_per_step: int, *, seed: int) -> Any:
+    """Endless shuffled batches of prompt indices ({"index": [prompts_per_step]}), a checkpointable grain iterator.
+
+    The same global prompt batch on every process (the sampler takes global prompts); each process then trains
+    on its slice of the rollout rows (`process_rows`).
+    """
+    return make_loader([{"index": np.int64(i)} for i in range(num_prompts)], batch_size=prompts_per_step,
+                       seed=seed, num_epochs=None, shard=grain.sharding.ShardOptions(0, 1))
+
+
+def process_rows(rows: int) -> slice:
+    """This process's slice of a rollout's `rows` training rows."""
     nproc, pid = jax.process_count(), jax.process_index()
-    rows = n_pp * G
     if rows % nproc:
         raise ValueError(f"prompts_per_step*num_generations = {rows} must be divisible by {nproc} processes")
-    local = slice(pid * rows // nproc, (pid + 1) * rows // nproc)
-    batch_axes = dict(rules).get("batch", parallel.BATCH_AXES)
-    flat = NamedSharding(mesh, P(batch_axes))
-    loss_fn = make_loss_fn(g)
+    return slice(pid * rows // nproc, (pid + 1) * rows // nproc)
 
+
+# ---------------------------------------------------------------------- rollout -> reward -> advantages -> update
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """G completions of each of a step's prompts: samples.prompt_index indexes `prompts` / `examples`."""
+
+    samples: SampleOutput
+    texts: list[str]
+    prompts: list[list[int]]
+    examples: list[TraceExample]
+
+
+def rollout(sampler: Sampler, model: nnx.Module, tokenizer: Any, prompt_set: PromptSet, indices: Sequence[int], *,
+            settings: GRPOSettings, seed: int) -> Rollout:
+    """Sample settings.num_generations completions of the prompts `indices` (rows of a prompt contiguous)."""
+    examples = [prompt_set.examples[int(i)] for i in indices]
+    prompts = [prompt_set.ids[int(i)] for i in indices]
+    out = sampler.generate(model, prompts, max_new_tokens=settings.max_new_tokens,
+                           temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                           n=settings.num_generations, seed=seed,
+                           prompt_keys=[prompt_set.keys[int(i)] for i in indices])
+    texts = [tokenizer.decode(out.row_tokens(r), skip_special_tokens=True) for r in range(len(out.lengths))]
+    return Rollout(out, texts, prompts, examples)
+
+
+def rollout_rewards(ro: Rollout, settings: GRPOSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reward, correct, well_formatted) per rollout row (`completion_rewards` against its prompt's record)."""
+    pi = ro.samples.prompt_index
+    return completion_rewards(ro.texts, [ro.examples[j].record.options for j in pi],
+                              [ro.examples[j].answer for j in pi], format_reward=settings.format_reward,
+                              answer_source=settings.answer_source)
+
+
+def advantages(rewards: np.ndarray, settings: GRPOSettings) -> np.ndarray:
+    """Per-row advantages from the rewards of each group, by settings.advantage (NumPy in, NumPy out: host)."""
+    return advantage_fn(settings.advantage)(rewards, settings.num_generations)
+
+
+def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_width: int, pad_id: int,
+                 local: slice) -> tuple[dict[str, np.ndarray], int]:
+    """(this process's training rows of the rollout with advantages (and the sampler's log-probs as the old
+    policy's when so set), the row width)."""
+    out = ro.samples
+    pi = out.prompt_index
+    # train on the rows' real length rounded up to a multiple of 16 (a few compiled shapes), not on the
+    # padded maximum: short prompts and early stops then cost no compute
+    need = max(len(ro.prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
+    width = min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+    batch = rollout_batch(ro.prompts, out.tokens, out.lengths, pi, width=width, pad_id=pad_id,
+                          sampler_logprobs=out.logprobs)
+    if settings.sampler_old_logprobs:
+        batch["old_logps"] = batch["sampler_logps"]
+    batch["advantages"] = adv.astype(np.float32)
+    return {k: v[local] for k, v in batch.items()}, width
+
+
+def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings,
+           reference: tuple[Any, Any] | None = None) -> dict[str, float]:
+    """Reference (and recomputed old-policy) log-probs of the rows, then settings.mu optimizer updates.
+
+    reference: nnx.split of the frozen reference model (beta > 0), else None. Returns the updates' mean
+    metrics; entropy / kl / log-prob agreement are the first update's (the sampling-time weights).
+    """
     def place(x):
-        return jax.make_array_from_process_local_data(flat, np.asarray(x))
+        return jax.make_array_from_process_local_data(trainer.row_sharding, np.asarray(x))
 
-    def step_fn(trainer, prompt_batch, rng):
+    fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "targets")]
+    if reference is not None:
+        batch["ref_logps"] = _forward_logps(*reference, *fwd_args)
+    if settings.mu > 1 and not settings.sampler_old_logprobs:
+        pol_graphdef, pol_state = nnx.split(trainer.model())
+        batch["old_logps"] = _forward_logps(pol_graphdef, pol_state, *fwd_args)
+    inner = [trainer.update(batch, jax.random.fold_in(rng, it)) for it in range(settings.mu)]
+    inner = [{k: float(v) for k, v in jax.device_get(m).items()} for m in inner]
+    metrics = {k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("weight", "tokens")}
+    for k in ("entropy", "kl", "logp_diff_max", "logp_diff_mean"):
+        if k in inner[0]:
+            metrics[k] = inner[0][k]
+    return metrics
+
+
+def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settings: GRPOSettings, *, pad_id: int,
+                 local: slice, reference: tuple[Any, Any] | None = None):
+    """The loop's step_fn(trainer, {"index": prompt indices}, rng) -> metrics: one GRPO step."""
+    group = settings.num_generations
+
+    def step_fn(trainer: Trainer, prompt_batch: dict, rng: jax.Array) -> dict:
         t0 = time.perf_counter()
-        idx = prompt_batch["index"]
-        exs = [examples[int(i)] for i in idx]
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        out = sampler.generate(trainer.model(), [prompt_ids[int(i)] for i in idx], max_new_tokens=max_new,
-                               temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), n=G,
-                               seed=seed, prompt_keys=[prompt_keys[int(i)] for i in idx])
+        ro = rollout(sampler, trainer.model(), tokenizer, prompt_set, prompt_batch["index"], settings=settings,
+                     seed=seed)
         t_gen = time.perf_counter() - t0
-        texts = [tokenizer.decode(out.row_tokens(r), skip_special_tokens=True) for r in range(len(out.lengths))]
-        pi = out.prompt_index
-        reward, correct, formatted = completion_rewards(
-            texts, [exs[j].record.options for j in pi], [exs[j].answer for j in pi],
-            format_reward=float(g.format_reward), answer_source=str(g.answer_source))
-        adv = group_advantages(reward, G, scale=bool(g.scale_rewards))  # numpy in, numpy out (host)
-        use_sampler_old = mu > 1 and g.old_logprobs == "sampler"
-        diagnostics = rollout_diagnostics(reward, out.tokens, out.lengths, G)
-        step_prompts = [prompt_ids[int(i)] for i in idx]
-        # train on the rows' real length rounded up to a multiple of 16 (a few compiled shapes), not on the
-        # padded maximum: short prompts and early stops then cost no compute
-        need = max(len(step_prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
-        width = min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
-        batch = rollout_batch(step_prompts, out.tokens, out.lengths, pi, width=width,
-                              pad_id=pad, sampler_logprobs=out.logprobs)
-        if use_sampler_old:
-            batch["old_logps"] = batch["sampler_logps"]
-        batch["advantages"] = adv.astype(np.float32)
-        batch = {k: v[local] for k, v in batch.items()}
+        reward, correct, formatted = rollout_rewards(ro, settings)
+        adv = advantages(reward, settings)
+        diagnostics = rollout_diagnostics(reward, ro.samples.tokens, ro.samples.lengths, group)
+        batch, width = update_batch(ro, adv, settings, max_width=prompt_set.max_width, pad_id=pad_id, local=local)
         t_score = time.perf_counter() - t0 - t_gen
-        fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "targets")]
-        if ref_state is not None:
-            batch["ref_logps"] = _forward_logps(ref_graphdef, ref_state, *fwd_args)
-        if mu > 1 and not use_sampler_old:
-            pol_graphdef, pol_state = nnx.split(trainer.model())
-            batch["old_logps"] = _forward_logps(pol_graphdef, pol_state, *fwd_args)
-        inner = [trainer.update(batch, jax.random.fold_in(rng, it)) for it in range(mu)]
-        inner = [{k: float(v) for k, v in jax.device_get(m).items()} for m in inner]
-        metrics = {k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("weight", "tokens")}
-        # entropy / kl of the rollout policy: the first inner update sees the sampling-time weights
-        for k in ("entropy", "kl", "logp_diff_max", "logp_diff_mean"):
-            if k in inner[0]:
-                metrics[k] = inner[0][k]
+        metrics = update(trainer, batch, rng, settings, reference)
         metrics.update(diagnostics)
         dt = time.perf_counter() - t0
-        groups = reward.reshape(-1, G)
+        groups = reward.reshape(-1, group)
+        lengths = ro.samples.lengths
         metrics.update(
             reward_mean=float(reward.mean()), reward_std=float(reward.std()),
             group_reward_std=float(groups.std(axis=1).mean()), accuracy=float(correct.mean()),
-            format_rate=float(formatted.mean()), response_length=float(out.lengths.mean()),
-            tokens=float(out.lengths.sum()), train_tokens=float(rows * width * mu), samples_per_s=len(reward) / dt,
-            generate_s=t_gen,
-            score_s=t_score, update_s=dt - t_gen - t_score,
+            format_rate=float(formatted.mean()), response_length=float(lengths.mean()),
+            tokens=float(lengths.sum()), train_tokens=float(len(reward) * width * settings.mu),
+            samples_per_s=len(reward) / dt, generate_s=t_gen, score_s=t_score, update_s=dt - t_gen - t_score,
         )
         return metrics
 
-    steps = int(config.train.steps)
-    opt_steps = steps * mu
-    summary = loop.train(model, loss_fn=loss_fn, batches=prompt_iter, config=config,
-                         output_dir=config.output_dir, mesh=mesh, rules=rules, steps=steps,
-                         tx=loop.make_optimizer(config.optimizer, opt_steps),
-                         schedule=loop.make_schedule(config.optimizer, opt_steps), step_fn=step_fn, desc="grpo")
-    summary.update(prompts=len(examples), sampler_compiles=sampler.num_compiles)
-    if not summary["preempted"]:
-        export_dir = g.export_dir or os.path.join(config.output_dir, "hf")
-        export_decoder(model, cfg, export_dir, tokenizer_dir=tok_dir)
-        summary["export_dir"] = export_dir
-    last = summary.get("last_metrics") or {}
-    loop.write_report(config.output_dir, "GRPO", summary,
-                      extra_rows=[("prompts", len(examples)), ("generations per prompt", G),
-                                  ("final reward mean", last.get("reward_mean")),
-                                  ("final accuracy", last.get("accuracy"))],
-                      plots=[("reward_mean", "reward.png"), ("accuracy", "accuracy.png"), ("kl", "kl.png"),
-                             ("response_length", "response_length.png"), ("entropy", "entropy.png")])
-    return summary
+    return step_fn

@@ -1,4 +1,9 @@
-"""Pure loss functions: masked token cross-entropy (SFT) and the GRPO objective.
+"""Pure loss functions: masked token cross-entropy (SFT) and the GRPO objective, and the RL registries.
+
+RL loss functions and advantage functions are found by name (`rl_loss(config.grpo.loss)`,
+`advantage_fn(config.grpo.advantage)`); new ones register with `register_rl_loss` / `register_advantage`.
+Registered: loss "grpo" (`grpo_loss`); advantages "grpo" (group-normalised, scaled by the group std) and
+"dr_grpo" (Dr. GRPO: r - mean, unscaled).
 
 GRPO follows DeepSeekMath as implemented by TRL / tunix:
 
@@ -14,11 +19,52 @@ GRPO follows DeepSeekMath as implemented by TRL / tunix:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 AGGREGATIONS = ("token", "sequence", "constant")
+
+# name -> fn(logps, old_logps, advantages, mask, *, ref_logps, beta, epsilon_low, epsilon_high, aggregation,
+#            max_len) -> (loss, metrics)
+RL_LOSSES: dict[str, Callable[..., tuple[jax.Array, dict[str, jax.Array]]]] = {}
+# name -> fn(rewards [N * G], group_size) -> advantages [N * G] (NumPy in, NumPy out; jax in, jax out)
+ADVANTAGES: dict[str, Callable[..., Any]] = {}
+
+
+def register_rl_loss(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make an RL loss function selectable as config.grpo.loss=`name`."""
+    def add(fn: Callable) -> Callable:
+        RL_LOSSES[name] = fn
+        return fn
+    return add
+
+
+def register_advantage(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make an advantage function selectable as config.grpo.advantage=`name`."""
+    def add(fn: Callable) -> Callable:
+        ADVANTAGES[name] = fn
+        return fn
+    return add
+
+
+def _registered(table: dict[str, Callable], name: str, key: str) -> Callable:
+    if name not in table:
+        raise ValueError(f"config.grpo.{key}: unknown {name!r}; valid: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def rl_loss(name: str) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """The RL loss function registered as `name` (ValueError listing the valid names otherwise)."""
+    return _registered(RL_LOSSES, name, "loss")
+
+
+def advantage_fn(name: str) -> Callable[..., Any]:
+    """The advantage function registered as `name` (ValueError listing the valid names otherwise)."""
+    return _registered(ADVANTAGES, name, "advantage")
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -62,6 +108,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return (nll * mask).sum() / jnp.maximum(n, 1.0), n
 
 
+@register_advantage("grpo")
 def group_advantages(rewards: jax.Array, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> jax.Array:
     """Group-normalised advantages for rewards [N * G] (rows of a group contiguous) -> [N * G].
 
@@ -78,6 +125,13 @@ def group_advantages(rewards: jax.Array, group_size: int, *, scale: bool = True,
     return centred.reshape(-1)
 
 
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+    """Dr. GRPO's advantages: r - mean of the group, not divided by the group std."""
+    return group_advantages(rewards, group_size, scale=False)
+
+
+@register_rl_loss("grpo")
 def grpo_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, mask: jax.Array, *,
               ref_logps: jax.Array | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
               epsilon_high: float = 0.2, aggregation: str = "token", max_len: int | None = None

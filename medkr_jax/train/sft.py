@@ -1,20 +1,18 @@
-"""Supervised fine-tuning of the policy on reasoning traces (job "sft").
+"""Supervised fine-tuning of the policy on reasoning traces: the data, the loss, the policy loader.
 
-Records (config.sft.train_path; the reasoning-heavy ones when config.sft.reasoning_only) become plain /
-adversarial / backtracking examples (config.traces). Each example is rendered with the tokenizer's chat
-template exactly as evaluation renders prompts (system prompt config.eval.system_prompt), followed by the
-response and the EOS token; only response tokens are targets. Examples are packed into rows of
-config.train.seq_len with segment ids and per-segment positions (the decoder keeps attention inside a
-segment), or padded one per row when config.sft.packing is False. Rows are shuffled and batched by grain
-(per-process shard, checkpointable iterator) and trained with the shared loop; the trained policy is
-exported as an HF folder.
+Records (the reasoning-heavy ones when asked: `filter_records`) become plain / adversarial / backtracking
+examples (train/traces.py). Each example is rendered with the tokenizer's chat template exactly as evaluation
+renders prompts, followed by the response and the EOS token; only response tokens are targets
+(`tokenize_example`). Examples are packed into rows of seq_len with segment ids and per-segment positions
+(the decoder keeps attention inside a segment), or padded one per row without packing (`pack_sequences`).
+Rows are shuffled and batched by grain (per-process shard, checkpointable iterator: `make_batches`) and
+trained with the shared loop on `sft_loss`. Job "sft" (medkr_jax/jobs/sft.py) reads the config and runs it.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medkr_jax.data.answer import ANSWER_STATEMENT
+from medkr_jax.data.pipeline import load_tokenizer, make_loader
+from medkr_jax.eval import prompts
+from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
 from medkr_jax.train.losses import masked_cross_entropy
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "answer_mask")
-# An answer statement of a response: what follows "answer is" on its line, without brackets or the final
-# period ("B" in "The answer is (B).", "240 mg" in "The answer is 240 mg."): the decision the evaluation scores.
-_ANSWER = re.compile(r"answer is \(?([^\n]*?)\)?\.?[ \t]*(?=\n|$)", re.IGNORECASE)
 
 
 class SFTDataError(ValueError):
@@ -41,14 +40,12 @@ def tokenize_example(tokenizer: Any, example: Any, *, system_prompt: str,
                      eos_id: int) -> tuple[list[int], int, tuple[int, ...]]:
     """(token ids of prompt + response + EOS, number of prompt tokens, indices into the ids of the tokens
     spelling the answer of the response's last "The answer is X." statement; empty when it has none)."""
-    from medkr_jax.eval import prompts
-
     prompt = prompts.build_prompt(tokenizer, example.record, system_prompt=system_prompt,
                                   assistant_prefix=example.assistant_prefix)
     p_ids = prompts.encode(tokenizer, prompt)
     enc = tokenizer(example.response, add_special_tokens=False, return_offsets_mapping=True)
     r_ids = list(enc["input_ids"]) + [int(eos_id)]
-    found = [m for m in _ANSWER.finditer(example.response) if m.group(1).strip()]
+    found = [m for m in ANSWER_STATEMENT.finditer(example.response) if m.group(1).strip()]
     answer: tuple[int, ...] = ()
     if found:
         a, b = found[-1].span(1)
@@ -131,8 +128,6 @@ def make_batches(rows: dict[str, np.ndarray], batch_size: int, *, seed: int) -> 
 
     A grain iterator (medkr_jax.data.pipeline) whose get_state()/set_state() go into checkpoints.
     """
-    from medkr_jax.data.pipeline import make_loader
-
     examples = [{k: v[i] for k, v in rows.items()} for i in range(len(rows["tokens"]))]
     return make_loader(examples, batch_size=batch_size, seed=seed, num_epochs=None)
 
@@ -172,73 +167,19 @@ def sft_loss(model: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     return loss, metrics
 
 
-# ------------------------------------------------------------------------------------------------ job
+# ------------------------------------------------------------------------------------------------ policy
 
 
-def load_policy(config: Any, mesh: Any, rules: Any):
-    """(model, DecoderConfig, tokenizer, tokenizer_dir) from config.model.path / config.tokenizer_path."""
-    from transformers import AutoTokenizer
-
-    from medkr_jax.config import require
-    from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
-
-    require(config, "model.path")
-    read_hf_config(config.model.path)  # a missing model folder is named as such, not as a missing tokenizer
-    tok_dir = config.tokenizer_path or config.model.path
+def load_policy(model_path: str, tokenizer_path: str = "", *, mesh: Any, rules: Any, dtype: str = "float32",
+                param_dtype: str = "float32", remat: bool = False, allow_pickle: bool = False):
+    """(model, DecoderConfig, tokenizer, tokenizer_dir) of the HF folder `model_path` (tokenizer from
+    `tokenizer_path`, or the model folder when empty)."""
+    read_hf_config(model_path)  # a missing model folder is named as such, not as a missing tokenizer
+    tok_dir = tokenizer_path or model_path
     if not os.path.isdir(tok_dir):
         raise FileNotFoundError(f"config.tokenizer_path: {tok_dir!r} is not a folder with an HF tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    check_tokenizer_fits(tokenizer, config.model.path, tokenizer_dir=tok_dir)
-    model, cfg = load_decoder(config.model.path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
-                              param_dtype=jnp.dtype(config.model.param_dtype), remat=config.model.remat,
-                              allow_pickle=config.model.allow_pickle)
+    tokenizer = load_tokenizer(tok_dir)
+    check_tokenizer_fits(tokenizer, model_path, tokenizer_dir=tok_dir)
+    model, cfg = load_decoder(model_path, mesh=mesh, rules=rules, dtype=jnp.dtype(dtype),
+                              param_dtype=jnp.dtype(param_dtype), remat=remat, allow_pickle=allow_pickle)
     return model, cfg, tokenizer, tok_dir
-
-
-def run(config: Any, *, mesh: Any = None) -> dict:
-    """Job "sft": train the policy on trace examples, export it to an HF folder; returns a summary."""
-    from medkr_jax import parallel
-    from medkr_jax.config import require
-    from medkr_jax.data.records import read_records
-    from medkr_jax.models.hf import export_decoder
-    from medkr_jax.train import loop, traces
-
-    require(config, "output_dir", "sft.train_path")
-    mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
-    records = filter_records(read_records(config.sft.train_path), config.sft.reasoning_only,
-                             config.sft.train_path)
-    examples = traces.build_examples(records, config.traces)
-    if not examples:
-        raise SFTDataError(f"no record of {config.sft.train_path} has a reasoning trace ('trace' field)")
-    model, cfg, tokenizer, tok_dir = load_policy(config, mesh, rules)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (cfg.eos_token_ids or (None,))[0]
-    if eos is None:
-        raise SFTDataError(f"the tokenizer in {tok_dir} has no eos_token and config.json names no eos_token_id")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    seqs = [tokenize_example(tokenizer, ex, system_prompt=config.eval.system_prompt, eos_id=eos)
-            for ex in examples]
-    rows, stats = pack_sequences(seqs, int(config.train.seq_len), pad_id=pad, packing=bool(config.sft.packing),
-                                 answer_weight=float(config.sft.answer_weight))
-    batch_size = int(config.train.batch_size)
-    steps = int(config.train.steps)
-    epochs = float(config.sft.get("epochs", 0) or 0)
-    if epochs > 0:
-        steps = max(1, int(round(epochs * stats["rows"] / batch_size)))
-    batches = make_batches(rows, batch_size, seed=int(config.seed))
-    summary = loop.train(model, loss_fn=sft_loss, batches=batches, config=config, output_dir=config.output_dir,
-                         mesh=mesh, rules=rules, steps=steps, desc="sft")
-    kinds = collections.Counter(e.kind for e in examples)
-    summary.update(examples=len(examples), kinds=dict(kinds), data=stats)
-    if not summary["preempted"]:
-        export_dir = config.sft.export_dir or os.path.join(config.output_dir, "hf")
-        export_decoder(model, cfg, export_dir, tokenizer_dir=tok_dir)
-        summary["export_dir"] = export_dir
-    loop.write_report(config.output_dir, "SFT", summary,
-                      extra_rows=[("examples", len(examples)), ("trace kinds", dict(kinds)),
-                                  ("packed rows", stats["rows"]), ("target tokens", stats["target_tokens"]),
-                                  ("truncated / dropped", f"{stats.get('truncated', 0)} / "
-                                                          f"{stats.get('dropped', 0)}")],
-                      plots=[("loss", "loss.png"), ("token_accuracy", "token_accuracy.png"),
-                             ("answer_accuracy", "answer_accuracy.png")])
-    return summary

@@ -9,8 +9,8 @@
 * backtracking: the trained response itself takes a wrong step toward a wrong option, notices ("Wait"),
                 corrects itself and finishes with the trace and the right answer.
 
-Kinds are drawn per record with the ratios of config.traces (plain / adversarial / backtracking), from a
-seeded generator, so a dataset is reproducible.
+Kinds are drawn per record with the ratios of a `TraceMix` (config.traces: plain / adversarial / backtracking),
+from a seeded generator, so a dataset is reproducible.
 
 config.traces.answer_format says how the final statement names the answer: "letter" ("The answer is B.") or
 "option" ("The answer is heparin.", the option's own text, which the evaluation's extractor maps back to
@@ -21,21 +21,16 @@ does a released adversarial prefix, so prefix and response name options the same
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from medkr_jax.data.records import LETTERS, MCQRecord
+from medkr_jax.data.answer import FINAL_LETTER, LETTERS, answer_sentence, option_answer_sentence
+from medkr_jax.data.records import MCQRecord
 
 KINDS = ("plain", "adversarial", "backtracking")
 ANSWER_FORMATS = ("letter", "option")
 
-ANSWER_TEMPLATE = "The answer is {letter}."
-OPTION_ANSWER_TEMPLATE = "The answer is {option}."
-# A final "The answer is X." (letter) sentence at the end of a trace.
-_FINAL_LETTER = re.compile(r"(\s*)The answer is \(?([A-Z])\)?\.\s*$")
 MISLEAD_TEMPLATES = (
     "The key finding here points to {letter}. {option} is the classic choice in this setting, so the answer "
     "is {letter}.",
@@ -73,9 +68,19 @@ class TraceExample:
         return self.record.answer
 
 
-def _ratios(cfg: Any) -> np.ndarray:
-    get = cfg.get if isinstance(cfg, Mapping) or hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    r = np.array([float(get(k, 0.0) or 0.0) for k in KINDS])
+@dataclasses.dataclass(frozen=True)
+class TraceMix:
+    """config.traces as plain values: the ratios of the kinds, the seed of the draw, the answer format."""
+
+    plain: float = 1.0
+    adversarial: float = 0.0
+    backtracking: float = 0.0
+    seed: int = 0
+    answer_format: str = "letter"  # "letter" | "option"
+
+
+def _ratios(mix: TraceMix) -> np.ndarray:
+    r = np.array([float(getattr(mix, k) or 0.0) for k in KINDS])
     if (r < 0).any() or r.sum() <= 0:
         raise ValueError(f"config.traces: the ratios plain/adversarial/backtracking must be >= 0 and not all 0, "
                          f"got {dict(zip(KINDS, r.tolist()))}")
@@ -96,13 +101,13 @@ def answer_statement(record: MCQRecord, idx: int, answer_format: str = "letter")
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"config.traces.answer_format: expected one of {ANSWER_FORMATS}, got {answer_format!r}")
     if answer_format == "option":
-        return OPTION_ANSWER_TEMPLATE.format(option=record.options[idx].strip())
-    return ANSWER_TEMPLATE.format(letter=LETTERS[idx])
+        return option_answer_sentence(record.options[idx])
+    return answer_sentence(LETTERS[idx])
 
 
 def _restate(text: str, record: MCQRecord, answer_format: str) -> str:
     """`text` with a final letter statement rewritten in `answer_format` (unchanged when it has none)."""
-    m = _FINAL_LETTER.search(text)
+    m = FINAL_LETTER.search(text)
     if answer_format == "letter" or m is None or LETTERS.index(m.group(2)) >= len(record.options):
         return text
     return text[:m.start()] + m.group(1) + answer_statement(record, LETTERS.index(m.group(2)), answer_format)
@@ -131,7 +136,7 @@ def make_example(record: MCQRecord, kind: str, rng: np.random.Generator,
     if kind == "adversarial":
         if record.adversarial_traces:
             prefix = str(record.adversarial_traces[int(rng.integers(len(record.adversarial_traces)))]).strip()
-            m = _FINAL_LETTER.search(prefix)
+            m = FINAL_LETTER.search(prefix)
             if m is not None and LETTERS.index(m.group(2)) < len(record.options):
                 wrong = LETTERS.index(m.group(2))  # the recovery cue names the option the prefix argued for
             prefix = _restate(prefix, record, answer_format)
@@ -145,20 +150,16 @@ def make_example(record: MCQRecord, kind: str, rng: np.random.Generator,
     return TraceExample(record.id, kind, record, "", f"{step} {cue}\n{body}")
 
 
-def build_examples(records: Sequence[MCQRecord], traces_cfg: Any, *, seed: int | None = None,
-                   require_trace: bool = True) -> list[TraceExample]:
-    """One example per record, kinds drawn with config.traces ratios (seed: config.traces.seed by default).
+def build_examples(records: Sequence[MCQRecord], mix: TraceMix, *, require_trace: bool = True) -> list[TraceExample]:
+    """One example per record, kinds drawn with the ratios of `mix` from a generator seeded with mix.seed.
 
     require_trace: skip records without a trace (SFT); GRPO prompts set it False (only the answer is needed).
     """
-    ratios = _ratios(traces_cfg)
-    get = traces_cfg.get if hasattr(traces_cfg, "get") else lambda k, d=None: getattr(traces_cfg, k, d)
-    if seed is None:
-        seed = int(get("seed", 0) or 0)
-    answer_format = str(get("answer_format", "letter") or "letter")
+    ratios = _ratios(mix)
+    answer_format = str(mix.answer_format or "letter")
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"config.traces.answer_format: expected one of {ANSWER_FORMATS}, got {answer_format!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(int(mix.seed or 0))
     out = []
     for rec in records:
         if require_trace and not (rec.trace or "").strip():

@@ -11,9 +11,46 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from scipy import stats as st
 
-from medkr_jax import parallel, stages
-from medkr_jax.study import ARMS, SPLITS, mean_ci, paired_counts, sign_test
+from medkr_jax import parallel
+from medkr_jax.pipeline.report import correct_by_question, eval_rows, grpo_diagnostics
+from medkr_jax.pipeline.stages import out_of
+from medkr_jax.train.metrics_log import read_metrics
+
+ARMS = (("a", "sft_plain", "SFT, plain traces"),
+        ("b", "sft", "SFT, plain + adversarial + backtracking traces"),
+        ("c", "grpo", "(b) + GRPO on reasoning-heavy prompts"),
+        ("d", "sft_more", "(b) + more SFT, GRPO's training tokens"))
+
+
+SPLITS = ("knowledge", "reasoning", "all")
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean over seeds (NaN bounds for a single seed)."""
+    x = np.asarray(values, np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    half = float(st.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on discordant pairs): P(as extreme | p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_counts(x: dict[str, float], y: dict[str, float]) -> tuple[int, int, int]:
+    """(y better, x better, shared keys) over the keys both dicts score; values are per-question scores."""
+    keys = set(x) & set(y)
+    return sum(y[k] > x[k] for k in keys), sum(x[k] > y[k] for k in keys), len(keys)
+
 
 EVAL_OF = {"sft_plain": "eval_sft_plain", "sft": "eval_sft", "grpo": "eval_grpo", "sft_more": "eval_sft_more"}
 
@@ -24,7 +61,7 @@ def _cfg(run_dir: Path) -> ml_collections.ConfigDict:
 
 def arm_rows(run_dir: Path, arm_stage: str) -> dict[str, float]:
     """{"<split>": accuracy, "adv_<split>": adversarial accuracy, "drop_all": drop} of one arm on one seed."""
-    before, adv = stages._eval_rows(_cfg(run_dir), EVAL_OF[arm_stage])
+    before, adv = eval_rows(_cfg(run_dir), EVAL_OF[arm_stage])
     out = {s: before[s]["accuracy"] for s in SPLITS if s in before}
     out.update({f"adv_{s}": adv[s]["after"] for s in SPLITS if s in adv})
     if "all" in adv:
@@ -35,15 +72,13 @@ def arm_rows(run_dir: Path, arm_stage: str) -> dict[str, float]:
 def per_question(run_dir: Path, arm_stage: str, split: str, log: str) -> dict[str, float]:
     """{seed-qualified question key: share of samples right} for one arm's evaluation log (an adversarial
     log's "<key>#<variant>" counted as its question's key)."""
-    got = stages.correct_by_question(_cfg(run_dir), EVAL_OF[arm_stage], split, log=log)
+    got = correct_by_question(_cfg(run_dir), EVAL_OF[arm_stage], split, log=log)
     return {f"{run_dir.name}/{k.split('#')[0]}": v for k, v in got.items()}
 
 
 def reward_trend(run_dir: Path) -> tuple[float, float, list[float]] | None:
     """(mean reward of the first 10% of GRPO steps, of the last 10%, the whole curve)."""
-    from medkr_jax.train.loop import read_metrics
-
-    rewards = [m["reward_mean"] for m in read_metrics(str(stages.out_of(_cfg(run_dir), "grpo")))
+    rewards = [m["reward_mean"] for m in read_metrics(str(out_of(_cfg(run_dir), "grpo")))
                if "reward_mean" in m]
     if not rewards:
         return None
@@ -159,7 +194,7 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
     if _plot_rewards(trends, root / "grpo_reward.png"):
         lines += ["", "![GRPO reward per seed](grpo_reward.png)"]
     for d in seed_dirs:
-        lines += ["", f"{d.name}: " + "\n".join(stages.grpo_diagnostics(stages.out_of(_cfg(d), "grpo")))]
+        lines += ["", f"{d.name}: " + "\n".join(grpo_diagnostics(out_of(_cfg(d), "grpo")))]
     text = "\n".join(lines) + "\n"
     if parallel.is_main_process():
         (root / "report.md").write_text(text)

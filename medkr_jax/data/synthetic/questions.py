@@ -1,221 +1,20 @@
-"""A controlled synthetic medical-QA world where "reasoning or knowledge?" is known by construction.
-
-``make_world`` draws a small knowledge base from a seed: invented diseases (each with two symptoms
-and a lab pattern, a unique signature), drug classes (each ruled out by one condition), drugs
-(class + dose in mg per kg) and, per disease, a first- and a second-line drug. ``make_questions``
-turns it into 4-option ``MCQRecord``s:
-
-* knowledge questions look up one fact ("Which class does dorex belong to?"), in several phrasings,
-  sometimes wrapped in irrelevant patient details;
-* reasoning questions need several steps: symptoms + lab -> diagnosis -> first-line drug ->
-  contraindication check -> drug, or diagnosis -> drug -> dose per kg x weight.
-
-Every record carries its label, a short gold ``trace`` ending "The answer is X.", and three
-misleading ``adversarial_traces`` (one per wrong option). Vocabulary and lengths are kept small so
-a tiny policy with a small BPE tokenizer can learn the world on a CPU in minutes.
-"""
+"""Questions over a synthetic world: knowledge questions (one fact lookup) and reasoning questions
+(several steps), each with its label, a gold trace and one misleading trace per wrong option."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import random
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
-from medkr_jax.data.records import LETTERS, MCQRecord, normalize_text
+from medkr_jax.data.answer import FINAL_LETTER, LETTERS, answer_sentence
+from medkr_jax.data.records import MCQRecord
+from medkr_jax.data.synthetic.world import CONDITIONS, DOSE_RATES, LABS, SYMPTOMS, Disease, World, capitalize_first
+from medkr_jax.data.text import normalize_text
 
 BENCHMARK = "synthetic"
-
-SYMPTOMS = (
-    "fever", "rash", "cough", "headache", "joint pain", "weight loss", "night sweats", "chest pain",
-    "back pain", "fatigue", "vomiting", "diarrhea", "dizziness", "leg swelling", "sore throat", "blurred vision",
-)
-LABS = (
-    "high sodium", "low sodium", "high potassium", "low potassium",
-    "high glucose", "low platelets", "high calcium", "low iron",
-)
-CONDITIONS = (
-    "asthma", "kidney failure", "liver disease", "heart failure", "gout", "epilepsy", "diabetes", "glaucoma",
-)
-DOSE_RATES = (2, 3, 4, 5)  # mg per kg
 WEIGHTS = tuple(range(40, 101, 10))  # kg
-
 KNOWLEDGE_KINDS = ("drug_class", "first_line", "contraindication", "finding", "lab", "dose_rate")
 REASONING_KINDS = ("treatment", "dose")
-
-_CONSONANTS = "bdfklmnprstvz"
-_VOWELS = "aeiou"
-_DISEASE_SUFFIXES = ("osis", "itis", "emia", "oma")
-_DRUG_SUFFIXES = ("ex", "ol", "an", "ir", "ide")
-_CLASS_SUFFIX = "ates"
-
-
-@dataclass(frozen=True)
-class DrugClass:
-    name: str  # plural, e.g. "lomates"
-    contraindication: str
-
-
-@dataclass(frozen=True)
-class Drug:
-    name: str
-    drug_class: str
-    dose_per_kg: int
-
-
-@dataclass(frozen=True)
-class Disease:
-    name: str
-    symptoms: tuple[str, str]
-    lab: str
-    first_line: str
-    second_line: str
-
-
-@dataclass
-class World:
-    """The knowledge base. Lookups by name; ``facts()`` states it in plain sentences."""
-
-    seed: int
-    diseases: list[Disease]
-    drugs: list[Drug]
-    classes: list[DrugClass]
-
-    def __post_init__(self):
-        self._disease = {d.name: d for d in self.diseases}
-        self._drug = {d.name: d for d in self.drugs}
-        self._class = {c.name: c for c in self.classes}
-
-    def disease(self, name: str) -> Disease:
-        return self._disease[name]
-
-    def drug(self, name: str) -> Drug:
-        return self._drug[name]
-
-    def drug_class(self, name: str) -> DrugClass:
-        return self._class[name]
-
-    def diagnose(self, symptoms: Iterable[str], lab: str) -> Disease:
-        """The disease whose signature is exactly these two symptoms and this lab pattern."""
-        key = (frozenset(symptoms), lab)
-        for d in self.diseases:
-            if (frozenset(d.symptoms), d.lab) == key:
-                return d
-        raise KeyError(f"no disease with symptoms {sorted(key[0])} and {lab}")
-
-    def treatment(self, disease: Disease, condition: str | None) -> Drug:
-        """First-line drug unless the patient's condition rules out its class; then second-line."""
-        first = self.drug(disease.first_line)
-        if condition is not None and self.drug_class(first.drug_class).contraindication == condition:
-            return self.drug(disease.second_line)
-        return first
-
-    def facts(self) -> list[str]:
-        """Every fact of the world as a short sentence (for corpora and inspection)."""
-        out = []
-        for d in self.diseases:
-            out.append(f"{d.name} causes {d.symptoms[0]}, {d.symptoms[1]} and {d.lab}.")
-            out.append(f"The first-line drug for {d.name} is {d.first_line}.")
-            out.append(f"The second-line drug for {d.name} is {d.second_line}.")
-        for c in self.classes:
-            out.append(f"{_cap(c.name)} are ruled out by {c.contraindication}.")
-        for g in self.drugs:
-            out.append(f"{_cap(g.name)} belongs to the {g.drug_class} class.")
-            out.append(f"{_cap(g.name)} is dosed at {g.dose_per_kg} mg per kg.")
-        return out
-
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "diseases": [dataclasses.asdict(d) for d in self.diseases],
-                "drugs": [dataclasses.asdict(d) for d in self.drugs],
-                "classes": [dataclasses.asdict(c) for c in self.classes]}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> World:
-        return cls(seed=d["seed"],
-                   diseases=[Disease(**(x | {"symptoms": tuple(x["symptoms"])})) for x in d["diseases"]],
-                   drugs=[Drug(**x) for x in d["drugs"]], classes=[DrugClass(**x) for x in d["classes"]])
-
-
-def save_world(world: World, path: str | os.PathLike) -> Path:
-    """Write the world as JSON (so later pipeline stages use the same knowledge base)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(world.to_dict(), indent=1))
-    return path
-
-
-def load_world(path: str | os.PathLike) -> World:
-    """Read a world written by ``save_world``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such world file")
-    try:
-        return World.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a synthetic world file ({type(e).__name__}: {e})") from None
-
-
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-def _names(rng: random.Random, n: int, suffixes: Sequence[str], taken: set[str]) -> list[str]:
-    """n new short pronounceable names (consonant-vowel-consonant + suffix), none inside another."""
-    out = []
-    while len(out) < n:
-        stem = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
-        name = stem + rng.choice(suffixes)
-        if any(name in t or t in name for t in taken):
-            continue
-        taken.add(name)
-        out.append(name)
-    return out
-
-
-def make_world(seed: int, *, n_diseases: int = 8, n_classes: int = 4, drugs_per_class: int = 2) -> World:
-    """Draw a knowledge base from ``seed``.
-
-    Sizes: ``n_diseases`` (<= 960 distinct signatures), ``n_classes`` in [4, 8] (one
-    contraindicating condition each), ``drugs_per_class`` >= 1 (4 or more drugs in total).
-    """
-    if not 4 <= n_classes <= len(CONDITIONS):
-        raise ValueError(f"n_classes must be in [4, {len(CONDITIONS)}] (4 options per question), got {n_classes}")
-    if drugs_per_class < 1:
-        raise ValueError(f"drugs_per_class must be >= 1, got {drugs_per_class}")
-    max_diseases = len(SYMPTOMS) * (len(SYMPTOMS) - 1) // 2 * len(LABS)
-    if not 2 <= n_diseases <= max_diseases:
-        raise ValueError(f"n_diseases must be in [2, {max_diseases}], got {n_diseases}")
-    rng = random.Random(f"world:{seed}")
-    taken: set[str] = set(" ".join(SYMPTOMS + LABS + CONDITIONS).split())
-    class_names = _names(rng, n_classes, (_CLASS_SUFFIX,), taken)
-    conditions = rng.sample(CONDITIONS, n_classes)
-    classes = [DrugClass(c, k) for c, k in zip(class_names, conditions)]
-    drugs = []
-    for c in classes:
-        for name in _names(rng, drugs_per_class, _DRUG_SUFFIXES, taken):
-            drugs.append(Drug(name, c.name, rng.choice(DOSE_RATES)))
-    rng.shuffle(drugs)
-    signatures: set[tuple[frozenset, str]] = set()
-    diseases = []
-    for name in _names(rng, n_diseases, _DISEASE_SUFFIXES, taken):
-        while True:
-            symptoms = tuple(rng.sample(SYMPTOMS, 2))
-            lab = rng.choice(LABS)
-            if (frozenset(symptoms), lab) not in signatures:
-                signatures.add((frozenset(symptoms), lab))
-                break
-        first = rng.choice(drugs)
-        second = rng.choice([d for d in drugs if d.drug_class != first.drug_class])
-        diseases.append(Disease(_cap(name), symptoms, lab, first.name, second.name))
-    return World(seed=seed, diseases=diseases, drugs=drugs, classes=classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Question generation
 
 _AGES = tuple(range(20, 81))
 _DISTRACTORS = (
@@ -256,20 +55,6 @@ _KNOWLEDGE_ASKS = {
 }
 
 
-def answer_sentence(letter: str) -> str:
-    """The final sentence every gold and adversarial trace ends with."""
-    return f"The answer is {letter}."
-
-
-_FINAL = re.compile(r"The answer is ([A-Z])\.\s*$")
-
-
-def final_answer(trace: str) -> str | None:
-    """The letter of a trace's final "The answer is X." sentence, or None."""
-    m = _FINAL.search(trace)
-    return m.group(1) if m else None
-
-
 def _pronouns(rng: random.Random) -> dict[str, str]:
     if rng.random() < 0.5:
         return {"sex": "man", "He": "He", "he": "he", "His": "His", "his": "his", "him": "him"}
@@ -305,7 +90,7 @@ class _Generator:
         if kind == "drug_class":
             drug = rng.choice(w.drugs)
             subject, correct, pool = drug.name, drug.drug_class, [c.name for c in w.classes]
-            fact = lambda v: f"{_cap(drug.name)} belongs to the {v} class."  # noqa: E731
+            fact = lambda v: f"{capitalize_first(drug.name)} belongs to the {v} class."  # noqa: E731
         elif kind == "first_line":
             dis = rng.choice(w.diseases)
             subject, correct, pool = dis.name, dis.first_line, [d.name for d in w.drugs]
@@ -313,7 +98,7 @@ class _Generator:
         elif kind == "contraindication":
             cls = rng.choice(w.classes)
             subject, correct, pool = cls.name, cls.contraindication, list(CONDITIONS)
-            fact = lambda v: f"{_cap(cls.name)} are ruled out by {v}."  # noqa: E731
+            fact = lambda v: f"{capitalize_first(cls.name)} are ruled out by {v}."  # noqa: E731
         elif kind == "finding":
             dis = rng.choice(w.diseases)
             subject, correct = dis.name, rng.choice(dis.symptoms)
@@ -327,11 +112,11 @@ class _Generator:
             drug = rng.choice(w.drugs)
             subject, correct = drug.name, f"{drug.dose_per_kg} mg per kg"
             pool = [f"{r} mg per kg" for r in DOSE_RATES]
-            fact = lambda v: f"{_cap(drug.name)} is dosed at {v}."  # noqa: E731
+            fact = lambda v: f"{capitalize_first(drug.name)} is dosed at {v}."  # noqa: E731
         else:
             raise ValueError(f"unknown knowledge kind {kind!r}; kinds: {KNOWLEDGE_KINDS}")
         options, pos = _options(rng, correct, pool)
-        ask = _fill(rng.choice(_KNOWLEDGE_ASKS[kind]), x=subject, X=_cap(subject))
+        ask = _fill(rng.choice(_KNOWLEDGE_ASKS[kind]), x=subject, X=capitalize_first(subject))
         parts = []
         if rng.random() < 0.5:  # irrelevant patient framing, so "patient" words do not give the label away
             pro = _pronouns(rng)
@@ -349,7 +134,7 @@ class _Generator:
         s1, s2 = rng.sample(dis.symptoms, 2)
         intro = _fill(rng.choice(_INTROS), age=rng.choice(_AGES), s1=s1, s2=s2, lab=dis.lab, **pro)
         findings = [s1, s2, dis.lab]
-        diag = f"{_cap(_join_findings(findings))} point to {dis.name}."
+        diag = f"{capitalize_first(_join_findings(findings))} point to {dis.name}."
         return [intro], [diag]
 
     def treatment(self) -> tuple[str, list[str], int, dict, dict]:
@@ -380,9 +165,9 @@ class _Generator:
         if condition is None:
             check = "Nothing rules it out."
         elif condition == first_cls.contraindication:
-            check = f"{_cap(first.drug_class)} are ruled out by {condition}, so the second-line drug {dis.second_line} is used."
+            check = f"{capitalize_first(first.drug_class)} are ruled out by {condition}, so the second-line drug {dis.second_line} is used."
         else:
-            check = f"{_cap(condition)} does not rule out {first.drug_class}."
+            check = f"{capitalize_first(condition)} does not rule out {first.drug_class}."
         steps = {}
         for i, o in enumerate(options):
             if i == pos:
@@ -487,20 +272,5 @@ def backtracking_trace(record: MCQRecord, k: int = 0) -> str:
     reasoning: "<wrong steps> Wait, that is not right. <gold trace>" (for SFT on recovery)."""
     if record.trace is None or not record.adversarial_traces:
         raise ValueError(f"record {record.id!r} needs a gold trace and adversarial traces")
-    wrong = _FINAL.sub("", record.adversarial_traces[k]).strip()
+    wrong = FINAL_LETTER.sub("", record.adversarial_traces[k]).strip()
     return f"{wrong} Wait, that is not right. {record.trace}"
-
-
-def corpus(world: World, records: Iterable[MCQRecord] = (), *, extra_texts: Iterable[str] = ()) -> list[str]:
-    """All text of the world (facts, questions, options, traces, answer sentences) for tokenizer
-    training; ``extra_texts`` adds e.g. prompt templates."""
-    texts = list(world.facts())
-    texts += [answer_sentence(c) for c in LETTERS[:4]]
-    for r in records:
-        texts.append(r.question)
-        texts += [f"{LETTERS[i]}. {o}" for i, o in enumerate(r.options)]
-        if r.trace:
-            texts.append(r.trace)
-        texts += r.adversarial_traces
-    texts += list(extra_texts)
-    return texts

@@ -1,4 +1,10 @@
-"""Answer extraction: map a free-text model output to the index of the option it chose.
+"""The answer contract: how a response states its answer, and how any output is mapped back to an option.
+
+Written answers: every trace we train on ends with ``answer_sentence`` ("The answer is B.", or with the
+option's text, "The answer is heparin."); the GRPO reward reads only the closing statement
+(``final_statement_answer``); the SFT answer mask covers what ``ANSWER_STATEMENT`` captures.
+
+Extraction: map a free-text model output to the index of the option it chose.
 
 ``extract_answer(text, options) -> int | None``. ``None`` means "no answer": nothing found, a letter
 outside the option range, or an ambiguous final statement ("A or C", "both B and D", ``\\boxed{A, C}``).
@@ -23,9 +29,39 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from medkr_jax.data.records import normalize_text, option_key
+from medkr_jax.data.text import normalize_text, option_key
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# ----------------------------------------------------------------------------------- the written answer
+ANSWER_TEMPLATE = "The answer is {letter}."
+OPTION_ANSWER_TEMPLATE = "The answer is {option}."
+# A closing letter statement ("The answer is B." / "(B)."), with the whitespace before it as group 1.
+FINAL_LETTER = re.compile(r"(\s*)The answer is \(?([A-Z])\)?\.\s*$")
+# The last "the answer is ..." statement, when it ends the text (what the GRPO reward reads).
+LAST_STATEMENT = re.compile(r"the answer is (?!.*the answer is)[^\n]+?\.?\s*$", re.IGNORECASE)
+# Any answer statement: what follows "answer is" on its line, without brackets or the final period ("B" in
+# "The answer is (B).", "240 mg" in "The answer is 240 mg."): the decision the evaluation scores.
+ANSWER_STATEMENT = re.compile(r"answer is \(?([^\n]*?)\)?\.?[ \t]*(?=\n|$)", re.IGNORECASE)
+
+
+def answer_sentence(letter: str) -> str:
+    """The closing sentence of a trace that answers with a letter: "The answer is B."."""
+    return ANSWER_TEMPLATE.format(letter=letter)
+
+
+def option_answer_sentence(option: str) -> str:
+    """The closing sentence of a trace that answers with the option's text: "The answer is heparin."."""
+    return OPTION_ANSWER_TEMPLATE.format(option=option.strip())
+
+
+def final_letter(trace: str) -> str | None:
+    """The letter of a trace's closing "The answer is X." sentence, or None."""
+    m = FINAL_LETTER.search(trace)
+    return m.group(2) if m else None
+
+
+# ------------------------------------------------------------------------------------------- extraction
 
 # Sentinel for "this stage saw conflicting answers"; distinct from "this stage saw nothing" (None).
 _AMBIGUOUS = -1
@@ -271,3 +307,13 @@ def extract_answer(text: str | None, options: Sequence[str]) -> int | None:
 def answer_letter(index: int | None) -> str:
     """Letter for an option index ('' for None), as written in logs and reports."""
     return "" if index is None else LETTERS[index]
+
+
+def final_statement_answer(text: str, options: Sequence[str]) -> int | None:
+    """The option named by the text's closing "The answer is X." (letter or option text), else None.
+
+    Only the last such statement, ending the text, counts: a letter mentioned earlier ("At first sight (C)
+    looks right") or a closing statement that names no option gives None.
+    """
+    m = LAST_STATEMENT.search(text.strip())
+    return None if m is None else extract_answer(m.group(0), options)

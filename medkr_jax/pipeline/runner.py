@@ -1,9 +1,9 @@
-"""job=pipeline: run the paper's stages in order, each resuming from the files the previous ones left.
+"""Run a pipeline: the paper's stages in order, each resuming from the files the previous ones left.
 
 Every stage writes into <output_dir>/<stage>/ and, when it completes, a `stage.json` with its summary and
 wall time. A rerun skips completed stages and restarts the interrupted one (which itself resumes from its
 checkpoints or generation logs), so interrupting the pipeline loses at most the unsaved part of one stage.
-The stages of a run are listed in config.pipeline.stages; see `medkr_jax.stages` for what each does.
+The stages of a run are listed in config.pipeline.stages; see the stage modules of this package for what each does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from medkr_jax import parallel
+from medkr_jax.pipeline.stages import STAGES
 
 
 class StagePreempted(RuntimeError):
@@ -33,19 +36,17 @@ def completed(config: ml_collections.ConfigDict, name: str) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    from medkr_jax import parallel, stages as stage_lib, study  # noqa: F401  (study registers its stages)
-
     names = list(config.pipeline.stages)
     if not names:
-        raise ValueError("config.pipeline.stages is empty; known stages: " + ", ".join(stage_lib.STAGES))
-    unknown = [n for n in names if n not in stage_lib.STAGES]
+        raise ValueError("config.pipeline.stages is empty; known stages: " + ", ".join(STAGES))
+    unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"config.pipeline.stages: unknown {unknown}; known stages: {', '.join(stage_lib.STAGES)}")
+        raise ValueError(f"config.pipeline.stages: unknown {unknown}; known stages: {', '.join(STAGES)}")
 
     results: dict[str, dict] = {}
     for i, name in enumerate(names, 1):
         done = completed(config, name)
-        if done is not None and not getattr(stage_lib.STAGES[name], "always_rerun", False):
+        if done is not None and not getattr(STAGES[name], "always_rerun", False):
             print(f"[pipeline] {i}/{len(names)} {name}: already complete ({done['wall_s']:.1f}s), skipping")
             results[name] = done
             continue
@@ -53,7 +54,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         start = time.time()
         out = stage_dir(config, name)
         out.mkdir(parents=True, exist_ok=True)
-        summary = stage_lib.STAGES[name](config, out, results)
+        summary = STAGES[name](config, out, results)
         if (summary or {}).get("preempted"):
             raise StagePreempted(
                 f"pipeline stage {name!r} was preempted (SIGTERM) at step {summary.get('steps')} and saved a "

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medkr_jax.eval.extract import extract_answer, split_think
+from medkr_jax.data.answer import extract_answer, split_think
 
 OPTS4 = ["Metformin", "Insulin glargine", "Glipizide", "Sitagliptin"]
 OPTS5 = ["Aortic stenosis", "Mitral regurgitation", "Hypertrophic cardiomyopathy", "Pericarditis",

@@ -40,7 +40,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medkr_jax.data.pipeline import bucket_length
+from medkr_jax.parallel import logical_rules, sharding_context
+from medkr_jax.sampling.ops import sample_next, token_logprob
+
+
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
 DEFAULT_GEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -62,112 +69,8 @@ class SampleOutput:
         return self.tokens[r, : self.lengths[r]].tolist()
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; beyond the largest, the next multiple of the largest."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    top = max(buckets)
-    return top * math.ceil(n / top)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _order_keys(x: jax.Array) -> jax.Array:
-    """float32 -> uint32 with the same order (so a threshold can be bisected exactly, bit by bit)."""
-    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
-
-
-def _largest_true(ok, rows: int) -> jax.Array:
-    """Per row, the largest uint32 t with ok(t) true, for ok monotone (true up to a point, then false)
-    and true at 0: 32 halvings of [0, 2^32)."""
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # upper middle, no uint32 overflow
-        good = ok(mid)
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
-
-    lo = jnp.zeros((rows,), jnp.uint32)
-    hi = jnp.full((rows,), 0xFFFFFFFF, jnp.uint32)
-    return jax.lax.fori_loop(0, 32, step, (lo, hi))[0]
-
-
-def _nucleus_keep(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Mask [B, V] of the tokens kept by top-k then top-p (HF order) from logits x, without sorting.
-
-    top-k keeps the k largest logits; top-p then keeps a token when the probability mass (renormalised
-    over the top-k set) of the tokens above it is < top_p, so the top token is always kept; top_k <= 0
-    and top_p >= 1 disable either. Both cut-offs are exact thresholds found by bisection over the
-    logits' bit patterns (a full sort of the vocabulary per step is ~10x slower than a decode step on
-    CPU). Tokens tied exactly at a cut-off are kept or dropped together.
-    """
-    rows, vocab = x.shape
-    order = _order_keys(x)
-
-    def top_k_threshold():
-        k = jnp.minimum(top_k, vocab)
-        return _largest_true(lambda t: jnp.sum(order >= t[:, None], axis=-1) >= k, rows)
-
-    floor = jax.lax.cond(top_k > 0, top_k_threshold, lambda: jnp.zeros((rows,), jnp.uint32))
-    keep = order >= floor[:, None]
-    masked = jnp.where(keep, x, -jnp.inf)
-    probs = jnp.exp(masked - jax.scipy.special.logsumexp(masked, axis=-1, keepdims=True))
-
-    def top_p_threshold():
-        # The smallest t whose strictly-greater mass is < top_p: 1 + the largest t where it is >= top_p.
-        def heavy(t):
-            return jnp.sum(jnp.where(order > t[:, None], probs, 0.0), axis=-1) >= top_p
-        cut = _largest_true(heavy, rows)
-        return jnp.where(heavy(cut), cut + 1, cut)
-
-    cut = jax.lax.cond(top_p < 1.0, top_p_threshold, lambda: jnp.zeros((rows,), jnp.uint32))
-    return keep & (order >= cut[:, None])
-
-
-def first_argmax(x: jax.Array) -> jax.Array:
-    """Index of the first maximum along the last axis (``jnp.argmax``'s result, NaN-free input).
-
-    A max reduction and a min-index reduction: on CPU about 8x faster over a vocabulary than argmax's
-    paired (value, index) reduction, which otherwise costs as much as a layer of a small model. The
-    min-index is taken as a float max of ``vocab - index`` (exact below 2^24 entries): XLA:CPU runs a
-    float max in one vectorised pass, an int32 min as a select plus a two-stage reduce (~1.4x slower).
-    """
-    vocab = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)
-    if vocab < 2 ** 24:
-        flipped = jnp.where(x == top, (vocab - jnp.arange(vocab)).astype(jnp.float32), 0.0)
-        first = vocab - jnp.max(flipped, axis=-1).astype(jnp.int32)
-    else:
-        first = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-    return jnp.minimum(first, vocab - 1)  # an all-NaN row has no match; keep the id in range
-
-
-def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """``log_softmax(logits)[token]`` per row, without materialising the whole log-softmax."""
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    return (jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0]) - lse
-
-
-def _categorical(keys: jax.Array, x: jax.Array) -> jax.Array:
-    """One draw per row from softmax(x): the Gumbel-max trick, as ``jax.random.categorical`` (same
-    noise, same draws), with the faster ``first_argmax``."""
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, x.shape[-1:], x.dtype))(keys)
-    return first_argmax(noise + x)
-
-
-def sample_next(logits: jax.Array, keys: jax.Array, *, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array, greedy: bool, filtered: bool) -> jax.Array:
-    """Next token per row from float32 logits [B, V]; ``keys`` holds one PRNG key per row."""
-    if greedy:
-        return first_argmax(logits)
-    x = logits / temperature
-    if filtered:
-        x = jnp.where(_nucleus_keep(x, top_k, top_p), x, -jnp.inf)
-    return _categorical(keys, x)
 
 
 def _signature(tree: Any) -> tuple:
@@ -211,14 +114,12 @@ class Sampler:
 
     def prompt_bucket(self, length: int) -> int:
         """The padded prompt length a prompt of ``length`` tokens is run at."""
-        return _bucket(length, self.prompt_buckets)
+        return bucket_length(length, self.prompt_buckets, past_top="grow")
 
     def _batch_axes(self) -> tuple[str, ...]:
         """Mesh axes the rows are split over: the "batch" logical rule, axes of size 1 left out."""
         if self.mesh is None:
             return ()
-        from medkr_jax.parallel import logical_rules
-
         axis = dict(logical_rules(self.rules)).get("batch")
         axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
         return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
@@ -334,7 +235,6 @@ class Sampler:
         """`jitted` compiled ahead of time for `args`, under this sampler's sharding rules when it has a mesh."""
         if self.mesh is None:
             return jitted.lower(*args).compile()
-        from medkr_jax.parallel import sharding_context
         with sharding_context(self.mesh, self.rules):
             return jitted.lower(*args).compile()
 
@@ -349,24 +249,15 @@ class Sampler:
         (``prompt_keys`` defaults to 0..N-1), so what a prompt gets does not depend on which other prompts
         share its batch: pass stable ids (e.g. hashed question ids) to make resumed runs reproduce.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
-                             f"{top_k}")
-        prompts = [list(map(int, p)) for p in prompts]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        prompts = _checked_prompts(prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+                                   top_k=top_k, top_p=top_p)
         if prompt_keys is None:
             prompt_keys = range(len(prompts))
         if len(prompt_keys) != len(prompts):
             raise ValueError(f"{len(prompt_keys)} prompt_keys for {len(prompts)} prompts")
         greedy = temperature == 0.0
         filtered = (not greedy) and (top_k > 0 or top_p < 1.0)
-        gen_len = _bucket(max_new_tokens, self.gen_buckets)
+        gen_len = bucket_length(max_new_tokens, self.gen_buckets, past_top="grow")
 
         num_rows = len(prompts) * n
         prompt_index = np.repeat(np.arange(len(prompts), dtype=np.int32), n)
@@ -380,15 +271,7 @@ class Sampler:
             batch = min(int(batch_size), _next_pow2(num_rows))
         batch = max(div, math.ceil(batch / div) * div)
 
-        # Rows are grouped by prompt bucket (longest first) and batched within a group, so one long prompt
-        # never pads a batch of short ones up to its bucket.
-        lens = np.array([len(prompts[p]) for p in prompt_index])
-        order = np.argsort(-lens, kind="stable")
-        row_bucket = np.array([self.prompt_bucket(int(n)) for n in lens])
-        chunks = []
-        for bucket in sorted(set(row_bucket.tolist()), reverse=True):
-            group = order[row_bucket[order] == bucket]
-            chunks += [(bucket, group[i:i + batch]) for i in range(0, len(group), batch)]
+        chunks = self._chunks(np.array([len(prompts[p]) for p in prompt_index]), batch)
         out_tok = np.full((num_rows, gen_len), self.pad_id, np.int32)
         out_lp = np.zeros((num_rows, gen_len), np.float32)
         out_len = np.zeros((num_rows,), np.int32)
@@ -398,22 +281,8 @@ class Sampler:
         scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
                    np.float32(top_p))
         for prompt_len, rows in chunks:
-            tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
-            positions = np.zeros((batch, prompt_len), np.int32)
-            mask = np.zeros((batch, prompt_len), bool)
-            active = np.zeros((batch,), bool)
-            keys = np.zeros((batch,) + row_keys.shape[1:], row_keys.dtype)
-            for b, r in enumerate(rows):
-                p = prompts[prompt_index[r]]
-                tokens[b, prompt_len - len(p):] = p
-                positions[b, prompt_len - len(p):] = np.arange(len(p))
-                mask[b, prompt_len - len(p):] = True
-                active[b] = True
-                keys[b] = row_keys[r]
-            # Filler rows repeat the last real row's prompt (well-formed input) and start finished.
-            for b in range(len(rows), batch):
-                tokens[b], positions[b], mask[b] = tokens[len(rows) - 1], positions[len(rows) - 1], mask[len(rows) - 1]
-            args = (head,) + tuple(self._shard(a) for a in (tokens, positions, mask, active, keys)) + tuple(
+            inputs = self._pack(prompts, prompt_index, rows, row_keys, batch=batch, prompt_len=prompt_len)
+            args = (head,) + tuple(self._shard(a) for a in inputs) + tuple(
                 jnp.asarray(s) for s in scalars)
             prog = self._compiled(graphdef, state, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                                   greedy=greedy, filtered=filtered)
@@ -424,11 +293,59 @@ class Sampler:
         return SampleOutput(tokens=out_tok[:, :max_new_tokens], logprobs=out_lp[:, :max_new_tokens],
                             lengths=out_len, prompt_index=prompt_index)
 
+    def _chunks(self, lens: np.ndarray, batch: int) -> list[tuple[int, np.ndarray]]:
+        """(prompt bucket, row indices) batches: rows grouped by prompt bucket (longest first) and batched within
+        a group, so one long prompt never pads a batch of short ones up to its bucket."""
+        order = np.argsort(-lens, kind="stable")
+        row_bucket = np.array([self.prompt_bucket(int(n)) for n in lens])
+        chunks = []
+        for bucket in sorted(set(row_bucket.tolist()), reverse=True):
+            group = order[row_bucket[order] == bucket]
+            chunks += [(bucket, group[i:i + batch]) for i in range(0, len(group), batch)]
+        return chunks
+
+    def _pack(self, prompts: list[list[int]], prompt_index: np.ndarray, rows: np.ndarray, row_keys: np.ndarray, *,
+              batch: int, prompt_len: int) -> tuple[np.ndarray, ...]:
+        """(tokens, positions, mask, active, keys) of one batch: prompts left-padded to ``prompt_len``."""
+        tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
+        positions = np.zeros((batch, prompt_len), np.int32)
+        mask = np.zeros((batch, prompt_len), bool)
+        active = np.zeros((batch,), bool)
+        keys = np.zeros((batch,) + row_keys.shape[1:], row_keys.dtype)
+        for b, r in enumerate(rows):
+            p = prompts[prompt_index[r]]
+            tokens[b, prompt_len - len(p):] = p
+            positions[b, prompt_len - len(p):] = np.arange(len(p))
+            mask[b, prompt_len - len(p):] = True
+            active[b] = True
+            keys[b] = row_keys[r]
+        # Filler rows repeat the last real row's prompt (well-formed input) and start finished.
+        for b in range(len(rows), batch):
+            tokens[b], positions[b], mask[b] = tokens[len(rows) - 1], positions[len(rows) - 1], mask[len(rows) - 1]
+        return tokens, positions, mask, active, keys
+
     @staticmethod
     def _row_keys(seed: int, prompt_keys: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
         pk = jnp.asarray(np.mod(prompt_keys, 2**31).astype(np.uint32))
         si = jnp.asarray(sample_index.astype(np.uint32))
         return np.asarray(_row_keys(jax.random.key(seed), pk, si))
+
+
+def _checked_prompts(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int, temperature: float,
+                     top_k: int, top_p: float) -> list[list[int]]:
+    """The prompts as lists of ints, after checking the generation arguments (one ValueError naming the bad one)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
+                         f"{top_k}")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    return prompts
 
 
 @jax.jit
@@ -444,7 +361,3 @@ def _host(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
     return np.asarray(x.addressable_data(0))
-
-
-__all__ = ["Sampler", "SampleOutput", "sample_next", "first_argmax", "token_logprob", "DEFAULT_PROMPT_BUCKETS",
-           "DEFAULT_GEN_BUCKETS"]

@@ -1,4 +1,4 @@
-"""job=study: the BioMed-R1 recipe's ablation on the synthetic world, over several seeds, with paired tests.
+"""Job "study": the BioMed-R1 recipe's ablation on the synthetic world, over several seeds, with paired tests.
 
     python -m medkr_jax.main --config configs/study.py
 
@@ -26,16 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
-from medkr_jax import parallel, pipeline, stages
-from medkr_jax.stages import _adversarial_stage, job_config, merge, out_of, run_job, stage, summary_of
+from medkr_jax import parallel
+from medkr_jax.pipeline import runner, study_report
+from medkr_jax.pipeline.demo import adversarial_stage
+from medkr_jax.pipeline.report import eval_rows
+from medkr_jax.pipeline.stages import job_config, merge, out_of, run_job, stage, summary_of
+from medkr_jax.train.metrics_log import read_metrics
 
-ARMS = (("a", "sft_plain", "SFT, plain traces"),
-        ("b", "sft", "SFT, plain + adversarial + backtracking traces"),
-        ("c", "grpo", "(b) + GRPO on reasoning-heavy prompts"),
-        ("d", "sft_more", "(b) + more SFT, GRPO's training tokens"))
-SPLITS = ("knowledge", "reasoning", "all")
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -55,8 +53,6 @@ def sft_plain_stage(config: ml_collections.ConfigDict, out: Path, results: dict)
 
 def grpo_training_tokens(grpo_dir: Path) -> float:
     """Tokens the GRPO updates processed (rows x padded width, summed over steps and inner updates)."""
-    from medkr_jax.train.loop import read_metrics
-
     return float(sum(m.get("train_tokens", 0.0) for m in read_metrics(str(grpo_dir))))
 
 
@@ -82,7 +78,7 @@ def sft_more_stage(config: ml_collections.ConfigDict, out: Path, results: dict) 
 def _eval_stage(name: str, model_stage: str, split_file: str):
     @stage(name)
     def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
-        return _adversarial_stage(config, out, results, name, summary_of(results, model_stage)["export_dir"],
+        return adversarial_stage(config, out, results, name, summary_of(results, model_stage)["export_dir"],
                                   summary_of(results, "data")["synthetic_files"][split_file])
     fn.__doc__ = f"{model_stage}'s policy on the {split_file} split: knowledge vs reasoning, then adversarial."
     return fn
@@ -94,34 +90,9 @@ val_sft_stage = _eval_stage("val_sft", "sft", "policy_val")
 val_grpo_stage = _eval_stage("val_grpo", "grpo", "policy_val")
 
 
-# ------------------------------------------------------------------------------------------------ statistics
 
 
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval of the mean over seeds (NaN bounds for a single seed)."""
-    from scipy import stats as st
 
-    x = np.asarray(values, np.float64)
-    m = float(x.mean())
-    if len(x) < 2:
-        return m, float("nan"), float("nan")
-    half = float(st.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return m, m - half, m + half
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test (McNemar's exact test on discordant pairs): P(as extreme | p = 1/2)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def paired_counts(x: dict[str, float], y: dict[str, float]) -> tuple[int, int, int]:
-    """(y better, x better, shared keys) over the keys both dicts score; values are per-question scores."""
-    keys = set(x) & set(y)
-    return sum(y[k] > x[k] for k in keys), sum(x[k] > y[k] for k in keys), len(keys)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -152,7 +123,7 @@ def seed_config(config: ml_collections.ConfigDict, seed: int, out: Path) -> ml_c
 
 def _val_reasoning(run_dir: Path, stage_name: str) -> float:
     cfg = ml_collections.ConfigDict({"output_dir": str(run_dir)})
-    before, _ = stages._eval_rows(cfg, stage_name)
+    before, _ = eval_rows(cfg, stage_name)
     return float(before["reasoning"]["accuracy"])
 
 
@@ -163,7 +134,7 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
     base = seed_config(config, int(sc.search_seed), seed_dir)
     with base.unlocked():
         base.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "val_sft")
-    pipeline.run(base)
+    runner.run(base)
     rows = [{"candidate": "(b) no GRPO", "val_reasoning": _val_reasoning(seed_dir, "val_sft")}]
     for i, cand in enumerate(sc.grpo_candidates):
         cand_dir = seed_dir / f"grpo_candidate{i}"
@@ -175,7 +146,7 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
             sub.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "grpo", "val_grpo")
         with sub.unlocked():
             overlay(sub.pipeline.grpo, cand)
-        pipeline.run(sub)
+        runner.run(sub)
         rows.append({"candidate": json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else cand, sort_keys=True),
                      "val_reasoning": _val_reasoning(cand_dir, "val_grpo"), "run_dir": str(cand_dir)})
     best = max(range(len(sc.grpo_candidates)), key=lambda i: rows[i + 1]["val_reasoning"])
@@ -184,8 +155,6 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Job "study": the GRPO search on validation, then every arm on every seed, then report.md."""
-    from medkr_jax import study_report
-
     sc = config.study
     root = Path(config.output_dir)
     if int(sc.search_seed) in tuple(sc.seeds):
@@ -201,7 +170,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         if chosen is not None:
             with sub.unlocked():
                 overlay(sub.pipeline.grpo, sc.grpo_candidates[chosen])
-        pipeline.run(sub)
+        runner.run(sub)
     report = study_report.write(config, root, search=search, chosen=chosen)
     if parallel.is_main_process():
         print(report["text"])

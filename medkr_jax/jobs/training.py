@@ -1,0 +1,43 @@
+"""What the training jobs (classify, sft, grpo) share: the loop's, the optimizer's and the trace mix's settings
+from the config tree, and the policy named by config.model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from medkr_jax.config import require
+from medkr_jax.train.loop import LoopSettings
+from medkr_jax.train.optim import OptimizerSettings
+from medkr_jax.train.sft import load_policy
+from medkr_jax.train.traces import TraceMix
+
+
+def _from_section(cls: type, section: Any, **values: Any) -> Any:
+    """A settings dataclass from the keys of a config section it has fields for (the others keep the class's
+    defaults), then `values`."""
+    known = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name in section}
+    return cls(**{**known, **values})
+
+
+def optimizer_settings(config) -> OptimizerSettings:
+    """config.optimizer."""
+    return _from_section(OptimizerSettings, config.optimizer)
+
+
+def loop_settings(config, **overrides: Any) -> LoopSettings:
+    """config.train and config.seed; `overrides` replace fields (e.g. steps computed from epochs)."""
+    return _from_section(LoopSettings, config.train, seed=config.get("seed", 0), **overrides)
+
+
+def trace_mix(config) -> TraceMix:
+    """config.traces."""
+    return _from_section(TraceMix, config.traces)
+
+
+def load_policy_from_config(config, mesh: Any, rules: Any):
+    """(model, DecoderConfig, tokenizer, tokenizer_dir) from config.model and config.tokenizer_path."""
+    require(config, "model.path")
+    m = config.model
+    return load_policy(m.path, config.tokenizer_path, mesh=mesh, rules=rules, dtype=m.dtype,
+                       param_dtype=m.param_dtype, remat=m.remat, allow_pickle=m.allow_pickle)

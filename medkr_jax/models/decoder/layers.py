@@ -1,0 +1,217 @@
+"""Decoder building blocks: RoPE, sharding hints, Dense, RMSNorm, attention, SwiGLU MLP, the layer.
+
+Parameters may carry a leading stacked-layers axis (``stack``), for models whose layers run under
+``jax.lax.scan``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
+
+from medkr_jax.models.decoder.config import DecoderConfig
+
+# Finite rather than -inf, so a fully masked row (a left-padding query) stays finite.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with the config's RoPE scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    inv = inv.astype(np.float32)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+        # interpolated smoothly (transformers' _compute_llama3_parameters).
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin float32[B, T, 1, D] for positions [B, T]; computed once per call, shared by all layers."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, D] by positions [B, T] (rotate-half layout, as HF Llama/Qwen)."""
+    return _rotate(x, *rope_tables(positions, inv_freq))
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks (parameters may carry a leading stacked-layers axis)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+    """Sharding hint for activations under a mesh + logical rules; a no-op without a mesh.
+
+    Axes whose size does not divide evenly (e.g. a batch of 1 while sampling) stay replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    rules = dict(get_logical_axis_rules() or ())
+    spec = []
+    used: set = set()
+    for dim, name in zip(x.shape, logical_axes):
+        axis = rules.get(name) if name else None
+        axes = tuple(a for a in ((axis,) if isinstance(axis, str) else tuple(axis or ()))
+                     if a in mesh.axis_names and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple, axes: tuple, dtype, stack) -> nnx.Param:
+    """A parameter; ``stack`` = L (all L layers stacked on a leading "layers" axis), (i, L) (layer i
+    alone, drawn as slice i of the stacked initialisation, so both layouts start from the same
+    weights for a seed) or None."""
+    if isinstance(stack, tuple):
+        i, n = stack
+        base = init
+        init = lambda key, shape, dtype: base(key, (n, *shape), dtype)[i]  # noqa: E731
+    elif stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] as HF's weight transposed."""
+
+    def __init__(self, din: int, dout: int, axes: tuple, *, bias: bool, dtype, param_dtype,
+                 stack: int | None, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = _param(rngs, nnx.initializers.normal(0.02), (din, dout), axes, param_dtype, stack)
+        self.bias = (_param(rngs, nnx.initializers.zeros, (dout,), axes[1:], param_dtype, stack)
+                     if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype, stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        e, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg, self.dtype = cfg, dtype
+        self.q_proj = Dense(e, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Dense(e, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Dense(e, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o_proj = Dense(cfg.num_heads * hd, e, ("heads", "embed"), bias=False, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x, rope):
+        """q [B,T,H,D], k/v [B,T,KV,D] with RoPE (the ``rope_tables`` pair) applied."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _rotate(q, *rope), _rotate(k, *rope), v
+
+    def attend(self, q, k, v, allowed):
+        """q [B,T,H,D]; keys [B,KV,D,S], values [B,KV,S,D]; allowed bool [B,T,S] -> [B,T,E]."""
+        cfg = self.cfg
+        b, t, h, d = q.shape
+        kv, s = cfg.num_kv_heads, k.shape[3]
+        groups = h // kv
+        # Both matmuls in the canonical batched form [B,KV] x ([G*T, D] @ [D, S]) and ([G*T, S] @ [S, D]),
+        # so the CPU backend runs them as plain batched GEMMs on the cache as it lies (for a decode step
+        # the query/output transposes are of a single position, i.e. free).
+        q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
+        # Scores and softmax in at least float32, whatever the compute dtype.
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        scores = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (2,)), ((0, 1), (0, 1))),
+                                     preferred_element_type=acc) / math.sqrt(d)
+        scores = jnp.where(allowed[:, None, None], scores.reshape(b, kv, groups, t, s), _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, groups * t, s)
+        out = jax.lax.dot_general(probs, v.astype(self.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
+        out = out.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(b, t, h * d))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Dense(e, m, ("embed", "mlp"), **kw)
+        self.up_proj = Dense(e, m, ("embed", "mlp"), **kw)
+        self.down_proj = Dense(m, e, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        g = self.gate_proj(x)
+        # SiLU as g / (1 + exp(-g)), PyTorch's formula: one rounding fewer than g * sigmoid(g) (SmolLM2
+        # fp32 logits: rms error vs a float64 reference 1.78e-5 -> 1.49e-5). The clamp keeps exp finite, so
+        # the gradient is not inf/inf = NaN below g = -88; silu there is ~1e-33 either way.
+        h = g / (1 + jnp.exp(-jnp.maximum(g, -80.0))) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer layer (attention + SwiGLU MLP); one layer or all layers stacked."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.attn = Attention(cfg, **kw)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw)

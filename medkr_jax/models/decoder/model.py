@@ -1,0 +1,285 @@
+"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Qwen2 and Qwen3.
+
+The family differences are config switches (see ``families``): Qwen2 adds q/k/v biases, Qwen3 adds
+per-head RMSNorm on q and k; GQA, SwiGLU, RMSNorm and tied/untied embeddings are shared.
+
+Layers are either a list of per-layer modules (default: fastest to run) or, with
+``scan_layers=True``, one module whose parameters carry a leading "layers" axis, run with
+``jax.lax.scan`` (compile time independent of depth).
+
+The KV cache is heads-major, keys stored transposed ([B, KV, D, S]) and values as [B, KV, S, D]: both
+attention matmuls then read the cache as it lies in the canonical (batched, non-transposed) GEMM form,
+so a decode step moves no cache bytes besides the new chunk: each layer writes its chunk into the cache
+in place and attends over the cache itself. Per-layer models keep one cache array per layer (a stacked array would
+cost a copy of the layer's slice on every read); scanned models keep one stacked array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from medkr_jax.models.decoder.config import DecoderConfig
+from medkr_jax.models.decoder.layers import Block, Dense, RMSNorm, constrain, rope_inv_freq, rope_tables
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values for incremental decoding.
+
+    k: keys stored transposed, a tuple of num_layers arrays [B, num_kv_heads, head_dim, S_max]
+    (per-layer models) or one stacked array [num_layers, B, num_kv_heads, head_dim, S_max]
+    (``stacked=True``, for scanned models); v: values likewise, [..., B, num_kv_heads, S_max, head_dim].
+    Either representation works with either layer layout, the matching one without extra copies.
+    mask: bool[B, S_max] (True = a real token sits in that slot); index: int32 scalar, the next slot to
+    write.
+    """
+
+    k: Any
+    v: Any
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def stacked(self) -> bool:
+        """Whether k and v are single arrays with a leading layer axis."""
+        return not isinstance(self.k, (tuple, list))
+
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys [B, num_kv_heads, head_dim, S_max] and values [B, num_kv_heads, S_max, head_dim]."""
+        return self.k[i], self.v[i]
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+               stacked: bool = False) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (see KVCache for ``stacked``)."""
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if stacked:
+        k = jnp.zeros((cfg.num_layers, *k_shape), dtype)
+        v = jnp.zeros((cfg.num_layers, *v_shape), dtype)
+    else:
+        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=k, v=v, mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _remat_policy(remat):
+    if remat is True:
+        return None  # save nothing: recompute the whole layer in the backward pass
+    return getattr(jax.checkpoint_policies, remat)
+
+
+class Decoder(nnx.Module):
+    """Causal LM: embeddings -> transformer layers -> final RMSNorm -> LM head.
+
+    Args:
+      cfg: model hyper-parameters.
+      dtype: compute dtype (activations, matmul inputs); logits are always float32.
+      param_dtype: storage dtype of parameters.
+      remat: False, True (recompute each layer in the backward pass) or the name of a
+        ``jax.checkpoint_policies`` policy (e.g. "dots_with_no_batch_dims_saveable").
+      scan_layers: store the layers stacked along a leading "layers" axis and run them with
+        ``jax.lax.scan``: compile time independent of depth (worth it for 32-64 layer models on
+        pods). Off by default: per-layer arrays decode somewhat faster, since a scan reads each
+        layer's cache out of the stacked cache as a copy (about 10% slower sampling for
+        SmolLM2-135M on CPU, none for bench/sampler.py's tiny model).
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool | str = False, scan_layers: bool = False, rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.remat, self.scan_layers = cfg, dtype, remat, scan_layers
+        if remat and remat is not True and not hasattr(jax.checkpoint_policies, remat):
+            raise ValueError(f"remat={remat!r}: expected a bool or a jax.checkpoint_policies name")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Without a mesh in scope the logical axis names are kept as metadata only.
+        eager = not jax.sharding.get_abstract_mesh().empty
+        with nnx.use_eager_sharding(eager):
+            self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                                                        ("vocab", "embed")), rngs=rngs)
+            # Every layer draws from the same key stream, as slices of one stacked draw.
+            key = rngs.params()
+            n = cfg.num_layers
+            layer_kw = dict(dtype=dtype, param_dtype=param_dtype)
+            if scan_layers:
+                self.layers = Block(cfg, stack=n, rngs=nnx.Rngs(params=key), **layer_kw)
+            else:
+                self.layers = nnx.List([Block(cfg, stack=(i, n), rngs=nnx.Rngs(params=key), **layer_kw)
+                                        for i in range(n)])
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=None, **kw)
+            self.lm_head = (None if cfg.tie_word_embeddings else
+                            Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, stack=None,
+                                  **kw))
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
+        return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
+
+    def decode_head(self, tile: int = 32) -> jax.Array | None:
+        """The LM head re-laid out for one-token steps, or None where the plain product is used anyway.
+
+        On CPU in float32 this is [ceil(V / tile), E, tile]: tile i holds vocabulary rows
+        [tile*i, tile*(i+1)) transposed (zero rows pad the last one). A decode loop builds it once and
+        passes it as ``head=`` on every step; the logits are then a multiply + reduce over E *down* each
+        tile, which XLA:CPU vectorises along the tile while streaming the table once: about 2x faster
+        than the multiply-reduce along E of the embedding's own layout and than XLA's skinny GEMM
+        (bench/sampler.py's models, 8-16 rows; tile 16 measured 10x slower, 64 slower for E=576).
+        """
+        weights = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
+        if (jax.default_backend() != "cpu" or jnp.dtype(self.dtype) != jnp.float32
+                or weights.dtype != jnp.float32):
+            return None
+        pad, e = -self.cfg.vocab_size % tile, self.cfg.hidden_size
+        if self.lm_head is None:  # the embedding [V, E]
+            return jnp.pad(weights, ((0, pad), (0, 0))).reshape(-1, tile, e).transpose(0, 2, 1)
+        return jnp.pad(weights, ((0, 0), (0, pad))).reshape(e, -1, tile).transpose(1, 0, 2)  # kernel [E, V]
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 kv_len: int | None = None, head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits float32[B, T, V] and the updated cache (None without one); see module docs.
+
+        ``head``: ``decode_head()``'s re-laid-out LM head, used for one-token calls (decode steps).
+
+        ``kv_len`` (static, with a cache): attend over cache slots [0, kv_len) only, not the whole
+        cache; the caller guarantees ``cache.index + T <= kv_len`` (e.g. ``kv_len=T`` for a prompt
+        written into an empty cache, which then attends within the chunk as without a cache).
+        """
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        rope = rope_tables(positions, jnp.asarray(rope_inv_freq(self.cfg)))
+        x = constrain(self.embed(tokens).astype(self.dtype), ("batch", "length", "embed"))
+        allowed, new_mask = _allowed_keys(t, attention_mask, segment_ids, cache, kv_len)
+        index = None if cache is None else cache.index
+        x, new_k, new_v = self._run_layers(x, self._layer_step(rope, allowed, index, kv_len, t), cache)
+        new_cache = None if cache is None else KVCache(k=new_k, v=new_v, mask=new_mask, index=index + t)
+        return self._logits(self.norm(x), head), new_cache
+
+    def _layer_step(self, rope, allowed: jax.Array, index: jax.Array | None, kv_len: int | None, t: int):
+        """``layer(h, params, store)``: one layer on its parameter state (rematerialised if ``remat``).
+
+        ``store`` is None (no cache) or (keys, values, i): this layer's cache arrays (see KVCache)
+        with i=None, or the stacked arrays with this layer's index i. Returns the new hidden state
+        and the store's arrays with this chunk written in place at slot ``index``.
+        """
+        graphdef = nnx.graphdef(self.layers if self.scan_layers else self.layers[0])
+
+        def layer(h, params, store):
+            blk = nnx.merge(graphdef, params)
+            q, k, v = blk.attn.project(blk.attn_norm(h), rope)
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KV, D, T], [B, KV, T, D]
+            out = None
+            if store is not None:
+                ks, vs, i = store
+                if i is None:
+                    ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, 0, 0, index))
+                    vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, 0, index, 0))
+                    keys, values = ks, vs
+                else:
+                    ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, 0, 0, index))
+                    vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, 0, index, 0))
+                    keys = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
+                    values = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
+                out = (ks, vs)
+                if kv_len == t:  # index is 0: the chunk is all there is to attend to, as just computed
+                    k, v = k.astype(ks.dtype), v.astype(vs.dtype)
+                elif kv_len is not None:
+                    k, v = keys[..., :kv_len], values[:, :, :kv_len]
+                else:
+                    k, v = keys, values
+            h = h + blk.attn.attend(q, k, v, allowed)
+            h = h + blk.mlp(blk.mlp_norm(h))
+            return constrain(h, ("batch", "length", "embed")), out
+
+        if self.remat:
+            layer = jax.checkpoint(layer, policy=_remat_policy(self.remat))
+        return layer
+
+    def _run_layers(self, x: jax.Array, layer, cache: KVCache | None):
+        """All layers over x: (x, new keys, new values); the keys and values are None without a cache."""
+        cfg = self.cfg
+        new_k = new_v = None
+        if self.scan_layers and cache is None:
+            x, _ = jax.lax.scan(lambda h, p: layer(h, p, None), x, nnx.state(self.layers))
+        elif self.scan_layers:
+            # The cache rides in the scan carry, so each layer's chunk is written in place. A per-layer
+            # cache is stacked for the scan and split again after: correct, not free.
+            ks, vs = (cache.k, cache.v) if cache.stacked else (jnp.stack(cache.k), jnp.stack(cache.v))
+
+            def body(carry, xs):
+                h, ks, vs = carry
+                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]))
+                return (h, ks, vs), None
+
+            (x, new_k, new_v), _ = jax.lax.scan(body, (x, ks, vs),
+                                                (nnx.state(self.layers), jnp.arange(cfg.num_layers)))
+            if not cache.stacked:
+                new_k, new_v = tuple(new_k), tuple(new_v)
+        elif cache is None:
+            for blk in self.layers:
+                x, _ = layer(x, nnx.state(blk), None)
+        elif cache.stacked:
+            new_k, new_v = cache.k, cache.v
+            for i, blk in enumerate(self.layers):
+                x, (new_k, new_v) = layer(x, nnx.state(blk), (new_k, new_v, i))
+        else:
+            new_k, new_v = [], []
+            for i, blk in enumerate(self.layers):
+                x, (k, v) = layer(x, nnx.state(blk), (*cache.layer(i), None))
+                new_k.append(k)
+                new_v.append(v)
+            new_k, new_v = tuple(new_k), tuple(new_v)
+        return x, new_k, new_v
+
+    def _logits(self, x: jax.Array, head: jax.Array | None) -> jax.Array:
+        """Float32 logits [B, T, V] of the final-normed hidden states ``x`` (see ``decode_head`` for ``head``)."""
+        cfg = self.cfg
+        b, t = x.shape[:2]
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        emb = self.embed.embedding[...]
+        if head is not None and t == 1:
+            # [V/tile, B, tile]: the tile index outermost, so each tile of the table is read once for
+            # all rows (rows outermost would stream the whole table once per row).
+            logits = jnp.sum(x[:, 0][None, :, :, None] * head[:, None], axis=2)
+            logits = logits.transpose(1, 0, 2).reshape(b, 1, -1)[:, :, :cfg.vocab_size]
+        elif (self.lm_head is None and t == 1 and jax.default_backend() == "cpu"
+                and emb.dtype == jnp.float32 and jnp.dtype(self.dtype) == jnp.float32):
+            # A float32 decode step against the tied embedding [V, E]: XLA:CPU runs this skinny
+            # product as a GEMM well below memory speed, while the same contraction written as a
+            # broadcast multiply + reduce over E streams the embedding once in its own layout (1.2-2x
+            # faster for 8-128 rows on bench/sampler.py's models; not so in bfloat16).
+            logits = jnp.sum(emb[:, None, :] * x[:, 0][None], axis=-1).T[:, None, :]
+        elif self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", x, emb.astype(self.dtype),
+                                preferred_element_type=acc)
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+                                preferred_element_type=acc)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | None, cache: KVCache | None,
+                  kv_len: int | None) -> tuple[jax.Array, jax.Array | None]:
+    """bool[B, T, S]: which key slot each query may attend to; and the cache's new mask (None without one)."""
+    if cache is None:
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]  # [B, T, T]
+        if segment_ids is not None:
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        return allowed, None
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+    # Each layer writes the chunk into its cache slots first and then attends over the whole
+    # cache: query slot index+i sees slot j iff j <= index+i and a real token sits there.
+    index, s = cache.index, cache.mask.shape[1]
+    if kv_len is not None and not t <= kv_len <= s:
+        raise ValueError(f"kv_len={kv_len} must lie in [T, cache length] = [{t}, {s}]")
+    s = s if kv_len is None else kv_len
+    new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+    slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+    return slots[None] & new_mask[:, None, :s], new_mask  # [B, T, S]
