@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-# Logical axis name -> mesh axis ("data", "fsdp", "tensor"), a tuple of them, or None (replicated). The
-# default table: config.sharding_rules starts as this, and rules a config sets are merged over it (by name),
-# so a config lists only what it changes.
-DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("classes", None),
-    ("length", None),
-)
+from medkr_jax.sharding_rules import DEFAULT_SHARDING_RULES
+
+# Tuple keys that also take a comma-separated string on the command line (main.py rewrites it before parsing):
+# "names" split at every comma; "specs" too, except that a piece without "/" or ":" after a spec with a query
+# continues that query's list ("mmlu_flat:?subjects=anatomy,virology" stays one spec).
+COMMA_LIST_KEYS = {"data.benchmarks": "specs", "data.subjects": "names", "pipeline.stages": "names"}
+
+
+def split_comma_list(key: str, value: str) -> tuple[str, ...]:
+    """The items of a comma-separated override of a COMMA_LIST_KEYS key."""
+    items: list[str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if COMMA_LIST_KEYS[key] == "specs" and items and "?" in items[-1] and not re.search(r"[/:]", part):
+            items[-1] += "," + part
+        elif part:
+            items.append(part)
+    return tuple(items)
 
 
 def _mesh_section() -> ml_collections.ConfigDict:
@@ -46,6 +49,7 @@ def _model_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "preset": "",          # a name from medkr_jax.models.presets, or "" to read the HF folder's config
         "path": "",            # local Hugging Face folder (config.json + *.safetensors)
+        "cache_dir": "",       # where a preset converted from a packaged file goes ("" = $MEDKR_CACHE or ~/.cache)
         "dtype": "float32",    # compute dtype
         "param_dtype": "float32",
         "remat": False,        # rematerialise each layer in the backward pass
@@ -249,7 +253,7 @@ def _import_section() -> ml_collections.ConfigDict:
 
 
 def _pipeline_section() -> ml_collections.ConfigDict:
-    # Per-stage settings go in config.pipeline.<stage_name> as a partial config tree (see medkr_jax.stages),
+    # Per-stage settings go in config.pipeline.<stage_name> as a partial config tree (see medkr_jax.pipeline.stages),
     # e.g. config.pipeline.sft = ConfigDict({"train": {"steps": 200}}).
     return ml_collections.ConfigDict({
         "stages": (),

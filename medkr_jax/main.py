@@ -1,11 +1,13 @@
 """The one entry point: python -m medkr_jax.main --config configs/<job>.py[:arg] [--config.key=value ...]
 
-`config.job` picks what runs. The resolved config is printed and written to <output_dir>/config.json, so
-every run folder says exactly how it was made.
+`config.job` picks what runs (medkr_jax.jobs). A short header (job, model, data, output folder) is printed;
+the resolved config is written to <output_dir>/config.json (and printed with --print_config), so every run
+folder says exactly how it was made.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ def parse_config(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    argv = [_comma_list_override(a) for a in argv]
     fv = flags.FlagValues()
     # sys_argv: the override flags (--config.x=...) are found in `argv`, not in the process's sys.argv
     config_flags.DEFINE_config_file("config", None, "path to a config file under configs/", lock_config=True,
@@ -42,6 +45,22 @@ def parse_config(argv: list[str]):
     if config is None:
         raise UsageError("missing --config=configs/<job>.py")
     return config, fv["config"].config_filename
+
+
+def _comma_list_override(arg: str) -> str:
+    """``--config.data.benchmarks=a:x,b:y`` (a comma-separated list for a key of config.COMMA_LIST_KEYS) as the
+    tuple literal ml_collections parses; Python literals and other flags pass unchanged."""
+    from medkr_jax.config import COMMA_LIST_KEYS, split_comma_list
+
+    key, eq, value = arg.partition("=")
+    key = key.removeprefix("--config.")
+    if not eq or not arg.startswith("--config.") or key not in COMMA_LIST_KEYS or "," not in value:
+        return arg
+    try:
+        ast.literal_eval(value)
+        return arg  # already a literal: ('a', 'b')
+    except (ValueError, SyntaxError):
+        return f"--config.{key}={split_comma_list(key, value)!r}"
 
 
 def _first_line(err: Exception) -> str:
@@ -81,8 +100,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _docstring_line(path: Path) -> str:
-    import ast
-
     try:
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
     except (SyntaxError, OSError, UnicodeDecodeError):
@@ -94,11 +111,30 @@ def usage() -> str:
     """--help: how to run, the jobs, and the configs under configs/ with the first line of their docstring."""
     lines = [__doc__.strip().splitlines()[0], "", "  --config=configs/<file>.py   the run's config (required)",
              "  --config.<key>=<value>       override any key, e.g. --config.model.path=/models/x "
-             "--config.output_dir=runs/x", "", "jobs (config.job):"]
+             "--config.output_dir=runs/x", "  --config.data.benchmarks=a:/x.jsonl,b:/y.jsonl   lists: "
+             "comma-separated or a tuple literal", "  --print_config               print the whole resolved config "
+             "(it is always written to <output_dir>/config.json)", "", "jobs (config.job):"]
     lines += [f"  {name:<12} {target}" for name, target in JOBS.items()]
     configs = sorted(CONFIG_DIR.glob("*.py")) if CONFIG_DIR.is_dir() else []
     lines += ["", f"configs ({CONFIG_DIR}):"] if configs else []
     lines += [f"  {p.name:<18} {_docstring_line(p)}" for p in configs if not p.name.startswith("_")]
+    return "\n".join(lines)
+
+
+HEADER_KEYS = ("model.preset", "model.path", "tokenizer_path", "data.benchmarks", "data.eval_path", "sft.train_path",
+               "grpo.train_path", "classifier.train_path", "split.classifier_path", "pipeline.stages")
+
+
+def config_header(config, config_file: str, out: str) -> str:
+    """What a run starts with: job, config file, output folder, and the model and data keys that are set."""
+    lines = [f"[medkr_jax] job={config.job} config={config_file} output_dir={out}"]
+    for key in HEADER_KEYS:
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node:
+            lines.append(f"  {key}: {', '.join(map(str, node)) if isinstance(node, tuple) else node}")
+    lines.append(f"  full config: {os.path.join(out, 'config.json')} (--print_config prints it here)")
     return "\n".join(lines)
 
 
@@ -119,6 +155,8 @@ def prepare_output_dir(out: str, config, config_file: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    print_full = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
     if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
         print(usage())
         return 0
@@ -146,24 +184,34 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(f"[medkr_jax] job={config.job} config={config_file} output_dir={out}")
-        print(config)
+        print(config_header(config, config_file, out))
+        if print_full:
+            print(config)
     start = time.time()
     try:
         summary = fn(config)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training after a step and saves)
+        print(f"[medkr_jax] interrupted (Ctrl-C); checkpoints already in {out} are kept: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
     except Exception as err:  # user errors from deep inside a job: one clear line, non-zero exit
         from medkr_jax.config import ConfigError
         from medkr_jax.pipeline.runner import StagePreempted
 
         if isinstance(err, StagePreempted):  # saved and resumable: say so, exit like a terminated process
             print(f"[medkr_jax] {err}", file=sys.stderr)
-            return 143
+            return 130 if err.signal_name == "SIGINT" else 143
         # FloatingPointError: train.loop.TrainingDiverged, whose message names the last good checkpoint
         if isinstance(err, (ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError)) and \
                 not os.environ.get("MEDKR_TRACEBACK"):
             print(f"error: {type(err).__name__}: {err}\n(set MEDKR_TRACEBACK=1 for the traceback)", file=sys.stderr)
             return 1
         raise
+    if (summary or {}).get("preempted"):  # stopped by SIGTERM or a first Ctrl-C after saving: resumable
+        by = summary.get("preempted_by") or "SIGTERM"
+        print(f"[medkr_jax] stopped by {by} at step {summary.get('steps')} after saving a checkpoint in {out}: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130 if by == "SIGINT" else 143
     if parallel.is_main_process():
         print(f"[medkr_jax] job={config.job} done in {time.time() - start:.1f}s")
         if summary:

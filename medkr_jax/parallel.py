@@ -18,14 +18,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from medkr_jax.config import DEFAULT_SHARDING_RULES
+from medkr_jax.sharding_rules import DEFAULT_SHARDING_RULES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-# logical name -> mesh axis (or a tuple of mesh axes, or None = replicated): the table in config.py
-DEFAULT_RULES = DEFAULT_SHARDING_RULES
-
 
 class MeshError(ValueError):
     """The configured mesh does not fit the available devices."""
@@ -73,12 +69,12 @@ def make_mesh(mesh_cfg: Mapping[str, int] | Any, devices: Sequence[jax.Device] |
 def logical_rules(config_or_rules: Any = None) -> tuple[tuple[str, Any], ...]:
     """Rules as a tuple of (logical, mesh axis | tuple | None) pairs, from a config or a rules iterable.
 
-    Rules missing from the config fall back to DEFAULT_RULES, so a config only lists what it changes.
+    Rules missing from the config fall back to DEFAULT_SHARDING_RULES, so a config only lists what it changes.
     """
     rules = config_or_rules
     if rules is not None and not isinstance(rules, (list, tuple)):
         rules = getattr(rules, "sharding_rules", None)
-    merged = dict(DEFAULT_RULES)
+    merged = dict(DEFAULT_SHARDING_RULES)
     for item in rules or ():
         if len(item) != 2:
             raise ValueError(f"config.sharding_rules: each rule must be (logical_name, mesh_axis), got {item!r}")

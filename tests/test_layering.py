@@ -1,6 +1,6 @@
 """The package's layering, read from every module's imports (no jax needed): a break fails here, naming the line.
 
-    main -> jobs -> pipeline -> (train, eval) -> (sampling, models) -> data -> (config, parallel, xla_options)
+    main -> (jobs, pipeline) -> (train, eval) -> (sampling, models) -> data -> (config, parallel, xla_options)
 
 See docs/architecture.md. Imports sit at module top, so this graph is the one a reader sees; the exceptions are
 main's lazy job dispatch (``--help`` answers without jax) and the optional heavy dependencies in LAZY_OK.
@@ -23,7 +23,8 @@ FORBIDDEN = {
     "eval": {"train", "pipeline", "jobs"},
     "train": {"pipeline", "jobs"},
     "config": {"data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
-    "parallel": {"data", "models", "train", "eval", "sampling", "pipeline", "jobs"},  # config: the rules table
+    "parallel": {"config", "data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
+    "sharding_rules": {"config", "data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
     "xla_options": {"data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
     "pipeline": {"main"},
     "jobs": {"main"},
@@ -31,7 +32,7 @@ FORBIDDEN = {
 # layers that take plain arguments or settings objects: the config tree (ml_collections, medkr_jax.config) is read
 # only by jobs and pipeline stages
 NO_CONFIG_TREE = ("models", "data", "sampling", "train", "eval")
-# optional heavy dependencies a function may import where it needs them (plots, scipy's t quantile, torch refs)
+# optional heavy dependencies a function may import where it needs them (plots, torch references, datasets)
 LAZY_OK = {"matplotlib", "matplotlib.pyplot", "torch", "datasets"}
 
 
@@ -88,3 +89,19 @@ def test_the_layering_test_sees_a_break(tmp_path):
     found = [(name, top) for _, name, top in _imports(tree)]
     assert ("medkr_jax.train.loop", False) in found
     assert _internal_layer("medkr_jax.train.loop") in FORBIDDEN["models"]
+
+
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_module_and_function_sizes(path):
+    """Modules of one job: at most 450 lines, functions (and methods) at most 80, def line to last line."""
+    text = path.read_text(encoding="utf-8")
+    where = path.relative_to(PKG.parent)
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{where}: {len(text.splitlines())} lines"
+    long = [f"{where}:{n.lineno} {n.name}() is {n.end_lineno - n.lineno + 1} lines"
+            for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)

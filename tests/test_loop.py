@@ -178,20 +178,40 @@ def test_train_logs_learns_and_resumes(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_sigterm_checkpoints_and_returns(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_checkpoints_and_returns(tmp_path, sig, capsys):
+    """SIGTERM (a TPU preemption notice) or a first Ctrl-C: save after this step and return, saying which."""
     mesh = one_device_mesh()
     cfg = make_config(steps=10, checkpoint_every=100)
 
     def step_fn(trainer, batch, rng):
         m = trainer.update(batch, rng)
         if trainer.opt_steps == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a TPU preemption notice would
+            os.kill(os.getpid(), sig)
         return m
 
     s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                    mesh=mesh, step_fn=step_fn)
-    assert s["preempted"] and s["steps"] == 3
+    assert s["preempted"] and s["steps"] == 3 and s["preempted_by"] == sig.name
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert ("Ctrl-C: stopping after this step" in capsys.readouterr().err) == (sig == signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_second_ctrl_c_interrupts_at_once(tmp_path):
+    mesh = one_device_mesh()
+    cfg = make_config(steps=10, checkpoint_every=100)
+
+    def step_fn(trainer, batch, rng):
+        m = trainer.update(batch, rng)
+        if trainer.opt_steps == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return m
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
+                   mesh=mesh, step_fn=step_fn)
 
 
 def test_eval_fn_stop_request_ends_the_run_with_a_checkpoint(tmp_path):

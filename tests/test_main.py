@@ -60,7 +60,54 @@ def test_config_is_printed_and_written(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     written = json.loads((out / "config.json").read_text())
     assert written["job"] == "dry_run" and written["mesh"]["fsdp"] == 16
-    assert "job: dry_run" in res.stdout
+    # a short header, not the ~230-line config; --print_config prints the whole of it
+    assert "[medkr_jax] job=dry_run" in res.stdout and "model.preset: qwen3-8b" in res.stdout
+    assert f"full config: {out / 'config.json'}" in res.stdout and "job: dry_run" not in res.stdout
+    full = run_main("--config", "configs/demo.py", "--config.job=dry_run", f"--config.output_dir={out}",
+                    "--config.model.preset=qwen3-8b", "--config.dry_run.num_devices=8", "--print_config")
+    assert full.returncode == 0 and "job: dry_run" in full.stdout, full.stderr[-3000:]
+
+
+def test_list_keys_take_comma_separated_values():
+    """--config.data.benchmarks=a,b works like the tuple literal; a spec's own ?subjects=x,y list stays whole."""
+    config, _ = entry.parse_config([
+        "prog", "--config=configs/evaluate.py",
+        "--config.data.benchmarks=medmcqa:/x.jsonl?limit=100, mmlu_flat:/y.jsonl?subjects=anatomy,medical_genetics",
+        "--config.pipeline.stages=data,tokenizer"])
+    assert config.data.benchmarks == ("medmcqa:/x.jsonl?limit=100",
+                                      "mmlu_flat:/y.jsonl?subjects=anatomy,medical_genetics")
+    assert config.pipeline.stages == ("data", "tokenizer")
+    config, _ = entry.parse_config(["prog", "--config=configs/evaluate.py",
+                                    "--config.data.benchmarks=/a.jsonl,mmlu_flat:?subjects=anatomy,virology,/b.jsonl"])
+    assert config.data.benchmarks == ("/a.jsonl", "mmlu_flat:?subjects=anatomy,virology", "/b.jsonl")
+    config, _ = entry.parse_config(["prog", "--config=configs/evaluate.py",
+                                    "--config.data.benchmarks=('records:/a.jsonl', 'records:/b.jsonl')"])
+    assert config.data.benchmarks == ("records:/a.jsonl", "records:/b.jsonl")  # the literal form still works
+
+
+def test_bad_batch_size_fails_before_anything_loads(tmp_path, capsys):
+    """A config error of the loop is reported before the (missing) data and model are touched."""
+    rc = entry.main(["prog", "--config=configs/demo.py", "--config.job=sft", f"--config.output_dir={tmp_path}",
+                     "--config.sft.train_path=/nonexistent/train.jsonl", "--config.train.batch_size=0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "config.train.batch_size must be >= 1, got 0" in err, err
+
+
+def test_preset_resolution_says_where_the_model_is(tmp_path, capsys, monkeypatch):
+    """config.model.preset -> config.model.path, printed; presets converted into a cache say how to move it."""
+    from medkr_jax.jobs.common import resolve_model_path
+    from medkr_jax.models import presets
+
+    fake = presets.Preset("fake", "decoder", presets.TINY, locate=lambda cache: cache / "fake-model")
+    monkeypatch.setitem(presets.PRESETS, "fake", fake)
+    config = base_config()
+    config.job, config.model.preset, config.model.cache_dir = "evaluate", "fake", str(tmp_path / "cache")
+    resolve_model_path(config)
+    assert config.model.path == str(tmp_path / "cache" / "fake-model")
+    line = capsys.readouterr().out
+    assert f"config.model.path='{tmp_path / 'cache' / 'fake-model'}'" in line and "--config.model.cache_dir" in line
+    monkeypatch.setenv(presets.CACHE_ENV, str(tmp_path / "env"))
+    assert presets.resolve_path("fake") == tmp_path / "env" / "fake-model"
 
 
 def test_help_lists_jobs_and_configs():

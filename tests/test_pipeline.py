@@ -179,3 +179,14 @@ def test_tokenize_and_batch_with_a_local_tokenizer():
 def test_missing_tokenizer_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
         load_tokenizer(tmp_path / "nope")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*set config.tokenizer_path"):
+        load_tokenizer(tmp_path / "model")  # a model folder without tokenizer files names the key to set
+
+
+def test_a_bert_vocab_txt_folder_loads(tmp_path):
+    """A BERT folder with only vocab.txt (the shape of PubMedBERT's) is a tokenizer folder too."""
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "heart", "fail"]))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert load_tokenizer(tmp_path)("heart fail")["input_ids"] == [2, 5, 6, 3]

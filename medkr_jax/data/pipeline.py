@@ -223,25 +223,14 @@ def make_dataset(
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 
-def make_loader(
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    drop_remainder: bool = True,
-    collate: Callable[[Sequence[Example]], Batch] | None = None,
-    shard: grain.sharding.ShardOptions | None = None,
-    num_threads: int = 0,
-) -> grain.DatasetIterator:
-    """Iterator over this process's batches (see ``make_dataset``) with ``get_state``/``set_state``.
+def make_loader(examples: Sequence[Example], *, num_threads: int = 0, **dataset_options: Any) -> grain.DatasetIterator:
+    """Iterator over this process's batches of ``make_dataset(examples, **dataset_options)`` (batch_size, seed,
+    shuffle, num_epochs, drop_remainder, collate, shard), with ``get_state``/``set_state``.
 
     ``num_threads=0`` reads in the calling thread, which is fastest for in-memory examples
     (no GIL contention); raise it when ``examples`` does I/O on access.
     """
-    ds = make_dataset(examples, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                      drop_remainder=drop_remainder, collate=collate, shard=shard)
+    ds = make_dataset(examples, **dataset_options)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 0))
     return iter(ds.to_iter_dataset(read))
 
@@ -256,15 +245,17 @@ def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool 
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """``transformers.AutoTokenizer`` from a local folder (never the hub)."""
+    """``transformers.AutoTokenizer`` from a local folder (never the hub): any folder it reads, e.g.
+    tokenizer.json / tokenizer_config.json, or a BERT folder's vocab.txt."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: tokenizer folder not found (expected a local folder with tokenizer files)")
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"no tokenizer in {str(path)!r} (expected tokenizer.json / tokenizer_config.json); "
-                                "set config.tokenizer_path to a folder with the model's tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                    "vocab.txt")):
+            raise FileNotFoundError(f"no tokenizer in {str(path)!r} (expected tokenizer.json / tokenizer_config.json); "
+                                    "set config.tokenizer_path to a folder with the model's tokenizer") from None
         raise FileNotFoundError(f"{path}: cannot load a tokenizer from this folder: {e}") from None
 
 

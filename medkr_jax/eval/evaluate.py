@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -214,9 +215,11 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
             group = []
         group.append(it)
     chunks += [group] if group else []
-    done = 0
+    done, tokens, start = 0, 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not todo or not is_main_process(),
                dynamic_ncols=True)
+    if chunks:  # the first batch also compiles the sampler's programs: say so while it runs
+        bar.set_postfix_str(f"compiling + first batch of {len(chunks[0])} questions", refresh=True)
     for chunk in chunks:
         out = rt.sampler.generate(
             rt.model, [it.prompt for it in chunk], max_new_tokens=gen.max_new_tokens,
@@ -239,6 +242,8 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
                             **it.extra, "samples": samples})
         glog.append(entries)
         done += len(chunk)
+        tokens += sum(smp["tokens"] for e in entries for smp in e["samples"])
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} generated tok/s", refresh=False)
         bar.update(len(chunk))
         if on_batch is not None:
             on_batch(done)

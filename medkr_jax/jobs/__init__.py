@@ -1,8 +1,9 @@
 """Jobs: what ``config.job`` names. One module per job, each with ``run(config) -> dict``.
 
-A job is the only layer that reads the config tree: it checks the keys it needs, builds plain arguments
-(or small settings objects) and calls the library (data/, models/, train/, eval/, sampling). Nothing in
-the library imports this package; pipeline stages run jobs through ``job_function``.
+Jobs (with the pipeline stages that prepare their configs) are the layer that reads the config tree: a job
+checks the keys it needs, builds plain arguments (or small settings objects) and calls the library (data/,
+models/, train/, eval/, sampling/; parallel.py's mesh helpers take config.mesh and config.sharding_rules).
+Nothing in the library imports this package; pipeline stages run jobs through ``job_function``.
 
 Modules are imported only when their job runs, so ``--help`` and config errors answer without jax.
 """

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
-
 from medkr_jax import parallel
 from medkr_jax.config import ConfigError, require
 from medkr_jax.data import synthetic
@@ -20,23 +18,11 @@ from medkr_jax.data.records import MCQRecord
 from medkr_jax.eval import classifier_report
 from medkr_jax.eval.classification import LABEL_NAMES
 from medkr_jax.eval.split import TEXT_MODES
-from medkr_jax.jobs.training import loop_settings, optimizer_settings
+from medkr_jax.jobs.common import bert_dtypes
+from medkr_jax.jobs.training import check_batching, loop_settings, optimizer_settings
 from medkr_jax.models.bert import export_bert_classifier, load_bert
 from medkr_jax.train import classifier
 from medkr_jax.train.metrics_log import write_report
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def bert_dtypes(config) -> tuple:
-    """(dtype, param_dtype) of a BERT classifier from config.model.dtype / param_dtype."""
-    out = []
-    for key in ("dtype", "param_dtype"):
-        name = config.model[key]
-        if name not in DTYPES:
-            raise ConfigError(f"config.model.{key}={name!r}: expected one of {sorted(DTYPES)}")
-        out.append(DTYPES[name])
-    return tuple(out)
 
 
 def classifier_settings(config) -> classifier.ClassifierSettings:
@@ -90,6 +76,7 @@ def run(config) -> dict:
     """Job "classify": fine-tune the BERT reasoning/knowledge classifier; returns a summary dict."""
     s = classifier_settings(config)
     cc, out_dir = config.classifier, config.output_dir
+    check_batching(config, s.batch_size, steps_optional=float(cc.epochs) > 0)
     os.makedirs(out_dir, exist_ok=True)
     data, tok_path, pad_id = _data(config, s)
     weights = classifier.class_weights_for(data.y_train, len(LABEL_NAMES), bool(cc.class_weighting))

@@ -19,7 +19,8 @@ from medkr_jax import parallel
 from medkr_jax.config import require
 from medkr_jax.data.records import read_records
 from medkr_jax.eval import prompts
-from medkr_jax.jobs.training import load_policy_from_config, loop_settings, optimizer_settings, trace_mix
+from medkr_jax.jobs.training import (check_batching, load_policy_from_config, loop_settings,
+                                      optimizer_settings, trace_mix)
 from medkr_jax.models.hf import export_decoder, load_decoder
 from medkr_jax.sampling import Sampler
 from medkr_jax.train import grpo, loop, traces
@@ -74,6 +75,8 @@ def run(config, *, mesh: Any = None) -> dict:
     """GRPO on MCQ prompts with a correctness reward; exports the policy; returns a summary."""
     require(config, "output_dir", "grpo.train_path")
     settings = grpo_settings(config.grpo)
+    check_batching(config, int(config.grpo.prompts_per_step) * settings.num_generations,
+                   rows_key="config.grpo.prompts_per_step x config.grpo.num_generations")
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     examples = _examples(config)

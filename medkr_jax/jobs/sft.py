@@ -16,7 +16,8 @@ from typing import Any
 from medkr_jax import parallel
 from medkr_jax.config import require
 from medkr_jax.data.records import read_records
-from medkr_jax.jobs.training import load_policy_from_config, loop_settings, optimizer_settings, trace_mix
+from medkr_jax.jobs.training import (check_batching, load_policy_from_config, loop_settings,
+                                      optimizer_settings, trace_mix)
 from medkr_jax.models.hf import export_decoder
 from medkr_jax.train import loop, sft, traces
 from medkr_jax.train.metrics_log import write_report
@@ -55,6 +56,7 @@ def _write_report(output_dir: str, summary: dict, examples: int, kinds: dict, st
 def run(config, *, mesh: Any = None) -> dict:
     """Train the policy on trace examples, export it to an HF folder; returns a summary."""
     require(config, "output_dir", "sft.train_path")
+    check_batching(config, int(config.train.batch_size), steps_optional=float(config.sft.get("epochs", 0) or 0) > 0)
     mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     records = sft.filter_records(read_records(config.sft.train_path), config.sft.reasoning_only,

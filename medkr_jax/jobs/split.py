@@ -16,7 +16,7 @@ from medkr_jax.data.records import MCQRecord
 from medkr_jax.eval import classifier_report
 from medkr_jax.eval.classification import ClassifierError
 from medkr_jax.eval.split import TEXT_MODES, group_records, split_groups, summarize_split, write_split_files
-from medkr_jax.jobs.classify import bert_dtypes
+from medkr_jax.jobs.common import bert_dtypes
 from medkr_jax.models.bert import BertForSequenceClassification, load_bert
 
 

@@ -1,12 +1,12 @@
 """What the training jobs (classify, sft, grpo) share: the loop's, the optimizer's and the trace mix's settings
-from the config tree, and the policy named by config.model."""
+from the config tree, the policy named by config.model, and `check_batching` (sizes checked before loading)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from medkr_jax.config import require
+from medkr_jax.config import ConfigError, require
 from medkr_jax.train.loop import LoopSettings
 from medkr_jax.train.optim import OptimizerSettings
 from medkr_jax.train.sft import load_policy
@@ -41,3 +41,20 @@ def load_policy_from_config(config, mesh: Any, rules: Any):
     m = config.model
     return load_policy(m.path, config.tokenizer_path, mesh=mesh, rules=rules, dtype=m.dtype,
                        param_dtype=m.param_dtype, remat=m.remat, allow_pickle=m.allow_pickle)
+
+
+def check_batching(config, rows_per_step: int, *, rows_key: str = "config.train.batch_size",
+                   steps_optional: bool = False) -> None:
+    """The loop's sizes, checked before any data or model is loaded: one ConfigError naming the key.
+
+    rows_per_step: the rows of one optimizer step (config.train.batch_size, or GRPO's prompts x generations,
+    named by `rows_key`); steps_optional: config.train.steps may be 0 (it is then computed from epochs).
+    """
+    accum = int(config.optimizer.grad_accum)
+    if rows_per_step < 1:
+        raise ConfigError(f"{rows_key} must be >= 1, got {rows_per_step}")
+    if accum < 1 or rows_per_step % accum:
+        raise ConfigError(f"config.optimizer.grad_accum={accum} must be >= 1 and divide the {rows_per_step} rows of a "
+                          f"step ({rows_key})")
+    if int(config.train.steps) < (0 if steps_optional else 1):
+        raise ConfigError(f"config.train.steps must be >= 1, got {config.train.steps}")

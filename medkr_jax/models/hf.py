@@ -226,7 +226,7 @@ def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = 
     """Load a local HF Llama / Qwen2 / Qwen3 folder into a sharded ``Decoder``.
 
     Parameters go straight from the safetensors files to their shards on ``mesh`` (default: a
-    one-device mesh), placed by the logical-axis ``rules`` (default: ``parallel.DEFAULT_RULES``).
+    one-device mesh), placed by the logical-axis ``rules`` (default: ``sharding_rules.DEFAULT_SHARDING_RULES``).
     ``scan_layers`` picks the stacked-layer layout (see ``Decoder``). Returns (model, config).
     """
     cfg = DecoderConfig.from_hf(read_hf_config(folder))

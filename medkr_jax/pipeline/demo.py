@@ -70,7 +70,6 @@ def tokenizer_stage(config: ml_collections.ConfigDict, out: Path, results: dict)
 @stage("policy_init")
 def policy_init_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """A small randomly initialised Llama-style policy for the synthetic world, saved as an HF folder."""
-
     tok_dir = summary_of(results, "tokenizer")["path"]
     tok = load_tokenizer(tok_dir)
     pc = config.pipeline.policy
@@ -106,7 +105,6 @@ def classifier_stage(config: ml_collections.ConfigDict, out: Path, results: dict
 @stage("split_mmlu")
 def split_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """Label the real MMLU medical questions reasoning- vs knowledge-heavy; sample a balanced evaluation set."""
-
     classifier = summary_of(results, "classifier")["export_dir"]
     mmlu = summary_of(results, "data")["mmlu_files"]
     sub = job_config(config, "split_mmlu", "split", out, {

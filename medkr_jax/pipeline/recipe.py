@@ -47,7 +47,6 @@ def _recipe_files(results: dict) -> dict:
 def mmlu_holdout_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """The MMLU medical questions whose prompt fits config.pipeline.recipe.max_prompt_tokens, split into a
     training part and a held-out part (duplicate questions stay on one side: data.splits.holdout_split)."""
-
     rc = config.pipeline.recipe
     records = [r for f in summary_of(results, "data")["mmlu_files"].values() for r in read_records(f)]
     tokenizer = load_tokenizer(_recipe_model(config, results))
@@ -74,7 +73,6 @@ def mmlu_holdout_stage(config: ml_collections.ConfigDict, out: Path, results: di
 def _recipe_eval(config: ml_collections.ConfigDict, out: Path, results: dict, stage_name: str,
                  model_path: str) -> dict:
     """Job "evaluate" of `model_path` on the held-out questions; the overall row and the predicted letters."""
-
     sub = job_config(config, stage_name, "evaluate", out, {
         "model.path": model_path, "data.eval_path": _recipe_files(results)["heldout"]})
     res = run_job(sub)
@@ -103,7 +101,6 @@ def select_traces(entries: list[dict], *, require_stop: bool = True, per_questio
     answer is the correct option, that ended with a stop token (when `require_stop`) and mention none of
     `forbidden` (e.g. "hint", for rationalizations that would leak the hint into an unhinted prompt).
     Returns {question key: [trace texts]} for the questions with at least one kept sample."""
-
     kept: dict[str, list[str]] = {}
     for e in entries:
         texts = []
@@ -132,7 +129,6 @@ def star_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> d
     without mentioning the hint becomes the trace of the unhinted question. Writes traces.jsonl (records
     with `trace`), samples.jsonl / rationalize.jsonl (every completion, resumable).
     """
-
     rc = config.pipeline.recipe
     train = read_records(_recipe_files(results)["train"])
     n = int(rc.star_questions)

@@ -49,7 +49,6 @@ def correct_by_question(config: ml_collections.ConfigDict, stage_name: str, spli
     """{question key: fraction of its samples answered right} for one split ("all" = every question) of an
     evaluation's generation log (or its adversarial log), scored by the evaluation's own scorer (as its
     accuracy table is)."""
-
     out: dict[str, float] = {}
     for row in jsonl_rows(out_of(config, stage_name) / log):
         if (split != "all" and row.get("label") != split) or not row.get("samples"):

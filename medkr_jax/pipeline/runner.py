@@ -22,6 +22,10 @@ from medkr_jax.pipeline.stages import STAGES
 class StagePreempted(RuntimeError):
     """A stage's job stopped on a preemption signal after saving; the pipeline stops without marking it done."""
 
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
 
 def stage_dir(config: ml_collections.ConfigDict, name: str) -> Path:
     return Path(config.output_dir) / name
@@ -56,9 +60,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         summary = STAGES[name](config, out, results)
         if (summary or {}).get("preempted"):
+            by = summary.get("preempted_by") or "SIGTERM"
             raise StagePreempted(
-                f"pipeline stage {name!r} was preempted (SIGTERM) at step {summary.get('steps')} and saved a "
-                f"checkpoint in {out}; it is not complete: rerun the same command to resume it")
+                f"pipeline stage {name!r} was preempted ({by}) at step {summary.get('steps')} and saved a "
+                f"checkpoint in {out}; it is not complete: rerun the same command to resume it", by)
         record = {"stage": name, "wall_s": time.time() - start, "summary": summary or {}}
         if parallel.is_main_process():
             tmp = out / "stage.json.tmp"

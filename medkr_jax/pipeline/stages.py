@@ -53,7 +53,6 @@ def job_config(config: ml_collections.ConfigDict, stage: str, job: str, out_dir:
 
 
 def run_job(sub: ml_collections.ConfigDict) -> dict:
-
     resolve_model_path(sub)
     os.makedirs(sub.output_dir, exist_ok=True)
     if parallel.is_main_process():

@@ -1,4 +1,4 @@
-"""Job "study": the BioMed-R1 recipe's ablation on the synthetic world, over several seeds, with paired tests.
+"""The study (job "study", jobs/study.py): the BioMed-R1 recipe's ablation on the synthetic world, over several seeds, with paired tests.
 
     python -m medkr_jax.main --config configs/study.py
 

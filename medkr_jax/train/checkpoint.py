@@ -1,4 +1,5 @@
-"""Orbax checkpoints: async save every N steps, keep-N, atomic, restore latest.
+"""Orbax checkpoints: async save every N steps, keep-N, atomic, restore latest; `restore_params` fills a model
+with a checkpoint's parameters (the export job), through the nested-dict layout orbax stores.
 
 A checkpoint holds one pytree of arrays (params, optimizer state, step, RNG key data ...) saved sharded as
 it lives on the mesh, plus an optional JSON-able data-iterator state (grain iterators expose one), so a

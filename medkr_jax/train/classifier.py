@@ -40,7 +40,6 @@ EARLY_STOPPING_METRICS = ("macro_f1", "accuracy", "loss")
 @dataclasses.dataclass(frozen=True)
 class ClassifierSettings:
     """What the classify job decides about training and scoring the classifier (config.classifier)."""
-
     text: str                       # eval.split.TEXT_MODES
     max_len: int
     batch_size: int
@@ -54,7 +53,6 @@ class ClassifierSettings:
 @dataclasses.dataclass
 class ClassifierData:
     """Training / validation / test questions with their tokenised examples."""
-
     train: list[MCQRecord]
     val: list[MCQRecord]
     test: list[MCQRecord]

@@ -3,7 +3,7 @@
 `train(...)` drives a `Trainer` (train/trainer.py: sharded state + one jitted update): per step it pulls a
 batch, runs the step (or a custom `step_fn`, e.g. GRPO's rollout + inner updates), logs every step to
 `metrics.jsonl` + TensorBoard + a tqdm bar with tokens/s, runs the eval hook, checkpoints (state +
-data-iterator state) every N steps, resumes from the latest checkpoint, saves and returns on SIGTERM, and stops
+data-iterator state) every N steps, resumes from the latest checkpoint, saves and returns on SIGTERM or a first Ctrl-C, and stops
 on a non-finite loss without overwriting the last good checkpoint. `LoopSettings` (config.train as plain
 values, built by the job) says how; the optimizer comes from train/optim.py, the metrics log from
 train/metrics_log.py.
@@ -68,23 +68,34 @@ class LoopSettings:
 
 
 class _Preemption:
-    """SIGTERM (TPU/VM preemption) -> set a flag; the loop checkpoints and returns after the current step."""
+    """SIGTERM (TPU/VM preemption) or a first Ctrl-C (SIGINT) -> set a flag; the loop checkpoints and returns
+    after the current step. A second Ctrl-C interrupts at once (the default handler is back after the first)."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # started with Ctrl-C ignored (e.g. in the background): keep it so
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
+            print("\n[medkr_jax] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop "
+                  "at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(sig, previous)
 
 
 def _data_state(batches: Any) -> Any:
@@ -119,6 +130,7 @@ class _Run:
     health: RunHealth = dataclasses.field(default_factory=RunHealth)
     total_tokens: float = 0.0
     preempted: bool = False
+    preempted_by: str = ""    # the signal that stopped the run: "SIGTERM" or "SIGINT"
     stop_reason: str | None = None
 
     def save(self, batches: Any) -> None:
@@ -253,6 +265,7 @@ def _steps_until_done(run: _Run, batches: Iterator, step_fn: StepFn, eval_fn: Ca
                 return
             if preempt.requested:
                 run.preempted = True
+                run.preempted_by = preempt.signal_name
                 return
 
 
@@ -276,6 +289,7 @@ def _summary(run: _Run, wall: float, learning_rate: Any) -> dict:
         "start_step": run.start,
         "resumed": run.start > 0,
         "preempted": run.preempted,
+        "preempted_by": run.preempted_by,
         "early_stopped": run.stop_reason is not None,
         "stop_reason": run.stop_reason,
         "final_loss": run.last.get("loss"),
