@@ -178,8 +178,16 @@ def test_train_logs_learns_and_resumes(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture
+def ctrl_c_enabled():
+    """Ctrl-C as in a terminal: processes started in the background (CI, `cmd &`) inherit SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_checkpoints_and_returns(tmp_path, sig, capsys):
+def test_sigterm_or_ctrl_c_checkpoints_and_returns(tmp_path, sig, capsys, ctrl_c_enabled):
     """SIGTERM (a TPU preemption notice) or a first Ctrl-C: save after this step and return, saying which."""
     mesh = one_device_mesh()
     cfg = make_config(steps=10, checkpoint_every=100)
@@ -198,7 +206,7 @@ def test_sigterm_or_ctrl_c_checkpoints_and_returns(tmp_path, sig, capsys):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
-def test_second_ctrl_c_interrupts_at_once(tmp_path):
+def test_second_ctrl_c_interrupts_at_once(tmp_path, ctrl_c_enabled):
     mesh = one_device_mesh()
     cfg = make_config(steps=10, checkpoint_every=100)
 
@@ -212,6 +220,25 @@ def test_second_ctrl_c_interrupts_at_once(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **cfg, output_dir=str(tmp_path),
                    mesh=mesh, step_fn=step_fn)
+
+
+def test_ctrl_c_ignored_at_start_stays_ignored(tmp_path):
+    """A run started with SIGINT ignored (in the background) keeps ignoring it, and gets it back so."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen = []
+
+    def step_fn(trainer, batch, rng):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return trainer.update(batch, rng)
+
+    try:
+        s = loop.train(make_model(one_device_mesh()), loss_fn=mse_loss, batches=Batches(),
+                       **make_config(steps=2, checkpoint_every=100), output_dir=str(tmp_path), step_fn=step_fn,
+                       mesh=one_device_mesh())
+        assert not s["preempted"] and seen == [signal.SIG_IGN] * 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_eval_fn_stop_request_ends_the_run_with_a_checkpoint(tmp_path):
