@@ -188,7 +188,7 @@ class Killed(Exception):
     pass
 
 
-def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, world_records):
+def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, world_records, capsys):
     _, recs = world_records
     records_path = write_records(tmp_path / "records.jsonl", recs)
 
@@ -209,8 +209,11 @@ def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, w
     keys = [json.loads(line)["key"] for line in log_path.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == len(recs)  # nothing generated twice
 
+    capsys.readouterr()
     fresh = evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="fresh", num_samples=2))
     assert fresh["generated"] == len(recs) and fresh["resumed"] == 0
+    bar = capsys.readouterr().err  # the progress bar: the first batch says it compiles, then tokens/s
+    assert "compiling + first batch of 4 questions" in bar and "generated tok/s" in bar, bar[-500:]
     assert (tmp_path / "run" / "results.csv").read_text() == (tmp_path / "fresh" / "results.csv").read_text()
     assert (tmp_path / "run" / "generations.jsonl").read_text().count("\n") == len(recs)
     by_key = {json.loads(x)["key"]: json.loads(x) for x in log_path.read_text().splitlines()}
