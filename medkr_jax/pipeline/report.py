@@ -13,6 +13,7 @@ import numpy as np
 
 from medkr_jax import parallel
 from medkr_jax.data.records import iter_jsonl
+from medkr_jax.eval.report import pyplot
 from medkr_jax.eval.evaluate import score_text
 from medkr_jax.pipeline.stages import out_of, stage, summary_of
 from medkr_jax.train.metrics_log import read_metrics
@@ -115,10 +116,7 @@ def acc_cell(row: dict | None) -> str:
 
 
 def _plot_policy(config: ml_collections.ConfigDict, stages: list[str], path: Path) -> bool:
-    import matplotlib  # optional heavy dependency, only for the plot
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     data = {s: eval_rows(config, s) for s in stages}
     data = {s: d for s, d in data.items() if d[0]}
     if not data:

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats as st
 
 from medkr_jax import parallel
+from medkr_jax.eval.report import pyplot
 from medkr_jax.pipeline.report import correct_by_question, eval_rows, grpo_diagnostics
 from medkr_jax.pipeline.stages import out_of
 from medkr_jax.train.metrics_log import read_metrics
@@ -206,11 +207,7 @@ def _plot_rewards(trends: dict[str, Any], path: Path) -> bool:
     curves = {k: v[2] for k, v in trends.items() if v}
     if not curves or not parallel.is_main_process():
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, rewards in curves.items():
         w = max(1, len(rewards) // 10)

@@ -19,6 +19,7 @@ from typing import Any
 from tensorboardX import SummaryWriter
 
 from medkr_jax import parallel
+from medkr_jax.eval.report import pyplot
 
 # A step whose update is this many times the norm of the weights it updates (update_ratio =
 # ||delta theta|| / ||theta||) is no training step: fine-tuning moves weights by ~1e-4..1e-2 of their norm per
@@ -121,11 +122,7 @@ def _fmt_value(v: Any) -> str:
 def _plot_curves(output_dir: str, title: str, recs: Sequence[Mapping[str, Any]],
                  plots: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """One PNG per (metrics key, file name) that has numeric points; returns the ones written."""
-    # optional heavy dependency: matplotlib is imported only when there are curves to draw
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     made = []
     for key, fname in plots:
         pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
