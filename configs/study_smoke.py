@@ -1,5 +1,5 @@
-"""A reduced study for tests: every arm of configs/study.py at toy sizes, 2 seeds, 2 GRPO candidates (a
-learning rate; a prompt pool).
+"""A reduced study for tests: every arm of configs/study.py at toy sizes, 2 seeds, 2 GRPO candidates (the
+first and the last).
 
     python -m medkr_jax.main --config configs/study_smoke.py --config.output_dir=/tmp/study_smoke
 """

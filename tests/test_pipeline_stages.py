@@ -1,5 +1,6 @@
 """The pipeline runner: a preempted stage stops the run without being recorded complete, and resumes."""
 
+import numpy as np
 import pytest
 
 from medkr_jax.pipeline import runner, stages
@@ -44,3 +45,20 @@ def test_main_reports_a_preempted_stage_in_one_line(fake_stage, tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 143 and "was preempted (SIGTERM) at step 3" in err and "rerun the same command" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("rewards", [
+    [0.1, 0.2, 0.15, 0.3, 0.35, 0.3, 0.45, 0.5],  # rising
+    [0.5, 0.4, 0.45, 0.3, 0.2, 0.25, 0.1, 0.15],  # falling
+    [0.25, 0.06, 0.19, 0.19, 0.0, 0.19, 0.13, 0.19, 0.06, 0.25, 0.13, 0.19],  # noise (the real recipe's first steps)
+])
+def test_reward_trend_is_the_least_squares_slope_and_its_t_statistic(rewards):
+    from scipy import stats
+
+    from medkr_jax.pipeline.demo import reward_trend
+    fit = stats.linregress(np.arange(len(rewards)), rewards)
+    slope, t, verdict = reward_trend(rewards)
+    assert slope == pytest.approx(fit.slope, rel=1e-9) and t == pytest.approx(fit.slope / fit.stderr, rel=1e-9)
+    assert verdict == ("rose" if t >= 2 else "fell" if t <= -2 else "no clear trend")
+    assert reward_trend([0.1, 0.2])[2] == "too few steps for a trend"
+    assert reward_trend([0.1, 0.2, 0.3])[2] == "rose"  # exact line: zero residual, infinite t

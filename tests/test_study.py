@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medkr_jax.pipeline import study_report
+from medkr_jax.pipeline import study, study_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,27 @@ def test_paired_counts_by_hand():
     assert study_report.paired_counts(x, y) == (2, 1, 4)
 
 
+def test_candidate_dirs_are_named_by_content_not_position():
+    a, b = {"optimizer": {"learning_rate": 1e-4}}, {"grpo": {"num_prompts": 64}}
+    assert study.candidate_key(a) == study.candidate_key({"optimizer": {"learning_rate": 0.0001}})
+    assert study.candidate_key(a)[1] != study.candidate_key(b)[1]
+    assert study.candidate_key({"x": 1, "y": 2})[0] == study.candidate_key({"y": 2, "x": 1})[0] == '{"x": 1, "y": 2}'
+
+
+def test_a_changed_grpo_choice_reruns_only_the_seeds_grpo_dependent_stages(tmp_path):
+    for name in ("sft", "grpo", "eval_grpo", "sft_more", "eval_sft_more"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text("{}")
+    study.invalidate_stale_grpo(tmp_path, "A")  # first run: records the choice, removes nothing
+    assert all((tmp_path / n).exists() for n in ("sft", "grpo", "sft_more"))
+    study.invalidate_stale_grpo(tmp_path, "A")  # same choice: nothing to redo
+    assert (tmp_path / "grpo").exists()
+    study.invalidate_stale_grpo(tmp_path, "B")  # a new choice: the stages built on the old one go
+    assert (tmp_path / "sft").exists()
+    assert not any((tmp_path / n).exists() for n in study.GRPO_DEPENDENT_STAGES)
+    assert json.loads((tmp_path / "grpo_settings.json").read_text()) == {"chosen": "B"}
+
+
 def test_study_refuses_a_scored_search_seed(tmp_path):
     cmd = [sys.executable, "-m", "medkr_jax.main", "--config", "configs/study_smoke.py",
            f"--config.output_dir={tmp_path}", "--config.study.search_seed=1"]
@@ -61,7 +82,8 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
                  "seed1: GRPO diagnostics", "groups with equal rewards (no signal)"):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
-    assert (out / "search_seed100" / "grpo_candidate1" / "val_grpo" / "metrics.jsonl").exists()
+    cand_dirs = sorted((out / "search_seed100").glob("grpo_*"))  # one per candidate, named by its content
+    assert len(cand_dirs) == 2 and all((d / "val_grpo" / "metrics.jsonl").exists() for d in cand_dirs)
     assert not (out / "seed0" / "val_grpo").exists()
     # every arm of every scored seed was evaluated on the test split
     for seed in ("seed0", "seed1"):

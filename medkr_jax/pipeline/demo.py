@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from medkr_jax import parallel
@@ -195,18 +196,44 @@ def grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> d
     k = add_reward_trend(res, out, parts=4)
     if "reward_first" in res:
         res["headline"] = (f"{res.get('steps')} steps, mean reward of the first {k} steps {res['reward_first']:.2f} "
-                           f"-> last {k} steps {res['reward_last']:.2f}")
+                           f"-> last {k} steps {res['reward_last']:.2f}{trend_phrase(res)}")
     return res
 
 
 def add_reward_trend(res: dict, out: Path, *, parts: int) -> int:
     """Adds reward_first / reward_last (mean reward of a GRPO run's first and last k steps, from its metrics;
-    k = 1/parts of the steps, 1 to 5) to `res` when the run logged rewards; returns k."""
+    k = 1/parts of the steps, 1 to 5) and reward_trend (`reward_trend`'s verdict) to `res` when the run logged
+    rewards; returns k."""
     rewards = [m["reward_mean"] for m in read_metrics(str(out)) if "reward_mean" in m]
     k = max(1, min(5, len(rewards) // parts))
     if rewards:
         res["reward_first"], res["reward_last"] = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+        res["reward_slope"], res["reward_slope_t"], res["reward_trend"] = reward_trend(rewards)
     return k
+
+
+def reward_trend(rewards: list[float]) -> tuple[float, float, str]:
+    """(least-squares slope of the per-step mean reward, per step; its t statistic; a verdict): "rose" or "fell"
+    when |t| >= 2 (about p < 0.05 for a few dozen steps), else "no clear trend". Per-step rewards of a handful of
+    prompts swing by more than a slow rise, so a first-vs-last comparison alone can mislead."""
+    y = np.asarray(rewards, np.float64)
+    n = len(y)
+    if n < 3:
+        return float("nan"), float("nan"), "too few steps for a trend"
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    resid = y - y.mean() - slope * x
+    se = float(np.sqrt((resid * resid).sum() / (n - 2) / (x * x).sum()))
+    t = slope / se if se > 0 else (float("inf") if slope > 0 else float("-inf") if slope < 0 else 0.0)
+    verdict = "rose" if t >= 2 else "fell" if t <= -2 else "no clear trend"
+    return slope, t, verdict
+
+
+def trend_phrase(res: dict) -> str:
+    """", reward rose (slope +0.004 per step, t = 3.1)" for a headline; "" when the run logged no trend."""
+    if "reward_trend" not in res:
+        return ""
+    return f"; reward {res['reward_trend']} (slope {res['reward_slope']:+.4f} per step, t = {res['reward_slope_t']:.1f})"
 
 
 @stage("eval_grpo")

@@ -24,7 +24,7 @@ from medkr_jax.eval import evaluate, prompts
 from medkr_jax.eval.evaluate import score_text
 from medkr_jax.eval.genlog import GenerationLog
 from medkr_jax.jobs import evaluate as evaluate_job
-from medkr_jax.pipeline.demo import add_reward_trend
+from medkr_jax.pipeline.demo import add_reward_trend, trend_phrase
 from medkr_jax.pipeline.report import acc_cell, jsonl_rows, overall_rows
 from medkr_jax.pipeline.stages import job_config, run_job, stage, summary_of
 
@@ -225,7 +225,7 @@ def grpo_smollm_stage(config: ml_collections.ConfigDict, out: Path, results: dic
     first, last = res.get("reward_first", float("nan")), res.get("reward_last", float("nan"))
     res["headline"] = (f"{res.get('steps')} steps x {sub.grpo.prompts_per_step} prompts x "
                        f"{sub.grpo.num_generations} samples; mean reward first {k} steps {first:.2f} -> "
-                       f"last {k} {last:.2f}")
+                       f"last {k} {last:.2f}{trend_phrase(res)}")
     return res
 
 

@@ -19,6 +19,7 @@ questions of the scored seeds are never seen by the search. Every seed's stages 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import shutil
@@ -127,6 +128,31 @@ def _val_reasoning(run_dir: Path, stage_name: str) -> float:
     return float(before["reasoning"]["accuracy"])
 
 
+def candidate_key(cand: Any) -> tuple[str, str]:
+    """(the candidate as sorted JSON, a short hash of it): its run directory is named by content, so editing or
+    reordering config.study.grpo_candidates never reuses another candidate's finished stages."""
+    text = json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else dict(cand), sort_keys=True)
+    return text, hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+# A scored seed's stages that depend on the chosen GRPO settings (rerun when the choice changes).
+GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "sft_more", "eval_sft_more")
+
+
+def invalidate_stale_grpo(seed_dir: Path, chosen: str) -> None:
+    """Remove a seed's GRPO-dependent stages when they were run with other GRPO settings than `chosen`
+    (recorded in <seed_dir>/grpo_settings.json), so the runner reruns them instead of skipping them."""
+    record = seed_dir / "grpo_settings.json"
+    if record.exists() and json.loads(record.read_text()).get("chosen") != chosen:
+        stale = [name for name in GRPO_DEPENDENT_STAGES if (seed_dir / name).exists()]
+        print(f"[study] {seed_dir.name}: GRPO settings changed to {chosen}; rerunning {', '.join(stale) or 'nothing'}")
+        for name in stale:
+            shutil.rmtree(seed_dir / name)
+    if parallel.is_main_process():
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"chosen": chosen}) + "\n")
+
+
 def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, list[dict]]:
     """Run each GRPO candidate from the search seed's (b) policy; score on its validation split."""
     sc = config.study
@@ -136,8 +162,8 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
         base.pipeline.stages = ("data", "tokenizer", "policy_init", "sft", "val_sft")
     runner.run(base)
     rows = [{"candidate": "(b) no GRPO", "val_reasoning": _val_reasoning(seed_dir, "val_sft")}]
-    for i, cand in enumerate(sc.grpo_candidates):
-        cand_dir = seed_dir / f"grpo_candidate{i}"
+    for cand in sc.grpo_candidates:
+        cand_dir = seed_dir / f"grpo_{candidate_key(cand)[1]}"
         for name in ("data", "tokenizer", "policy_init", "sft"):  # the candidates share the seed's earlier stages
             (cand_dir / name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(seed_dir / name / "stage.json", cand_dir / name / "stage.json")
@@ -147,7 +173,7 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
         with sub.unlocked():
             overlay(sub.pipeline.grpo, cand)
         runner.run(sub)
-        rows.append({"candidate": json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else cand, sort_keys=True),
+        rows.append({"candidate": candidate_key(cand)[0],
                      "val_reasoning": _val_reasoning(cand_dir, "val_grpo"), "run_dir": str(cand_dir)})
     best = max(range(len(sc.grpo_candidates)), key=lambda i: rows[i + 1]["val_reasoning"])
     return best, rows
@@ -166,10 +192,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if len(sc.grpo_candidates):
         chosen, search = search_grpo(config, root)
     for seed in sc.seeds:
-        sub = seed_config(config, int(seed), root / f"seed{int(seed)}")
+        seed_dir = root / f"seed{int(seed)}"
+        sub = seed_config(config, int(seed), seed_dir)
         if chosen is not None:
             with sub.unlocked():
                 overlay(sub.pipeline.grpo, sc.grpo_candidates[chosen])
+        invalidate_stale_grpo(seed_dir, candidate_key(sc.grpo_candidates[chosen])[0] if chosen is not None
+                              else json.dumps(sub.pipeline.grpo.to_dict(), sort_keys=True, default=str))
         runner.run(sub)
     report = study_report.write(config, root, search=search, chosen=chosen)
     if parallel.is_main_process():
