@@ -60,6 +60,14 @@ def test_a_changed_grpo_choice_reruns_only_the_seeds_grpo_dependent_stages(tmp_p
     assert json.loads((tmp_path / "grpo_settings.json").read_text()) == {"chosen": "B"}
 
 
+def test_kind_groups_name_the_step_a_reasoning_question_hinges_on():
+    assert study_report.kind_group({"kind": "dose"}) == "dose"
+    assert study_report.kind_group({"kind": "treatment", "condition": "gout", "switched": True}) == "switch"
+    assert study_report.kind_group({"kind": "treatment", "condition": "gout", "switched": False}) == "other"
+    assert study_report.kind_group({"kind": "treatment", "condition": None, "switched": False}) == "none"
+    assert study_report.kind_group({"kind": "lab"}) is None
+
+
 def test_study_refuses_a_scored_search_seed(tmp_path):
     cmd = [sys.executable, "-m", "medkr_jax.main", "--config", "configs/study_smoke.py",
            f"--config.output_dir={tmp_path}", "--config.study.search_seed=1"]
@@ -79,7 +87,8 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
     assert "| (b) vs (a), adversarial drop (all) | 16 |" in report  # every test question of both seeds, paired
     for text in ("chosen on the validation split", "(chosen)", "Accuracy per arm", "Paired tests",
                  "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1",
-                 "seed1: GRPO diagnostics", "groups with equal rewards (no signal)"):
+                 "seed1: GRPO diagnostics", "groups with equal rewards (no signal)",
+                 "Reasoning accuracy by question kind", "| (c) | ", "least-squares slope"):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
     cand_dirs = sorted((out / "search_seed100").glob("grpo_*"))  # one per candidate, named by its content

@@ -5,6 +5,7 @@ Read only from the files the study's stages wrote (evaluation metrics and genera
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from scipy import stats as st
 
 from medkr_jax import parallel
 from medkr_jax.eval.report import pyplot
-from medkr_jax.pipeline.report import correct_by_question, eval_rows, grpo_diagnostics
+from medkr_jax.pipeline.demo import reward_trend as slope_trend
+from medkr_jax.pipeline.report import correct_by_question, eval_rows, grpo_diagnostics, jsonl_rows
 from medkr_jax.pipeline.stages import out_of
 from medkr_jax.train.metrics_log import read_metrics
 
@@ -186,12 +188,15 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
         lines.append(f"| {names[key]} | {t['n']} | {t['wins']} | {t['losses']} | {100 * t['diff']:+.1f} | "
                      f"{t['p']:.3g} | {targets[key]} | {status} |")
 
+    lines += kind_lines(seed_dirs)
     trends = {d.name: reward_trend(d) for d in seed_dirs}
-    lines += ["", "## GRPO training reward (first 10% of steps -> last 10%)", "",
-              "| seed | first | last | rise |", "|---|---:|---:|---:|"]
+    lines += ["", "## GRPO training reward (first 10% of steps -> last 10%; least-squares slope and its t)", "",
+              "| seed | first | last | rise | slope per step | t | trend |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, t in trends.items():
         if t:
-            lines.append(f"| {name} | {t[0]:.3f} | {t[1]:.3f} | {t[1] - t[0]:+.3f} |")
+            slope, tstat, verdict = slope_trend(t[2])
+            lines.append(f"| {name} | {t[0]:.3f} | {t[1]:.3f} | {t[1] - t[0]:+.3f} | {slope:+.4f} | {tstat:.1f} | "
+                         f"{verdict} |")
     if _plot_rewards(trends, root / "grpo_reward.png"):
         lines += ["", "![GRPO reward per seed](grpo_reward.png)"]
     for d in seed_dirs:
@@ -201,6 +206,48 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
         (root / "report.md").write_text(text)
     return {"text": text, "tests": tests, "targets_met": met,
             "reasoning": {arm: [r["reasoning"] for r in per_arm[arm]] for _, arm, _ in ARMS}}
+
+
+# The synthetic world's reasoning questions by the step they hinge on (data/synthetic/questions.py meta).
+KIND_GROUPS = (("dose", "dose: first-line drug's mg/kg x weight"),
+               ("switch", "treatment: condition rules out the first-line class (switch)"),
+               ("other", "treatment: a condition that does not (keep first-line)"),
+               ("none", "treatment: no condition (keep first-line)"))
+
+
+def kind_group(meta: dict) -> str | None:
+    if meta.get("kind") == "dose":
+        return "dose"
+    if meta.get("kind") != "treatment":
+        return None
+    return "none" if meta.get("condition") is None else "switch" if meta.get("switched") else "other"
+
+
+def _eval_split_file(seed_dir: Path) -> Path:
+    """The seed's test split file, found in its data stage's folder (the summary's path may be relative to
+    another working directory)."""
+    summary = json.loads((seed_dir / "data" / "stage.json").read_text())["summary"]
+    return seed_dir / "data" / Path(summary["synthetic_files"]["policy_eval"]).name
+
+
+def kind_lines(seed_dirs: list[Path]) -> list[str]:
+    """Reasoning accuracy per question kind and arm (test split, pooled over seeds): which step each arm gets wrong."""
+    counts = {arm: {g: [0, 0] for g, _ in KIND_GROUPS} for _, arm, _ in ARMS}
+    for d in seed_dirs:
+        meta = {r["id"]: r.get("meta") or {} for r in jsonl_rows(_eval_split_file(d))}
+        for _, arm, _ in ARMS:
+            right = correct_by_question(_cfg(d), EVAL_OF[arm], "reasoning")
+            for key, v in right.items():
+                g = kind_group(meta.get(key.split("/", 1)[-1], {}))
+                if g is not None:
+                    counts[arm][g][0] += v > 0.5
+                    counts[arm][g][1] += 1
+    lines = ["", "## Reasoning accuracy by question kind (test split, pooled over seeds)", "",
+             "| arm | " + " | ".join(title for _, title in KIND_GROUPS) + " |", "|---|" + "---:|" * len(KIND_GROUPS)]
+    for letter, arm, _ in ARMS:
+        cells = [f"{_pct(r / n)} (n={n})" if n else "–" for r, n in (counts[arm][g] for g, _ in KIND_GROUPS)]
+        lines.append(f"| ({letter}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot_rewards(trends: dict[str, Any], path: Path) -> bool:
