@@ -97,7 +97,6 @@ def _data_section() -> ml_collections.ConfigDict:
         "eval_path": "",
         "subjects": (),         # MMLU subject filter
         "limit": 0,             # 0 = all records
-        "shuffle_seed": 0,
     })
 
 

@@ -159,12 +159,6 @@ def shard_module(model: nnx.Module, mesh: Mesh, rules: Iterable[tuple[str, Any]]
     return model
 
 
-def state_shardings(model_or_state: Any) -> Any:
-    """The current shardings of an NNX module's (or a state's) arrays, for jit in/out shardings."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    return jax.tree.map(lambda x: x.sharding, state)
-
-
 def initialize_distributed(config: Any = None) -> bool:
     """Start JAX's multi-controller runtime when launched as several processes; a no-op for one process.
 

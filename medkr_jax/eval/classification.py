@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 # Class ids of the classifiers this project trains (label2id of the exported folder).
 LABEL_NAMES = ("knowledge", "reasoning")
-REASONING = 1
 
 
 class ClassifierError(ValueError):

@@ -26,8 +26,6 @@ from medkr_jax.eval import prompts
 from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
 from medkr_jax.train.losses import masked_cross_entropy
 
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "answer_mask")
-
 
 class SFTDataError(ValueError):
     """The SFT data cannot be built (no records, nothing fits config.train.seq_len ...)."""

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,14 +75,6 @@ class World:
 
     def drug_class(self, name: str) -> DrugClass:
         return self._class[name]
-
-    def diagnose(self, symptoms: Iterable[str], lab: str) -> Disease:
-        """The disease whose signature is exactly these two symptoms and this lab pattern."""
-        key = (frozenset(symptoms), lab)
-        for d in self.diseases:
-            if (frozenset(d.symptoms), d.lab) == key:
-                return d
-        raise KeyError(f"no disease with symptoms {sorted(key[0])} and {lab}")
 
     def treatment(self, disease: Disease, condition: str | None) -> Drug:
         """First-line drug unless the patient's condition rules out its class; then second-line."""
