@@ -524,3 +524,50 @@ def test_grpo_on_a_split_without_reasoning_questions_names_the_grpo_key(tmp_path
     c.job, c.output_dir, c.grpo.train_path = "grpo", str(tmp_path / "run"), str(tmp_path / "k.jsonl")
     with pytest.raises(sft.SFTDataError, match=r"config\.grpo\.reasoning_only=True .* set config\.grpo\.reasoning"):
         grpo_job.run(c)  # the questions are checked before any model is loaded
+
+
+# -------------------------------------------------------------- the GRPO family learns the rule (by name)
+
+
+def learner_rewards(model_dir, records, settings, *, steps, prompts_per_step=8, lr=2e-3, seed=0):
+    """Per-step metrics of the GRPO learner alone (the job's pieces without checkpoints, export or report) from
+    the policy in model_dir on `records`, with the job's optimizer (AdamW, clipping) at a constant `lr`."""
+    from medkr_jax.eval.prompts import stop_token_ids
+    from medkr_jax.jobs.training import optimizer_settings
+    from medkr_jax.train.optim import make_optimizer
+
+    mesh = one_device_mesh()
+    model, cfg, tok, _ = sft.load_policy(str(model_dir), mesh=mesh, rules=None)
+    examples = [traces.make_example(r, "plain", np.random.default_rng(0)) for r in records]
+    ps = grpo.build_prompts(examples, tok, system_prompt="", max_new_tokens=settings.max_new_tokens)
+    stop = stop_token_ids(tok, cfg.eos_token_ids)
+    sampler = Sampler(cfg, mesh=mesh, pad_id=tok.pad_token_id, stop_ids=stop)
+    c = base_config()
+    c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = lr, 0, "constant"
+    trainer = Trainer(model, loss_fn=grpo.make_loss_fn(settings), mesh=mesh,
+                      tx=make_optimizer(optimizer_settings(c), steps * settings.mu))
+    rows = prompts_per_step * settings.num_generations
+    step_fn = grpo.make_step_fn(sampler, tok, ps, settings, pad_id=tok.pad_token_id, local=slice(0, rows))
+    batches = iter(grpo.prompt_batches(len(examples), prompts_per_step, seed=seed))
+    return [step_fn(trainer, next(batches), jax.random.fold_in(jax.random.key(seed), s)) for s in range(steps)]
+
+
+# each variant by its name; DAPO with its rollout side (dynamic sampling, overlong penalty over the last 4 of the
+# 16 new tokens: the rule's completions are ~10 tokens, so the band costs only rambling ones)
+VARIANTS = {"grpo": {}, "dr_grpo": {}, "gspo": {},
+            "dapo": {"dynamic_sampling_rounds": 2, "overlong_buffer": 4, "overlong_penalty": 0.5}}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_factory, name):
+    """From the warm policy (reward ~0.25: a random letter) every loss by name, mu = 2, learns the rule."""
+    d, rule = signal_world
+    settings = grpo.GRPOSettings(num_generations=8, max_new_tokens=16, mu=2, loss=name, **VARIANTS[name])
+    with compilation_cache(tmp_path_factory):
+        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12)
+    rewards = [r["reward_mean"] for r in recs]
+    assert np.mean(rewards[:2]) <= 0.4 and np.mean(rewards[-3:]) >= np.mean(rewards[:2]) + 0.3, rewards
+    if name == "dapo":
+        assert {"groups_dropped", "extra_prompts", "sampling_rounds", "padding_groups", "overlong_penalty",
+                "overlong_rate"} <= set(recs[-1])
+        assert sum(r["extra_prompts"] for r in recs) > 0  # some step's groups all agreed and were refilled
