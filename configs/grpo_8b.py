@@ -52,10 +52,8 @@ def get_config():
     config.grpo.temperature = 1.0
     config.grpo.top_p = 1.0
     config.grpo.beta = 0.0                # no KL term, hence no reference copy of the weights
-    config.grpo.epsilon_low = 0.2
-    config.grpo.epsilon_high = 0.28
+    config.grpo.loss = "dapo"             # token-level loss, clip-higher: epsilon 0.2 low / 0.28 high
     config.grpo.mu = 1
-    config.grpo.loss_aggregation = "token"
     config.grpo.format_reward = 0.1
 
     # Per step: 64 prompts x 8 completions = 512 sequences of up to 1024 prompt + 1024 generated tokens.

@@ -193,13 +193,25 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "top_p": 1.0,
         "top_k": 0,
         "beta": 0.0,              # KL coefficient; 0 keeps no reference model
-        "epsilon_low": 0.2,
-        "epsilon_high": 0.2,
+        # The RL loss by name, TRL's names (train/losses.py RL_LOSSES; each a clipped ratio + k3 KL with its own
+        # aggregation, clip bounds and advantage, which the keys below override when set):
+        #   bnpo (token-level mean, clip 0.2/0.2) | grpo (per-sequence mean, then over sequences) |
+        #   dapo (token-level, clip-higher 0.2/0.28) | dr_grpo (sum / (rows * max_new_tokens), advantage r - mean) |
+        #   gspo (one length-normalised ratio per sequence, clipped per sequence at 3e-4/4e-4) | gspo_token
+        "loss": "bnpo",
+        "loss_aggregation": "",   # "" = the loss's own | token | sequence | constant (sum / (rows * max_new_tokens))
+        "epsilon_low": -1.0,      # clip range 1 - epsilon_low .. 1 + epsilon_high; < 0 = the loss's own
+        "epsilon_high": -1.0,
+        "advantage": "",          # "" = the loss's own | grpo ((r - mean) / std) | dr_grpo (r - mean, no std)
+        "scale_rewards": True,    # False = advantage "dr_grpo" (the older spelling)
         "mu": 1,                  # inner updates per rollout batch
-        "loss_aggregation": "token",  # token | sequence | constant (Dr. GRPO: sum / (rows * max_new_tokens))
-        "loss": "grpo",           # RL objective by name (train/losses.py RL_LOSSES): grpo (clipped ratio + k3 KL)
-        "advantage": "grpo",      # advantages by name (train/losses.py ADVANTAGES): grpo (r - mean) / std | dr_grpo
-        "scale_rewards": True,    # False with advantage "grpo" = advantage "dr_grpo" (r - mean, no std scaling)
+        # DAPO's rollout side (with any loss): dynamic sampling drops the groups whose rewards are all equal (no
+        # signal) and samples up to this many more batches of prompts to refill the step's batch; 0 = off
+        "dynamic_sampling_rounds": 0,
+        # DAPO's soft overlong penalty: completions longer than max_new_tokens - overlong_buffer tokens lose up to
+        # overlong_penalty reward, linearly over the buffer (train/rewards.py); 0 = off
+        "overlong_buffer": 0,
+        "overlong_penalty": 1.0,
         "format_reward": 0.0,
         # what earns the correctness reward: "final" = the closing "The answer is X." names the right option;
         # "extract" = the evaluation's extractor, whose fallbacks also credit a letter mentioned anywhere

@@ -21,6 +21,7 @@ from medkr_jax.models.presets import TINY
 from medkr_jax.sampling import SampleOutput, Sampler
 from medkr_jax.train import grpo, losses, sft, traces
 from medkr_jax.train.metrics_log import read_metrics
+from medkr_jax.train.rewards import completion_rewards
 from medkr_jax.train.trainer import Trainer
 from tests.test_sft import (cache_dir_of, compilation_cache, make_policy_folder, one_device_mesh,
                             run_killed_then_resumed, sft_config, write_config_file)
@@ -58,12 +59,13 @@ def np_grpo(logp, old, ref, adv, mask, beta, el, eh, agg, max_len):
             per[i, j] += beta * (np.exp(d) - d - 1)
             dper[i, j] += beta * (-np.exp(d) + 1)
     m = mask.astype(np.float64)
+    rows = (m.sum(1) > 0).sum()  # rows without a completion token count in no denominator
     if agg == "token":
         w = m / m.sum()
     elif agg == "sequence":
-        w = m / m.sum(1, keepdims=True) / b
+        w = m / np.maximum(m.sum(1, keepdims=True), 1) / rows
     else:
-        w = m / (b * max_len)
+        w = m / (rows * max_len)
     return (per * w).sum(), dper * w
 
 
@@ -78,6 +80,7 @@ def test_grpo_loss_and_gradient_match_numpy(agg, beta, scale):
     logp = old + rng.normal(0, 0.3, size=(b, t))  # ratios spread on both sides of the clip range
     ref = old + rng.normal(0, 0.3, size=(b, t))
     lengths = rng.integers(1, t + 1, size=b)
+    lengths[4] = 0  # a row without completion tokens (a group left out by dynamic sampling)
     mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
     max_len = t + 3
 
@@ -129,17 +132,17 @@ def test_completion_rewards_letter_and_option_text():
     texts = ["So heparin. The answer is B.", "So heparin. The answer is heparin.", "The answer is warfarin.",
              "The answer is digoxin.", "heparin, I think", "At first sight (B) looks right. The answer is 120 mg.",
              "The answer is A. Wait. The answer is (B).", "The answer is B or D."]
-    reward, correct, formatted = grpo.completion_rewards(texts, [opts] * 8, [1] * 8, format_reward=0.5)
+    reward, correct, formatted = completion_rewards(texts, [opts] * 8, [1] * 8, format_reward=0.5)
     # only a closing "The answer is X." naming an option counts: not a letter mentioned earlier ("(B)" in the
     # sixth), not a closing statement that names no option ("digoxin") or two ("B or D")
     np.testing.assert_array_equal(correct, [1, 1, 0, 0, 0, 0, 1, 0])
     np.testing.assert_array_equal(formatted, [1, 1, 1, 0, 0, 0, 1, 0])
     np.testing.assert_allclose(reward, [1.5, 1.5, 0.5, 0.0, 0.0, 0.0, 1.5, 0.0])
     # the evaluation's extractor, with its fallbacks, credits the stray "(B)" and the bare option text
-    _, lenient, _ = grpo.completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="extract")
+    _, lenient, _ = completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="extract")
     np.testing.assert_array_equal(lenient, [1, 1, 0, 0, 1, 1, 1, 0])
     with pytest.raises(ValueError, match="answer_source"):
-        grpo.completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="bogus")
+        completion_rewards(texts, [opts] * 8, [1] * 8, answer_source="bogus")
 
 
 def test_rollout_diagnostics_by_hand():
@@ -193,11 +196,12 @@ def test_masked_cross_entropy_matches_numpy():
 
 
 def test_rl_registries_find_each_name_and_refuse_unknown_ones():
-    assert losses.rl_loss("grpo") is losses.grpo_loss
+    assert losses.rl_loss("grpo").fn is losses.grpo_loss
     assert losses.advantage_fn("grpo") is losses.group_advantages
     r = np.random.default_rng(3).random(8).astype(np.float32)
     np.testing.assert_allclose(losses.advantage_fn("dr_grpo")(r, 4), np_advantages(r, 4, scale=False), atol=1e-6)
-    with pytest.raises(ValueError, match=r"config\.grpo\.loss: unknown 'ppo'; valid: grpo$"):
+    with pytest.raises(ValueError, match=r"config\.grpo\.loss: unknown 'ppo'; valid: bnpo, dapo, dr_grpo, grpo, "
+                                         r"gspo, gspo_token$"):
         losses.rl_loss("ppo")
     with pytest.raises(ValueError, match=r"config\.grpo\.advantage: unknown 'rloo'; valid: dr_grpo, grpo$"):
         losses.advantage_fn("rloo")
@@ -207,12 +211,20 @@ def test_rl_registries_find_each_name_and_refuse_unknown_ones():
 
 def test_the_job_reads_loss_and_advantage_names_and_maps_scale_rewards():
     c = base_config()
-    assert (c.grpo.loss, c.grpo.advantage, c.grpo.scale_rewards) == ("grpo", "grpo", True)
-    assert grpo_job.grpo_settings(c.grpo).advantage == "grpo"
+    assert (c.grpo.loss, c.grpo.advantage, c.grpo.scale_rewards) == ("bnpo", "", True)
+    s = grpo_job.grpo_settings(c.grpo)  # the default: token-level loss, clip 0.2 / 0.2, (r - mean) / std
+    assert (s.loss_aggregation, s.epsilon_low, s.epsilon_high, s.advantage) == ("token", 0.2, 0.2, "grpo")
     c.grpo.scale_rewards = False  # the older spelling of Dr. GRPO's unscaled advantages
     assert grpo_job.grpo_settings(c.grpo).advantage == "dr_grpo"
     c.grpo.scale_rewards, c.grpo.advantage = True, "dr_grpo"
     assert grpo_job.grpo_settings(c.grpo).advantage == "dr_grpo"
+    # a loss name brings its aggregation, clip bounds and advantage; keys set explicitly win over them
+    c.grpo.loss, c.grpo.advantage = "dr_grpo", ""
+    s = grpo_job.grpo_settings(c.grpo)
+    assert (s.loss_aggregation, s.epsilon_low, s.epsilon_high, s.advantage) == ("constant", 0.2, 0.2, "dr_grpo")
+    c.grpo.loss, c.grpo.epsilon_high, c.grpo.loss_aggregation = "gspo", 0.01, "token"
+    s = grpo_job.grpo_settings(c.grpo)
+    assert (s.loss_aggregation, s.epsilon_low, s.epsilon_high, s.advantage) == ("token", 3e-4, 0.01, "grpo")
     c.grpo.advantage = "bogus"
     with pytest.raises(ValueError, match=r"config\.grpo\.advantage: unknown 'bogus'; valid: dr_grpo, grpo"):
         grpo_job.grpo_settings(c.grpo)
@@ -273,10 +285,16 @@ def toy_rollout(texts=("",) * 4):
 
 def test_rollout_rewards_score_each_row_against_its_prompts_record():
     ro = toy_rollout(["The answer is B.", "The answer is C.", "So east. The answer is east.", "The answer is west."])
-    reward, correct, formatted = grpo.rollout_rewards(ro, grpo.GRPOSettings(num_generations=2, format_reward=0.5))
-    np.testing.assert_array_equal(correct, [1, 0, 1, 0])
-    np.testing.assert_array_equal(formatted, [1, 1, 1, 1])
-    np.testing.assert_allclose(reward, [1.5, 0.5, 1.5, 0.5])
+    s = grpo.rollout_rewards(ro, grpo.GRPOSettings(num_generations=2, format_reward=0.5))
+    np.testing.assert_array_equal(s["correct"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(s["formatted"], [1, 1, 1, 1])
+    np.testing.assert_allclose(s["reward"], [1.5, 0.5, 1.5, 0.5])
+    assert not s["overlong"].any()
+    # DAPO's overlong penalty (max_new_tokens 3, buffer 2: lengths 2, 3, 1, 2 lose 0.5, 1, 0, 0.5 x 0.4)
+    s = grpo.rollout_rewards(ro, grpo.GRPOSettings(num_generations=2, format_reward=0.5, max_new_tokens=3,
+                                                   overlong_buffer=2, overlong_penalty=0.4))
+    np.testing.assert_allclose(s["overlong"], [-0.2, -0.4, 0.0, -0.2], atol=1e-7)
+    np.testing.assert_allclose(s["reward"], [1.3, 0.1, 1.5, 0.3], atol=1e-6)
 
 
 @pytest.mark.parametrize("name, scale", [("grpo", True), ("dr_grpo", False)])
@@ -379,7 +397,7 @@ def sampled_accuracy(model_dir, records, n=32):
     out = Sampler(cfg, pad_id=tok.pad_token_id, stop_ids=(tok.eos_token_id,)).generate(
         model, prompts, max_new_tokens=16, temperature=1.0, n=n, seed=123)
     texts = [tok.decode(out.row_tokens(r), skip_special_tokens=True) for r in range(len(out.lengths))]
-    _, correct, _ = grpo.completion_rewards(texts, [records[j].options for j in out.prompt_index],
+    _, correct, _ = completion_rewards(texts, [records[j].options for j in out.prompt_index],
                                             [records[j].answer for j in out.prompt_index])
     return float(correct.mean())
 
@@ -506,3 +524,50 @@ def test_grpo_on_a_split_without_reasoning_questions_names_the_grpo_key(tmp_path
     c.job, c.output_dir, c.grpo.train_path = "grpo", str(tmp_path / "run"), str(tmp_path / "k.jsonl")
     with pytest.raises(sft.SFTDataError, match=r"config\.grpo\.reasoning_only=True .* set config\.grpo\.reasoning"):
         grpo_job.run(c)  # the questions are checked before any model is loaded
+
+
+# -------------------------------------------------------------- the GRPO family learns the rule (by name)
+
+
+def learner_rewards(model_dir, records, settings, *, steps, prompts_per_step=8, lr=2e-3, seed=0):
+    """Per-step metrics of the GRPO learner alone (the job's pieces without checkpoints, export or report) from
+    the policy in model_dir on `records`, with the job's optimizer (AdamW, clipping) at a constant `lr`."""
+    from medkr_jax.eval.prompts import stop_token_ids
+    from medkr_jax.jobs.training import optimizer_settings
+    from medkr_jax.train.optim import make_optimizer
+
+    mesh = one_device_mesh()
+    model, cfg, tok, _ = sft.load_policy(str(model_dir), mesh=mesh, rules=None)
+    examples = [traces.make_example(r, "plain", np.random.default_rng(0)) for r in records]
+    ps = grpo.build_prompts(examples, tok, system_prompt="", max_new_tokens=settings.max_new_tokens)
+    stop = stop_token_ids(tok, cfg.eos_token_ids)
+    sampler = Sampler(cfg, mesh=mesh, pad_id=tok.pad_token_id, stop_ids=stop)
+    c = base_config()
+    c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = lr, 0, "constant"
+    trainer = Trainer(model, loss_fn=grpo.make_loss_fn(settings), mesh=mesh,
+                      tx=make_optimizer(optimizer_settings(c), steps * settings.mu))
+    rows = prompts_per_step * settings.num_generations
+    step_fn = grpo.make_step_fn(sampler, tok, ps, settings, pad_id=tok.pad_token_id, local=slice(0, rows))
+    batches = iter(grpo.prompt_batches(len(examples), prompts_per_step, seed=seed))
+    return [step_fn(trainer, next(batches), jax.random.fold_in(jax.random.key(seed), s)) for s in range(steps)]
+
+
+# each variant by its name; DAPO with its rollout side (dynamic sampling, overlong penalty over the last 4 of the
+# 16 new tokens: the rule's completions are ~10 tokens, so the band costs only rambling ones)
+VARIANTS = {"grpo": {}, "dr_grpo": {}, "gspo": {},
+            "dapo": {"dynamic_sampling_rounds": 2, "overlong_buffer": 4, "overlong_penalty": 0.5}}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_factory, name):
+    """From the warm policy (reward ~0.25: a random letter) every loss by name, mu = 2, learns the rule."""
+    d, rule = signal_world
+    settings = grpo.GRPOSettings(num_generations=8, max_new_tokens=16, mu=2, loss=name, **VARIANTS[name])
+    with compilation_cache(tmp_path_factory):
+        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12)
+    rewards = [r["reward_mean"] for r in recs]
+    assert np.mean(rewards[:2]) <= 0.4 and np.mean(rewards[-3:]) >= np.mean(rewards[:2]) + 0.3, rewards
+    if name == "dapo":
+        assert {"groups_dropped", "extra_prompts", "sampling_rounds", "padding_groups", "overlong_penalty",
+                "overlong_rate"} <= set(recs[-1])
+        assert sum(r["extra_prompts"] for r in recs) > 0  # some step's groups all agreed and were refilled

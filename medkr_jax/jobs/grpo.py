@@ -30,16 +30,20 @@ from medkr_jax.train.sft import filter_records
 
 
 def grpo_settings(g) -> grpo.GRPOSettings:
-    """config.grpo's learner settings (checked: group size, old_logprobs, loss and advantage names)."""
+    """config.grpo's learner settings (checked: group size, old_logprobs, loss and advantage names, ...); the
+    unset keys (loss_aggregation "", epsilon_low / epsilon_high < 0, advantage "") take the loss's defaults."""
     advantage = str(g.advantage)
-    if advantage == "grpo" and not bool(g.scale_rewards):
+    if advantage in ("", "grpo") and not bool(g.scale_rewards):
         advantage = "dr_grpo"  # scale_rewards=False: the older spelling of advantage="dr_grpo"
     return grpo.GRPOSettings(
         num_generations=int(g.num_generations), max_new_tokens=int(g.max_new_tokens),
         temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p), beta=float(g.beta),
-        epsilon_low=float(g.epsilon_low), epsilon_high=float(g.epsilon_high), mu=int(g.mu), loss=str(g.loss),
+        epsilon_low=float(g.epsilon_low) if g.epsilon_low >= 0 else None,
+        epsilon_high=float(g.epsilon_high) if g.epsilon_high >= 0 else None, mu=int(g.mu), loss=str(g.loss),
         loss_aggregation=str(g.loss_aggregation), advantage=advantage, format_reward=float(g.format_reward),
-        answer_source=str(g.answer_source), old_logprobs=str(g.old_logprobs))
+        answer_source=str(g.answer_source), old_logprobs=str(g.old_logprobs),
+        dynamic_sampling_rounds=int(g.dynamic_sampling_rounds), overlong_buffer=int(g.overlong_buffer),
+        overlong_penalty=float(g.overlong_penalty))
 
 
 def _examples(config) -> list:

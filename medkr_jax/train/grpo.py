@@ -1,10 +1,13 @@
-"""GRPO's learner, one loop step at a time: rollout -> reward -> advantages -> update.
+"""GRPO's learner, one loop step at a time: rollout -> reward -> (filter groups) -> advantages -> update.
 
 * rollout: sample G = num_generations completions of each of the step's prompts (MCQ records rendered like
   evaluation prompts; a trace-mix share of them prefilled with misleading reasoning, as in adversarial
   evaluation) from the current policy with the jitted KV-cache sampler (`rollout`);
 * reward: 1 if the closing "The answer is X." names the right option, by letter or text, + format_reward if
-  it names any one option (`completion_rewards`, `rollout_rewards`);
+  it names any one option, + DAPO's soft overlong penalty when settings.overlong_buffer > 0 (train/rewards.py;
+  `rollout_rewards`);
+* filter (DAPO's dynamic sampling, when settings.dynamic_sampling_rounds > 0): drop the groups whose rewards are
+  all equal and sample more prompts to refill the batch (`dynamic_sampling`);
 * advantages: the rewards normalised within each group by the advantage function named by settings.advantage
   (train/losses.py registry; `advantages`);
 * update: the training rows of the rollout with old / reference log-probs, then mu optimizer updates of the
@@ -34,11 +37,12 @@ import numpy as np
 from flax import nnx
 
 from medkr_jax import xla_options
-from medkr_jax.data.answer import extract_answer, final_statement_answer
 from medkr_jax.data.pipeline import bucket_length, make_loader
 from medkr_jax.eval import prompts as P_
 from medkr_jax.sampling import DEFAULT_PROMPT_BUCKETS, SampleOutput, Sampler
-from medkr_jax.train.losses import advantage_fn, rl_loss, token_logprobs, token_logprobs_and_entropy
+from medkr_jax.train.losses import (AGGREGATIONS, advantage_fn, aggregation_weight, rl_loss, token_logprobs,
+                                    token_logprobs_and_entropy)
+from medkr_jax.train.rewards import completion_rewards, overlong_penalty
 from medkr_jax.train.traces import TraceExample
 from medkr_jax.train.trainer import Trainer
 
@@ -48,7 +52,11 @@ OLD_LOGPROBS = ("sampler", "recompute")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSettings:
-    """config.grpo's learner settings as plain values (the job builds them; see medkr_jax.config)."""
+    """config.grpo's learner settings as plain values (the job builds them; see medkr_jax.config).
+
+    loss_aggregation "", epsilon_low / epsilon_high None and advantage "" take the defaults of the loss named by
+    `loss` (train/losses.py); the settings hold the resolved values.
+    """
 
     num_generations: int = 8
     max_new_tokens: int = 256
@@ -56,52 +64,45 @@ class GRPOSettings:
     top_k: int = 0
     top_p: float = 1.0
     beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon_low: float | None = None
+    epsilon_high: float | None = None
     mu: int = 1
-    loss: str = "grpo"
-    loss_aggregation: str = "token"
-    advantage: str = "grpo"
+    loss: str = "bnpo"
+    loss_aggregation: str = ""
+    advantage: str = ""
     format_reward: float = 0.0
     answer_source: str = "final"
     old_logprobs: str = "sampler"
+    dynamic_sampling_rounds: int = 0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"config.grpo.num_generations must be >= 2 (a group), got {self.num_generations}")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise ValueError(f"config.grpo.old_logprobs: expected 'sampler' or 'recompute', got {self.old_logprobs!r}")
-        rl_loss(self.loss)  # an unknown loss or advantage name fails here, before any model is loaded
+        preset = rl_loss(self.loss)  # an unknown loss or advantage name fails here, before any model is loaded
+        for key in ("loss_aggregation", "epsilon_low", "epsilon_high", "advantage"):
+            if getattr(self, key) in ("", None):
+                object.__setattr__(self, key, getattr(preset, key.removeprefix("loss_")))
         advantage_fn(self.advantage)
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"config.grpo.loss_aggregation: expected one of {AGGREGATIONS} or '' (the loss's "
+                             f"own), got {self.loss_aggregation!r}")
+        if not (0.0 <= self.epsilon_low < 1.0 and self.epsilon_high >= 0.0):
+            raise ValueError(f"config.grpo.epsilon_low / epsilon_high: expected 0 <= low < 1 and high >= 0, got "
+                             f"{self.epsilon_low} / {self.epsilon_high}")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"config.grpo.overlong_buffer: expected 0 (off) to max_new_tokens={self.max_new_tokens}"
+                             f" tokens, got {self.overlong_buffer}")
+        if self.dynamic_sampling_rounds < 0:
+            raise ValueError(f"config.grpo.dynamic_sampling_rounds must be >= 0, got {self.dynamic_sampling_rounds}")
 
     @property
     def sampler_old_logprobs(self) -> bool:
         """mu > 1 with the sampler's log-probs as the old policy's."""
         return self.mu > 1 and self.old_logprobs == "sampler"
-
-
-ANSWER_SOURCES = ("final", "extract")
-
-
-def completion_rewards(texts: Sequence[str], options: Sequence[Sequence[str]], answers: Sequence[int], *,
-                       format_reward: float = 0.0, answer_source: str = "final"
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reward, correct, well_formatted) per completion.
-
-    well_formatted: the completion ends with "The answer is X." naming one option. correct: with
-    answer_source="final", that closing statement names the right option (a verifiable reward that a stray
-    letter cannot earn); with "extract", the evaluation's extractor (data.answer) finds the right option
-    anywhere by its fallback rules. reward = correct + format_reward * well_formatted.
-    """
-    if answer_source not in ANSWER_SOURCES:
-        raise ValueError(f"config.grpo.answer_source: expected one of {ANSWER_SOURCES}, got {answer_source!r}")
-    final = [final_statement_answer(t, o) for t, o in zip(texts, options)]
-    formatted = np.array([f is not None and f >= 0 for f in final], np.float32)
-    if answer_source == "final":
-        correct = np.array([f == a for f, a in zip(final, answers)], np.float32)
-    else:
-        correct = np.array([extract_answer(t, o) == a for t, o, a in zip(texts, options, answers)], np.float32)
-    return correct + format_reward * formatted, correct, formatted
 
 
 def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, lengths: np.ndarray,
@@ -150,6 +151,12 @@ def logprob_agreement(trainer_logps: jax.Array, sampler_logps: jax.Array, mask: 
     return {"logp_diff_max": diff.max(), "logp_diff_mean": diff.sum() / jnp.maximum(mask.sum(), 1.0)}
 
 
+def flat_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """Per group (rows of a group contiguous): whether its rewards are all equal (every advantage 0)."""
+    groups = np.asarray(rewards, np.float64).reshape(-1, group_size)
+    return groups.max(axis=1) == groups.min(axis=1)
+
+
 def rollout_diagnostics(rewards: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, group_size: int
                         ) -> dict[str, float]:
     """Per rollout batch (rows of a group contiguous): why a GRPO step may carry no signal.
@@ -158,10 +165,9 @@ def rollout_diagnostics(rewards: np.ndarray, tokens: np.ndarray, lengths: np.nda
     distinct_completions: mean number of different completions (token sequences) per group;
     signal_rows: share of rows with a non-zero advantage.
     """
-    groups = np.asarray(rewards, np.float64).reshape(-1, group_size)
-    flat = groups.max(axis=1) == groups.min(axis=1)
+    flat = flat_groups(rewards, group_size)
     distinct = [len({tuple(tokens[g * group_size + j, :int(lengths[g * group_size + j])].tolist())
-                     for j in range(group_size)}) for g in range(groups.shape[0])]
+                     for j in range(group_size)}) for g in range(len(flat))]
     return {"zero_std_groups": float(flat.mean()), "distinct_completions": float(np.mean(distinct)),
             "signal_rows": float(1.0 - flat.mean())}
 
@@ -182,7 +188,7 @@ def make_loss_fn(settings: GRPOSettings):
                                   aggregation=aggregation, max_len=settings.max_new_tokens)
         n_tok = mask.sum()
         ent = (entropy * mask).sum() / jnp.maximum(n_tok, 1.0)
-        weight = n_tok if aggregation == "token" else jnp.asarray(mask.shape[0], jnp.float32)
+        weight = aggregation_weight(mask, aggregation)
         if "ref_logps" not in batch:
             metrics.pop("kl")
         if "sampler_logps" in batch:
@@ -266,12 +272,69 @@ def rollout(sampler: Sampler, model: nnx.Module, tokenizer: Any, prompt_set: Pro
     return Rollout(out, texts, prompts, examples)
 
 
-def rollout_rewards(ro: Rollout, settings: GRPOSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(reward, correct, well_formatted) per rollout row (`completion_rewards` against its prompt's record)."""
+def rollout_rewards(ro: Rollout, settings: GRPOSettings) -> dict[str, np.ndarray]:
+    """Per rollout row: correct, formatted (`completion_rewards` against its prompt's record), overlong (DAPO's
+    penalty, <= 0; 0 unless settings.overlong_buffer) and reward = correct + format_reward * formatted + overlong."""
     pi = ro.samples.prompt_index
-    return completion_rewards(ro.texts, [ro.examples[j].record.options for j in pi],
-                              [ro.examples[j].answer for j in pi], format_reward=settings.format_reward,
-                              answer_source=settings.answer_source)
+    reward, correct, formatted = completion_rewards(
+        ro.texts, [ro.examples[j].record.options for j in pi], [ro.examples[j].answer for j in pi],
+        format_reward=settings.format_reward, answer_source=settings.answer_source)
+    overlong = overlong_penalty(ro.samples.lengths, max_new_tokens=settings.max_new_tokens,
+                                buffer=settings.overlong_buffer, penalty=settings.overlong_penalty)
+    return {"reward": reward + overlong, "correct": correct, "formatted": formatted, "overlong": overlong}
+
+
+Scored = tuple[Rollout, dict[str, np.ndarray]]  # a rollout and its rows' rewards (`rollout_rewards`)
+
+
+def merge_groups(parts: Sequence[Scored], picks: Sequence[tuple[int, int]], group_size: int) -> Scored:
+    """One rollout (and its rows' rewards) of the groups `picks`, (part, group index) pairs, in that order."""
+    def rows(x: np.ndarray, g: int) -> np.ndarray:
+        return x[g * group_size:(g + 1) * group_size]
+
+    def cat(get) -> np.ndarray:
+        return np.concatenate([rows(get(parts[p]), g) for p, g in picks])
+
+    prompt_of = [int(parts[p][0].samples.prompt_index[g * group_size]) for p, g in picks]
+    samples = SampleOutput(tokens=cat(lambda s: s[0].samples.tokens), logprobs=cat(lambda s: s[0].samples.logprobs),
+                           lengths=cat(lambda s: s[0].samples.lengths),
+                           prompt_index=np.repeat(np.arange(len(picks), dtype=np.int32), group_size))
+    ro = Rollout(samples, [t for p, g in picks for t in rows(np.asarray(parts[p][0].texts, object), g)],
+                 [parts[p][0].prompts[j] for (p, _), j in zip(picks, prompt_of)],
+                 [parts[p][0].examples[j] for (p, _), j in zip(picks, prompt_of)])
+    return ro, {k: cat(lambda s, k=k: s[1][k]) for k in parts[0][1]}
+
+
+def dynamic_sampling(draw, first: Scored, indices: Sequence[int], settings: GRPOSettings, *, num_prompts: int,
+                     seed: int) -> tuple[Rollout, dict[str, np.ndarray], np.ndarray, dict[str, float]]:
+    """DAPO's dynamic sampling: keep the groups whose rewards differ; while fewer than the step's prompts, sample
+    (`draw(indices, seed) -> Scored`) as many more prompts, not yet drawn this step when the pool allows, at most
+    settings.dynamic_sampling_rounds times; a batch still short is filled with groups of equal rewards that the
+    loss leaves out (train_rows 0), so every step trains on one shape.
+
+    Returns (rollout, its rows' rewards, train_rows [R], metrics: sampling_rounds, extra_prompts, groups_dropped
+    (groups of equal rewards, left out of the loss), padding_groups (of those, the ones filling a short batch)).
+    """
+    group, want = settings.num_generations, len(indices)
+    rng = np.random.default_rng(seed)
+    parts, used = [first], {int(i) for i in indices}
+    while len(parts) <= settings.dynamic_sampling_rounds:
+        if sum(int((~flat_groups(s["reward"], group)).sum()) for _, s in parts) >= want:
+            break
+        fresh = np.array([i for i in range(num_prompts) if i not in used], np.int64)
+        order = np.concatenate([rng.permutation(fresh), rng.permutation(np.array(sorted(used), np.int64))])
+        more = np.resize(order, want)
+        used.update(int(i) for i in more)
+        parts.append(draw(more, (seed + len(parts)) % (2**31 - 1)))
+    flags = [(p, g, bool(f)) for p, (_, s) in enumerate(parts) for g, f in enumerate(flat_groups(s["reward"], group))]
+    keep = [(p, g) for p, g, f in flags if not f][:want]
+    dropped = [(p, g) for p, g, f in flags if f]
+    padding = dropped[:want - len(keep)]
+    ro, scores = merge_groups(parts, keep + padding, group)
+    train_rows = np.repeat(np.arange(want) < len(keep), group).astype(np.float32)
+    metrics = {"sampling_rounds": float(len(parts)), "extra_prompts": float(want * (len(parts) - 1)),
+               "groups_dropped": float(len(dropped)), "padding_groups": float(len(padding))}
+    return ro, scores, train_rows, metrics
 
 
 def advantages(rewards: np.ndarray, settings: GRPOSettings) -> np.ndarray:
@@ -280,9 +343,10 @@ def advantages(rewards: np.ndarray, settings: GRPOSettings) -> np.ndarray:
 
 
 def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_width: int, pad_id: int,
-                 local: slice) -> tuple[dict[str, np.ndarray], int]:
+                 local: slice, train_rows: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
     """(this process's training rows of the rollout with advantages (and the sampler's log-probs as the old
-    policy's when so set), the row width)."""
+    policy's when so set), the row width). Rows where `train_rows` is 0 get an empty completion mask: the loss
+    leaves them out."""
     out = ro.samples
     pi = out.prompt_index
     # train on the rows' real length rounded up to a multiple of 16 (a few compiled shapes), not on the
@@ -294,6 +358,8 @@ def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_wi
     if settings.sampler_old_logprobs:
         batch["old_logps"] = batch["sampler_logps"]
     batch["advantages"] = adv.astype(np.float32)
+    if train_rows is not None:
+        batch["completion_mask"] *= np.asarray(train_rows, np.float32)[:, None]
     return {k: v[local] for k, v in batch.items()}, width
 
 
@@ -322,6 +388,21 @@ def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings
     return metrics
 
 
+def rollout_metrics(scored: Scored, group_size: int, settings: GRPOSettings) -> dict[str, float]:
+    """The step's rollout (the loop's prompts) in numbers: reward, accuracy, format, length, why a step may carry
+    no signal (`rollout_diagnostics`), and DAPO's overlong penalty when on."""
+    ro, s = scored
+    reward, lengths = s["reward"], ro.samples.lengths
+    metrics = rollout_diagnostics(reward, ro.samples.tokens, lengths, group_size)
+    metrics.update(reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                   group_reward_std=float(reward.reshape(-1, group_size).std(axis=1).mean()),
+                   accuracy=float(s["correct"].mean()), format_rate=float(s["formatted"].mean()),
+                   response_length=float(lengths.mean()))
+    if settings.overlong_buffer:
+        metrics.update(overlong_penalty=float(s["overlong"].mean()), overlong_rate=float((s["overlong"] < 0).mean()))
+    return metrics
+
+
 def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settings: GRPOSettings, *, pad_id: int,
                  local: slice, reference: tuple[Any, Any] | None = None):
     """The loop's step_fn(trainer, {"index": prompt indices}, rng) -> metrics: one GRPO step."""
@@ -330,26 +411,30 @@ def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settin
     def step_fn(trainer: Trainer, prompt_batch: dict, rng: jax.Array) -> dict:
         t0 = time.perf_counter()
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        ro = rollout(sampler, trainer.model(), tokenizer, prompt_set, prompt_batch["index"], settings=settings,
-                     seed=seed)
+        model, drawn = trainer.model(), []
+
+        def draw(indices: Sequence[int], draw_seed: int) -> Scored:
+            ro = rollout(sampler, model, tokenizer, prompt_set, indices, settings=settings, seed=draw_seed)
+            drawn.append(ro.samples.lengths)
+            return ro, rollout_rewards(ro, settings)
+
+        first = draw(prompt_batch["index"], seed)
+        (ro, scores), train_rows, sampling = first, None, {}
+        if settings.dynamic_sampling_rounds:
+            ro, scores, train_rows, sampling = dynamic_sampling(draw, first, prompt_batch["index"], settings,
+                                                                num_prompts=len(prompt_set.ids), seed=seed)
         t_gen = time.perf_counter() - t0
-        reward, correct, formatted = rollout_rewards(ro, settings)
-        adv = advantages(reward, settings)
-        diagnostics = rollout_diagnostics(reward, ro.samples.tokens, ro.samples.lengths, group)
-        batch, width = update_batch(ro, adv, settings, max_width=prompt_set.max_width, pad_id=pad_id, local=local)
+        adv = advantages(scores["reward"], settings)
+        batch, width = update_batch(ro, adv, settings, max_width=prompt_set.max_width, pad_id=pad_id, local=local,
+                                    train_rows=train_rows)
         t_score = time.perf_counter() - t0 - t_gen
         metrics = update(trainer, batch, rng, settings, reference)
-        metrics.update(diagnostics)
         dt = time.perf_counter() - t0
-        groups = reward.reshape(-1, group)
-        lengths = ro.samples.lengths
-        metrics.update(
-            reward_mean=float(reward.mean()), reward_std=float(reward.std()),
-            group_reward_std=float(groups.std(axis=1).mean()), accuracy=float(correct.mean()),
-            format_rate=float(formatted.mean()), response_length=float(lengths.mean()),
-            tokens=float(lengths.sum()), train_tokens=float(len(reward) * width * settings.mu),
-            samples_per_s=len(reward) / dt, generate_s=t_gen, score_s=t_score, update_s=dt - t_gen - t_score,
-        )
+        generated = np.concatenate(drawn)
+        metrics.update(rollout_metrics(first, group, settings), **sampling)
+        metrics.update(tokens=float(generated.sum()), train_tokens=float(len(adv) * width * settings.mu),
+                       samples_per_s=len(generated) / dt, generate_s=t_gen, score_s=t_score,
+                       update_s=dt - t_gen - t_score)
         return metrics
 
     return step_fn
