@@ -22,11 +22,36 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 
 
+# Sliding layers look back SLIDING_WINDOW tokens: the test prompts are longer, so the window matters.
+SLIDING_WINDOW = 4
+
+# The families of tiny_decoder_folder (each family's parity tests run over all of them).
+KINDS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "mistral": "MistralForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
 def tiny_hf_config(kind: str, **overrides):
-    """A transformers config for a tiny "llama" (llama3 RoPE scaling), "qwen2" or "qwen3" model."""
+    """A transformers config for a tiny "llama" (llama3 RoPE scaling), "qwen2", "qwen3", "mistral" (sliding
+    window on every layer) or "gemma3" model (sliding and global layers, each with its RoPE base; linear RoPE
+    scaling on the global ones; query_pre_attn_scalar != head_dim; final-logit soft-capping)."""
     import transformers
 
     dims = dict(TINY_DIMS, **overrides)
+    if kind == "mistral":
+        dims.setdefault("sliding_window", SLIDING_WINDOW)
+        dims.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 100000.0})
+        return transformers.MistralConfig(**dims)
+    if kind == "gemma3":
+        n = dims["num_hidden_layers"] = overrides.get("num_hidden_layers", 3)
+        dims.setdefault("layer_types", ["full_attention" if i % 3 == 1 else "sliding_attention" for i in range(n)])
+        dims.setdefault("sliding_window", SLIDING_WINDOW)
+        dims.setdefault("query_pre_attn_scalar", 12)
+        dims.setdefault("final_logit_softcapping", 3.0)
+        dims.setdefault("rope_parameters", {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+        return transformers.Gemma3TextConfig(**dims)
     if kind == "llama":
         dims.setdefault("rope_parameters", dict(LLAMA3_ROPE))
         return transformers.LlamaConfig(**dims)
@@ -85,7 +110,7 @@ def ragged_batch(vocab: int, lengths=(11, 7, 3), seed: int = 0):
     return tokens, mask, positions
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=KINDS)
 def tiny_decoder_folder(request, tmp_path_factory):
     """(kind, folder, torch model) for each tiny decoder family."""
     folder = tmp_path_factory.mktemp(f"tiny_{request.param}")

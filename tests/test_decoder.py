@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 from medkr_jax import parallel
 from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
 from medkr_jax.models.hf import export_decoder, load_decoder
-from tests.helpers_models import (hf_logits, make_tiny_hf_model, ragged_batch, tiny_decoder_folder,  # noqa: F401
-                                  tiny_hf_config)
+from tests.helpers_models import (ARCHITECTURE_OF, SLIDING_WINDOW, hf_logits, make_tiny_hf_model,  # noqa: F401
+                                  ragged_batch, tiny_decoder_folder, tiny_hf_config)
 
 TOL = 1e-4
 
@@ -30,17 +30,28 @@ def _forward(model, tokens, positions, mask=None, segment_ids=None):
 def test_parity_with_hf_on_ragged_left_padded_batch(tiny_decoder_folder):
     kind, folder, hf_model = tiny_decoder_folder
     model, cfg = load_decoder(folder)
-    assert cfg.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                "qwen3": "Qwen3ForCausalLM"}[kind]
-    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert cfg.architecture == ARCHITECTURE_OF[kind]
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind in ("qwen3", "gemma3"))
     if kind == "llama":
         assert cfg.rope_scaling["rope_type"] == "llama3"
+    if kind in ("mistral", "gemma3"):  # every layer, or the layers of the config's layer_types, slide
+        assert cfg.sliding_window == SLIDING_WINDOW
+        assert cfg.sliding_layers == ((True,) * 2 if kind == "mistral" else (True, False, True))
+    if kind == "gemma3":
+        assert (cfg.local_rope_theta, cfg.rope_theta, cfg.rope_scaling["factor"]) == (1e4, 1e6, 4.0)
+        assert (cfg.query_pre_attn_scalar, cfg.final_logit_softcapping, cfg.tie_word_embeddings) == (12, 3.0, True)
     tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(13, 8, 3))
     ref = hf_logits(hf_model, tokens, mask, positions)
     ours = _forward(model, tokens, positions, mask)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     diff = np.abs(ours - ref)[mask].max()
+    print(f"{kind}: max |logits - transformers| {diff:.2e}")
     assert diff <= TOL, f"{kind}: max |logits diff| {diff:.2e}"
+    if cfg.sliding_window:  # the window matters here: attending to every earlier token gives other logits
+        full = dataclasses.replace(cfg, sliding_window=None, layer_types=())
+        unwindowed = Decoder(full, rngs=nnx.Rngs(0))
+        nnx.update(unwindowed, nnx.state(model))
+        assert np.abs(_forward(unwindowed, tokens, positions, mask) - ref)[mask].max() > 100 * TOL
 
 
 def test_llama3_rope_scaling_changes_frequencies():
