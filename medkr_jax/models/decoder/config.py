@@ -192,8 +192,8 @@ class DecoderConfig:
                 "rope_type": "default", "rope_theta": self.local_rope_theta}}
         if family.softcap_keys:
             out.update(query_pre_attn_scalar=_number(self.query_pre_attn_scalar),
-                       attn_logit_softcapping=_number(self.attn_logit_softcapping),
-                       final_logit_softcapping=_number(self.final_logit_softcapping))
+                       attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping)
         out.update(family.hf_fixed)
         return out
 
@@ -270,6 +270,11 @@ def _attention_keys_from_hf(hf: dict, family: Family) -> dict:
                      for i in range(int(hf["num_hidden_layers"]))]
         out["layer_types"] = tuple(kinds)
     if family.softcap_keys:
+        if hf.get("attn_logit_softcapping") is not None:
+            raise UnsupportedModelError(
+                f"config.json attn_logit_softcapping={hf['attn_logit_softcapping']}: transformers' {family.name} "
+                "does not apply it (its attention ignores the key), so which attention the checkpoint was trained "
+                "with is ambiguous; set it to null (DecoderConfig.attn_logit_softcapping applies it if wanted)")
         for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             value = hf.get(key)
             out[key] = None if value is None else float(value)
@@ -277,7 +282,8 @@ def _attention_keys_from_hf(hf: dict, family: Family) -> dict:
 
 
 def _number(x: float | None) -> float | int | None:
-    """A float written as an int when it is one (transformers' typed configs declare some of these int)."""
+    """A float written as an int when it is one (transformers' typed Gemma 3 config declares
+    query_pre_attn_scalar an int)."""
     return int(x) if x is not None and float(x).is_integer() else x
 
 
