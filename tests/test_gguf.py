@@ -172,3 +172,106 @@ def test_truncated_gguf_names_the_file_and_tensor(tmp_path):
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(GGUFError, match=r"t.gguf' \(\d+ bytes\) is truncated or corrupt \(tensor 'output_norm.weight'"):
         convert_gguf(path, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------ Gemma 3 (a GGUF we write)
+
+# HF tensor (after "model.layers.N.") -> llama.cpp's name (after "blk.N."), as its converter names Gemma 3's
+_GEMMA3_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight",
+                   "post_attention_layernorm.weight": "post_attention_norm.weight",
+                   "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                   "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+                   "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                   "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                   "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+                   "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+                   "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def _write_gemma3_gguf(hf_model, path):
+    """A GGUF file as llama.cpp's converter writes a Gemma 3 text model: its tensor names, norm weights as
+    1 + w, the hyper-parameters it stores (no pattern, local RoPE base or query_pre_attn_scalar: fixed in
+    llama.cpp's code), and a sentencepiece vocabulary with a chat template."""
+    import gguf
+
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for key, value in [("context_length", cfg.max_position_embeddings), ("embedding_length", cfg.hidden_size),
+                       ("block_count", cfg.num_hidden_layers), ("feed_forward_length", cfg.intermediate_size),
+                       ("attention.head_count", cfg.num_attention_heads),
+                       ("attention.head_count_kv", cfg.num_key_value_heads), ("attention.key_length", cfg.head_dim),
+                       ("attention.value_length", cfg.head_dim), ("attention.sliding_window", cfg.sliding_window)]:
+        w.add_uint32(f"gemma3.{key}", int(value))
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    full = cfg.rope_parameters["full_attention"]
+    w.add_float32("gemma3.rope.freq_base", full["rope_theta"])
+    w.add_string("gemma3.rope.scaling.type", "linear")
+    w.add_float32("gemma3.rope.scaling.factor", full["factor"])
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list(
+        "abcdefghijklmnopqrstuvwxyz") + [f"\u2581{a}{b}" for a in "aeiou" for b in "nrst"]
+    tokens += [f"<unused{i}>" for i in range(cfg.vocab_size - len(tokens))]
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))])
+    w.add_array("tokenizer.ggml.token_type", [3, 3, 3, 2] + [1] * (len(tokens) - 4))
+    for key, value in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id), ("padding", cfg.pad_token_id),
+                       ("unknown", 3)):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
+    w.add_string("tokenizer.chat_template", "{% for m in messages %}<start_of_turn>{{ m['content'] }}{% endfor %}")
+    for name, tensor in hf_model.state_dict().items():
+        if name == "lm_head.weight":  # tied
+            continue
+        value = tensor.detach().float().numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{_GEMMA3_TO_GGUF[rest]}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+        w.add_tensor(gname, value + 1.0 if name.endswith("norm.weight") else value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gemma3_gguf_converts_to_transformers_weights_and_the_source_logits(tmp_path):
+    """Oracles: transformers' own GGUF conversion of the file (tensor by tensor), and the HF model the file was
+    written from (logits of our folder, in transformers and in ours, on prompts longer than the window)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    from tests.helpers_models import SLIDING_WINDOW, hf_logits, make_tiny_hf_model, ragged_batch
+
+    # six layers: llama.cpp's Gemma 3 has every 6th layer global; query_pre_attn_scalar = head_dim (its rule
+    # for all but the 27B); no final soft-cap (llama.cpp's Gemma 3 has none)
+    kinds = ["sliding_attention"] * 5 + ["full_attention"]
+    source = make_tiny_hf_model("gemma3", tmp_path / "src", num_hidden_layers=6, layer_types=kinds,
+                                query_pre_attn_scalar=16, final_logit_softcapping=None)
+    path = tmp_path / "tiny-gemma3.gguf"
+    _write_gemma3_gguf(source, path)
+    out = convert_gguf(path, tmp_path / "hf")
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                               dtype=torch.float32)
+    ours = load_file(out / "model.safetensors")
+    reference = {k: v.detach().float().numpy() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    assert sorted(ours) == sorted(reference)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], reference[name], err_msg=name)
+    # transformers reads neither the RoPE scaling nor the query scale llama.cpp implies; we do
+    assert theirs.config.query_pre_attn_scalar == 256
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_types"] == kinds and cfg["query_pre_attn_scalar"] == 16
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+    tokens, mask, positions = ragged_batch(96, lengths=(12, 7), seed=9)
+    assert tokens.shape[1] > SLIDING_WINDOW
+    ref = hf_logits(source, tokens, mask, positions)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert np.abs(hf_logits(reloaded, tokens, mask, positions) - ref)[mask].max() <= 1e-5
+    model, _ = load_decoder(out)
+    got = np.asarray(nnx.jit(lambda m, t, p, a: m(t, p, attention_mask=a)[0])(model, tokens, positions, mask))
+    assert np.abs(got - ref)[mask].max() <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<eos>") == 2 and "<start_of_turn>" in tok.chat_template
