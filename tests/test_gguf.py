@@ -1,4 +1,5 @@
-"""GGUF -> HF conversion of the real SmolLM2-135M-Instruct (Q4_1) and Flax parity on it."""
+"""GGUF -> HF conversion of the real SmolLM2-135M-Instruct (Q4_1) and Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), Flax
+parity on them, and of a Gemma 3 GGUF written here from a tiny HF model."""
 
 import json
 
@@ -11,7 +12,7 @@ from flax import nnx
 from medkr_jax.models.gguf import GGUFError, convert_gguf, unpermute_qk
 from medkr_jax.models.hf import load_decoder
 from medkr_jax.xla_options import dense_program_options
-from tests.helpers_models import smollm2_folder, smollm2_gguf_path  # noqa: F401  (fixture)
+from tests.helpers_models import qwen05_folder, qwen05_gguf, smollm2_folder, smollm2_gguf_path  # noqa: F401  (fixtures)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -275,3 +276,64 @@ def test_gemma3_gguf_converts_to_transformers_weights_and_the_source_logits(tmp_
     assert np.abs(got - ref)[mask].max() <= 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<eos>") == 2 and "<start_of_turn>" in tok.chat_template
+
+
+# ------------------------------------------------------------------------------------ Qwen2.5-Coder-0.5B (real)
+
+
+@pytest.mark.slow  # ~2.5 min on one busy core: joining 491 MB, two dequantising conversions, a float64 forward
+def test_qwen05_conversion_and_logits_match_transformers(qwen05_gguf, qwen05_folder):  # noqa: F811
+    """Real weights: our conversion equals transformers' own of the same file tensor by tensor, and our fp32
+    logits are at least as close to the float64 truth as transformers' fp32 ones (see the SmolLM2 test for why
+    the float64 truth is the oracle rather than |ours - HF fp32|)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    assert qwen05_gguf.stat().st_size == 491_400_064
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(qwen05_gguf.parent), gguf_file=qwen05_gguf.name,
+                                                           dtype=torch.float32).eval()
+    ours = load_file(qwen05_folder / "model.safetensors")
+    theirs = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    assert sorted(ours) == sorted(theirs) and len(ours) == 291  # untied: lm_head.weight is stored
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+    tok = transformers.AutoTokenizer.from_pretrained(qwen05_folder)
+    texts = [tok.apply_chat_template([{"role": "user", "content": "A 45-year-old man has crushing chest pain "
+                                       "radiating to the left arm. Most likely diagnosis? A) GERD B) Myocardial "
+                                       "infarction C) Costochondritis D) Panic attack"}],
+                                     tokenize=False, add_generation_prompt=True),
+             "The mitochondria is the powerhouse of the cell.", "Hello!"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    t = max(map(len, ids))
+    tokens = np.full((len(ids), t), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(ids), t), bool)
+    for i, row in enumerate(ids):
+        tokens[i, t - len(row):], mask[i, t - len(row):] = row, True
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+        hf = hf.double()
+        exact = np.zeros(ref.shape, np.float64)
+        for i in range(len(ids)):
+            sel = mask[i]
+            exact[i, sel] = hf(input_ids=torch.as_tensor(tokens[i:i + 1, sel], dtype=torch.long),
+                               position_ids=torch.as_tensor(positions[i:i + 1, sel], dtype=torch.long)
+                               ).logits[0].numpy()
+    del hf
+    model, cfg = load_decoder(qwen05_folder)
+    assert cfg.architecture == "Qwen2ForCausalLM" and cfg.num_params == 630_167_424
+    got = np.asarray(nnx.jit(lambda m, a, b, c: m(a, b, attention_mask=c)[0])(model, tokens, positions, mask))
+
+    def error(logits):
+        e = np.abs(logits.astype(np.float64) - exact)[mask]
+        return e.max(), np.sqrt((e ** 2).mean())
+
+    (hf_max, hf_rms), (ours_max, ours_rms) = error(ref), error(got)
+    print(f"qwen05: |ours - HF fp32| max {np.abs(got - ref)[mask].max():.2e}; vs float64 truth: ours max "
+          f"{ours_max:.2e} rms {ours_rms:.2e}, HF fp32 max {hf_max:.2e} rms {hf_rms:.2e}")
+    # measured: ours max 4.6e-5 rms 4.2e-6, HF fp32 max 7.2e-4 rms 3.5e-5 (|ours - HF| max 6.8e-4)
+    assert ours_rms <= 1.5 * hf_rms and ours_max <= 1.5 * hf_max, (ours_max, ours_rms, hf_max, hf_rms)
+    assert np.array_equal(got.argmax(-1)[mask], ref.argmax(-1)[mask])

