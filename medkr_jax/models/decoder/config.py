@@ -207,7 +207,8 @@ def _family_and_keys(hf: dict) -> tuple[Family, dict]:
         text = hf.get(part.config_key)
         if not isinstance(text, dict):
             raise UnsupportedModelError(f"config.json of a {archs[0]} has no {part.config_key!r} dict")
-        top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
+        # the top level's token ids and tying fill in what the text part leaves out
+        top = {k: hf[k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         hf = {**top, **text, "architectures": [part.architecture]}
         archs = hf["architectures"]
     if archs:
