@@ -1,7 +1,14 @@
-"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Qwen2 and Qwen3.
+"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3 and Gemma 3.
 
 The family differences are config switches (see ``families``): Qwen2 adds q/k/v biases, Qwen3 adds
-per-head RMSNorm on q and k; GQA, SwiGLU, RMSNorm and tied/untied embeddings are shared.
+per-head RMSNorm on q and k; Mistral attends within a sliding window; Gemma 3 interleaves sliding-window
+and global layers (each kind with its own RoPE table), norms with (1 + w) and four norms per layer, GeGLU,
+scaled embeddings, a query_pre_attn_scalar and soft-capped logits; GQA, RMSNorm and tied/untied embeddings
+are shared.
+
+Sliding layers use the same full-length cache as global ones and mask the slots more than
+``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.sampler`` for this choice
+against a ring buffer and the memory it costs.
 
 Layers are either a list of per-layer modules (default: fastest to run) or, with
 ``scan_layers=True``, one module whose parameters carry a leading "layers" axis, run with
