@@ -229,10 +229,10 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         new_k = new_v = None
         kinds = cfg.sliding_layers
-        # Under the scan the layer kind is data (a bool per layer); with no sliding layer, a constant.
-        flags = jnp.asarray(kinds) if any(kinds) else jnp.zeros((cfg.num_layers,), bool)
+        # Under the scan the layer kind is data (a bool per layer), unless all layers are of one kind.
+        flags, same = jnp.asarray(kinds), (kinds[0] if len(set(kinds)) == 1 else None)
         if self.scan_layers and cache is None:
-            x, _ = jax.lax.scan(lambda h, xs: layer(h, xs[0], None, xs[1] if any(kinds) else False), x,
+            x, _ = jax.lax.scan(lambda h, xs: layer(h, xs[0], None, xs[1] if same is None else same), x,
                                 (nnx.state(self.layers), flags))
         elif self.scan_layers:
             # The cache rides in the scan carry, so each layer's chunk is written in place. A per-layer
@@ -241,7 +241,7 @@ class Decoder(nnx.Module):
 
             def body(carry, xs):
                 h, ks, vs = carry
-                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]), xs[2] if any(kinds) else False)
+                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]), xs[2] if same is None else same)
                 return (h, ks, vs), None
 
             (x, new_k, new_v), _ = jax.lax.scan(body, (x, ks, vs),
