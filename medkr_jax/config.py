@@ -252,6 +252,7 @@ def _dry_run_section() -> ml_collections.ConfigDict:
         "num_devices": 0,         # 0 = the mesh's product (with no -1), else this many devices
         "batch_size": 0,          # 0 = config.train.batch_size
         "seq_len": 0,             # 0 = config.train.seq_len
+        "train": True,            # False: plan inference (parameters + the sampler's KV cache of batch x seq_len)
     })
 
 

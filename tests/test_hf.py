@@ -16,7 +16,8 @@ from medkr_jax import parallel
 from medkr_jax.models.decoder import UnsupportedModelError
 from medkr_jax.models.hf import export_decoder, load_decoder, load_params, read_hf_config
 from medkr_jax.models.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from tests.helpers_models import hf_logits, make_tiny_hf_model, ragged_batch
+from tests.helpers_models import (SLIDING_WINDOW, hf_logits, make_tiny_hf_model, ragged_batch,  # noqa: F401
+                                  tiny_decoder_folder, tiny_hf_config)
 
 _FWD = nnx.jit(lambda m, t, p, a: m(t, p, attention_mask=a)[0])
 
@@ -55,11 +56,11 @@ def test_read_hf_config_errors(tmp_path):
 def test_unsupported_architecture_is_named(tiny, tmp_path):
     folder = _copy(tiny[0], tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(cfg, architectures=["MistralForCausalLM"])))
+    (folder / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma2ForCausalLM"])))
     with pytest.raises(UnsupportedModelError) as e:
         load_decoder(folder)
     msg = str(e.value)
-    assert "MistralForCausalLM" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert "Gemma2ForCausalLM" in msg and "LlamaForCausalLM" in msg and "Gemma3ForCausalLM" in msg
 
 
 def test_wrong_shape_tensor_names_tensor_file_and_shapes(tiny, tmp_path):
@@ -202,6 +203,60 @@ def test_export_round_trip_sharded_loads_in_transformers(tiny, tmp_path):
     ours_again, cfg_again = load_decoder(out)
     assert cfg_again == cfg
     np.testing.assert_array_equal(_forward(ours_again, batch), _forward(model, batch))
+
+
+def test_export_of_every_family_loads_in_transformers_with_equal_logits(tiny_decoder_folder, tmp_path):
+    """Our export of each family (sliding windows, Gemma 3's norms and RoPE bases included) is the model
+    transformers loads: same logits as the checkpoint it came from, on prompts longer than the window."""
+    import torch
+    import transformers
+
+    kind, folder, hf_model = tiny_decoder_folder
+    model, cfg = load_decoder(folder)
+    out = export_decoder(model, cfg, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf_model)
+    tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(11, 6), seed=7)
+    assert tokens.shape[1] > SLIDING_WINDOW
+    diff = np.abs(hf_logits(reloaded, tokens, mask, positions) - hf_logits(hf_model, tokens, mask, positions))[mask]
+    assert diff.max() <= 1e-6, f"{kind}: {diff.max():.2e}"
+    again, cfg_again = load_decoder(out)
+    assert cfg_again == cfg
+
+
+@pytest.mark.parametrize("layout", ["language_model.model.", "model.language_model."])
+def test_gemma3_multimodal_checkpoint_loads_its_text_decoder(tmp_path, layout):
+    """A Gemma 3 / MedGemma image-text checkpoint: the text decoder is loaded alone (vision tower left unread),
+    from either tensor layout transformers has saved, and gives the multimodal model's text-only logits."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    # transformers' Gemma3ForConditionalGeneration does not soft-cap its logits (its CausalLM does); the released
+    # checkpoints set no cap either
+    text = tiny_hf_config("gemma3", final_logit_softcapping=None)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if "norm" in name else 0.0))
+    hf_model.save_pretrained(tmp_path / "mm")
+    tensors = load_file(tmp_path / "mm" / "model.safetensors")
+    assert "language_model.model.embed_tokens.weight" in tensors and any("vision_tower" in n for n in tensors)
+    if layout != "language_model.model.":
+        tensors = {n.replace("language_model.model.", layout).replace("vision_tower.", "model.vision_tower."): t
+                   for n, t in tensors.items()}
+        save_file(tensors, tmp_path / "mm" / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unused-tensor warning: the vision tower is expected
+        model, cfg = load_decoder(tmp_path / "mm")
+    assert cfg.architecture == "Gemma3ForCausalLM" and cfg.sliding_layers == (True, False, True)
+    tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(10, 5), seed=8)
+    ref = hf_logits(hf_model, tokens, mask, positions)
+    assert np.abs(_forward(model, (tokens, mask, positions)) - ref)[mask].max() <= 1e-4
 
 
 def test_export_into_the_tokenizer_folder(tiny, tmp_path):

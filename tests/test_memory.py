@@ -99,3 +99,46 @@ def test_dry_run_job_from_config(tmp_path, capsys):
     assert "qwen3-32b" in out and "fits" in out and "optimizer" in out
     # a 32B model in float32 would need ~131 GB: the plan never allocated it
     assert summary["num_params"] * 4 > 100 * GiB and math.isfinite(summary["hbm_fraction"])
+
+
+def test_gemma3_and_mistral_presets():
+    # Gemma 3 4B's text decoder (MedGemma-4B's) and 27B: the model cards' 4B (with a ~0.4B vision tower) and 27B
+    for name, billions in [("medgemma-4b", 3.88), ("medgemma-27b", 27.0), ("mistral-7b", 7.24),
+                           ("qwen2.5-coder-0.5b", 0.63)]:
+        n = presets.decoder_config(name).num_params / 1e9
+        assert abs(n - billions) / billions < 0.01, (name, n)
+    g = presets.decoder_config("medgemma-27b")
+    assert g.sliding_layers.count(False) == 10 and not g.sliding_layers[5] and g.sliding_layers[6]
+    assert (g.sliding_window, g.local_rope_theta, g.query_pre_attn_scalar) == (1024, 1e4, 168)
+    assert presets.decoder_config("mistral-7b").sliding_layers == (True,) * 32
+
+
+def test_kv_cache_of_sliding_layers_and_what_a_ring_buffer_would_save():
+    """The cache is full length on every layer (sliding layers mask); a window-sized ring buffer on the sliding
+    layers would keep min(length, window) slots there. MedGemma-27B, one row of 32k tokens in bfloat16."""
+    g = presets.decoder_config("medgemma-27b")
+    per_slot = 2 * 16 * 128 * 2  # keys and values, 16 kv heads of 128, bfloat16
+    full = memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=1, dtype="bfloat16")
+    ring = memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=1, dtype="bfloat16", ring=True)
+    assert full == 62 * 32768 * per_slot == 15.5 * GiB
+    assert ring == (10 * 32768 + 52 * 1024) * per_slot and ring / GiB == pytest.approx(2.906, abs=1e-3)
+    # kv heads split over "tensor" when they divide it; no sliding layer: the ring changes nothing
+    assert memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=4, dtype="bfloat16") == full / 4
+    q = presets.decoder_config("qwen3-8b")
+    kw = dict(batch_per_device=2, length=4096, tensor=1, dtype="float32")
+    assert memory.kv_cache_bytes(q, ring=True, **kw) == memory.kv_cache_bytes(q, **kw)
+
+
+@pytest.mark.parametrize("config_file, chip, train", [("configs/grpo_medgemma_27b.py", "v5p", True),
+                                                      ("configs/evaluate_medgemma_4b.py", "v6e", False)])
+def test_medgemma_configs_fit_their_slices(tmp_path, capsys, config_file, chip, train):
+    from medkr_jax.config import config_from_file
+
+    config = config_from_file(config_file)
+    config.job, config.output_dir = "dry_run", str(tmp_path)
+    summary = dry_run.run(config)
+    assert summary["fits"] is True and summary["chip"] == chip and ("optimizer" in summary) == train
+    if not train:  # inference: weights + a KV cache, and what the ring buffer would take
+        assert 0 < summary["kv_cache_ring"] < summary["kv_cache"] and summary["total"] == summary["params"] + \
+            summary["kv_cache"]
+        assert "ring buffer" in capsys.readouterr().out

@@ -15,7 +15,7 @@ PAD, EOS = 0, 2
 BUCKETS = dict(prompt_buckets=(16, 32), gen_buckets=(16, 32))
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "mistral", "gemma3"])  # the last two slide
 def tiny(request, tmp_path_factory):
     """(torch model, our model, our config) for a tiny random checkpoint."""
     folder = tmp_path_factory.mktemp(f"sampler_{request.param}")

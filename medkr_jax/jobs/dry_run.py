@@ -44,18 +44,18 @@ def run(config) -> dict:
     """Print and return the per-device memory plan; with config.output_dir, also memory_plan.json / .md there.
 
     Reads config.model (preset or path, dtype, param_dtype, remat), config.mesh, config.sharding_rules,
-    config.train (batch_size, seq_len) and config.dry_run (chip, num_devices, batch_size, seq_len).
+    config.train (batch_size, seq_len) and config.dry_run (chip, num_devices, batch_size, seq_len, train).
     """
     cfg, name = _decoder_config(config)
     dry = config.dry_run
     sizes = _mesh_sizes(config)
     # Gradient accumulation scans over micro-batches: activations are those of one micro-batch.
-    accum = max(int(config.optimizer.get("grad_accum", 1) or 1), 1)
+    accum = max(int(config.optimizer.get("grad_accum", 1) or 1), 1) if dry.train else 1
     batch = int(dry.batch_size or config.train.batch_size)
     plan = memory_plan(cfg, sizes, rules=config.sharding_rules or None, param_dtype=config.model.param_dtype,
                        dtype=config.model.dtype, batch_size=max(batch // accum, 1),
                        seq_len=int(dry.seq_len or config.train.seq_len), remat=bool(config.model.remat),
-                       chip=dry.chip or None)
+                       chip=dry.chip or None, train=bool(dry.train))
     plan["model"] = name
     text = format_plan(plan, name)
     print(text)

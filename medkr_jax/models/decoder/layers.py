@@ -24,12 +24,18 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # RoPE
 
 
-def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] (float32), with the config's RoPE scaling applied."""
+def rope_inv_freq(cfg: DecoderConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with the config's RoPE scaling applied.
+
+    ``local``: of the sliding layers, which have their own base and no scaling when the config sets
+    ``local_rope_theta`` (Gemma 3), else the same as the global layers'.
+    """
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    local = local and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
     inv = inv.astype(np.float32)
-    scaling = cfg.rope_scaling or {}
+    scaling = {} if local else (cfg.rope_scaling or {})
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / np.float32(scaling["factor"])
@@ -126,20 +132,31 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """HF RMSNorm: normalise in float32, cast back, then scale."""
+    """HF RMSNorm: normalise in float32, cast back, then scale by w (Llama); or with ``offset`` scale by
+    (1 + w) in float32 and cast back after (Gemma: w is stored zero-centred and starts at 0)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None, rngs: nnx.Rngs):
-        self.eps, self.dtype = eps, dtype
-        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype, stack)
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, stack: int | None, rngs: nnx.Rngs,
+                 offset: bool = False):
+        self.eps, self.dtype, self.offset = eps, dtype, offset
+        init = nnx.initializers.zeros if offset else nnx.initializers.ones
+        self.scale = _param(rngs, init, (dim,), ("norm",), param_dtype, stack)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
 
 
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma's soft-capping of attention scores and logits); x itself for cap None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 class Attention(nnx.Module):
-    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+    """Grouped-query attention with optional q/k/v bias (Qwen2), q/k RMSNorm (Qwen3, Gemma 3), scores scaled
+    by query_pre_attn_scalar^-1/2 (else head_dim^-1/2) and optionally soft-capped (Gemma)."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
@@ -150,8 +167,8 @@ class Attention(nnx.Module):
         self.v_proj = Dense(e, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = Dense(cfg.num_heads * hd, e, ("heads", "embed"), bias=False, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, **kw)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=cfg.family.norm_offset, **kw)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=cfg.family.norm_offset, **kw)
         else:
             self.q_norm = self.k_norm = None
 
@@ -178,8 +195,10 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
         # Scores and softmax in at least float32, whatever the compute dtype.
         acc = jnp.promote_types(self.dtype, jnp.float32)
+        scale = cfg.query_pre_attn_scalar if cfg.query_pre_attn_scalar is not None else d
         scores = jax.lax.dot_general(q, k.astype(q.dtype), (((3,), (2,)), ((0, 1), (0, 1))),
-                                     preferred_element_type=acc) / math.sqrt(d)
+                                     preferred_element_type=acc) * (float(scale) ** -0.5)
+        scores = softcap(scores, cfg.attn_logit_softcapping)
         scores = jnp.where(allowed[:, None, None], scores.reshape(b, kv, groups, t, s), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, groups * t, s)
         out = jax.lax.dot_general(probs, v.astype(self.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
@@ -188,17 +207,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU: Gemma)."""
 
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
         kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
         e, m = cfg.hidden_size, cfg.intermediate_size
+        self.act = cfg.family.mlp_act
         self.gate_proj = Dense(e, m, ("embed", "mlp"), **kw)
         self.up_proj = Dense(e, m, ("embed", "mlp"), **kw)
         self.down_proj = Dense(m, e, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         g = self.gate_proj(x)
+        if self.act == "gelu_pytorch_tanh":  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), as PyTorch's
+            h = jax.nn.gelu(g, approximate=True) * self.up_proj(x)
+            return self.down_proj(constrain(h, ("batch", "length", "mlp")))
         # SiLU as g / (1 + exp(-g)), PyTorch's formula: one rounding fewer than g * sigmoid(g) (SmolLM2
         # fp32 logits: rms error vs a float64 reference 1.78e-5 -> 1.49e-5). The clamp keeps exp finite, so
         # the gradient is not inf/inf = NaN below g = -88; silu there is ~1e-33 either way.
@@ -207,11 +230,29 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer layer (attention + SwiGLU MLP); one layer or all layers stacked."""
+    """Pre-norm transformer layer (attention + gated MLP); one layer or all layers stacked.
+
+    With the family's ``sandwich_norms`` (Gemma 3) the attention and MLP outputs are normed too
+    (``attn_post_norm``, ``mlp_post_norm``) before each residual add.
+    """
 
     def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, stack, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.family.norm_offset, **kw)  # noqa: E731
+        # (created in this order so that a seed draws the same weights as before the sandwich norms existed)
+        self.attn_norm = norm()
         self.attn = Attention(cfg, **kw)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp_norm = norm()
         self.mlp = MLP(cfg, **kw)
+        sandwich = cfg.family.sandwich_norms
+        self.attn_post_norm = norm() if sandwich else None
+        self.mlp_post_norm = norm() if sandwich else None
+
+    def attn_out(self, y: jax.Array) -> jax.Array:
+        """The attention output as added to the residual."""
+        return y if self.attn_post_norm is None else self.attn_post_norm(y)
+
+    def mlp_residual(self, h: jax.Array) -> jax.Array:
+        """The MLP branch of the residual stream at h."""
+        y = self.mlp(self.mlp_norm(h))
+        return y if self.mlp_post_norm is None else self.mlp_post_norm(y)

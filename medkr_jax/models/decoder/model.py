@@ -1,7 +1,14 @@
-"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Qwen2 and Qwen3.
+"""One decoder-only transformer covering Llama (incl. Llama-3 RoPE scaling), Mistral, Qwen2, Qwen3 and Gemma 3.
 
 The family differences are config switches (see ``families``): Qwen2 adds q/k/v biases, Qwen3 adds
-per-head RMSNorm on q and k; GQA, SwiGLU, RMSNorm and tied/untied embeddings are shared.
+per-head RMSNorm on q and k; Mistral attends within a sliding window; Gemma 3 interleaves sliding-window
+and global layers (each kind with its own RoPE table), norms with (1 + w) and four norms per layer, GeGLU,
+scaled embeddings, a query_pre_attn_scalar and soft-capped logits; GQA, RMSNorm and tied/untied embeddings
+are shared.
+
+Sliding layers use the same full-length cache as global ones and mask the slots more than
+``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.sampler`` for this choice
+against a ring buffer and the memory it costs.
 
 Layers are either a list of per-layer modules (default: fastest to run) or, with
 ``scan_layers=True``, one module whose parameters carry a leading "layers" axis, run with
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from medkr_jax.models.decoder.config import DecoderConfig
-from medkr_jax.models.decoder.layers import Block, Dense, RMSNorm, constrain, rope_inv_freq, rope_tables
+from medkr_jax.models.decoder.layers import Block, Dense, RMSNorm, constrain, rope_inv_freq, rope_tables, softcap
 
 
 @struct.dataclass
@@ -110,7 +117,7 @@ class Decoder(nnx.Module):
             else:
                 self.layers = nnx.List([Block(cfg, stack=(i, n), rngs=nnx.Rngs(params=key), **layer_kw)
                                         for i in range(n)])
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=None, **kw)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=None, offset=cfg.family.norm_offset, **kw)
             self.lm_head = (None if cfg.tie_word_embeddings else
                             Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, stack=None,
                                   **kw))
@@ -153,25 +160,37 @@ class Decoder(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
-        rope = rope_tables(positions, jnp.asarray(rope_inv_freq(self.cfg)))
-        x = constrain(self.embed(tokens).astype(self.dtype), ("batch", "length", "embed"))
+        cfg = self.cfg
+        sliding = any(cfg.sliding_layers)
+        # (global, local) RoPE tables and key masks; the local ones only when some layer slides.
+        ropes = (rope_tables(positions, jnp.asarray(rope_inv_freq(cfg))),
+                 rope_tables(positions, jnp.asarray(rope_inv_freq(cfg, local=True)))
+                 if sliding and cfg.local_rope_theta is not None else None)
+        x = self.embed(tokens).astype(self.dtype)
+        if cfg.family.embed_scale:  # sqrt(hidden) rounded to the compute dtype first, as HF
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
         allowed, new_mask = _allowed_keys(t, attention_mask, segment_ids, cache, kv_len)
         index = None if cache is None else cache.index
-        x, new_k, new_v = self._run_layers(x, self._layer_step(rope, allowed, index, kv_len, t), cache)
+        masks = (allowed, _within_window(allowed, index, cfg.sliding_window) if sliding else None)
+        x, new_k, new_v = self._run_layers(x, self._layer_step(ropes, masks, index, kv_len, t), cache)
         new_cache = None if cache is None else KVCache(k=new_k, v=new_v, mask=new_mask, index=index + t)
         return self._logits(self.norm(x), head), new_cache
 
-    def _layer_step(self, rope, allowed: jax.Array, index: jax.Array | None, kv_len: int | None, t: int):
-        """``layer(h, params, store)``: one layer on its parameter state (rematerialised if ``remat``).
+    def _layer_step(self, ropes: tuple, masks: tuple, index: jax.Array | None, kv_len: int | None, t: int):
+        """``layer(h, params, store, local)``: one layer on its parameter state (rematerialised if ``remat``).
 
         ``store`` is None (no cache) or (keys, values, i): this layer's cache arrays (see KVCache)
-        with i=None, or the stacked arrays with this layer's index i. Returns the new hidden state
-        and the store's arrays with this chunk written in place at slot ``index``.
+        with i=None, or the stacked arrays with this layer's index i. ``local``: whether the layer slides
+        (a Python bool, or a traced one under the layer scan), picking from the (global, local) ``ropes``
+        and ``masks``. Returns the new hidden state and the store's arrays with this chunk written in place
+        at slot ``index``.
         """
         graphdef = nnx.graphdef(self.layers if self.scan_layers else self.layers[0])
 
-        def layer(h, params, store):
+        def layer(h, params, store, local):
             blk = nnx.merge(graphdef, params)
+            rope, allowed = _pick(ropes, local), _pick(masks, local)
             q, k, v = blk.attn.project(blk.attn_norm(h), rope)
             k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KV, D, T], [B, KV, T, D]
             out = None
@@ -193,20 +212,28 @@ class Decoder(nnx.Module):
                     k, v = keys[..., :kv_len], values[:, :, :kv_len]
                 else:
                     k, v = keys, values
-            h = h + blk.attn.attend(q, k, v, allowed)
-            h = h + blk.mlp(blk.mlp_norm(h))
+            h = h + blk.attn_out(blk.attn.attend(q, k, v, allowed))
+            h = h + blk.mlp_residual(h)
             return constrain(h, ("batch", "length", "embed")), out
 
-        if self.remat:
-            layer = jax.checkpoint(layer, policy=_remat_policy(self.remat))
-        return layer
+        if not self.remat:
+            return layer
+        policy = _remat_policy(self.remat)
+        static = jax.checkpoint(layer, policy=policy, static_argnums=(3,))
+        traced = jax.checkpoint(layer, policy=policy)
+        return lambda h, params, store, local: (static if isinstance(local, bool) else traced)(h, params, store,
+                                                                                                local)
 
     def _run_layers(self, x: jax.Array, layer, cache: KVCache | None):
         """All layers over x: (x, new keys, new values); the keys and values are None without a cache."""
         cfg = self.cfg
         new_k = new_v = None
+        kinds = cfg.sliding_layers
+        # Under the scan the layer kind is data (a bool per layer), unless all layers are of one kind.
+        flags, same = jnp.asarray(kinds), (kinds[0] if len(set(kinds)) == 1 else None)
         if self.scan_layers and cache is None:
-            x, _ = jax.lax.scan(lambda h, p: layer(h, p, None), x, nnx.state(self.layers))
+            x, _ = jax.lax.scan(lambda h, xs: layer(h, xs[0], None, xs[1] if same is None else same), x,
+                                (nnx.state(self.layers), flags))
         elif self.scan_layers:
             # The cache rides in the scan carry, so each layer's chunk is written in place. A per-layer
             # cache is stacked for the scan and split again after: correct, not free.
@@ -214,24 +241,24 @@ class Decoder(nnx.Module):
 
             def body(carry, xs):
                 h, ks, vs = carry
-                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]))
+                h, (ks, vs) = layer(h, xs[0], (ks, vs, xs[1]), xs[2] if same is None else same)
                 return (h, ks, vs), None
 
             (x, new_k, new_v), _ = jax.lax.scan(body, (x, ks, vs),
-                                                (nnx.state(self.layers), jnp.arange(cfg.num_layers)))
+                                                (nnx.state(self.layers), jnp.arange(cfg.num_layers), flags))
             if not cache.stacked:
                 new_k, new_v = tuple(new_k), tuple(new_v)
         elif cache is None:
-            for blk in self.layers:
-                x, _ = layer(x, nnx.state(blk), None)
+            for blk, local in zip(self.layers, kinds):
+                x, _ = layer(x, nnx.state(blk), None, local)
         elif cache.stacked:
             new_k, new_v = cache.k, cache.v
             for i, blk in enumerate(self.layers):
-                x, (new_k, new_v) = layer(x, nnx.state(blk), (new_k, new_v, i))
+                x, (new_k, new_v) = layer(x, nnx.state(blk), (new_k, new_v, i), kinds[i])
         else:
             new_k, new_v = [], []
             for i, blk in enumerate(self.layers):
-                x, (k, v) = layer(x, nnx.state(blk), (*cache.layer(i), None))
+                x, (k, v) = layer(x, nnx.state(blk), (*cache.layer(i), None), kinds[i])
                 new_k.append(k)
                 new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)
@@ -261,7 +288,29 @@ class Decoder(nnx.Module):
         else:
             logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
                                 preferred_element_type=acc)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+def _pick(pair: tuple, local):
+    """pair[1] on a sliding layer, else pair[0] (pair[1] None: the same for both); ``local`` a Python bool or,
+    under the layer scan, a traced one (then both are computed and selected)."""
+    if pair[1] is None:
+        return pair[0]
+    if isinstance(local, bool):
+        return pair[1] if local else pair[0]
+    return jax.tree.map(lambda a, b: jnp.where(local, a, b), pair[1], pair[0])
+
+
+def _within_window(allowed: jax.Array, index: jax.Array | None, window: int) -> jax.Array:
+    """``allowed`` [B, T, S] narrowed to a sliding window: query slot i sees key slot j iff i - j < window.
+
+    Slots, not positions: a left-padded row's tokens sit in consecutive slots, so the slot distance is the
+    position distance (transformers' sliding masks count the same way).
+    """
+    t, s = allowed.shape[1:]
+    query = jnp.arange(t) + (0 if index is None else index)
+    return allowed & (query[:, None] - jnp.arange(s)[None, :] < window)[None]
 
 
 def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | None, cache: KVCache | None,
