@@ -170,3 +170,4 @@ def test_recipe_stages_end_to_end_on_a_tiny_model(tmp_path):
     assert f"{100 * accuracy['eval_base']:.1f} [" in report
     assert f"yield {star['yield']:.1%}" in report
     assert "GRPO diagnostics" in report and "groups with equal rewards (no signal)" in report
+    assert "; too few steps for a reward trend" in report  # the GRPO line says whether the reward rose

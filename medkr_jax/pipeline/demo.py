@@ -233,6 +233,8 @@ def trend_phrase(res: dict) -> str:
     """", reward rose (slope +0.004 per step, t = 3.1)" for a headline; "" when the run logged no trend."""
     if "reward_trend" not in res:
         return ""
+    if res["reward_trend"] == "too few steps for a trend":
+        return "; too few steps for a reward trend"
     return f"; reward {res['reward_trend']} (slope {res['reward_slope']:+.4f} per step, t = {res['reward_slope_t']:.1f})"
 
 
