@@ -8,6 +8,7 @@ import pytest
 from medkr_jax.config import base_config
 from medkr_jax.jobs import dry_run
 from medkr_jax.models import memory, presets
+from medkr_jax.models.lora import LoRASettings
 from medkr_jax.models.memory import CHIP_HBM, GiB, MemoryPlanError, memory_plan
 
 
@@ -99,3 +100,31 @@ def test_dry_run_job_from_config(tmp_path, capsys):
     assert "qwen3-32b" in out and "fits" in out and "optimizer" in out
     # a 32B model in float32 would need ~131 GB: the plan never allocated it
     assert summary["num_params"] * 4 > 100 * GiB and math.isfinite(summary["hbm_fraction"])
+
+
+def test_lora_plan_by_hand_adapters_frozen_base_and_kv_cache():
+    """Llama-3.1-8B, rank-16 adapters on its 7 projections: adapter count, a frozen bf16 base (no gradient, moments
+    or master copy), the adapters' float32 state, and the rollout's KV cache, each computed by hand."""
+    cfg = presets.decoder_config("llama3.1-8b")
+    lora = LoRASettings(rank=16, alpha=32.0)
+    kw = dict(param_dtype="bfloat16", batch_size=4, seq_len=2048, remat=True)
+    one = memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, lora=lora, kv_rows=64, kv_len=2048, **kw)
+    full = memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, **kw)
+    e, m, q, kv = 4096, 14336, 32 * 128, 8 * 128
+    adapters = 32 * 16 * ((e + q) * 2 + (e + kv) * 2 + (e + m) * 2 + (m + e))  # q o, k v, gate up, down
+    assert one["adapter_params"] == adapters == 41_943_040 and one["num_params"] == cfg.num_params
+    assert one["params"] == cfg.num_params * 2 + adapters * 4 and one["adapters"] == adapters * 4
+    assert one["grads"] == adapters * 4 and one["optimizer"] == adapters * 8 and one["master"] == 0
+    assert full["grads"] == cfg.num_params * 2 and full["master"] == cfg.num_params * 4
+    # the adapters' rank-16 products of the one recomputed layer (remat), per token: 7 modules x 16, bfloat16
+    assert one["activations"] - full["activations"] == pytest.approx(4 * 2048 * 7 * 16 * 2, abs=2)
+    # 64 rows x 2048 tokens x 32 layers x (keys + values) x 8 KV heads x 128 x float32
+    assert one["kv_cache"] == 64 * 2048 * 32 * 2 * 8 * 128 * 4 == 32 * GiB
+    assert one["total"] == (one["params"] + one["optimizer"]
+                            + max(one["grads"] + one["activations"], one["kv_cache"]))
+    # 48 rows pad to 64 (the sampler's power of two), split over fsdp=4; 8 KV heads over tensor=2
+    four = memory_plan(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=lora, kv_rows=48, kv_len=1024, **kw)
+    assert four["kv_cache"] == 64 // 4 * 1024 * 32 * 2 * (8 // 2) * 128 * 4
+    assert four["adapters"] < one["adapters"] / 2  # the adapters split like the base kernels
+    text = memory.format_plan(one)
+    assert "LoRA r=16" in text and "41.9M trained params" in text and "kv_cache" in text

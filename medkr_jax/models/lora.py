@@ -96,8 +96,8 @@ class LoRADense(Dense):
         axes = base.kernel.get_metadata().get("out_sharding") or (None,) * base.kernel.ndim
         *lead, _, dout = base.kernel.shape
         lead_axes = tuple(axes[:-2])
-        self.lora_a = _sharded(LoRAParam, adapter_a, lead_axes + (axes[-2], None))
-        self.lora_b = _sharded(LoRAParam, jnp.zeros((*lead, rank, dout), jnp.float32), lead_axes + (None, axes[-1]))
+        self.lora_a = LoRAParam(adapter_a, out_sharding=lead_axes + (axes[-2], None))
+        self.lora_b = LoRAParam(jnp.zeros((*lead, rank, dout), jnp.float32), out_sharding=lead_axes + (None, axes[-1]))
         self.layer = LoRALayer(layer)
         self.scale, self.dropout, self.enabled = alpha / rank, float(dropout), True
         self.module_id = zlib.crc32(name.encode()) & 0x7FFFFFFF  # static: the same in every layer
@@ -115,11 +115,6 @@ class LoRADense(Dense):
         down = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(self.dtype))
         up = jnp.einsum("...r,ro->...o", down, self.lora_b[...].astype(self.dtype))
         return y + (up * self.scale).astype(y.dtype)
-
-
-def _sharded(cls, value: jax.Array, axes: tuple) -> nnx.Variable:
-    """A variable carrying logical axes ``axes`` (placed by them when a mesh is in scope with eager sharding)."""
-    return cls(nnx.with_partitioning(lambda *_: value, axes)(None, value.shape, value.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- surgery
@@ -180,20 +175,25 @@ def apply_lora(model: nnx.Module, settings: LoRASettings, *, mesh: jax.sharding.
     if has_adapters(model):
         raise ValueError("the model already has LoRA adapters")
     chosen = set(target_names(model, settings.target_modules))
+    drawn: dict[str, jax.Array] = {}  # module name -> A of the whole stack [L, in, r]
+
+    def draw(site: _Site, kernel_shape: tuple) -> jax.Array:
+        if site.name not in drawn:
+            shape = kernel_shape if site.layer is None else (site.layer[1], *kernel_shape)
+            key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(site.name.encode()) & 0x7FFFFFFF)
+            bound = 1.0 / math.sqrt(shape[-2])  # PEFT's kaiming_uniform(a=sqrt(5)) bound, 1 / sqrt(fan_in)
+            drawn[site.name] = jax.random.uniform(key, (*shape[:-1], settings.rank), jnp.float32, -bound, bound)
+        return drawn[site.name] if site.layer is None else drawn[site.name][site.layer[0]]
+
     context = parallel.sharding_context(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with context, nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
         for site in (s for s in _sites(model) if s.name in chosen):
             base = getattr(site.parent, site.attr)
-            shape = base.kernel.shape if site.layer is None else (site.layer[1], *base.kernel.shape)
-            din = shape[-2]
-            key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(site.name.encode()) & 0x7FFFFFFF)
-            a = jax.random.uniform(key, (*shape[:-1], settings.rank), jnp.float32, -1.0, 1.0) / math.sqrt(din)
-            layer = jnp.arange(shape[0], dtype=jnp.int32) if site.layer is None else jnp.int32(site.layer[0])
-            if site.layer is not None:
-                a = a[site.layer[0]]
+            layer = (jnp.arange(base.kernel.shape[0], dtype=jnp.int32) if site.layer is None
+                     else jnp.int32(site.layer[0]))
             setattr(site.parent, site.attr, LoRADense(base, rank=settings.rank, alpha=settings.alpha,
-                                                      dropout=settings.dropout, name=site.name, adapter_a=a,
-                                                      layer=layer))
+                                                      dropout=settings.dropout, name=site.name,
+                                                      adapter_a=draw(site, base.kernel.shape), layer=layer))
     return model
 
 

@@ -234,8 +234,8 @@ def format_plan(plan: dict[str, Any], name: str = "") -> str:
         if plan.get(key) or (key in plan and key not in ("adapters", "kv_cache")):
             note = " (of params)" if key == "adapters" else ""
             if key == "kv_cache":
-                note = (f"  ({plan['kv_rows']} rollout rows x {plan['kv_len']} tokens, {plan['kv_dtype']}; "
-                        "alternates with the step: total = max of the two)")
+                note = (f" ({plan['kv_rows']} rollout rows x {plan['kv_len']} tokens, {plan['kv_dtype']}; in turn "
+                        "with grads + activations)")
             lines.append(f"    {key:12s}{gib(plan[key])}{note}")
     lines.append(f"    {'total':12s}{gib(plan['total'])}")
     if "chip" in plan:
