@@ -122,20 +122,26 @@ def toy_batch(rows=4, t=16, seed=0):
 
 
 def test_only_adapters_train_sharded_like_the_base_on_one_and_eight_devices():
-    """The base is frozen, absent from the optimizer state and the checkpoint; on fsdp=2 x tensor=4 each adapter
-    splits the base kernel's in / out dimension as the kernel does; 1 vs 8 devices: the same losses and adapter
-    updates, with dropout on (masks keyed by the step, not by the layout of the devices)."""
+    """The base (bfloat16) is frozen, absent from the optimizer state and the checkpoint; on fsdp=2 x tensor=4 each
+    adapter splits the base kernel's in / out dimension as the kernel does; 1 vs 8 devices: the same losses and
+    adapter updates. (Dropout off: its random bits double the 8-device compile time; it is tested below and in
+    the resumed LoRA-SFT run of tests/test_grpo.py.)"""
     runs, cfg = [], dataclasses.replace(CFG, num_layers=1)  # one layer: half the compile time
     for mesh in (one_device_mesh(), parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})):
-        model = lora.apply_lora(Decoder(cfg, rngs=nnx.Rngs(0)), lora.LoRASettings(rank=4, dropout=0.1))
-        trainer = Trainer(model, loss_fn=sft.sft_loss, tx=optax.adam(1e-2), mesh=mesh)
+        base_model = Decoder(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # a bfloat16 base, float32 adapters
+        model = lora.apply_lora(base_model, lora.LoRASettings(rank=4))
+        # SGD with momentum: updates linear in the gradient (Adam's first steps, g / |g|, would amplify float32
+        # summation-order differences of near-zero gradient entries between the meshes)
+        trainer = Trainer(model, loss_fn=sft.sft_loss, tx=optax.sgd(0.5, momentum=0.9), mesh=mesh)
         base = jax.device_get(trainer.frozen)
+        assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+        assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype(jnp.float32)}
         losses = [float(trainer.update(toy_batch(seed=s), jax.random.key(s))["loss"]) for s in range(3)]
         paths = [".".join(str(k.key) for k in path)
                  for path, _ in jax.tree_util.tree_flatten_with_path(trainer.checkpoint_state(3)["params"])[0]]
         assert paths and all(p.endswith((".lora_a.value", ".lora_b.value")) for p in paths), paths  # adapters only
         n_adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
-        assert sum(x.size for x in jax.tree.leaves(trainer.opt_state)) == 2 * n_adapters + 1  # mu, nu, count
+        assert sum(x.size for x in jax.tree.leaves(trainer.opt_state)) == n_adapters  # the momentum of adapters
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(trainer.frozen)))
         modules = lora.lora_modules(trainer.model())
         for path, m in modules:

@@ -122,13 +122,12 @@ class LoRADense(Dense):
 
 @dataclasses.dataclass(frozen=True)
 class _Site:
-    """A projection LoRA can wrap: its parent module, attribute, name for patterns ("layers.attn.q_proj"), dotted
-    path ("layers.0.attn.q_proj") and layer (index, count) for per-layer modules, None when stacked."""
+    """A projection LoRA can wrap: its parent module, attribute, name for patterns ("layers.attn.q_proj", also for
+    the per-layer "layers.0.attn.q_proj") and layer (index, count) for per-layer modules, None when stacked."""
 
     parent: Any
     attr: str
     name: str
-    path: str
     layer: tuple[int, int] | None
 
 
@@ -144,7 +143,7 @@ def _sites(model: nnx.Module) -> list[_Site]:
         per_layer = len(path) > 1 and isinstance(path[1], int)
         layer = (path[1], len(model.layers)) if per_layer else None
         name = ".".join(str(k) for k in path if not isinstance(k, int))
-        out.append(_Site(parent, str(path[-1]), name, ".".join(map(str, path)), layer))
+        out.append(_Site(parent, str(path[-1]), name, layer))
     return out
 
 
