@@ -1,6 +1,8 @@
-"""Training throughput: our jitted SFT step vs Hugging Face PyTorch, and our GRPO step vs google-tunix's GRPO.
+"""Training throughput: our jitted SFT step vs Hugging Face PyTorch, our GRPO step vs google-tunix's GRPO, and our
+LoRA SFT step vs full fine-tuning of the same model.
 
-    python bench/train_step.py [--threads 1] [--steps 12] [--setup-tunix] [--skip-tunix]
+    python bench/train_step.py [--threads 1] [--steps 12] [--setup-tunix] [--skip-tunix] [--lora-rank 16]
+    python bench/train_step.py --lora-only --steps 1   # the LoRA comparison alone (a smoke run)
 
 SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 256, MLP 512, 4 layers, 4 query /
 2 KV heads of 64) trained on the same random token batch (8 x 256, every target counted) with AdamW
@@ -24,9 +26,16 @@ sees the project venv's packages through a .pth file, plus `pip install google-t
 requirements; tunix pins safetensors<0.8, which is removed again so transformers keeps working). When that
 venv is missing, the GRPO reference is reported as null with the reason.
 
+LoRA: the SFT model and batch above, once fully fine-tuned and once with rank-`--lora-rank` adapters (alpha =
+2 x rank) on every attention and MLP projection and the base frozen (medkr_jax.models.lora), the same AdamW; the
+two `Trainer` steps alternate as above. Peak memory is XLA's memory analysis of each compiled step on one device
+(arguments + outputs - donated buffers + temporaries: what the step needs, whatever the backend; CPU reports no
+device peak); `lora_time_ratio` and `lora_memory_ratio` are LoRA over full.
+
 Both sides of each comparison run on the CPU with the same number of threads (default 1: on a shared machine
 multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with one JSON
-line: the SFT comparison in name/ours/reference/unit/ratio, the GRPO one in the grpo_* fields.
+line: the SFT comparison in name/ours/reference/unit/ratio, the GRPO one in the grpo_* fields, the LoRA one in the
+lora_* fields (with --lora-only only those, and name "train_step_lora_vs_full").
 """
 
 from __future__ import annotations
@@ -235,6 +244,46 @@ def sft_steps(batch: dict, threads: int):
     return ours, int(n_params), reference
 
 
+def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
+    """LoRA SFT (rank `rank` on every projection, base frozen) vs full fine-tuning of the SFT model on `batch`:
+    median step seconds (interleaved) and the compiled steps' peak bytes; ratios are LoRA over full."""
+    import jax
+    from flax import nnx
+
+    from medkr_jax import parallel
+    from medkr_jax.models import lora
+    from medkr_jax.models.decoder import Decoder
+    from medkr_jax.train import sft
+    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
+    from medkr_jax.train.trainer import Trainer
+
+    cfg = _decoder_config(SFT_DIMS)
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    key = jax.random.key(0)
+    trainers = []
+    for r in (0, rank):
+        with parallel.sharding_context(mesh):
+            model = Decoder(cfg, rngs=nnx.Rngs(0))
+        lora.apply_lora(model, lora.LoRASettings(rank=r, alpha=2.0 * r), mesh=mesh)
+        trainers.append(Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh))
+    memory = [t.step_memory(batch, key)["peak"] for t in trainers]
+    fns = [lambda t=t: float(t.update(batch, key)["loss"]) for t in trainers]
+    full_s, lora_s = timed_interleaved(fns, steps)
+    trained = [sum(x.size for x in jax.tree.leaves(t.params)) for t in trainers]
+    return {"lora_rank": rank, "lora_trained_params": int(trained[1]), "full_trained_params": int(trained[0]),
+            "lora_step_s": round(lora_s, 5), "full_step_s": round(full_s, 5),
+            "lora_time_ratio": round(lora_s / full_s, 3), "lora_peak_bytes": memory[1], "full_peak_bytes": memory[0],
+            "lora_memory_ratio": round(memory[1] / memory[0], 3)}
+
+
+def _print_lora(res: dict) -> None:
+    print(f"LoRA r={res['lora_rank']} SFT step {res['lora_step_s'] * 1e3:.1f} ms vs full {res['full_step_s'] * 1e3:.1f}"
+          f" ms (ratio {res['lora_time_ratio']}); peak {res['lora_peak_bytes'] / 2**20:.1f} MiB vs "
+          f"{res['full_peak_bytes'] / 2**20:.1f} MiB (ratio {res['lora_memory_ratio']}); trained params "
+          f"{res['lora_trained_params']:,} vs {res['full_trained_params']:,}")
+
+
 def timed_interleaved(fns, steps: int) -> list[float]:
     """Median seconds per call of each fn, calls interleaved (same machine load for all) after 2 warm-ups."""
     times = [[] for _ in fns]
@@ -331,6 +380,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating GRPO runs per implementation (best kept)")
     ap.add_argument("--setup-tunix", action="store_true", help=f"create {TUNIX_VENV} first")
     ap.add_argument("--skip-tunix", action="store_true")
+    ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the LoRA vs full SFT comparison")
+    ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.tunix_worker:
@@ -347,6 +398,12 @@ def main() -> None:
     seq = rng.integers(3, SFT_DIMS["vocab"], size=(b, t + 1)).astype(np.int32)
     batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
              "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+    lora_res = lora_vs_full(batch, args.lora_rank, args.steps)
+    if args.lora_only:
+        _print_lora(lora_res)
+        print(json.dumps({"name": "train_step_lora_vs_full", **lora_res, "threads": args.threads,
+                          "device": jax.devices()[0].platform}))
+        return
     ours_fn, n_params, torch_fn = sft_steps(batch, args.threads)
     ours_s, torch_s = timed_interleaved([ours_fn, torch_fn], args.steps)
     tokens = b * t
@@ -384,13 +441,14 @@ def main() -> None:
              else f"{'n/a':>14s}{'':8s}   ({tunix_g.get('error')})"))
     print(f"SFT model FLOP/s {flops / ours_s:.3g} vs matmul peak {peak:.3g} -> peak_fraction "
           f"{flops / ours_s / peak:.3f}")
+    _print_lora(lora_res)
     print(json.dumps({
         "name": "train_step_sft_tokens_per_s", "ours": round(ours_tps, 2), "reference": round(torch_tps, 2),
         "unit": "tokens/s", "ratio": round(ours_tps / torch_tps, 3), "peak_fraction": round(flops / ours_s / peak, 4),
         "grpo_ours_samples_per_s": round(ours_g["samples_per_s"], 2),
         "grpo_tunix_samples_per_s": round(tun, 2) if tun else None,
         "grpo_ratio": round(ours_g["samples_per_s"] / tun, 3) if tun else None,
-        "grpo_reference_error": tunix_g.get("error"),
+        "grpo_reference_error": tunix_g.get("error"), **lora_res,
         "threads": args.threads, "device": jax.devices()[0].platform,
     }))
 

@@ -21,7 +21,8 @@ from medkr_jax.sharding_rules import DEFAULT_SHARDING_RULES
 # Tuple keys that also take a comma-separated string on the command line (main.py rewrites it before parsing):
 # "names" split at every comma; "specs" too, except that a piece without "/" or ":" after a spec with a query
 # continues that query's list ("mmlu_flat:?subjects=anatomy,virology" stays one spec).
-COMMA_LIST_KEYS = {"data.benchmarks": "specs", "data.subjects": "names", "pipeline.stages": "names"}
+COMMA_LIST_KEYS = {"data.benchmarks": "specs", "data.subjects": "names", "pipeline.stages": "names",
+                   "lora.target_modules": "names"}
 
 
 def split_comma_list(key: str, value: str) -> tuple[str, ...]:
@@ -223,6 +224,24 @@ def _grpo_section() -> ml_collections.ConfigDict:
     })
 
 
+def _lora_section() -> ml_collections.ConfigDict:
+    # LoRA adapters for the sft and grpo jobs (medkr_jax/models/lora.py): the decoder's base weights stay frozen
+    # (config.model.param_dtype may then be bfloat16), only the adapters are trained, in the optimizer state and
+    # in the checkpoints. The jobs export the merged weights (sft/grpo export_dir) and the adapters as a PEFT
+    # folder (peft_dir); with grpo.beta > 0 the reference model is the base with the adapters switched off.
+    return ml_collections.ConfigDict({
+        "rank": 0,                # r; 0 = no adapters (full fine-tuning)
+        "alpha": 16.0,            # the adapter product is scaled by alpha / rank (PEFT's lora_alpha)
+        "dropout": 0.0,           # dropout on the adapters' input during training (PEFT's lora_dropout)
+        # Regular expressions searched in module paths with the layer index left out, e.g. "layers.attn.q_proj",
+        # "layers.mlp.down_proj"; a pattern selects the same projections in every layer. Default: all attention
+        # and MLP projections. On the command line also a comma-separated list:
+        # --config.lora.target_modules=q_proj,v_proj
+        "target_modules": (r"attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"),
+        "peft_dir": "",           # "" = <output_dir>/peft
+    })
+
+
 def _synthetic_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "seed": 0,
@@ -253,6 +272,13 @@ def _dry_run_section() -> ml_collections.ConfigDict:
         "batch_size": 0,          # 0 = config.train.batch_size
         "seq_len": 0,             # 0 = config.train.seq_len
         "train": True,            # False: plan inference (parameters + the sampler's KV cache of batch x seq_len)
+        # The sampler's KV cache of a GRPO rollout, planned beside the training step (they alternate):
+        # kv_rows sequences (0 = no KV cache in the plan; -1 = grpo.prompts_per_step * grpo.num_generations) of
+        # kv_len tokens (0 = config.train.seq_len: prompt bucket + generation bucket) in kv_dtype (the grpo job's
+        # sampler keeps its cache in float32)
+        "kv_rows": 0,
+        "kv_len": 0,
+        "kv_dtype": "float32",
     })
 
 
@@ -303,6 +329,7 @@ def base_config() -> ml_collections.ConfigDict:
         "traces": _traces_section(),
         "sft": _sft_section(),
         "grpo": _grpo_section(),
+        "lora": _lora_section(),
         "synthetic": _synthetic_section(),
         "study": _study_section(),
         "dry_run": _dry_run_section(),

@@ -16,10 +16,11 @@ from medkr_jax.config import base_config
 from medkr_jax.data.answer import LETTERS
 from medkr_jax.data.records import MCQRecord, write_records
 from medkr_jax.jobs import grpo as grpo_job, sft as sft_job
+from medkr_jax.models import lora
 from medkr_jax.models.decoder import Decoder
 from medkr_jax.models.presets import TINY
 from medkr_jax.sampling import SampleOutput, Sampler
-from medkr_jax.train import grpo, losses, sft, traces
+from medkr_jax.train import grpo, loop, losses, sft, traces
 from medkr_jax.train.metrics_log import read_metrics
 from medkr_jax.train.rewards import completion_rewards
 from medkr_jax.train.trainer import Trainer
@@ -529,15 +530,18 @@ def test_grpo_on_a_split_without_reasoning_questions_names_the_grpo_key(tmp_path
 # -------------------------------------------------------------- the GRPO family learns the rule (by name)
 
 
-def learner_rewards(model_dir, records, settings, *, steps, prompts_per_step=8, lr=2e-3, seed=0):
+def learner_rewards(model_dir, records, settings, *, steps, prompts_per_step=8, lr=2e-3, seed=0, lora_rank=0,
+                    reference=None):
     """Per-step metrics of the GRPO learner alone (the job's pieces without checkpoints, export or report) from
-    the policy in model_dir on `records`, with the job's optimizer (AdamW, clipping) at a constant `lr`."""
+    the policy in model_dir on `records`, with the job's optimizer (AdamW, clipping) at a constant `lr`; with
+    `lora_rank` > 0 on adapters of that rank (the base frozen)."""
     from medkr_jax.eval.prompts import stop_token_ids
     from medkr_jax.jobs.training import optimizer_settings
     from medkr_jax.train.optim import make_optimizer
 
     mesh = one_device_mesh()
     model, cfg, tok, _ = sft.load_policy(str(model_dir), mesh=mesh, rules=None)
+    model = lora.apply_lora(model, lora.LoRASettings(rank=lora_rank, alpha=2.0 * lora_rank), mesh=mesh)
     examples = [traces.make_example(r, "plain", np.random.default_rng(0)) for r in records]
     ps = grpo.build_prompts(examples, tok, system_prompt="", max_new_tokens=settings.max_new_tokens)
     stop = stop_token_ids(tok, cfg.eos_token_ids)
@@ -547,7 +551,8 @@ def learner_rewards(model_dir, records, settings, *, steps, prompts_per_step=8, 
     trainer = Trainer(model, loss_fn=grpo.make_loss_fn(settings), mesh=mesh,
                       tx=make_optimizer(optimizer_settings(c), steps * settings.mu))
     rows = prompts_per_step * settings.num_generations
-    step_fn = grpo.make_step_fn(sampler, tok, ps, settings, pad_id=tok.pad_token_id, local=slice(0, rows))
+    step_fn = grpo.make_step_fn(sampler, tok, ps, settings, pad_id=tok.pad_token_id, local=slice(0, rows),
+                                reference=reference)
     batches = iter(grpo.prompt_batches(len(examples), prompts_per_step, seed=seed))
     return [step_fn(trainer, next(batches), jax.random.fold_in(jax.random.key(seed), s)) for s in range(steps)]
 
@@ -571,3 +576,87 @@ def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_fac
         assert {"groups_dropped", "extra_prompts", "sampling_rounds", "padding_groups", "overlong_penalty",
                 "overlong_rate"} <= set(recs[-1])
         assert sum(r["extra_prompts"] for r in recs) > 0  # some step's groups all agreed and were refilled
+
+
+# ------------------------------------------------------------------------------------- LoRA (models/lora.py)
+
+
+def test_lora_grpo_raises_the_reward_against_the_base_as_reference(signal_world, tmp_path_factory):
+    """LoRA adapters on the frozen warm policy learn the rule with GRPO; the KL reference (beta > 0) is the job's
+    reference for a LoRA policy, the base with the adapters off: 0 at the start (the adapters start as a no-op),
+    growing as the adapters move, and the job loads no second copy of the weights for it."""
+    d, rule = signal_world
+    settings = grpo.GRPOSettings(num_generations=8, max_new_tokens=16, mu=2, loss="dapo", beta=0.04)
+    c = base_config()
+    c.lora.rank = 8
+    assert grpo_job._reference(c, settings, None, None) is grpo_job._base_policy  # no load_decoder call
+    with compilation_cache(tmp_path_factory):
+        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12, lr=1e-2, lora_rank=8,
+                               reference=grpo_job._base_policy)
+    rewards, kl = [r["reward_mean"] for r in recs], [r["kl"] for r in recs]
+    print(f"LoRA-GRPO rewards {np.round(rewards, 2).tolist()}, kl {np.round(kl, 4).tolist()}")
+    assert np.mean(rewards[:2]) <= 0.4 and np.mean(rewards[-3:]) >= np.mean(rewards[:2]) + 0.3, rewards
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and max(kl[-3:]) > 1e-4, kl
+
+
+def test_lora_sft_learns_checkpoints_adapters_exports_and_resumes(signal_world, tmp_path, tmp_path_factory,
+                                                                  monkeypatch):
+    """LoRA-SFT of the warm policy on the rule: the loss falls; the checkpoint holds the adapters and their
+    optimizer state, no base weight; the export job rebuilds the job's merged and PEFT folders from the base and
+    that checkpoint; a run that dies during step 6 and is rerun resumes from its step-4 checkpoint (the base
+    reloaded from the model folder, adapters, optimizer state and data position from the checkpoint) with the
+    uninterrupted loss curve, dropout on. (The kill -9 path of the same loop and checkpointer: test_sft.py.)"""
+    d, _ = signal_world
+    steps = 12
+    cfg = sft_config(tmp_path / "ref", d / "rule.jsonl", d / "warm" / "hf", steps=steps, lr=1e-2, batch=8,
+                     seq_len=96, ckpt_every=4)
+    cfg.eval.system_prompt = ""
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 8, 16.0, 0.05
+    with compilation_cache(tmp_path_factory):
+        summary = sft_job.run(cfg, mesh=one_device_mesh())
+        recs = [r for r in read_metrics(cfg.output_dir) if "loss" in r]
+        want = [r["loss"] for r in recs]
+        print(f"LoRA-SFT losses {np.round(want, 3).tolist()}")
+        assert np.mean(want[-3:]) < 0.6 * np.mean(want[:3]), want
+        meta = (tmp_path / "ref" / "run" / "checkpoints" / str(steps) / "state" / "_METADATA").read_text()
+        assert "lora_a" in meta and "kernel" not in meta and "embedding" not in meta
+        check_export_job_matches(cfg, summary, tmp_path)
+
+        class Crash(Exception):
+            pass
+
+        def crashing_step(trainer, batch, rng):
+            if trainer.opt_steps == 5:
+                raise Crash()
+            return trainer.update(batch, rng)
+
+        cfg.output_dir = str(tmp_path / "crashed" / "run")
+        with monkeypatch.context() as m:
+            m.setattr(loop, "default_step_fn", crashing_step)
+            with pytest.raises(Crash):
+                sft_job.run(cfg, mesh=one_device_mesh())
+        resumed = sft_job.run(cfg, mesh=one_device_mesh())
+    assert resumed["resumed"] and resumed["start_step"] == 4
+    got = {r["step"]: r["loss"] for r in read_metrics(cfg.output_dir) if "loss" in r}
+    assert sorted(got) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], want, rtol=1e-5, atol=1e-6)
+
+
+def check_export_job_matches(cfg, summary, tmp_path):
+    """The export job on the run's checkpoint (base from config.model.path) writes the job's own exports."""
+    from safetensors.numpy import load_file
+
+    from medkr_jax.jobs import export as export_job
+
+    c = cfg.copy_and_resolve_references()
+    c.job, c.export.out_dir, c.lora.peft_dir = "export", str(tmp_path / "again"), str(tmp_path / "again_peft")
+    again = export_job.run(c)
+    assert again["step"] == cfg.train.steps and again["adapter_params"] == summary["adapter_params"] > 0
+    for first, second in ((os.path.join(summary["export_dir"], "model.safetensors"), tmp_path / "again"
+                           / "model.safetensors"),
+                          (os.path.join(summary["peft_dir"], "adapter_model.safetensors"), tmp_path / "again_peft"
+                           / "adapter_model.safetensors")):
+        a, b = load_file(first), load_file(str(second))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

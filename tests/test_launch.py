@@ -465,3 +465,23 @@ def test_tpu_stop_terminates_only_the_recorded_job(gcloud_env, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.parametrize("target,chip,devices", [("v6e-8", "v6e", 8), ("v5e-8", "v5e", 8), ("h100", "h100", 1)])
+def test_lora_grpo_8b_plans_fit_one_host(target, chip, devices, capsys):
+    """configs/grpo_8b_lora.py:<target>: Llama-3.1-8B GRPO with LoRA fits one host, the plan printed per device."""
+    from medkr_jax.jobs import dry_run
+
+    mod, _ = _load_config("grpo_8b_lora")
+    c = mod.get_config(target)
+    assert c.job == "grpo" and c.lora.rank > 0 and c.model.param_dtype == "bfloat16"
+    assert c.train.batch_size == c.grpo.prompts_per_step * c.grpo.num_generations
+    c.job = "dry_run"
+    plan = dry_run.run(c)
+    assert plan["chip"] == chip and plan["num_devices"] == devices and plan["fits"] is True
+    assert plan["adapter_params"] == 41_943_040 and plan["master"] == 0
+    assert plan["kv_rows"] == c.train.batch_size and plan["kv_cache"] > 0
+    out = capsys.readouterr().out
+    assert "LoRA r=16" in out and "kv_cache" in out and "-> fits" in out
+    with pytest.raises(ValueError, match="expected one of"):
+        mod.get_config("v4-8")

@@ -8,6 +8,7 @@ import pytest
 from medkr_jax.config import base_config
 from medkr_jax.jobs import dry_run
 from medkr_jax.models import memory, presets
+from medkr_jax.models.lora import LoRASettings
 from medkr_jax.models.memory import CHIP_HBM, GiB, MemoryPlanError, memory_plan
 
 
@@ -118,15 +119,18 @@ def test_kv_cache_of_sliding_layers_and_what_a_ring_buffer_would_save():
     layers would keep min(length, window) slots there. MedGemma-27B, one row of 32k tokens in bfloat16."""
     g = presets.decoder_config("medgemma-27b")
     per_slot = 2 * 16 * 128 * 2  # keys and values, 16 kv heads of 128, bfloat16
-    full = memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=1, dtype="bfloat16")
-    ring = memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=1, dtype="bfloat16", ring=True)
+    one = memory.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    kw = dict(rows=1, length=32768, dtype="bfloat16", pad_rows=False)
+    full = memory.kv_cache_bytes(g, one, **kw)
+    ring = memory.kv_cache_bytes(g, one, ring=True, **kw)
     assert full == 62 * 32768 * per_slot == 15.5 * GiB
     assert ring == (10 * 32768 + 52 * 1024) * per_slot and ring / GiB == pytest.approx(2.906, abs=1e-3)
     # kv heads split over "tensor" when they divide it; no sliding layer: the ring changes nothing
-    assert memory.kv_cache_bytes(g, batch_per_device=1, length=32768, tensor=4, dtype="bfloat16") == full / 4
+    tensor4 = memory.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 4})
+    assert memory.kv_cache_bytes(g, tensor4, **kw) == full / 4
     q = presets.decoder_config("qwen3-8b")
-    kw = dict(batch_per_device=2, length=4096, tensor=1, dtype="float32")
-    assert memory.kv_cache_bytes(q, ring=True, **kw) == memory.kv_cache_bytes(q, **kw)
+    kw = dict(rows=2, length=4096, dtype="float32")
+    assert memory.kv_cache_bytes(q, one, ring=True, **kw) == memory.kv_cache_bytes(q, one, **kw) > 0
 
 
 @pytest.mark.parametrize("config_file, chip, train", [("configs/grpo_medgemma_27b.py", "v5p", True),
@@ -142,3 +146,31 @@ def test_medgemma_configs_fit_their_slices(tmp_path, capsys, config_file, chip, 
         assert 0 < summary["kv_cache_ring"] < summary["kv_cache"] and summary["total"] == summary["params"] + \
             summary["kv_cache"]
         assert "ring buffer" in capsys.readouterr().out
+
+
+def test_lora_plan_by_hand_adapters_frozen_base_and_kv_cache():
+    """Llama-3.1-8B, rank-16 adapters on its 7 projections: adapter count, a frozen bf16 base (no gradient, moments
+    or master copy), the adapters' float32 state, and the rollout's KV cache, each computed by hand."""
+    cfg = presets.decoder_config("llama3.1-8b")
+    lora = LoRASettings(rank=16, alpha=32.0)
+    kw = dict(param_dtype="bfloat16", batch_size=4, seq_len=2048, remat=True)
+    one = memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, lora=lora, kv_rows=64, kv_len=2048, **kw)
+    full = memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, **kw)
+    e, m, q, kv = 4096, 14336, 32 * 128, 8 * 128
+    adapters = 32 * 16 * ((e + q) * 2 + (e + kv) * 2 + (e + m) * 2 + (m + e))  # q o, k v, gate up, down
+    assert one["adapter_params"] == adapters == 41_943_040 and one["num_params"] == cfg.num_params
+    assert one["params"] == cfg.num_params * 2 + adapters * 4 and one["adapters"] == adapters * 4
+    assert one["grads"] == adapters * 4 and one["optimizer"] == adapters * 8 and one["master"] == 0
+    assert full["grads"] == cfg.num_params * 2 and full["master"] == cfg.num_params * 4
+    # the adapters' rank-16 products of the one recomputed layer (remat), per token: 7 modules x 16, bfloat16
+    assert one["activations"] - full["activations"] == pytest.approx(4 * 2048 * 7 * 16 * 2, abs=2)
+    # 64 rows x 2048 tokens x 32 layers x (keys + values) x 8 KV heads x 128 x float32
+    assert one["kv_cache"] == 64 * 2048 * 32 * 2 * 8 * 128 * 4 == 32 * GiB
+    assert one["total"] == (one["params"] + one["optimizer"]
+                            + max(one["grads"] + one["activations"], one["kv_cache"]))
+    # 48 rows pad to 64 (the sampler's power of two), split over fsdp=4; 8 KV heads over tensor=2
+    four = memory_plan(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=lora, kv_rows=48, kv_len=1024, **kw)
+    assert four["kv_cache"] == 64 // 4 * 1024 * 32 * 2 * (8 // 2) * 128 * 4
+    assert four["adapters"] < one["adapters"] / 2  # the adapters split like the base kernels
+    text = memory.format_plan(one)
+    assert "LoRA r=16" in text and "41.9M trained params" in text and "kv_cache" in text

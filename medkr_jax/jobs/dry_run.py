@@ -10,6 +10,7 @@ from etils import epath  # orbax's path library: local folders and gs:// alike
 
 from medkr_jax import parallel
 from medkr_jax.config import ConfigError
+from medkr_jax.jobs.training import lora_settings
 from medkr_jax.models import presets
 from medkr_jax.models.decoder import DecoderConfig
 from medkr_jax.models.hf import read_hf_config
@@ -40,11 +41,23 @@ def _mesh_sizes(config) -> dict[str, int]:
     return sizes
 
 
+def _kv_rows(config) -> int:
+    """config.dry_run.kv_rows, -1 meaning a GRPO rollout's rows: grpo.prompts_per_step * grpo.num_generations."""
+    rows = int(config.dry_run.kv_rows)
+    if rows == -1:
+        return int(config.grpo.prompts_per_step) * int(config.grpo.num_generations)
+    if rows < 0:
+        raise ConfigError(f"config.dry_run.kv_rows must be >= 0 or -1 (the GRPO rollout's rows), got {rows}")
+    return rows
+
+
 def run(config) -> dict:
     """Print and return the per-device memory plan; with config.output_dir, also memory_plan.json / .md there.
 
     Reads config.model (preset or path, dtype, param_dtype, remat), config.mesh, config.sharding_rules,
-    config.train (batch_size, seq_len) and config.dry_run (chip, num_devices, batch_size, seq_len, train).
+    config.train (batch_size, seq_len), config.lora (adapters on the frozen base when rank > 0), config.grpo
+    (the rollout rows when dry_run.kv_rows is -1) and config.dry_run (chip, num_devices, batch_size, seq_len,
+    train, kv_rows, kv_len, kv_dtype).
     """
     cfg, name = _decoder_config(config)
     dry = config.dry_run
@@ -55,7 +68,9 @@ def run(config) -> dict:
     plan = memory_plan(cfg, sizes, rules=config.sharding_rules or None, param_dtype=config.model.param_dtype,
                        dtype=config.model.dtype, batch_size=max(batch // accum, 1),
                        seq_len=int(dry.seq_len or config.train.seq_len), remat=bool(config.model.remat),
-                       chip=dry.chip or None, train=bool(dry.train))
+                       chip=dry.chip or None, train=bool(dry.train), lora=lora_settings(config),
+                       kv_rows=_kv_rows(config), kv_len=int(dry.kv_len or config.train.seq_len),
+                       kv_dtype=dry.kv_dtype)
     plan["model"] = name
     text = format_plan(plan, name)
     print(text)

@@ -4,7 +4,8 @@ Per loop step config.grpo.prompts_per_step prompts (records of config.grpo.train
 when config.grpo.reasoning_only, the first config.grpo.num_prompts when > 0; a config.traces share prefilled
 with misleading reasoning) go through the learner of medkr_jax.train.grpo (rollout -> reward -> advantages ->
 update) with the settings of config.grpo; the loop runs config.train.steps steps of config.grpo.mu optimizer
-updates each.
+updates each, of the whole policy or, with config.lora.rank > 0, of LoRA adapters on the frozen policy (whose
+base, the adapters off, is then the KL reference: no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from medkr_jax import parallel
 from medkr_jax.config import require
 from medkr_jax.data.records import read_records
 from medkr_jax.eval import prompts
-from medkr_jax.jobs.training import (check_batching, load_policy_from_config, loop_settings,
-                                      optimizer_settings, trace_mix)
-from medkr_jax.models.hf import export_decoder, load_decoder
+from medkr_jax.jobs.training import (check_batching, export_policy, load_policy_from_config, lora_settings,
+                                      loop_settings, optimizer_settings, trace_mix)
+from medkr_jax.models import lora
+from medkr_jax.models.hf import load_decoder
 from medkr_jax.sampling import Sampler
 from medkr_jax.train import grpo, loop, traces
 from medkr_jax.train.metrics_log import write_report
@@ -55,10 +57,18 @@ def _examples(config) -> list:
     return traces.build_examples(records, trace_mix(config), require_trace=False)
 
 
-def _reference(config, settings: grpo.GRPOSettings, mesh: Any, rules: Any) -> tuple[Any, Any] | None:
-    """nnx.split of the frozen reference model (the initial policy) when the KL term is on (beta != 0)."""
+def _base_policy(trainer) -> tuple[Any, Any]:
+    """nnx.split of a LoRA policy's base (its adapters off): the reference model, on the trainer's own arrays."""
+    return nnx.split(lora.adapters_off(trainer.model()))
+
+
+def _reference(config, settings: grpo.GRPOSettings, mesh: Any, rules: Any) -> Any:
+    """The frozen reference model (the initial policy) when the KL term is on (beta != 0): nnx.split of a second
+    copy of the weights, or with LoRA the base the adapters sit on (`_base_policy`, no copy)."""
     if settings.beta == 0.0:
         return None
+    if lora_settings(config).enabled:
+        return _base_policy
     ref_model, _ = load_decoder(config.model.path, mesh=mesh, rules=rules, dtype=jnp.dtype(config.model.dtype),
                                 param_dtype=jnp.dtype(config.model.param_dtype),
                                 allow_pickle=config.model.allow_pickle)
@@ -104,8 +114,7 @@ def run(config, *, mesh: Any = None) -> dict:
                          schedule=make_schedule(optimizer, opt_steps), step_fn=step_fn, desc="grpo")
     summary.update(prompts=len(examples), sampler_compiles=sampler.num_compiles)
     if not summary["preempted"]:
-        export_dir = config.grpo.export_dir or os.path.join(config.output_dir, "hf")
-        export_decoder(model, cfg, export_dir, tokenizer_dir=tok_dir)
-        summary["export_dir"] = export_dir
+        summary.update(export_policy(config, model, cfg, tok_dir,
+                                     config.grpo.export_dir or os.path.join(config.output_dir, "hf")))
     _write_report(config.output_dir, summary, len(examples), settings.num_generations)
     return summary

@@ -3,8 +3,9 @@
 Records (config.sft.train_path; the reasoning-heavy ones when config.sft.reasoning_only) become plain /
 adversarial / backtracking examples (config.traces), rendered like evaluation prompts (system prompt
 config.eval.system_prompt) and packed into rows of config.train.seq_len (one per row when config.sft.packing is
-False); the shared loop trains on them (config.train, config.optimizer; config.sft.epochs > 0 sets the steps).
-The library part is medkr_jax.train.sft.
+False); the shared loop trains on them (config.train, config.optimizer; config.sft.epochs > 0 sets the steps), the
+whole policy or, with config.lora.rank > 0, LoRA adapters on the frozen policy. The library part is
+medkr_jax.train.sft.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 from medkr_jax import parallel
 from medkr_jax.config import require
 from medkr_jax.data.records import read_records
-from medkr_jax.jobs.training import (check_batching, load_policy_from_config, loop_settings,
+from medkr_jax.jobs.training import (check_batching, export_policy, load_policy_from_config, loop_settings,
                                       optimizer_settings, trace_mix)
-from medkr_jax.models.hf import export_decoder
 from medkr_jax.train import loop, sft, traces
 from medkr_jax.train.metrics_log import write_report
 
@@ -75,8 +75,7 @@ def run(config, *, mesh: Any = None) -> dict:
     kinds = collections.Counter(e.kind for e in examples)
     summary.update(examples=len(examples), kinds=dict(kinds), data=stats)
     if not summary["preempted"]:
-        export_dir = config.sft.export_dir or os.path.join(config.output_dir, "hf")
-        export_decoder(model, cfg, export_dir, tokenizer_dir=tok_dir)
-        summary["export_dir"] = export_dir
+        summary.update(export_policy(config, model, cfg, tok_dir,
+                                     config.sft.export_dir or os.path.join(config.output_dir, "hf")))
     _write_report(config.output_dir, summary, len(examples), dict(kinds), stats)
     return summary

@@ -2,7 +2,8 @@
 
 Checkpoint tensors go straight into each device's shards (``jax.make_array_from_callback`` asks the lazy
 reader of ``safetensors_io`` for exactly the slices a device holds); export writes an HF folder that
-transformers loads, through the shared sharded writer.
+transformers loads, through the shared sharded writer: a model with LoRA adapters (models/lora.py) as its
+merged weights, and its adapters alone as a PEFT folder (``export_peft``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from medkr_jax import parallel
+from medkr_jax.models import lora
 from medkr_jax.models.decoder import CAUSAL_LM_PREFIX, MULTIMODAL, Decoder, DecoderConfig, hf_param_mapping
 from medkr_jax.models.safetensors_io import (CheckpointError, OutputTensor, SafetensorsCheckpoint,
                                              copy_tokenizer_files, hf_tensor, write_weights)
@@ -293,24 +295,26 @@ def export_decoder(model, cfg: DecoderConfig, out_dir: str | os.PathLike, *,
 
     Files larger than ``max_shard_bytes`` are split into ``model-0000i-of-0000n.safetensors`` with a
     ``model.safetensors.index.json``. ``dtype`` (e.g. jnp.bfloat16) converts weights on the way
-    out; by default they keep the model's param dtype. Tokenizer and chat-template files are
+    out; by default they keep the model's param dtype. A model with LoRA adapters is written with the adapters
+    merged into its kernels (W + A B * alpha / r, one kernel at a time). Tokenizer and chat-template files are
     copied from ``tokenizer_dir`` when given. All processes must call this (gathering sharded
     weights is collective); only process 0 writes. Returns the output folder.
     """
     out = Path(out_dir)
     writer = jax.process_index() == 0
     mapping = hf_param_mapping(cfg, scan_layers=bool(getattr(model, "scan_layers", False)))
-    _, state = nnx.split(model)
-    params = {_path_str(p): v for p, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)}
+    params = _flat_params(model)
     missing = sorted(set(mapping) - set(params))
     if missing:
         raise CheckpointError(f"model lacks parameters {missing[:10]} that config {cfg.architecture} needs")
-    write_weights(out, _export_plan(params, mapping, dtype), lambda pname: params[pname].get_value(),
+    merged = lora.merged_kernels(model)
+    write_weights(out, _export_plan(params, mapping, dtype),
+                  lambda pname: merged[pname]() if pname in merged else params[pname].get_value(),
                   max_shard_bytes=max_shard_bytes, write=writer)
     if not writer:
         return out
     hf = cfg.to_hf()
-    first = next(iter(params.values())).get_value()
+    first = params[next(iter(mapping))].get_value()
     hf["torch_dtype"] = hf["dtype"] = str(np.dtype(dtype or first.dtype))
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -322,4 +326,28 @@ def export_decoder(model, cfg: DecoderConfig, out_dir: str | os.PathLike, *,
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
                "pad_token_id": cfg.pad_token_id}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+def _flat_params(model) -> dict[str, nnx.Param]:
+    """Dotted path -> parameter of every nnx.Param of ``model`` (adapters included)."""
+    return {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v, nnx.Param)}
+
+
+def export_peft(model, cfg: DecoderConfig, out_dir: str | os.PathLike, *, settings: lora.LoRASettings,
+                base_model: str | os.PathLike = "") -> Path:
+    """Write the LoRA adapters of ``model`` as a PEFT folder (adapter_config.json + adapter_model.safetensors)
+    that ``peft.PeftModel.from_pretrained`` loads onto the base HF model (``base_model``: its folder, recorded
+    in the config). Collective like ``export_decoder``; only process 0 writes. Returns the output folder."""
+    if not lora.has_adapters(model):
+        raise ValueError("export_peft: the model has no LoRA adapters (config.lora.rank is 0)")
+    out = Path(out_dir)
+    writer = jax.process_index() == 0
+    mapping = lora.peft_tensors(model, hf_param_mapping(cfg, scan_layers=bool(getattr(model, "scan_layers", False))))
+    params = _flat_params(model)
+    write_weights(out, _export_plan(params, mapping, None), lambda pname: params[pname].get_value(), write=writer,
+                  single="adapter_model.safetensors")
+    if writer:
+        config = lora.peft_config(model, settings, str(base_model))
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

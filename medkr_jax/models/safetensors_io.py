@@ -306,9 +306,10 @@ def plan_shards(tensors: Sequence[OutputTensor], max_shard_bytes: float) -> list
 
 
 def write_weights(out: Path, tensors: Sequence[OutputTensor], fetch: Callable[[Hashable], Any], *,
-                  max_shard_bytes: float = float("inf"), write: bool = True) -> None:
-    """Write ``tensors`` into ``out`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors``
-    with a ``model.safetensors.index.json`` when they exceed ``max_shard_bytes``.
+                  max_shard_bytes: float = float("inf"), write: bool = True, single: str = SAFE_SINGLE) -> None:
+    """Write ``tensors`` into ``out`` as ``model.safetensors`` (or ``single``, e.g. a PEFT folder's
+    ``adapter_model.safetensors``), or as ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json`` when they exceed ``max_shard_bytes``.
 
     Safetensors files and an index already in ``out`` are removed first (stale shards of an earlier export
     would confuse loaders). Every process of a multi-host run calls this (gathering sharded arrays is
@@ -321,7 +322,7 @@ def write_weights(out: Path, tensors: Sequence[OutputTensor], fetch: Callable[[H
             old.unlink(missing_ok=True)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
-        fname = SAFE_SINGLE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = single if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         arrays, host = {}, {}
         for t in shard:
             if t.source not in host:

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from medkr_jax.models import lora
 from medkr_jax.models.hf import concrete_sharding
 from medkr_jax.models.safetensors_io import CheckpointError
 
@@ -177,28 +178,30 @@ def from_nested_dict(nested: Mapping, like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def restore_params(abstract_model: nnx.Module, checkpoint_dir: str | os.PathLike, *,
+def restore_params(model: nnx.Module, checkpoint_dir: str | os.PathLike, *,
                    mesh: jax.sharding.Mesh | None = None, step: int | None = None):
-    """Fill an abstract module with the parameters of a training checkpoint (``train.loop`` layout).
+    """Fill a module with the trained parameters of a training checkpoint (``train.loop`` layout).
 
-    ``checkpoint_dir`` is a run's ``checkpoints`` folder (or the run folder holding one); the
-    newest step is used unless ``step`` is given. Only the parameters are read (not the optimizer
-    state), each straight into its sharding on ``mesh``. Returns (model, step).
+    ``checkpoint_dir`` is a run's ``checkpoints`` folder (or the run folder holding one); the newest step is used
+    unless ``step`` is given. Only what training updated is read (not the optimizer state), each array straight
+    into its sharding on ``mesh``: every parameter of an abstract model (``nnx.eval_shape``), or the adapters of
+    a LoRA model whose base is already loaded (``lora.trainable_filter``). Returns (model, step).
     """
     directory = epath.Path(checkpoint_dir)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist")
+    graphdef, params, rest = nnx.split(model, lora.trainable_filter(model), ...)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest)):
+        raise CheckpointError("restore_params fills only the trained parameters; the rest of the module (a LoRA "
+                              "model's base) must be loaded already")
     manager = ocp.CheckpointManager(directory)
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in "
                                     f"{str(directory)!r} (steps: {list(manager.all_steps())})")
-        graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise CheckpointError("restore_params handles modules whose state is all nnx.Param")
         target = to_nested_dict(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=concrete_sharding(x, mesh)), params))
         try:

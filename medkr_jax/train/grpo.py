@@ -364,18 +364,19 @@ def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_wi
 
 
 def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings,
-           reference: tuple[Any, Any] | None = None) -> dict[str, float]:
+           reference: Any = None) -> dict[str, float]:
     """Reference (and recomputed old-policy) log-probs of the rows, then settings.mu optimizer updates.
 
-    reference: nnx.split of the frozen reference model (beta > 0), else None. Returns the updates' mean
-    metrics; entropy / kl / log-prob agreement are the first update's (the sampling-time weights).
+    reference: nnx.split of the frozen reference model (beta > 0), or a function of the trainer giving one (a
+    LoRA policy's base: `lora.adapters_off` of the current model, no second copy of the weights), else None.
+    Returns the updates' mean metrics; entropy / kl / log-prob agreement are the first update's.
     """
     def place(x):
         return jax.make_array_from_process_local_data(trainer.row_sharding, np.asarray(x))
 
     fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "targets")]
     if reference is not None:
-        batch["ref_logps"] = _forward_logps(*reference, *fwd_args)
+        batch["ref_logps"] = _forward_logps(*(reference(trainer) if callable(reference) else reference), *fwd_args)
     if settings.mu > 1 and not settings.sampler_old_logprobs:
         pol_graphdef, pol_state = nnx.split(trainer.model())
         batch["old_logps"] = _forward_logps(pol_graphdef, pol_state, *fwd_args)
@@ -404,7 +405,7 @@ def rollout_metrics(scored: Scored, group_size: int, settings: GRPOSettings) -> 
 
 
 def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settings: GRPOSettings, *, pad_id: int,
-                 local: slice, reference: tuple[Any, Any] | None = None):
+                 local: slice, reference: Any = None):
     """The loop's step_fn(trainer, {"index": prompt indices}, rng) -> metrics: one GRPO step."""
     group = settings.num_generations
 

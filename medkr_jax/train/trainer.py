@@ -1,7 +1,10 @@
 """`Trainer`: the sharded training state of an NNX model and its one jitted optimizer update.
 
-The model is split into (graphdef, params, rest): params (nnx.Param) are trained and placed by their logical
-axis names (config.sharding_rules); `rest` (RNG counters, batch stats ...) is carried through the step. The
+The model is split into (graphdef, params, frozen, rest): params are trained and placed by their logical axis names
+(config.sharding_rules): every nnx.Param, or only the LoRA adapters of a model that has them
+(models/lora.py), whose base parameters are then `frozen`: placed like params, read by the step, never
+updated, not in the optimizer state or the checkpoint. `rest` (RNG counters, batch stats ...) is carried
+through the step. The
 batch is split over the "batch" mesh axes, and gradient accumulation runs inside the step as a `lax.scan` over
 micro-batches (one call = one optimizer update). train/loop.py drives it.
 
@@ -25,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medkr_jax import parallel, xla_options
+from medkr_jax.models import lora
 from medkr_jax.train.checkpoint import from_nested_dict, to_nested_dict
 
 LossFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
@@ -34,26 +38,32 @@ SUMMED_AUX = ("weight", "tokens")
 class Trainer:
     """Sharded train state + jitted update step for an NNX model.
 
-    The model is split into (graphdef, params, rest): params (nnx.Param) are trained, `rest` (RNG counters,
-    batch stats ...) is carried through the step. `model()` returns a live view on the current state, for
-    sampling or evaluation; the arrays of an older view are donated (invalid) after the next `update`.
+    The model is split into (graphdef, params, frozen, rest) (see the module doc; `trainable` overrides which
+    variables are params: default `lora.trainable_filter`). `rest` (RNG counters, batch stats ...) is carried
+    through the step. The loss runs with LoRA dropout keyed by the step's rng (`lora.with_dropout`; nothing
+    without adapters). `model()` returns a live view on the current state, for sampling or evaluation; the
+    arrays of an older view are donated (invalid) after the next `update`.
     """
 
     def __init__(self, model: nnx.Module, *, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
-                 rules: Any = None, grad_accum: int = 1, schedule: optax.Schedule | None = None):
+                 rules: Any = None, grad_accum: int = 1, schedule: optax.Schedule | None = None,
+                 trainable: Any = None):
         if grad_accum < 1:
             raise ValueError(f"config.optimizer.grad_accum must be >= 1, got {grad_accum}")
         self.mesh = mesh
         self.rules = parallel.logical_rules(rules)
-        self.loss_fn = loss_fn
+        self.loss_fn = lora.with_dropout(loss_fn)
         self.tx = tx
         self.schedule = schedule
         self.grad_accum = int(grad_accum)
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.trainable = lora.trainable_filter(model) if trainable is None else trainable
+        self.graphdef, params, frozen, rest = nnx.split(model, self.trainable, nnx.Param, ...)
         repl = parallel.replicated(mesh)
         self.param_shardings = parallel.state_logical_shardings(params, mesh, self.rules)
+        self.frozen_shardings = parallel.state_logical_shardings(frozen, mesh, self.rules)
         self.rest_shardings = jax.tree.map(lambda _: repl, rest)
         self.params = jax.device_put(params, self.param_shardings)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings)
         self.rest = jax.device_put(rest, self.rest_shardings)
         abstract_opt = jax.eval_shape(tx.init, self.params)
         self.opt_shardings = optax.tree_map_params(
@@ -73,8 +83,8 @@ class Trainer:
             out_shardings=self.batch_sharding)
         self._update = jax.jit(
             self._update_impl,
-            in_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, self.batch_sharding,
-                          repl),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, self.frozen_shardings,
+                          self.batch_sharding, repl),
             out_shardings=(self.param_shardings, self.opt_shardings, self.rest_shardings, repl),
             donate_argnums=(0, 1, 2),
             compiler_options=xla_options.dense_program_options(),
@@ -84,27 +94,27 @@ class Trainer:
 
     def model(self) -> nnx.Module:
         """A module on the current params (shares arrays; do not keep it across `update`)."""
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        return nnx.merge(self.graphdef, self.params, self.frozen, self.rest)
 
     def learning_rate(self) -> float:
         return float(self.schedule(self.opt_steps)) if self.schedule is not None else float("nan")
 
     # -- the step --------------------------------------------------------------------------------------------
 
-    def _loss_and_grad(self, params, rest, batch, rng):
+    def _loss_and_grad(self, params, frozen, rest, batch, rng):
         def f(p, r):
-            model = nnx.merge(self.graphdef, p, r)
+            model = nnx.merge(self.graphdef, p, frozen, r)
             loss, aux = self.loss_fn(model, batch, rng)
-            new_rest = nnx.split(model, nnx.Param, ...)[2]
+            new_rest = nnx.split(model, self.trainable, nnx.Param, ...)[3]
             return loss, (dict(aux), new_rest)
 
         (loss, (aux, new_rest)), grads = jax.value_and_grad(f, has_aux=True)(params, rest)
         weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
         return loss.astype(jnp.float32), weight, aux, new_rest, grads
 
-    def _update_impl(self, params, opt_state, rest, batch, rng):
+    def _update_impl(self, params, opt_state, rest, frozen, batch, rng):
         if self.grad_accum == 1:
-            loss, weight, aux, rest, grads = self._loss_and_grad(params, rest, batch, rng)
+            loss, weight, aux, rest, grads = self._loss_and_grad(params, frozen, rest, batch, rng)
             aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
         else:
             # Micro-batches weighted by their loss normaliser: the accumulated gradient equals the gradient of
@@ -112,14 +122,14 @@ class Trainer:
             def body(carry, xs):
                 g_acc, l_acc, w_acc, a_acc, rest = carry
                 mb, i = xs
-                loss, w, aux, rest, g = self._loss_and_grad(params, rest, mb, jax.random.fold_in(rng, i))
+                loss, w, aux, rest, g = self._loss_and_grad(params, frozen, rest, mb, jax.random.fold_in(rng, i))
                 g_acc = jax.tree.map(lambda a, b: a + w * b, g_acc, g)
                 a_acc = {k: a_acc[k] + (jnp.asarray(aux[k], jnp.float32) * (1.0 if k in SUMMED_AUX else w))
                          for k in a_acc}
                 return (g_acc, l_acc + w * loss, w_acc + w, a_acc, rest), None
 
             first = jax.tree.map(lambda x: x[0], batch)
-            aux_shape = jax.eval_shape(lambda: self._loss_and_grad(params, rest, first, rng)[2])
+            aux_shape = jax.eval_shape(lambda: self._loss_and_grad(params, frozen, rest, first, rng)[2])
             zeros_g = jax.tree.map(jnp.zeros_like, params)
             zeros_a = {k: jnp.zeros((), jnp.float32) for k in aux_shape}
             init = (zeros_g, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_a, rest)
@@ -172,9 +182,19 @@ class Trainer:
         """One optimizer update on `batch` (host or device arrays); returns the step's metrics (on device)."""
         batch = self.place_batch(batch)
         self.params, self.opt_state, self.rest, metrics = self._update(
-            self.params, self.opt_state, self.rest, batch, rng)
+            self.params, self.opt_state, self.rest, self.frozen, batch, rng)
         self.opt_steps += 1
         return metrics
+
+    def step_memory(self, batch: Any, rng: jax.Array) -> dict[str, int]:
+        """Bytes the compiled update step needs on one device, from XLA's memory analysis of the program for this
+        batch: arguments, outputs, temporaries, and peak = arguments + outputs - donated aliases + temporaries."""
+        placed = self.place_batch(batch)
+        compiled = self._update.lower(self.params, self.opt_state, self.rest, self.frozen, placed, rng).compile()
+        m = compiled.memory_analysis()
+        out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+        out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+        return out
 
     # -- checkpoint state --------------------------------------------------------------------------------------
 
