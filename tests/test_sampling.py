@@ -1,5 +1,6 @@
-"""Sampler: greedy parity with HF generate, log-probs vs a teacher-forced forward pass, sampling
-distribution (chi-square), top-p nucleus, per-row stops, n samples, compile counts, sharding."""
+"""The generation engine (continuous batching) and the static-batch sampler: greedy parity with HF generate
+and with each other, log-probs vs a teacher-forced forward pass, sampling distribution (chi-square), top-p
+nucleus, per-row stops and limits, outputs independent of slot and order, n samples, compile counts, sharding."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from scipy import stats
 
 from medkr_jax import parallel
 from medkr_jax.models.hf import load_decoder
-from medkr_jax.sampling import Sampler
+from medkr_jax.sampling import Sampler, StaticSampler
 from tests.helpers_models import make_tiny_hf_model
 
 PAD, EOS = 0, 2
@@ -68,17 +69,24 @@ def first_token_probs(torch_model, prompt, temperature=1.0):
 
 
 def test_greedy_parity_with_hf_generate(tiny):
+    """The engine with fewer slots than rows (rows stop at different steps and their slots are refilled, decode
+    chunks of 3 steps) and a max_new_tokens per row: token for token HF generate's and the static sampler's."""
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts()
     ref = hf_greedy(torch_model, prompts, max_new=14)
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
-    out = sampler.generate(model, prompts, max_new_tokens=14)
-    assert out.tokens.shape == (len(prompts), 14)
+    static = StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(model, prompts, max_new_tokens=14)
+    limits = [14, 6, 14, 9, 14]
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, min_refill=1, **BUCKETS)
+    out = engine.generate(model, prompts, max_new_tokens=limits, batch_size=2)
+    assert out.tokens.shape == static.tokens.shape == (len(prompts), 14)
     for i in range(len(prompts)):
-        n = out.lengths[i]
-        np.testing.assert_array_equal(out.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
+        n = static.lengths[i]
+        np.testing.assert_array_equal(static.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
+        assert out.lengths[i] == min(n, limits[i])
+        np.testing.assert_array_equal(out.tokens[i], np.where(np.arange(14) < out.lengths[i], static.tokens[i], PAD))
+        np.testing.assert_allclose(out.logprobs[i, :out.lengths[i]], static.logprobs[i, :out.lengths[i]], atol=1e-5)
     # the greedy continuations are not trivially constant
-    assert len({tuple(r) for r in out.tokens.tolist()}) == len(prompts)
+    assert len({tuple(r) for r in static.tokens.tolist()}) == len(prompts)
 
 
 def test_logprobs_match_teacher_forced_forward(tiny):
@@ -237,8 +245,12 @@ def test_bucketing_limits_compiles(tiny_qwen3):
     for _ in range(3):
         prompts = [rng.integers(3, 96, int(n)).tolist() for n in rng.integers(1, 30, size=6)]
         sampler.generate(model, prompts, max_new_tokens=int(rng.integers(3, 15)), batch_size=4)
-    # at most one program per prompt bucket (16, 32): batch 4 fixed, one generation bucket (16)
-    assert 1 <= sampler.num_compiles <= 2
+    # 4 slots, one generation bucket (16), one cache length (32 + 16): an empty state, a decode chunk and one
+    # prefill per prompt bucket (16, 32)
+    assert sampler.num_compiles == 4
+    # a call whose prompts are all short runs in the longer cache already compiled (at most 2x), compiling nothing
+    sampler.generate(model, [[5, 6, 7]] * 4, max_new_tokens=4, batch_size=4)
+    assert sampler.num_compiles == 4
     assert sampler.num_layout_compiles == 1  # the LM head laid out for decode steps, once for the model
 
 
@@ -254,6 +266,54 @@ def test_sharded_sampling_matches_single_device(tiny_qwen3):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
+
+
+def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
+    """Shuffled prompt order, other slot counts and chunk lengths: every (prompt, sample) row is the same, and the
+    same as the static sampler's."""
+    _, model, cfg, _ = tiny
+    prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=61)
+    static = StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
+        model, prompts, max_new_tokens=10, temperature=1.0, n=2, seed=4)
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=4, **BUCKETS)
+    a = engine.generate(model, prompts, max_new_tokens=10, temperature=1.0, n=2, seed=4, batch_size=4)
+    perm = np.random.default_rng(0).permutation(len(prompts))
+    b = engine.generate(model, [prompts[i] for i in perm], max_new_tokens=10, temperature=1.0, n=2, seed=4,
+                        batch_size=3, prompt_keys=perm.tolist())
+    rows_b = np.concatenate([np.nonzero(perm == p)[0] * 2 + j for p in range(len(prompts)) for j in range(2)])
+    for out in (static, b):
+        got = SampleOutputRows(out, rows_b if out is b else np.arange(len(rows_b)))
+        np.testing.assert_array_equal(got.tokens, a.tokens)
+        np.testing.assert_array_equal(got.lengths, a.lengths)
+        np.testing.assert_allclose(got.logprobs, a.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in a.tokens[::2].tolist()}) == len(prompts)
+    assert not np.array_equal(a.tokens[::2], a.tokens[1::2])  # the two samples of a prompt differ
+
+
+class SampleOutputRows:
+    """Rows ``order`` of a SampleOutput."""
+
+    def __init__(self, out, order):
+        self.tokens, self.logprobs, self.lengths = out.tokens[order], out.logprobs[order], out.lengths[order]
+
+
+def test_engine_streams_prompts_as_they_finish_and_runs_scanned_layers(tmp_path):
+    """stream() yields each prompt once, as soon as its rows stop (short rows before a long one that started
+    first); a model with scanned layers (one stacked cache, sliding and global layers) gives the same tokens."""
+    make_tiny_hf_model("gemma3", tmp_path, seed=5)
+    model, cfg = load_decoder(tmp_path)
+    scanned, _ = load_decoder(tmp_path, scan_layers=True)
+    prompts = ragged_prompts(lengths=(6, 11, 3, 8, 14), seed=71)
+    limits = [24, 3, 4, 3, 5]
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(cfg.vocab_size,), chunk_steps=2, min_refill=1, **BUCKETS)
+    order = [f.prompt for f in engine.stream(model, prompts, max_new_tokens=limits, batch_size=2)]
+    assert sorted(order) == list(range(5)) and order[-1] == 0  # the long row was placed first, finishes last
+    flat = engine.generate(model, prompts, max_new_tokens=limits, batch_size=2)
+    np.testing.assert_array_equal(flat.lengths, limits)
+    out = Sampler(cfg, pad_id=PAD, stop_ids=(cfg.vocab_size,), chunk_steps=2, **BUCKETS).generate(
+        scanned, prompts, max_new_tokens=limits, batch_size=2)
+    np.testing.assert_array_equal(out.tokens, flat.tokens)
+    np.testing.assert_allclose(out.logprobs, flat.logprobs, atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors(tiny_qwen3):

@@ -41,8 +41,9 @@ class KVCache:
     (per-layer models) or one stacked array [num_layers, B, num_kv_heads, head_dim, S_max]
     (``stacked=True``, for scanned models); v: values likewise, [..., B, num_kv_heads, S_max, head_dim].
     Either representation works with either layer layout, the matching one without extra copies.
-    mask: bool[B, S_max] (True = a real token sits in that slot); index: int32 scalar, the next slot to
-    write.
+    mask: bool[B, S_max] (True = a real token sits in that slot); index: the next slot to write, an int32
+    scalar shared by all rows or int32[B], one per row (a continuous-batching engine's slots, each at its
+    own point of its own sequence; ``kv_len`` is then unsupported).
     """
 
     k: Any
@@ -197,12 +198,12 @@ class Decoder(nnx.Module):
             if store is not None:
                 ks, vs, i = store
                 if i is None:
-                    ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, 0, 0, index))
-                    vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, 0, index, 0))
+                    ks = _write(ks, k.astype(ks.dtype), index, lambda j: (0, 0, 0, j))
+                    vs = _write(vs, v.astype(vs.dtype), index, lambda j: (0, 0, j, 0))
                     keys, values = ks, vs
                 else:
-                    ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, 0, 0, index))
-                    vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, 0, index, 0))
+                    ks = _write(ks, k[None].astype(ks.dtype), index, lambda j: (i, 0, 0, 0, j), row_axis=1)
+                    vs = _write(vs, v[None].astype(vs.dtype), index, lambda j: (i, 0, 0, j, 0), row_axis=1)
                     keys = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
                     values = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
                 out = (ks, vs)
@@ -302,6 +303,19 @@ def _pick(pair: tuple, local):
     return jax.tree.map(lambda a, b: jnp.where(local, a, b), pair[1], pair[0])
 
 
+def _write(buf: jax.Array, chunk: jax.Array, index: jax.Array, starts, row_axis: int = 0) -> jax.Array:
+    """``chunk`` written into ``buf`` at ``starts(index)``; with a per-row index ([B]) each row (axis
+    ``row_axis`` of both) at its own slot."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, chunk, starts(index))
+
+    def row(b, c, j):
+        start = starts(j)
+        return jax.lax.dynamic_update_slice(b, c, start[:row_axis] + start[row_axis + 1:])
+
+    return jax.vmap(row, in_axes=(row_axis, row_axis, 0), out_axes=row_axis)(buf, chunk, index)
+
+
 def _within_window(allowed: jax.Array, index: jax.Array | None, window: int) -> jax.Array:
     """``allowed`` [B, T, S] narrowed to a sliding window: query slot i sees key slot j iff i - j < window.
 
@@ -309,8 +323,9 @@ def _within_window(allowed: jax.Array, index: jax.Array | None, window: int) -> 
     position distance (transformers' sliding masks count the same way).
     """
     t, s = allowed.shape[1:]
-    query = jnp.arange(t) + (0 if index is None else index)
-    return allowed & (query[:, None] - jnp.arange(s)[None, :] < window)[None]
+    index = jnp.zeros((1,), jnp.int32) if index is None else jnp.reshape(index, (-1,))
+    query = jnp.arange(t)[None, :] + index[:, None]  # [B or 1, T]
+    return allowed & (query[:, :, None] - jnp.arange(s)[None, None, :] < window)
 
 
 def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | None, cache: KVCache | None,
@@ -328,7 +343,10 @@ def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | No
     index, s = cache.index, cache.mask.shape[1]
     if kv_len is not None and not t <= kv_len <= s:
         raise ValueError(f"kv_len={kv_len} must lie in [T, cache length] = [{t}, {s}]")
+    if kv_len is not None and index.ndim:
+        raise ValueError("kv_len needs one cache index for all rows, got a per-row index")
     s = s if kv_len is None else kv_len
-    new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
-    slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-    return slots[None] & new_mask[:, None, :s], new_mask  # [B, T, S]
+    new_mask = _write(cache.mask, attention_mask, index, lambda j: (0, j))
+    query = jnp.reshape(index, (-1,))[:, None] + jnp.arange(t)[None, :]  # [B or 1, T]
+    slots = jnp.arange(s)[None, None, :] <= query[:, :, None]  # [B or 1, T, S]
+    return slots & new_mask[:, None, :s], new_mask  # [B, T, S]
