@@ -210,25 +210,32 @@ def test_n_samples_layout_and_determinism(tiny_qwen3):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])  # untied and tied LM head
-def test_decode_head_odd_vocab_and_new_weights(kind, tmp_path):
-    """The decode steps' re-laid-out LM head: a vocabulary that does not fill its last tile, and a model
-    whose weights change between calls (as in GRPO) is sampled with the new weights."""
+def test_decode_head_batch_one_and_new_weights(kind, tmp_path):
+    """The decode steps' LM head (a transposed copy of a tied embedding on CPU, an untied kernel as it is), at
+    batch 1 too, and a model whose weights change between calls (as in GRPO) is sampled with the new weights."""
     from flax import nnx
 
     torch_model = make_tiny_hf_model(kind, tmp_path / "a", seed=3, vocab_size=101)
     make_tiny_hf_model(kind, tmp_path / "b", seed=4, vocab_size=101)
     model, cfg = load_decoder(tmp_path / "a")
     other, _ = load_decoder(tmp_path / "b")
-    assert model.decode_head() is not None  # the path under test is the one taken (CPU, float32)
+    head = model.decode_head()  # the path under test is the one taken (CPU)
+    if kind == "qwen3":
+        np.testing.assert_array_equal(np.asarray(head), np.asarray(model.embed.embedding[...]).T)
+    else:
+        assert head is None
     prompts = ragged_prompts(lengths=(7, 12, 3), seed=51, vocab=101)
     sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
     out = sampler.generate(model, prompts, max_new_tokens=10)
     ref = hf_greedy(torch_model, prompts, max_new=10)
+    one = sampler.generate(model, prompts, max_new_tokens=10, batch_size=1)  # one slot: batch-1 decode steps
     for r in range(len(prompts)):
         gen = out.row_tokens(r)
         np.testing.assert_array_equal(gen, ref[r, :len(gen)], err_msg=f"row {r}")
+        np.testing.assert_array_equal(one.row_tokens(r), gen, err_msg=f"row {r}, batch 1")
         lp, _ = teacher_forced_logprobs(torch_model, prompts[r], gen)
         np.testing.assert_allclose(out.logprobs[r, :len(gen)], lp, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(one.logprobs[r, :len(gen)], lp, atol=1e-4, rtol=0)
     # The same model object with new weights, through the same sampler, equals a fresh sampler's output.
     nnx.update(model, nnx.state(other))
     again = sampler.generate(model, prompts, max_new_tokens=10)

@@ -160,6 +160,7 @@ class DecodeHead:
     def __init__(self, placement: Placement):
         self.placement = placement
         self._layouts: dict[Any, Any] = {}
+        self._none: set = set()
         self._head: tuple[weakref.ref, jax.Array | None] | None = None
 
     @property
@@ -174,10 +175,17 @@ class DecodeHead:
         if cached is not None and cached[0]() is weights:
             return cached[1]
         key = ("decode_head", graphdef, signature(state))
+        if key in self._none:
+            return None
         make = self._layouts.get(key)
         if make is None:
-            make = self.placement.compile(jax.jit(lambda st: nnx.merge(graphdef, st).decode_head()), state)
-            self._layouts[key] = make
+            def lay_out(st):
+                return nnx.merge(graphdef, st).decode_head()
+
+            if jax.eval_shape(lay_out, state) is None:  # the model's own weights serve: nothing to compile
+                self._none.add(key)
+                return None
+            make = self._layouts[key] = self.placement.compile(jax.jit(lay_out), state)
         head = make(state)
         self._head = (weakref.ref(weights), head)
         return head

@@ -17,8 +17,8 @@ window in the full-length cache, as in the model (a row's tokens sit in consecut
 
 Compiled programs (``num_compiles``): one empty state per (slots, cache length, thinking) shape, one prefill
 per prompt bucket, one decode chunk per greedy / sampled / filtered mode; temperature, top-k, top-p and every
-row's max_new_tokens are runtime values. On CPU one more small program per model lays out the LM head for
-decode steps (``num_layout_compiles``).
+row's max_new_tokens are runtime values. On CPU one more small program per tied-embedding model lays out the LM
+head for decode steps (``Decoder.decode_head``, ``num_layout_compiles``).
 
 Sharding: slots are split over the ("data", "fsdp") mesh axes, the cache's KV heads over "tensor" when they
 divide it; the model's parameters keep their own sharding, and the model is passed on every call, so a policy

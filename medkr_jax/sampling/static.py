@@ -19,7 +19,7 @@ Shapes are bucketed: the batch to ``batch_size`` (or a power of two), the prompt
 temperature, top-k and top-p are runtime values. So a run over prompts of mixed lengths compiles one
 program per (batch, prompt bucket, generation bucket, greedy/sampled) combination; ``num_compiles`` counts
 them exactly (programs are compiled ahead of time and kept here, never re-traced behind our back). On CPU
-one more small program per model lays out the LM head for decode steps (``Decoder.decode_head``;
+one more small program per tied-embedding model lays out the LM head for decode steps (``Decoder.decode_head``;
 ``num_layout_compiles``).
 
 Log-probs: ``logprobs[r, t]`` is ``log_softmax(raw logits)[token]`` of the model's logits at temperature 1

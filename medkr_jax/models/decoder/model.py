@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from medkr_jax import xla_options
 from medkr_jax.models.decoder.config import DecoderConfig
 from medkr_jax.models.decoder.layers import Block, Dense, RMSNorm, constrain, rope_inv_freq, rope_tables, softcap
 
@@ -127,24 +128,16 @@ class Decoder(nnx.Module):
         """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
-    def decode_head(self, tile: int = 32) -> jax.Array | None:
-        """The LM head re-laid out for one-token steps, or None where the plain product is used anyway.
+    def decode_head(self) -> jax.Array | None:
+        """The LM head as an [E, V] matrix for one-token steps, or None where the model's own weights serve.
 
-        On CPU in float32 this is [ceil(V / tile), E, tile]: tile i holds vocabulary rows
-        [tile*i, tile*(i+1)) transposed (zero rows pad the last one). A decode loop builds it once and
-        passes it as ``head=`` on every step; the logits are then a multiply + reduce over E *down* each
-        tile, which XLA:CPU vectorises along the tile while streaming the table once: about 2x faster
-        than the multiply-reduce along E of the embedding's own layout and than XLA's skinny GEMM
-        (bench/sampler.py's models, 8-16 rows; tile 16 measured 10x slower, 64 slower for E=576).
+        A decode loop builds it once and passes it as ``head=`` on every step; the logits are then the plain
+        product ``x @ head``. An untied head's kernel already is [E, V] (None); a tied embedding ([V, E]) is
+        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None.
         """
-        weights = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
-        if (jax.default_backend() != "cpu" or jnp.dtype(self.dtype) != jnp.float32
-                or weights.dtype != jnp.float32):
+        if self.lm_head is not None or not xla_options.transposed_decode_head():
             return None
-        pad, e = -self.cfg.vocab_size % tile, self.cfg.hidden_size
-        if self.lm_head is None:  # the embedding [V, E]
-            return jnp.pad(weights, ((0, pad), (0, 0))).reshape(-1, tile, e).transpose(0, 2, 1)
-        return jnp.pad(weights, ((0, 0), (0, pad))).reshape(e, -1, tile).transpose(1, 0, 2)  # kernel [E, V]
+        return self.embed.embedding[...].T
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -268,21 +261,11 @@ class Decoder(nnx.Module):
     def _logits(self, x: jax.Array, head: jax.Array | None) -> jax.Array:
         """Float32 logits [B, T, V] of the final-normed hidden states ``x`` (see ``decode_head`` for ``head``)."""
         cfg = self.cfg
-        b, t = x.shape[:2]
+        t = x.shape[1]
         acc = jnp.promote_types(self.dtype, jnp.float32)
         emb = self.embed.embedding[...]
         if head is not None and t == 1:
-            # [V/tile, B, tile]: the tile index outermost, so each tile of the table is read once for
-            # all rows (rows outermost would stream the whole table once per row).
-            logits = jnp.sum(x[:, 0][None, :, :, None] * head[:, None], axis=2)
-            logits = logits.transpose(1, 0, 2).reshape(b, 1, -1)[:, :, :cfg.vocab_size]
-        elif (self.lm_head is None and t == 1 and jax.default_backend() == "cpu"
-                and emb.dtype == jnp.float32 and jnp.dtype(self.dtype) == jnp.float32):
-            # A float32 decode step against the tied embedding [V, E]: XLA:CPU runs this skinny
-            # product as a GEMM well below memory speed, while the same contraction written as a
-            # broadcast multiply + reduce over E streams the embedding once in its own layout (1.2-2x
-            # faster for 8-128 rows on bench/sampler.py's models; not so in bfloat16).
-            logits = jnp.sum(emb[:, None, :] * x[:, 0][None], axis=-1).T[:, None, :]
+            logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
         elif self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, emb.astype(self.dtype),
                                 preferred_element_type=acc)
