@@ -301,6 +301,29 @@ def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     assert again["overall"] == summary["overall"]
 
 
+def test_evaluate_with_a_thinking_budget(tmp_path, model_dir, world_records, tokenizer):
+    """config.eval.thinking_budget: a prompt that opens the thinking block (here the chat template's assistant
+    tag serves as the start marker) thinks `budget` tokens, then the engine writes the end marker and the answer
+    cue; the budget is part of the generation log's settings."""
+    _, recs = world_records
+    records_path = write_records(tmp_path / "records.jsonl", recs[:4])
+    config = make_config(tmp_path, model_dir, records_path, name="think", temperature=0.0, max_new_tokens=20,
+                         thinking_budget=3, thinking_start="<|assistant|>")
+    evaluate_job.run(config)
+    closing = config.eval.thinking_end + config.eval.answer_cue
+    n_closing = len(tokenizer.encode(closing, add_special_tokens=False))
+    log = [json.loads(x) for x in (tmp_path / "think" / "generations.jsonl").read_text().splitlines()]
+    for e in log:
+        (smp,) = e["samples"]
+        got = tokenizer.encode(smp["text"], add_special_tokens=False)
+        assert closing in smp["text"] and smp["tokens"] >= 3 + n_closing, smp
+        assert tokenizer.decode(got[3:3 + n_closing]).startswith(config.eval.thinking_end), smp["text"]
+    settings = json.loads((tmp_path / "think" / "generations.jsonl.settings.json").read_text())
+    assert settings["thinking"]["budget"] == 3
+    with pytest.raises(ValueError, match="config.eval.thinking_budget"):
+        evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="x", thinking_budget=12))
+
+
 def test_config_errors_name_the_key(tmp_path, model_dir, world_records):
     _, recs = world_records
     records_path = write_records(tmp_path / "records.jsonl", recs[:2])

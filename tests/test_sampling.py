@@ -9,7 +9,7 @@ from scipy import stats
 
 from medkr_jax import parallel
 from medkr_jax.models.hf import load_decoder
-from medkr_jax.sampling import Sampler, StaticSampler
+from medkr_jax.sampling import Sampler, StaticSampler, ThinkingBudget
 from tests.helpers_models import make_tiny_hf_model
 
 PAD, EOS = 0, 2
@@ -262,17 +262,23 @@ def test_bucketing_limits_compiles(tiny_qwen3):
 
 
 def test_sharded_sampling_matches_single_device(tiny_qwen3):
+    """Slots split over data x fsdp (4 slots for 12 rows: refills on the mesh), KV heads over tensor: the same
+    rows as on one device, also with per-row limits and a thinking budget."""
     _, model, cfg, folder = tiny_qwen3
     prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=41)
-    ref = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
-        model, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    budget = ThinkingBudget(3, start=(prompts[0][-1],), end=(7, 8), cue=(9,))
+    calls = [dict(max_new_tokens=8), dict(max_new_tokens=[8, 3, 8, 5, 8, 2], thinking=budget)]
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, _ = load_decoder(folder, mesh=mesh)
-    sampler = Sampler(cfg, mesh=mesh, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
-    out = sampler.generate(sharded, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    sampler = Sampler(cfg, mesh=mesh, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    single = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    for kw in calls:
+        ref = single.generate(model, prompts, temperature=1.0, n=2, seed=3, batch_size=4, **kw)
+        out = sampler.generate(sharded, prompts, temperature=1.0, n=2, seed=3, batch_size=4, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
+    assert ref.row_tokens(0)[3:6] == [7, 8, 9]  # the budget closed row 0's block
 
 
 def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
@@ -321,6 +327,61 @@ def test_engine_streams_prompts_as_they_finish_and_runs_scanned_layers(tmp_path)
         scanned, prompts, max_new_tokens=limits, batch_size=2)
     np.testing.assert_array_equal(out.tokens, flat.tokens)
     np.testing.assert_allclose(out.logprobs, flat.logprobs, atol=1e-5)
+
+
+def _unused_ids(vocab, *token_lists, count):
+    """``count`` token ids found in none of the given token lists."""
+    used = {int(t) for toks in token_lists for t in np.ravel(np.concatenate([np.ravel(x) for x in toks]))
+            if len(toks)}
+    return [t for t in range(3, vocab) if t not in used][:count]
+
+
+def test_thinking_budget_closes_the_block_and_lets_the_row_answer(tiny_qwen3):
+    """Rows think from the prompt (it ends with the start marker) or from when they emit it; after `budget`
+    thinking tokens the engine writes the end marker and the answer cue, then the row goes on as the model would
+    (HF greedy from the forced text); a row that never thinks is left alone."""
+    torch_model, model, cfg, _ = tiny_qwen3
+    base = ragged_prompts(lengths=(8, 5, 11), seed=81)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=4, **BUCKETS)
+    row1 = sampler.generate(model, base[1:2], max_new_tokens=8).row_tokens(0)
+    k = next(i for i in range(1, 8) if row1[i] not in row1[:i])  # row 1 emits the start marker first at step k
+    start = row1[k]
+    prompts = [base[0] + [start], base[1], base[2]]
+    free = sampler.generate(model, prompts, max_new_tokens=20)
+    assert start not in free.row_tokens(2) + prompts[2]
+    end, cue = _unused_ids(cfg.vocab_size, [free.tokens], prompts, count=2), [int(free.tokens[0, 0])]
+    budget = ThinkingBudget(4, start=(start,), end=end, cue=cue)
+    assert budget.opens(prompts[0]) and not budget.opens(prompts[1]) and budget.closing == tuple(end + cue)
+    out = sampler.generate(model, prompts, max_new_tokens=20, thinking=budget, batch_size=2)
+    forced_at = {0: 4, 1: k + 1 + 4}  # row 1 thinks after its start marker
+    for r, at in forced_at.items():
+        got = out.row_tokens(r)
+        assert got[:at] == free.row_tokens(r)[:at] and got[at:at + 3] == end + cue, (r, got)
+        rest = hf_greedy(torch_model, [prompts[r] + got[:at + 3]], max_new=20 - at - 3)[0]
+        np.testing.assert_array_equal(got[at + 3:], rest[:len(got) - at - 3], err_msg=f"row {r}")
+    assert out.row_tokens(2) == free.row_tokens(2)
+    assert (out.logprobs[:, :3] < 0).all()  # forced tokens carry the model's log-probability of them
+
+
+def test_budget_forcing_replaces_an_early_end_of_thinking_by_wait(tiny_qwen3):
+    """s1 budget forcing: the end marker the model samples while thinking becomes the wait text (once per
+    max_waits); the row then continues as the model would from there."""
+    torch_model, model, cfg, _ = tiny_qwen3
+    prompt = ragged_prompts(lengths=(9,), seed=91)[0]
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    free = sampler.generate(model, [prompt], max_new_tokens=16).row_tokens(0)
+    start = _unused_ids(cfg.vocab_size, [free, prompt], count=1)[0]
+    prompt = prompt + [start]
+    free = sampler.generate(model, [prompt], max_new_tokens=16).row_tokens(0)
+    t = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # the first new token from step 2 on
+    wait = _unused_ids(cfg.vocab_size, [free, prompt], count=2)
+    budget = ThinkingBudget(0, start=(start,), end=(free[t],), wait=wait, max_waits=1)
+    got = sampler.generate(model, [prompt], max_new_tokens=16, thinking=budget).row_tokens(0)
+    assert got[:t] == free[:t] and got[t:t + 2] == wait
+    rest = hf_greedy(torch_model, [prompt + got[:t + 2]], max_new=16 - t - 2)[0]
+    np.testing.assert_array_equal(got[t + 2:], rest[:len(got) - t - 2])
+    with pytest.raises(ValueError, match="one-token end marker"):
+        ThinkingBudget(0, start=(start,), end=(5, 6), wait=wait, max_waits=1)
 
 
 def test_bad_arguments_raise_clear_errors(tiny_qwen3):

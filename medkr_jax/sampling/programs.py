@@ -108,7 +108,7 @@ def prefill(graphdef, shape: Shape, prompt_len: int):
 
         fresh = {"tok": jnp.take(tokens[:, -1], src), "pos": jnp.take(positions[:, -1], src),
                  "count": jnp.zeros_like(state["count"]), "done": jnp.zeros_like(state["done"]), **new}
-        out = {k: pick(fresh[k], state[k]) if k in fresh else state[k] for k in state if k != "cache"}
+        out = {k: pick(fresh[k], state[k]) for k in state if k not in ("cache", "thinking")}
         if "thinking" in new:
             out["thinking"] = jax.tree.map(pick, new["thinking"], state["thinking"])
         return {**out, "cache": cache}
