@@ -297,7 +297,7 @@ def score_rows(glog: GenerationLog, keys: Sequence[str]) -> list[dict]:
         e = glog.entries[k]
         preds = [score_text(s["text"], e) for s in e["samples"]]
         rows.append({"key": k, "benchmark": e["benchmark"], "label": e["label"], "pred": preds,
-                     "correct": [p == e["answer"] for p in preds]})
+                     "answer": e["answer"], "correct": [p == e["answer"] for p in preds]})
     return rows
 
 
@@ -311,10 +311,11 @@ def settings_fingerprint(rt: Runtime, gen: GenSettings, prompt: PromptSettings) 
 
 def write_accuracy_outputs(out_dir: Path, table: list[dict], *, stem: str = "results",
                            title: str = "Accuracy (%)") -> None:
-    """``<stem>.csv``, ``<stem>.md`` and the knowledge-vs-reasoning bar plot ``<stem>_knowledge_vs_reasoning.png``
-    (``knowledge_vs_reasoning.png`` for the main results)."""
+    """``<stem>.csv``, ``<stem>.md`` (accuracy, then maj@n / pass@k when present) and the knowledge-vs-reasoning
+    bar plot ``<stem>_knowledge_vs_reasoning.png`` (``knowledge_vs_reasoning.png`` for the main results)."""
     report.write_csv(table, out_dir / f"{stem}.csv")
-    (out_dir / f"{stem}.md").write_text(report.accuracy_markdown(table, title))
+    (out_dir / f"{stem}.md").write_text(report.accuracy_markdown(table, title)
+                                        + report.self_consistency_markdown(table))
     plot = "knowledge_vs_reasoning.png" if stem == "results" else f"{stem}_knowledge_vs_reasoning.png"
     report.plot_knowledge_vs_reasoning(table, out_dir / plot, title=title)
 
@@ -331,10 +332,12 @@ def write_metrics(out_dir: Path, rows: Sequence[dict]) -> None:
 
 def evaluate(rt: Runtime, records: Sequence[Any], out_dir: Path, *, prompt: PromptSettings, gen: GenSettings,
              ci: str = "auto", seed: int = 0, log_name: str = "generations.jsonl", desc: str = "evaluate",
-             on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict, list[dict]]:
-    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts, per-question rows)."""
+             on_batch: Callable[[int], None] | None = None,
+             pass_k: Sequence[int] = ()) -> tuple[list[dict], dict, list[dict]]:
+    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts, per-question rows).
+    With several samples per question the table also has maj@n and pass@k for each k in ``pass_k``."""
     items = build_items(prompt, rt.tokenizer, records)
     glog = GenerationLog(out_dir / log_name, settings_fingerprint(rt, gen, prompt), writable=is_main_process())
     counts = run_generation(rt, items, glog, gen, desc=desc, on_batch=on_batch)
     rows = score_rows(glog, [it.key for it in items])
-    return metrics.accuracy_table(rows, ci=ci, seed=seed), counts, rows
+    return metrics.accuracy_table(rows, ci=ci, seed=seed, pass_k=pass_k), counts, rows

@@ -102,7 +102,8 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
     gen = gen_settings(config)
     prompt = prompt_settings(config)
     table, counts, _ = evaluate.evaluate(rt, records, out_dir, prompt=prompt, gen=gen, ci=config.eval.ci,
-                                         seed=int(config.seed), on_batch=on_batch)
+                                         seed=int(config.seed), on_batch=on_batch,
+                                         pass_k=tuple(int(k) for k in config.eval.pass_k))
     if parallel.is_main_process():
         evaluate.write_accuracy_outputs(out_dir, table)
         evaluate.write_metrics(out_dir, [{"kind": "accuracy", **r} for r in table])
