@@ -57,7 +57,7 @@ class Sampler:
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32,
-                 chunk_steps: int = 32, prefill_tokens: int = 256, min_refill: int | None = None):
+                 chunk_steps: int = 32, prefill_tokens: int = 128, min_refill: int | None = None):
         if not stop_ids:
             raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
         if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
