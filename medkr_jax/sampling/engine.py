@@ -15,6 +15,11 @@ with explicit positions (the model sees each row as if alone), row (p, j) draws 
 filtered, tempered distribution the token was drawn from). Sliding-window layers mask the slots outside their
 window in the full-length cache, as in the model (a row's tokens sit in consecutive slots).
 
+Cost: every decode step attends over the whole cache length of every slot (the longest prompt bucket + the
+generation bucket), as the static path does over its batch's; on a run of mostly short rows a decode program
+per live-length bucket would cut that (bench/sampler.py's model, 16 rows: 9.6 ms a step at 128 cache slots, 12.8
+at 576; not done, it would add programs).
+
 Compiled programs (``num_compiles``): one empty state per (slots, cache length, thinking) shape, one prefill
 per prompt bucket, one decode chunk per greedy / sampled / filtered mode; temperature, top-k, top-p and every
 row's max_new_tokens are runtime values. On CPU one more small program per tied-embedding model lays out the LM

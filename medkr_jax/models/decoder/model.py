@@ -7,7 +7,7 @@ scaled embeddings, a query_pre_attn_scalar and soft-capped logits; GQA, RMSNorm 
 are shared.
 
 Sliding layers use the same full-length cache as global ones and mask the slots more than
-``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.sampler`` for this choice
+``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.static`` for this choice
 against a ring buffer and the memory it costs.
 
 Layers are either a list of per-layer modules (default: fastest to run) or, with
