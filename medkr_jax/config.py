@@ -142,12 +142,23 @@ def _eval_section() -> ml_collections.ConfigDict:
         "top_k": 0,
         "top_p": 1.0,
         "num_samples": 1,
-        "batch_size": 16,         # sampler rows per program (prompts per batch = batch_size // num_samples)
+        "batch_size": 16,         # the engine's decode slots (rows generating at once; a finished row's slot is refilled)
         # User turn; fields {context} ("Context: ...\n\n" or ""), {question}, {options} ("A. ...\nB. ...").
         "prompt_template": "{context}Question: {question}\n\nOptions:\n{options}",
         "chat_template_kwargs": "",  # JSON object passed to apply_chat_template, e.g. '{"enable_thinking": false}'
         "stop_strings": (),       # extra single-token stop strings besides EOS, e.g. ("<|im_end|>",)
         "ci": "auto",             # auto | wilson | bootstrap (95% CI; auto = Wilson for 1 sample, else bootstrap)
+        # Thinking budget (reasoning models): after thinking_budget tokens inside thinking_start ... thinking_end the
+        # engine writes thinking_end + answer_cue and lets the row answer (0 = no budget). thinking_max_waits > 0:
+        # s1 budget forcing, an early thinking_end is replaced by thinking_wait up to that many times per row.
+        "thinking_budget": 0,
+        "thinking_start": "<think>",
+        "thinking_end": "</think>",
+        "answer_cue": "\n\nThe answer is",
+        "thinking_wait": "Wait",
+        "thinking_max_waits": 0,
+        # Self-consistency (num_samples > 1): maj@num_samples and unbiased pass@k for each k here (k <= num_samples)
+        "pass_k": (1,),
     })
 
 

@@ -14,8 +14,14 @@ Eigen GEMM 3.0e-7, PyTorch's MKL 2.5e-7); it is fastest for the few-row matmuls 
 - the sampler keeps XLA's defaults: YNNPACK is faster for the few-row matmuls of decode steps (bench/sampler.py
   decode 1,889 tokens/s vs 1,719 with the dense options).
 
-The options apply to the CPU backend only (`None`, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in the
-environment turns them off, to compare.
+Decode steps' LM head (`transposed_decode_head`): logits of a few rows are the plain product `x @ W` on every
+backend. On CPU a tied embedding ([V, E]) is first copied once into an [E, V] layout, which XLA:CPU's few-row GEMM
+streams faster (bench/sampler.py's model, V=32768, E=256, 1 thread, ms per step: 4 rows 1.3 vs 2.7, 8 rows 2.0 vs
+3.0; equal from 32 rows); the multiply-reduce layouts used before were faster still for 2-16 rows but fell off a
+cliff at one row (130-250 ms vs 1.3-2 ms: bench/sampler.py at batch 1 ran at 0.11x HF).
+
+The options apply to the CPU backend only (`None` / False, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in
+the environment turns them off, to compare.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ def dense_program_options() -> dict[str, str] | None:
     if os.environ.get("MEDKR_XLA_DEFAULTS") == "1" or jax.default_backend() != "cpu":
         return None
     return dict(DENSE_CPU_OPTIONS)
+
+
+def transposed_decode_head() -> bool:
+    """Whether decode steps multiply by an [E, V] copy of a tied embedding (see the module docstring)."""
+    return os.environ.get("MEDKR_XLA_DEFAULTS") != "1" and jax.default_backend() == "cpu"
 
 
 def jit_dense(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:

@@ -14,7 +14,7 @@ from medkr_jax.data.answer import extract_answer
 from medkr_jax.data.pipeline import load_tokenizer
 from medkr_jax.data.records import MCQRecord, write_records
 from medkr_jax.data.tokenizer import train_bpe_tokenizer
-from medkr_jax.eval import adversarial, evaluate, metrics, prompts
+from medkr_jax.eval import adversarial, evaluate, metrics, prompts, report
 from medkr_jax.eval.genlog import GenerationLog, ResumeError
 from medkr_jax.jobs import adversarial as adversarial_job
 from medkr_jax.jobs import evaluate as evaluate_job
@@ -156,6 +156,60 @@ def test_n_samples_are_averaged_and_bootstrapped():
     assert again == row  # fixed seed: reproducible
 
 
+def test_pass_at_k_matches_the_binomial_formula():
+    """Chen et al. (2021): pass@k = 1 - C(n - c, k) / C(n, k), here with scipy's exact binomials."""
+    from scipy.special import comb
+
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                want = 1.0 - comb(n - c, k, exact=True) / comb(n, k, exact=True)
+                assert metrics.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12), (n, c, k)
+    with pytest.raises(ValueError, match="pass@k"):
+        metrics.pass_at_k(4, 1, 5)
+
+
+def np_majority_right(preds, answer):
+    """maj@n of one question, written independently: np.unique's counts, ties to the earliest first answer."""
+    votes = np.array([p for p in preds if p is not None])
+    if votes.size == 0:
+        return False
+    values, first, counts = np.unique(votes, return_index=True, return_counts=True)
+    tied = counts == counts.max()
+    return bool(values[tied][np.argmin(first[tied])] == answer)
+
+
+def test_self_consistency_columns_match_references():
+    from scipy.special import comb
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(300):
+        preds = [None if rng.random() < 0.15 else int(rng.integers(4)) for _ in range(6)]
+        answer = int(rng.integers(4))
+        rows.append({"benchmark": "a", "label": ("knowledge", "reasoning")[i % 2], "pred": preds, "answer": answer,
+                     "correct": [p == answer for p in preds]})
+    rows[0]["pred"], rows[0]["answer"] = [1, 2, 2, 1, None, 3], 1  # a tie: the first answer given wins
+    rows[0]["correct"] = [p == 1 for p in rows[0]["pred"]]
+    assert np_majority_right(rows[0]["pred"], 1) and metrics.majority(rows[0]["pred"]) == 1
+    table = {(r["benchmark"], r["split"]): r for r in metrics.accuracy_table(rows, pass_k=(1, 4, 9))}
+    for split in ("knowledge", "reasoning", "all"):
+        group = [r for r in rows if split in ("all", r["label"])]
+        row = table[("a", split)]
+        maj = [np_majority_right(r["pred"], r["answer"]) for r in group]
+        assert row["maj@6"] == pytest.approx(np.mean(maj))
+        assert (row["maj@6_ci_low"], row["maj@6_ci_high"]) == metrics.wilson_interval(sum(maj), len(maj))
+        for k in (1, 4):
+            want = np.mean([1 - comb(6 - sum(r["correct"]), k) / comb(6, k) for r in group])
+            assert row[f"pass@{k}"] == pytest.approx(want, abs=1e-12)
+            assert row[f"pass@{k}_ci_low"] < want < row[f"pass@{k}_ci_high"]
+        assert row["pass@1"] == pytest.approx(row["accuracy"])  # pass@1 is the mean accuracy
+        assert "pass@9" not in row  # k > n is left out
+    assert table[("a", "all")]["pass@4"] > table[("a", "all")]["maj@6"] > 0.2
+    md = report.self_consistency_markdown(list(table.values()))
+    assert "| a | reasoning | " in md and "maj@6" in md and "pass@4" in md
+
+
 # ------------------------------------------------------------------------------------------- log
 
 
@@ -231,11 +285,16 @@ def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, w
             assert float(table[(bench, split)]["accuracy"]) == pytest.approx(acc, abs=1e-6)
             assert int(table[(bench, split)]["n_questions"]) == len(es)
             assert int(table[(bench, split)]["n_samples"]) == 2 * len(es)
+            # self-consistency of the 2 samples: maj@2 and pass@1 (the mean accuracy), recomputed from the log
+            maj = np.mean([np_majority_right([extract_answer(s["text"], e["options"]) for s in e["samples"]],
+                                             e["answer"]) for e in es])
+            assert float(table[(bench, split)]["maj@2"]) == pytest.approx(maj, abs=1e-6)
+            assert float(table[(bench, split)]["pass@1"]) == pytest.approx(acc, abs=1e-6)
     assert table[("overall", "all")]["ci_method"] == "bootstrap"
     for e in by_key.values():
         assert all(len(s["text"]) > 0 and s["tokens"] <= 12 for s in e["samples"])
     md = (tmp_path / "run" / "results.md").read_text()
-    assert "| synthA |" in md and "| overall |" in md
+    assert "| synthA |" in md and "| overall |" in md and "### Self-consistency" in md and "maj@2" in md
     png = (tmp_path / "run" / "knowledge_vs_reasoning.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
 
@@ -299,6 +358,29 @@ def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     again = adversarial_job.run(config)
     assert all(c["generated"] == 0 for c in again["generated"].values())
     assert again["overall"] == summary["overall"]
+
+
+def test_evaluate_with_a_thinking_budget(tmp_path, model_dir, world_records, tokenizer):
+    """config.eval.thinking_budget: a prompt that opens the thinking block (here the chat template's assistant
+    tag serves as the start marker) thinks `budget` tokens, then the engine writes the end marker and the answer
+    cue; the budget is part of the generation log's settings."""
+    _, recs = world_records
+    records_path = write_records(tmp_path / "records.jsonl", recs[:4])
+    config = make_config(tmp_path, model_dir, records_path, name="think", temperature=0.0, max_new_tokens=20,
+                         thinking_budget=3, thinking_start="<|assistant|>")
+    evaluate_job.run(config)
+    closing = config.eval.thinking_end + config.eval.answer_cue
+    n_closing = len(tokenizer.encode(closing, add_special_tokens=False))
+    log = [json.loads(x) for x in (tmp_path / "think" / "generations.jsonl").read_text().splitlines()]
+    for e in log:
+        (smp,) = e["samples"]
+        got = tokenizer.encode(smp["text"], add_special_tokens=False)
+        assert closing in smp["text"] and smp["tokens"] >= 3 + n_closing, smp
+        assert tokenizer.decode(got[3:3 + n_closing]).startswith(config.eval.thinking_end), smp["text"]
+    settings = json.loads((tmp_path / "think" / "generations.jsonl.settings.json").read_text())
+    assert settings["thinking"]["budget"] == 3
+    with pytest.raises(ValueError, match="config.eval.thinking_budget"):
+        evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="x", thinking_budget=12))
 
 
 def test_config_errors_name_the_key(tmp_path, model_dir, world_records):

@@ -441,7 +441,7 @@ def test_grpo_learns_a_verifiable_rule(signal_world, tmp_path, tmp_path_factory)
     assert max(r["logp_diff_max"] for r in recs if "logp_diff_max" in r) < 1e-4
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert max(r["clip_fraction"] for r in recs) > 0  # mu = 2: the second inner update is clipped somewhere
-    assert summary["sampler_compiles"] == 1  # one program for every rollout
+    assert summary["sampler_compiles"] == 3  # every rollout: one empty state, one prefill, one decode chunk
     assert after >= 0.9, after
     assert os.path.exists(os.path.join(cfg.output_dir, "reward.png"))
 

@@ -1,5 +1,6 @@
-"""Sampler: greedy parity with HF generate, log-probs vs a teacher-forced forward pass, sampling
-distribution (chi-square), top-p nucleus, per-row stops, n samples, compile counts, sharding."""
+"""The generation engine (continuous batching) and the static-batch sampler: greedy parity with HF generate
+and with each other, log-probs vs a teacher-forced forward pass, sampling distribution (chi-square), top-p
+nucleus, per-row stops and limits, outputs independent of slot and order, n samples, compile counts, sharding."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from scipy import stats
 
 from medkr_jax import parallel
 from medkr_jax.models.hf import load_decoder
-from medkr_jax.sampling import Sampler
+from medkr_jax.sampling import Sampler, StaticSampler, ThinkingBudget
 from tests.helpers_models import make_tiny_hf_model
 
 PAD, EOS = 0, 2
@@ -68,17 +69,24 @@ def first_token_probs(torch_model, prompt, temperature=1.0):
 
 
 def test_greedy_parity_with_hf_generate(tiny):
+    """The engine with fewer slots than rows (rows stop at different steps and their slots are refilled, decode
+    chunks of 3 steps) and a max_new_tokens per row: token for token HF generate's and the static sampler's."""
     torch_model, model, cfg, _ = tiny
     prompts = ragged_prompts()
     ref = hf_greedy(torch_model, prompts, max_new=14)
-    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
-    out = sampler.generate(model, prompts, max_new_tokens=14)
-    assert out.tokens.shape == (len(prompts), 14)
+    static = StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(model, prompts, max_new_tokens=14)
+    limits = [14, 6, 14, 9, 14]
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, min_refill=1, **BUCKETS)
+    out = engine.generate(model, prompts, max_new_tokens=limits, batch_size=2)
+    assert out.tokens.shape == static.tokens.shape == (len(prompts), 14)
     for i in range(len(prompts)):
-        n = out.lengths[i]
-        np.testing.assert_array_equal(out.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
+        n = static.lengths[i]
+        np.testing.assert_array_equal(static.tokens[i, :n], ref[i, :n], err_msg=f"row {i}")
+        assert out.lengths[i] == min(n, limits[i])
+        np.testing.assert_array_equal(out.tokens[i], np.where(np.arange(14) < out.lengths[i], static.tokens[i], PAD))
+        np.testing.assert_allclose(out.logprobs[i, :out.lengths[i]], static.logprobs[i, :out.lengths[i]], atol=1e-5)
     # the greedy continuations are not trivially constant
-    assert len({tuple(r) for r in out.tokens.tolist()}) == len(prompts)
+    assert len({tuple(r) for r in static.tokens.tolist()}) == len(prompts)
 
 
 def test_logprobs_match_teacher_forced_forward(tiny):
@@ -202,25 +210,32 @@ def test_n_samples_layout_and_determinism(tiny_qwen3):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])  # untied and tied LM head
-def test_decode_head_odd_vocab_and_new_weights(kind, tmp_path):
-    """The decode steps' re-laid-out LM head: a vocabulary that does not fill its last tile, and a model
-    whose weights change between calls (as in GRPO) is sampled with the new weights."""
+def test_decode_head_batch_one_and_new_weights(kind, tmp_path):
+    """The decode steps' LM head (a transposed copy of a tied embedding on CPU, an untied kernel as it is), at
+    batch 1 too, and a model whose weights change between calls (as in GRPO) is sampled with the new weights."""
     from flax import nnx
 
     torch_model = make_tiny_hf_model(kind, tmp_path / "a", seed=3, vocab_size=101)
     make_tiny_hf_model(kind, tmp_path / "b", seed=4, vocab_size=101)
     model, cfg = load_decoder(tmp_path / "a")
     other, _ = load_decoder(tmp_path / "b")
-    assert model.decode_head() is not None  # the path under test is the one taken (CPU, float32)
+    head = model.decode_head()  # the path under test is the one taken (CPU)
+    if kind == "qwen3":
+        np.testing.assert_array_equal(np.asarray(head), np.asarray(model.embed.embedding[...]).T)
+    else:
+        assert head is None
     prompts = ragged_prompts(lengths=(7, 12, 3), seed=51, vocab=101)
     sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
     out = sampler.generate(model, prompts, max_new_tokens=10)
     ref = hf_greedy(torch_model, prompts, max_new=10)
+    one = sampler.generate(model, prompts, max_new_tokens=10, batch_size=1)  # one slot: batch-1 decode steps
     for r in range(len(prompts)):
         gen = out.row_tokens(r)
         np.testing.assert_array_equal(gen, ref[r, :len(gen)], err_msg=f"row {r}")
+        np.testing.assert_array_equal(one.row_tokens(r), gen, err_msg=f"row {r}, batch 1")
         lp, _ = teacher_forced_logprobs(torch_model, prompts[r], gen)
         np.testing.assert_allclose(out.logprobs[r, :len(gen)], lp, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(one.logprobs[r, :len(gen)], lp, atol=1e-4, rtol=0)
     # The same model object with new weights, through the same sampler, equals a fresh sampler's output.
     nnx.update(model, nnx.state(other))
     again = sampler.generate(model, prompts, max_new_tokens=10)
@@ -237,23 +252,136 @@ def test_bucketing_limits_compiles(tiny_qwen3):
     for _ in range(3):
         prompts = [rng.integers(3, 96, int(n)).tolist() for n in rng.integers(1, 30, size=6)]
         sampler.generate(model, prompts, max_new_tokens=int(rng.integers(3, 15)), batch_size=4)
-    # at most one program per prompt bucket (16, 32): batch 4 fixed, one generation bucket (16)
-    assert 1 <= sampler.num_compiles <= 2
+    # 4 slots, one generation bucket (16), one cache length (32 + 16): an empty state, a decode chunk and one
+    # prefill per prompt bucket (16, 32)
+    assert sampler.num_compiles == 4
+    # a call whose prompts are all short runs in the longer cache already compiled (at most 2x), compiling nothing
+    sampler.generate(model, [[5, 6, 7]] * 4, max_new_tokens=4, batch_size=4)
+    assert sampler.num_compiles == 4
     assert sampler.num_layout_compiles == 1  # the LM head laid out for decode steps, once for the model
 
 
 def test_sharded_sampling_matches_single_device(tiny_qwen3):
+    """Slots split over data x fsdp (4 slots for 12 rows: refills on the mesh), KV heads over tensor: the same
+    rows as on one device, also with per-row limits and a thinking budget."""
     _, model, cfg, folder = tiny_qwen3
     prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=41)
-    ref = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
-        model, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
+    budget = ThinkingBudget(3, start=(prompts[0][-1],), end=(7, 8), cue=(9,))
+    calls = [dict(max_new_tokens=8), dict(max_new_tokens=[8, 3, 8, 5, 8, 2], thinking=budget)]
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, _ = load_decoder(folder, mesh=mesh)
-    sampler = Sampler(cfg, mesh=mesh, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
-    out = sampler.generate(sharded, prompts, max_new_tokens=8, temperature=1.0, n=2, seed=3)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    sampler = Sampler(cfg, mesh=mesh, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    single = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    for kw in calls:
+        ref = single.generate(model, prompts, temperature=1.0, n=2, seed=3, batch_size=4, **kw)
+        out = sampler.generate(sharded, prompts, temperature=1.0, n=2, seed=3, batch_size=4, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
+    assert ref.row_tokens(0)[3:6] == [7, 8, 9]  # the budget closed row 0's block
+
+
+def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
+    """Shuffled prompt order, other slot counts and chunk lengths: every (prompt, sample) row is the same, and the
+    same as the static sampler's."""
+    _, model, cfg, _ = tiny
+    prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=61)
+    static = StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
+        model, prompts, max_new_tokens=10, temperature=1.0, n=2, seed=4)
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=4, **BUCKETS)
+    a = engine.generate(model, prompts, max_new_tokens=10, temperature=1.0, n=2, seed=4, batch_size=4)
+    perm = np.random.default_rng(0).permutation(len(prompts))
+    b = engine.generate(model, [prompts[i] for i in perm], max_new_tokens=10, temperature=1.0, n=2, seed=4,
+                        batch_size=3, prompt_keys=perm.tolist())
+    rows_b = np.concatenate([np.nonzero(perm == p)[0] * 2 + j for p in range(len(prompts)) for j in range(2)])
+    for out in (static, b):
+        got = SampleOutputRows(out, rows_b if out is b else np.arange(len(rows_b)))
+        np.testing.assert_array_equal(got.tokens, a.tokens)
+        np.testing.assert_array_equal(got.lengths, a.lengths)
+        np.testing.assert_allclose(got.logprobs, a.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in a.tokens[::2].tolist()}) == len(prompts)
+    assert not np.array_equal(a.tokens[::2], a.tokens[1::2])  # the two samples of a prompt differ
+
+
+class SampleOutputRows:
+    """Rows ``order`` of a SampleOutput."""
+
+    def __init__(self, out, order):
+        self.tokens, self.logprobs, self.lengths = out.tokens[order], out.logprobs[order], out.lengths[order]
+
+
+def test_engine_streams_prompts_as_they_finish_and_runs_scanned_layers(tmp_path):
+    """stream() yields each prompt once, as soon as its rows stop (short rows before a long one that started
+    first); a model with scanned layers (one stacked cache, sliding and global layers) gives the same tokens."""
+    make_tiny_hf_model("gemma3", tmp_path, seed=5)
+    model, cfg = load_decoder(tmp_path)
+    scanned, _ = load_decoder(tmp_path, scan_layers=True)
+    prompts = ragged_prompts(lengths=(6, 11, 3, 8, 14), seed=71)
+    limits = [24, 3, 4, 3, 5]
+    engine = Sampler(cfg, pad_id=PAD, stop_ids=(cfg.vocab_size,), chunk_steps=2, min_refill=1, **BUCKETS)
+    order = [f.prompt for f in engine.stream(model, prompts, max_new_tokens=limits, batch_size=2)]
+    assert sorted(order) == list(range(5)) and order[-1] == 0  # the long row was placed first, finishes last
+    flat = engine.generate(model, prompts, max_new_tokens=limits, batch_size=2)
+    np.testing.assert_array_equal(flat.lengths, limits)
+    out = Sampler(cfg, pad_id=PAD, stop_ids=(cfg.vocab_size,), chunk_steps=2, **BUCKETS).generate(
+        scanned, prompts, max_new_tokens=limits, batch_size=2)
+    np.testing.assert_array_equal(out.tokens, flat.tokens)
+    np.testing.assert_allclose(out.logprobs, flat.logprobs, atol=1e-5)
+
+
+def _unused_ids(vocab, *token_lists, count):
+    """``count`` token ids found in none of the given token lists."""
+    used = {int(t) for toks in token_lists for t in np.ravel(np.concatenate([np.ravel(x) for x in toks]))
+            if len(toks)}
+    return [t for t in range(3, vocab) if t not in used][:count]
+
+
+def test_thinking_budget_closes_the_block_and_lets_the_row_answer(tiny_qwen3):
+    """Rows think from the prompt (it ends with the start marker) or from when they emit it; after `budget`
+    thinking tokens the engine writes the end marker and the answer cue, then the row goes on as the model would
+    (HF greedy from the forced text); a row that never thinks is left alone."""
+    torch_model, model, cfg, _ = tiny_qwen3
+    base = ragged_prompts(lengths=(8, 5, 11), seed=81)
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=4, **BUCKETS)
+    row1 = sampler.generate(model, base[1:2], max_new_tokens=8).row_tokens(0)
+    k = next(i for i in range(1, 8) if row1[i] not in row1[:i])  # row 1 emits the start marker first at step k
+    start = row1[k]
+    prompts = [base[0] + [start], base[1], base[2]]
+    free = sampler.generate(model, prompts, max_new_tokens=20)
+    assert start not in free.row_tokens(2) + prompts[2]
+    end, cue = _unused_ids(cfg.vocab_size, [free.tokens], prompts, count=2), [int(free.tokens[0, 0])]
+    budget = ThinkingBudget(4, start=(start,), end=end, cue=cue)
+    assert budget.opens(prompts[0]) and not budget.opens(prompts[1]) and budget.closing == tuple(end + cue)
+    out = sampler.generate(model, prompts, max_new_tokens=20, thinking=budget, batch_size=2)
+    forced_at = {0: 4, 1: k + 1 + 4}  # row 1 thinks after its start marker
+    for r, at in forced_at.items():
+        got = out.row_tokens(r)
+        assert got[:at] == free.row_tokens(r)[:at] and got[at:at + 3] == end + cue, (r, got)
+        rest = hf_greedy(torch_model, [prompts[r] + got[:at + 3]], max_new=20 - at - 3)[0]
+        np.testing.assert_array_equal(got[at + 3:], rest[:len(got) - at - 3], err_msg=f"row {r}")
+    assert out.row_tokens(2) == free.row_tokens(2)
+    assert (out.logprobs[:, :3] < 0).all()  # forced tokens carry the model's log-probability of them
+
+
+def test_budget_forcing_replaces_an_early_end_of_thinking_by_wait(tiny_qwen3):
+    """s1 budget forcing: the end marker the model samples while thinking becomes the wait text (once per
+    max_waits); the row then continues as the model would from there."""
+    torch_model, model, cfg, _ = tiny_qwen3
+    prompt = ragged_prompts(lengths=(9,), seed=91)[0]
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=3, **BUCKETS)
+    free = sampler.generate(model, [prompt], max_new_tokens=16).row_tokens(0)
+    start = _unused_ids(cfg.vocab_size, [free, prompt], count=1)[0]
+    prompt = prompt + [start]
+    free = sampler.generate(model, [prompt], max_new_tokens=16).row_tokens(0)
+    t = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # the first new token from step 2 on
+    wait = _unused_ids(cfg.vocab_size, [free, prompt], count=2)
+    budget = ThinkingBudget(0, start=(start,), end=(free[t],), wait=wait, max_waits=1)
+    got = sampler.generate(model, [prompt], max_new_tokens=16, thinking=budget).row_tokens(0)
+    assert got[:t] == free[:t] and got[t:t + 2] == wait
+    rest = hf_greedy(torch_model, [prompt + got[:t + 2]], max_new=16 - t - 2)[0]
+    np.testing.assert_array_equal(got[t + 2:], rest[:len(got) - t - 2])
+    with pytest.raises(ValueError, match="one-token end marker"):
+        ThinkingBudget(0, start=(start,), end=(5, 6), wait=wait, max_waits=1)
 
 
 def test_bad_arguments_raise_clear_errors(tiny_qwen3):

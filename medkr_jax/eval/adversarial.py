@@ -86,8 +86,9 @@ def generated_prefixes(gen_rt: Runtime, records: Sequence[Any], wrongs: Sequence
                                    chat_template_kwargs=prompt.chat_template_kwargs)
         items.append(Item(item_key(r, "argue"), r, prompts.encode(gen_rt.tokenizer, text), "argue",
                           extra={"target": w}))
+    # greedy, one sample, no thinking budget (the argument is the visible text after any think block)
     gen = dataclasses.replace(gen, max_new_tokens=adv.generator_max_new_tokens, temperature=0.0, top_k=0,
-                              top_p=1.0, num_samples=1)  # greedy, one sample
+                              top_p=1.0, num_samples=1, thinking=None)
     fp = settings_fingerprint(gen_rt, gen, prompt) | {"generator_prompt": adv.generator_prompt}
     glog = GenerationLog(out_dir / "adversarial_prefixes.jsonl", fp, writable=is_main_process())
     run_generation(gen_rt, items, glog, gen, desc="write misleading prefixes")

@@ -1,8 +1,8 @@
 """Evaluating a causal LM on multiple-choice questions: prompts, resumable generation, scoring, accuracy tables.
 
 Each question is rendered with the tokenizer's chat template (``PromptSettings``), continued
-``GenSettings.num_samples`` times by the jitted sampler, logged as it finishes (``GenerationLog``: a killed run
-resumes) and scored with ``extract_answer``; accuracy is tabulated per benchmark and knowledge / reasoning split
+``GenSettings.num_samples`` times by the generation engine (``sampling.Sampler``: continuous batching, optional
+thinking budget), logged as items finish (``GenerationLog``: a killed run resumes) and scored with ``extract_answer``; accuracy is tabulated per benchmark and knowledge / reasoning split
 (``record.label``, or the released classifier's ``record.is_reasoning``). The jobs "evaluate" and
 "adversarial" (medkr_jax.jobs) build the settings from the config.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from medkr_jax.eval import metrics, prompts, report
 from medkr_jax.eval.genlog import GenerationLog
 from medkr_jax.models.hf import check_tokenizer_fits, load_decoder, read_hf_config
 from medkr_jax.parallel import is_main_process
-from medkr_jax.sampling import Sampler
+from medkr_jax.sampling import Finished, Sampler, ThinkingBudget
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -128,8 +129,33 @@ def load_runtime(model_path: str, settings: ModelSettings, *, tokenizer_path: st
 
 
 @dataclasses.dataclass(frozen=True)
+class ThinkingSettings:
+    """A thinking budget as text (config.eval.thinking_*; see ``sampling.thinking``): after ``budget`` tokens
+    inside ``start`` ... ``end``, the engine writes ``end`` + ``cue``; ``max_waits`` > 0 replaces an early
+    ``end`` by ``wait`` up to that many times (s1 budget forcing)."""
+
+    budget: int
+    start: str = "<think>"
+    end: str = "</think>"
+    cue: str = "\n\nThe answer is"
+    wait: str = "Wait"
+    max_waits: int = 0
+
+    def tokens(self, tokenizer: Any) -> ThinkingBudget:
+        """The budget in the tokenizer's ids (markers and texts encoded without special tokens)."""
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
+        try:
+            return ThinkingBudget(self.budget, ids(self.start), ids(self.end), ids(self.cue), ids(self.wait),
+                                  self.max_waits)
+        except ValueError as err:
+            raise ValueError(f"config.eval.thinking_*: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class GenSettings:
-    """Sampling settings of one evaluation (config.eval; seed = config.seed)."""
+    """Sampling settings of one evaluation (config.eval; seed = config.seed). batch_size: the engine's decode
+    slots; thinking: a thinking budget, or None."""
 
     max_new_tokens: int
     temperature: float
@@ -138,11 +164,15 @@ class GenSettings:
     num_samples: int
     batch_size: int
     seed: int
+    thinking: ThinkingSettings | None = None
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("config.eval.num_samples, batch_size and max_new_tokens must be >= 1, got "
                              f"{self.num_samples}, {self.batch_size}, {self.max_new_tokens}")
+        if self.thinking is not None and self.thinking.budget >= self.max_new_tokens:
+            raise ValueError(f"config.eval.thinking_budget={self.thinking.budget} leaves no room to answer within "
+                             f"config.eval.max_new_tokens={self.max_new_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +222,12 @@ def _remaining_mask(items: Sequence[Item], glog: GenerationLog) -> np.ndarray:
 
 def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen: GenSettings, *,
                    desc: str = "generate", on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
-    """Generate every item not yet in ``glog``, appending each batch to it as soon as it finishes.
+    """Generate every item not yet in ``glog`` with the engine, appending items to it as they finish.
 
-    Items are processed shortest prompt first, in a fixed order, up to ``batch_size // num_samples`` prompts
-    of one prompt-length bucket per batch; a question's randomness comes from its key, not from its batch,
-    so a resumed run reproduces an uninterrupted one. ``on_batch(items_done_this_run)`` is called after each
-    batch is durable.
+    The engine keeps ``batch_size`` rows decoding and streams each item once its samples have all stopped; items
+    are made durable ``batch_size // num_samples`` at a time (and the rest at the end). A question's randomness
+    comes from its key, not from its neighbours, so a resumed run reproduces an uninterrupted one.
+    ``on_batch(items_done_this_run)`` is called after each append.
     """
     for it in items:
         if it.key in glog and glog.entries[it.key].get("prompt_hash") != _prompt_hash(it.prompt):
@@ -206,49 +236,44 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
     todo_mask = _remaining_mask(items, glog)
     todo = sorted((it for it, m in zip(items, todo_mask) if m), key=lambda it: (len(it.prompt), it.key))
     per_batch = max(1, gen.batch_size // gen.num_samples)
-    # Batches never mix prompt-length buckets: a long prompt would pad its whole batch to its bucket.
-    chunks, group = [], []
-    for it in todo:
-        if group and (len(group) == per_batch or rt.sampler.prompt_bucket(len(it.prompt))
-                      != rt.sampler.prompt_bucket(len(group[0].prompt))):
-            chunks.append(group)
-            group = []
-        group.append(it)
-    chunks += [group] if group else []
-    done, tokens, start = 0, 0, time.perf_counter()
+    done, tokens, start, pending = 0, 0, time.perf_counter(), []
     bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not todo or not is_main_process(),
                dynamic_ncols=True)
-    if chunks:  # the first batch also compiles the sampler's programs: say so while it runs
-        bar.set_postfix_str(f"compiling + first batch of {len(chunks[0])} questions", refresh=True)
-    for chunk in chunks:
-        out = rt.sampler.generate(
-            rt.model, [it.prompt for it in chunk], max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, n=gen.num_samples, seed=gen.seed,
-            batch_size=per_batch * gen.num_samples, prompt_keys=[zlib.crc32(it.key.encode()) for it in chunk])
-        entries = []
-        for p, it in enumerate(chunk):
-            samples = []
-            for r in np.nonzero(out.prompt_index == p)[0]:
-                toks = out.row_tokens(int(r))
-                text = rt.tokenizer.decode(toks, skip_special_tokens=True)
-                stopped = bool(toks) and toks[-1] in rt.sampler.stop_ids
-                samples.append({"text": text, "pred": answer_letter(score_text(text, it)),
-                                "tokens": len(toks), "stopped": stopped,
-                                "logprob": float(out.logprobs[r, :len(toks)].sum())})
-            entries.append({"key": it.key, "id": it.record.id, "benchmark": it.record.benchmark,
-                            "label": record_split(it.record), "answer": int(it.record.answer),
-                            "options": list(it.record.options), "variant": it.variant, "prefix": it.prefix,
-                            "prompt_tokens": len(it.prompt), "prompt_hash": _prompt_hash(it.prompt),
-                            **it.extra, "samples": samples})
-        glog.append(entries)
-        done += len(chunk)
-        tokens += sum(smp["tokens"] for e in entries for smp in e["samples"])
-        bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} generated tok/s", refresh=False)
-        bar.update(len(chunk))
-        if on_batch is not None:
-            on_batch(done)
+    if todo:  # the first items also wait for the engine's programs to compile: say so meanwhile
+        bar.set_postfix_str(f"compiling + first batch of {min(per_batch, len(todo))} questions", refresh=True)
+    thinking = None if gen.thinking is None else gen.thinking.tokens(rt.tokenizer)
+    stream = rt.sampler.stream(rt.model, [it.prompt for it in todo], max_new_tokens=gen.max_new_tokens,
+                               temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, n=gen.num_samples,
+                               seed=gen.seed, batch_size=gen.batch_size, thinking=thinking,
+                               prompt_keys=[zlib.crc32(it.key.encode()) for it in todo])
+    for fin in itertools.chain(stream, [None]):
+        if fin is not None:
+            pending.append(_entry(rt, todo[fin.prompt], fin))
+        if pending and (len(pending) == per_batch or fin is None):
+            glog.append(pending)
+            done += len(pending)
+            tokens += sum(smp["tokens"] for e in pending for smp in e["samples"])
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} generated tok/s", refresh=False)
+            bar.update(len(pending))
+            pending = []
+            if on_batch is not None:
+                on_batch(done)
     bar.close()
     return {"generated": done, "resumed": len(items) - len(todo)}
+
+
+def _entry(rt: Runtime, it: Item, fin: Finished) -> dict:
+    """The log entry of one finished item: the question, and per sample its text, prediction, length, whether
+    it stopped by itself, and its log-probability."""
+    samples = []
+    for toks, lps in zip(fin.tokens, fin.logprobs):
+        text = rt.tokenizer.decode(toks, skip_special_tokens=True)
+        samples.append({"text": text, "pred": answer_letter(score_text(text, it)), "tokens": len(toks),
+                        "stopped": bool(toks) and toks[-1] in rt.sampler.stop_ids, "logprob": float(lps.sum())})
+    return {"key": it.key, "id": it.record.id, "benchmark": it.record.benchmark, "label": record_split(it.record),
+            "answer": int(it.record.answer), "options": list(it.record.options), "variant": it.variant,
+            "prefix": it.prefix, "prompt_tokens": len(it.prompt), "prompt_hash": _prompt_hash(it.prompt),
+            **it.extra, "samples": samples}
 
 
 def score_text(text: str, item_or_entry: Any) -> int | None:
@@ -272,7 +297,7 @@ def score_rows(glog: GenerationLog, keys: Sequence[str]) -> list[dict]:
         e = glog.entries[k]
         preds = [score_text(s["text"], e) for s in e["samples"]]
         rows.append({"key": k, "benchmark": e["benchmark"], "label": e["label"], "pred": preds,
-                     "correct": [p == e["answer"] for p in preds]})
+                     "answer": e["answer"], "correct": [p == e["answer"] for p in preds]})
     return rows
 
 
@@ -281,15 +306,16 @@ def settings_fingerprint(rt: Runtime, gen: GenSettings, prompt: PromptSettings) 
     return {"model": os.path.abspath(rt.path), "tokenizer": str(getattr(rt.tokenizer, "name_or_path", "")),
             "dtype": rt.settings.dtype, "system_prompt": prompt.system_prompt, "prompt_template": prompt.template,
             "chat_template_kwargs": dict(prompt.chat_template_kwargs), "stop_ids": list(rt.sampler.stop_ids),
-            **dataclasses.asdict(gen)}
+            **{k: v for k, v in dataclasses.asdict(gen).items() if not (k == "thinking" and v is None)}}
 
 
 def write_accuracy_outputs(out_dir: Path, table: list[dict], *, stem: str = "results",
                            title: str = "Accuracy (%)") -> None:
-    """``<stem>.csv``, ``<stem>.md`` and the knowledge-vs-reasoning bar plot ``<stem>_knowledge_vs_reasoning.png``
-    (``knowledge_vs_reasoning.png`` for the main results)."""
+    """``<stem>.csv``, ``<stem>.md`` (accuracy, then maj@n / pass@k when present) and the knowledge-vs-reasoning
+    bar plot ``<stem>_knowledge_vs_reasoning.png`` (``knowledge_vs_reasoning.png`` for the main results)."""
     report.write_csv(table, out_dir / f"{stem}.csv")
-    (out_dir / f"{stem}.md").write_text(report.accuracy_markdown(table, title))
+    (out_dir / f"{stem}.md").write_text(report.accuracy_markdown(table, title)
+                                        + report.self_consistency_markdown(table))
     plot = "knowledge_vs_reasoning.png" if stem == "results" else f"{stem}_knowledge_vs_reasoning.png"
     report.plot_knowledge_vs_reasoning(table, out_dir / plot, title=title)
 
@@ -306,10 +332,12 @@ def write_metrics(out_dir: Path, rows: Sequence[dict]) -> None:
 
 def evaluate(rt: Runtime, records: Sequence[Any], out_dir: Path, *, prompt: PromptSettings, gen: GenSettings,
              ci: str = "auto", seed: int = 0, log_name: str = "generations.jsonl", desc: str = "evaluate",
-             on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], dict, list[dict]]:
-    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts, per-question rows)."""
+             on_batch: Callable[[int], None] | None = None,
+             pass_k: Sequence[int] = ()) -> tuple[list[dict], dict, list[dict]]:
+    """Generate (resuming), score and tabulate ``records``; returns (accuracy table, counts, per-question rows).
+    With several samples per question the table also has maj@n and pass@k for each k in ``pass_k``."""
     items = build_items(prompt, rt.tokenizer, records)
     glog = GenerationLog(out_dir / log_name, settings_fingerprint(rt, gen, prompt), writable=is_main_process())
     counts = run_generation(rt, items, glog, gen, desc=desc, on_batch=on_batch)
     rows = score_rows(glog, [it.key for it in items])
-    return metrics.accuracy_table(rows, ci=ci, seed=seed), counts, rows
+    return metrics.accuracy_table(rows, ci=ci, seed=seed, pass_k=pass_k), counts, rows

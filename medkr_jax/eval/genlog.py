@@ -1,7 +1,7 @@
 """Append-only JSONL log of finished generations, so a killed evaluation resumes where it stopped.
 
 One line per item (a question, or a question x adversarial variant) with all of its samples, written
-and fsynced as soon as its batch finishes. On restart the finished keys are skipped. A line cut off by
+and fsynced as the engine streams finished items (a few at a time). On restart the finished keys are skipped. A line cut off by
 a kill is dropped (the file is truncated back to the last complete line). The settings that decide what
 a generation is (model, prompt, sampling ...) are stored beside the log; resuming with different settings
 is refused rather than mixing two experiments in one table.

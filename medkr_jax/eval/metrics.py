@@ -12,12 +12,20 @@ Confidence intervals (``ci``):
   2000 resamples with a fixed seed, so a table is reproducible.
 - "auto" (default): Wilson when every question has one sample, otherwise the bootstrap, because with
   n > 1 the samples of one question are not independent trials.
+
+Self-consistency (n > 1 samples per question, ``accuracy_table(..., pass_k=...)``):
+- maj@n: a question counts as right when the most frequent answer among its samples is the right one (samples
+  without an answer do not vote; a tie goes to the answer given first; no answer at all is wrong). Its CI is
+  Wilson's (one 0/1 outcome per question) unless ``ci="bootstrap"``.
+- pass@k: the unbiased estimator of Chen et al. (2021), per question 1 - C(n - c, k) / C(n, k) for c right
+  answers among n samples, averaged over questions; for k <= n only. Its CI is the percentile bootstrap over
+  questions unless ``ci="wilson"``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -92,14 +100,61 @@ def summarize(rows: Sequence[dict], *, ci: str = "auto", seed: int = 0) -> dict[
     }
 
 
-def accuracy_table(rows: Sequence[dict], *, ci: str = "auto", seed: int = 0) -> list[dict[str, Any]]:
-    """One row per (benchmark, split) with accuracy and 95% CI; benchmarks sorted, "overall" last."""
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one question with c right answers among n samples: 1 - C(n - c, k) / C(n, k), as the
+    stable product 1 - prod_{i = n-c+1}^{n} (1 - k / i) (Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority(preds: Sequence[int | None]) -> int | None:
+    """The most frequent answer (None does not vote; ties go to the answer given first), None without any."""
+    votes = Counter(p for p in preds if p is not None)
+    if not votes:
+        return None
+    top = max(votes.values())
+    return next(p for p in preds if p is not None and votes[p] == top)
+
+
+def _interval(scores: Sequence[float], method: str, seed: int) -> tuple[float, float]:
+    if method == "wilson":
+        return wilson_interval(float(np.sum(scores)), len(scores))
+    return bootstrap_interval(scores, seed=seed)
+
+
+def self_consistency(rows: Sequence[dict], n: int, pass_k: Sequence[int], *, ci: str = "auto",
+                     seed: int = 0) -> dict[str, Any]:
+    """maj@n and pass@k (each k <= n) of one group of question rows, with 95% CIs (see the module docstring).
+    A row's "correct" flags its samples; "pred" gives their answers and "answer" the right one."""
+    maj = [float(majority(r["pred"]) is not None and majority(r["pred"]) == r["answer"]) for r in rows]
+    lo, hi = _interval(maj, "bootstrap" if ci == "bootstrap" else "wilson", seed)
+    out: dict[str, Any] = {f"maj@{n}": float(np.mean(maj)) if maj else float("nan"), f"maj@{n}_ci_low": lo,
+                           f"maj@{n}_ci_high": hi}
+    for k in sorted({int(k) for k in pass_k if 1 <= int(k) <= n}):
+        scores = [pass_at_k(len(r["correct"]), int(sum(r["correct"])), k) for r in rows]
+        lo, hi = _interval(scores, "wilson" if ci == "wilson" else "bootstrap", seed)
+        out.update({f"pass@{k}": float(np.mean(scores)) if scores else float("nan"), f"pass@{k}_ci_low": lo,
+                    f"pass@{k}_ci_high": hi})
+    return out
+
+
+def accuracy_table(rows: Sequence[dict], *, ci: str = "auto", seed: int = 0,
+                   pass_k: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """One row per (benchmark, split) with accuracy and 95% CI; benchmarks sorted, "overall" last. When every
+    question has n > 1 samples (and its "answer"), also maj@n and pass@k for each k in ``pass_k`` up to n."""
     groups = group_rows(rows)
     benches = sorted({b for b, _ in groups if b != OVERALL}) + [OVERALL]
+    n = min((len(r["correct"]) for r in rows), default=1)
     table = []
     for bench in benches:
         for split in SPLITS:
             if (bench, split) in groups:
-                table.append({"benchmark": bench, "split": split, **summarize(groups[(bench, split)], ci=ci,
-                                                                                 seed=seed)})
+                group = groups[(bench, split)]
+                row = {"benchmark": bench, "split": split, **summarize(group, ci=ci, seed=seed)}
+                if n > 1 and all("answer" in r for r in rows):
+                    row.update(self_consistency(group, n, pass_k, ci=ci, seed=seed))
+                table.append(row)
     return table

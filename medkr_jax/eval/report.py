@@ -64,6 +64,23 @@ def accuracy_markdown(table: Sequence[dict[str, Any]], title: str = "Accuracy (%
     return "\n".join(lines) + "\n"
 
 
+def self_consistency_markdown(table: Sequence[dict[str, Any]]) -> str:
+    """maj@n and pass@k [95% CI] per benchmark x split ("" when the table has none: one sample per question)."""
+    names = [k for k in (table[0] if table else {}) if ("@" in k and not k.endswith(("_ci_low", "_ci_high")))]
+    if not names:
+        return ""
+    splits = [s for s in SPLITS if any(r["split"] == s for r in table)]
+    lines = ["", "### Self-consistency (%)", "",
+             "| benchmark | split | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in table:
+        if r["split"] in splits:
+            cells = [f"{_pct(r[m])} [{_pct(r[m + '_ci_low'])}, {_pct(r[m + '_ci_high'])}]" for m in names]
+            lines.append(f"| {r['benchmark']} | {r['split']} | " + " | ".join(cells) + " |")
+    lines += ["", "maj@n: the most frequent answer of a question's n samples; pass@k: the unbiased estimator of Chen "
+              "et al. (2021); 95% CIs as in medkr_jax/eval/metrics.py."]
+    return "\n".join(lines) + "\n"
+
+
 def _bars(ax, groups: list[str], series: dict[str, list[tuple[float, float, float]]]) -> None:
     """Grouped bars with CI error bars; series name -> [(value, lo, hi)] per group."""
     x = np.arange(len(groups))

@@ -7,7 +7,8 @@ Questions come from ``config.data.benchmarks`` (benchmark spec strings, see ``me
 and/or ``config.data.eval_path`` (canonical records); their split is ``record.label`` or, when unset, the
 released classifier's ``record.is_reasoning``. Each question is rendered with the tokenizer's chat template
 (``config.eval.system_prompt``, ``config.eval.prompt_template``), continued ``config.eval.num_samples``
-times by the jitted sampler, and scored with ``extract_answer``.
+times by the generation engine (continuous batching; ``config.eval.thinking_budget`` caps a reasoning model's
+thinking), and scored with ``extract_answer``; with several samples, also majority vote and pass@k.
 
 Outputs in ``config.output_dir``: ``generations.jsonl`` (appended as batches finish; a rerun skips what is
 there), ``results.csv``, ``results.md``, ``knowledge_vs_reasoning.png``, ``metrics.jsonl``.
@@ -25,7 +26,7 @@ from typing import Any, Callable
 from medkr_jax import parallel
 from medkr_jax.config import require
 from medkr_jax.eval import evaluate, metrics
-from medkr_jax.eval.evaluate import GenSettings, ModelSettings, PromptSettings, Runtime
+from medkr_jax.eval.evaluate import GenSettings, ModelSettings, PromptSettings, Runtime, ThinkingSettings
 
 
 def model_settings(config: Any) -> ModelSettings:
@@ -46,12 +47,21 @@ def runtime_from_config(config: Any, *, model_path: str | None = None) -> Runtim
     return evaluate.load_runtime(model_path, model_settings(config), tokenizer_path=tokenizer_path)
 
 
+def thinking_settings(config: Any) -> ThinkingSettings | None:
+    """config.eval.thinking_* as a thinking budget, or None when neither a budget nor budget forcing is set."""
+    e = config.eval
+    if int(e.thinking_budget) <= 0 and int(e.thinking_max_waits) <= 0:
+        return None
+    return ThinkingSettings(budget=int(e.thinking_budget), start=e.thinking_start, end=e.thinking_end,
+                            cue=e.answer_cue, wait=e.thinking_wait, max_waits=int(e.thinking_max_waits))
+
+
 def gen_settings(config: Any, **overrides: Any) -> GenSettings:
     """Sampling settings from config.eval and config.seed (``overrides`` replace fields)."""
     e = config.eval
     kw = dict(max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), top_k=int(e.top_k),
               top_p=float(e.top_p), num_samples=int(e.num_samples), batch_size=int(e.batch_size),
-              seed=int(config.seed))
+              seed=int(config.seed), thinking=thinking_settings(config))
     kw.update(overrides)
     return GenSettings(**kw)
 
@@ -92,7 +102,8 @@ def run(config: Any, *, on_batch: Callable[[int], None] | None = None) -> dict:
     gen = gen_settings(config)
     prompt = prompt_settings(config)
     table, counts, _ = evaluate.evaluate(rt, records, out_dir, prompt=prompt, gen=gen, ci=config.eval.ci,
-                                         seed=int(config.seed), on_batch=on_batch)
+                                         seed=int(config.seed), on_batch=on_batch,
+                                         pass_k=tuple(int(k) for k in config.eval.pass_k))
     if parallel.is_main_process():
         evaluate.write_accuracy_outputs(out_dir, table)
         evaluate.write_metrics(out_dir, [{"kind": "accuracy", **r} for r in table])

@@ -7,7 +7,7 @@ scaled embeddings, a query_pre_attn_scalar and soft-capped logits; GQA, RMSNorm 
 are shared.
 
 Sliding layers use the same full-length cache as global ones and mask the slots more than
-``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.sampler`` for this choice
+``sliding_window - 1`` behind the query (``_within_window``); see ``sampling.static`` for this choice
 against a ring buffer and the memory it costs.
 
 Layers are either a list of per-layer modules (default: fastest to run) or, with
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from medkr_jax import xla_options
 from medkr_jax.models.decoder.config import DecoderConfig
 from medkr_jax.models.decoder.layers import Block, Dense, RMSNorm, constrain, rope_inv_freq, rope_tables, softcap
 
@@ -41,8 +42,9 @@ class KVCache:
     (per-layer models) or one stacked array [num_layers, B, num_kv_heads, head_dim, S_max]
     (``stacked=True``, for scanned models); v: values likewise, [..., B, num_kv_heads, S_max, head_dim].
     Either representation works with either layer layout, the matching one without extra copies.
-    mask: bool[B, S_max] (True = a real token sits in that slot); index: int32 scalar, the next slot to
-    write.
+    mask: bool[B, S_max] (True = a real token sits in that slot); index: the next slot to write, an int32
+    scalar shared by all rows or int32[B], one per row (a continuous-batching engine's slots, each at its
+    own point of its own sequence; ``kv_len`` is then unsupported).
     """
 
     k: Any
@@ -126,24 +128,16 @@ class Decoder(nnx.Module):
         """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
-    def decode_head(self, tile: int = 32) -> jax.Array | None:
-        """The LM head re-laid out for one-token steps, or None where the plain product is used anyway.
+    def decode_head(self) -> jax.Array | None:
+        """The LM head as an [E, V] matrix for one-token steps, or None where the model's own weights serve.
 
-        On CPU in float32 this is [ceil(V / tile), E, tile]: tile i holds vocabulary rows
-        [tile*i, tile*(i+1)) transposed (zero rows pad the last one). A decode loop builds it once and
-        passes it as ``head=`` on every step; the logits are then a multiply + reduce over E *down* each
-        tile, which XLA:CPU vectorises along the tile while streaming the table once: about 2x faster
-        than the multiply-reduce along E of the embedding's own layout and than XLA's skinny GEMM
-        (bench/sampler.py's models, 8-16 rows; tile 16 measured 10x slower, 64 slower for E=576).
+        A decode loop builds it once and passes it as ``head=`` on every step; the logits are then the plain
+        product ``x @ head``. An untied head's kernel already is [E, V] (None); a tied embedding ([V, E]) is
+        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None.
         """
-        weights = self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
-        if (jax.default_backend() != "cpu" or jnp.dtype(self.dtype) != jnp.float32
-                or weights.dtype != jnp.float32):
+        if self.lm_head is not None or not xla_options.transposed_decode_head():
             return None
-        pad, e = -self.cfg.vocab_size % tile, self.cfg.hidden_size
-        if self.lm_head is None:  # the embedding [V, E]
-            return jnp.pad(weights, ((0, pad), (0, 0))).reshape(-1, tile, e).transpose(0, 2, 1)
-        return jnp.pad(weights, ((0, 0), (0, pad))).reshape(e, -1, tile).transpose(1, 0, 2)  # kernel [E, V]
+        return self.embed.embedding[...].T
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -197,12 +191,12 @@ class Decoder(nnx.Module):
             if store is not None:
                 ks, vs, i = store
                 if i is None:
-                    ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, 0, 0, index))
-                    vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, 0, index, 0))
+                    ks = _write(ks, k.astype(ks.dtype), index, lambda j: (0, 0, 0, j))
+                    vs = _write(vs, v.astype(vs.dtype), index, lambda j: (0, 0, j, 0))
                     keys, values = ks, vs
                 else:
-                    ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, 0, 0, index))
-                    vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, 0, index, 0))
+                    ks = _write(ks, k[None].astype(ks.dtype), index, lambda j: (i, 0, 0, 0, j), row_axis=1)
+                    vs = _write(vs, v[None].astype(vs.dtype), index, lambda j: (i, 0, 0, j, 0), row_axis=1)
                     keys = jax.lax.dynamic_index_in_dim(ks, i, keepdims=False)
                     values = jax.lax.dynamic_index_in_dim(vs, i, keepdims=False)
                 out = (ks, vs)
@@ -267,21 +261,11 @@ class Decoder(nnx.Module):
     def _logits(self, x: jax.Array, head: jax.Array | None) -> jax.Array:
         """Float32 logits [B, T, V] of the final-normed hidden states ``x`` (see ``decode_head`` for ``head``)."""
         cfg = self.cfg
-        b, t = x.shape[:2]
+        t = x.shape[1]
         acc = jnp.promote_types(self.dtype, jnp.float32)
         emb = self.embed.embedding[...]
         if head is not None and t == 1:
-            # [V/tile, B, tile]: the tile index outermost, so each tile of the table is read once for
-            # all rows (rows outermost would stream the whole table once per row).
-            logits = jnp.sum(x[:, 0][None, :, :, None] * head[:, None], axis=2)
-            logits = logits.transpose(1, 0, 2).reshape(b, 1, -1)[:, :, :cfg.vocab_size]
-        elif (self.lm_head is None and t == 1 and jax.default_backend() == "cpu"
-                and emb.dtype == jnp.float32 and jnp.dtype(self.dtype) == jnp.float32):
-            # A float32 decode step against the tied embedding [V, E]: XLA:CPU runs this skinny
-            # product as a GEMM well below memory speed, while the same contraction written as a
-            # broadcast multiply + reduce over E streams the embedding once in its own layout (1.2-2x
-            # faster for 8-128 rows on bench/sampler.py's models; not so in bfloat16).
-            logits = jnp.sum(emb[:, None, :] * x[:, 0][None], axis=-1).T[:, None, :]
+            logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
         elif self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, emb.astype(self.dtype),
                                 preferred_element_type=acc)
@@ -302,6 +286,19 @@ def _pick(pair: tuple, local):
     return jax.tree.map(lambda a, b: jnp.where(local, a, b), pair[1], pair[0])
 
 
+def _write(buf: jax.Array, chunk: jax.Array, index: jax.Array, starts, row_axis: int = 0) -> jax.Array:
+    """``chunk`` written into ``buf`` at ``starts(index)``; with a per-row index ([B]) each row (axis
+    ``row_axis`` of both) at its own slot."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, chunk, starts(index))
+
+    def row(b, c, j):
+        start = starts(j)
+        return jax.lax.dynamic_update_slice(b, c, start[:row_axis] + start[row_axis + 1:])
+
+    return jax.vmap(row, in_axes=(row_axis, row_axis, 0), out_axes=row_axis)(buf, chunk, index)
+
+
 def _within_window(allowed: jax.Array, index: jax.Array | None, window: int) -> jax.Array:
     """``allowed`` [B, T, S] narrowed to a sliding window: query slot i sees key slot j iff i - j < window.
 
@@ -309,8 +306,9 @@ def _within_window(allowed: jax.Array, index: jax.Array | None, window: int) -> 
     position distance (transformers' sliding masks count the same way).
     """
     t, s = allowed.shape[1:]
-    query = jnp.arange(t) + (0 if index is None else index)
-    return allowed & (query[:, None] - jnp.arange(s)[None, :] < window)[None]
+    index = jnp.zeros((1,), jnp.int32) if index is None else jnp.reshape(index, (-1,))
+    query = jnp.arange(t)[None, :] + index[:, None]  # [B or 1, T]
+    return allowed & (query[:, :, None] - jnp.arange(s)[None, None, :] < window)
 
 
 def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | None, cache: KVCache | None,
@@ -328,7 +326,10 @@ def _allowed_keys(t: int, attention_mask: jax.Array, segment_ids: jax.Array | No
     index, s = cache.index, cache.mask.shape[1]
     if kv_len is not None and not t <= kv_len <= s:
         raise ValueError(f"kv_len={kv_len} must lie in [T, cache length] = [{t}, {s}]")
+    if kv_len is not None and index.ndim:
+        raise ValueError("kv_len needs one cache index for all rows, got a per-row index")
     s = s if kv_len is None else kv_len
-    new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
-    slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-    return slots[None] & new_mask[:, None, :s], new_mask  # [B, T, S]
+    new_mask = _write(cache.mask, attention_mask, index, lambda j: (0, j))
+    query = jnp.reshape(index, (-1,))[:, None] + jnp.arange(t)[None, :]  # [B or 1, T]
+    slots = jnp.arange(s)[None, None, :] <= query[:, :, None]  # [B or 1, T, S]
+    return slots & new_mask[:, None, :s], new_mask  # [B, T, S]

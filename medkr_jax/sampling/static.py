@@ -1,6 +1,11 @@
-"""Jitted KV-cache sampler for the decoder: batched ragged prompts, greedy or sampled, n samples per prompt.
+"""The static-batch KV-cache sampler: batched ragged prompts, greedy or sampled, n samples per prompt.
 
-One call of :meth:`Sampler.generate` runs, per batch of rows, one compiled program:
+Every row of a batch decodes until the batch's longest row stops, so a run over rows of very different output
+lengths idles most of its rows; the continuous-batching engine (``sampling.engine.Sampler``), which all callers
+use, refills a finished row's slot instead. This path stays as the reference the engine is checked and
+benchmarked against (same answers, bench/engine.py).
+
+One call of :meth:`StaticSampler.generate` runs, per batch of rows, one compiled program:
 
 * prefill: the left-padded prompts (all but their last token) are written into a preallocated KV cache;
 * decode: a ``jax.lax.while_loop`` feeds one token per step (first the prompt's last token, then each
@@ -14,7 +19,7 @@ Shapes are bucketed: the batch to ``batch_size`` (or a power of two), the prompt
 temperature, top-k and top-p are runtime values. So a run over prompts of mixed lengths compiles one
 program per (batch, prompt bucket, generation bucket, greedy/sampled) combination; ``num_compiles`` counts
 them exactly (programs are compiled ahead of time and kept here, never re-traced behind our back). On CPU
-one more small program per model lays out the LM head for decode steps (``Decoder.decode_head``;
+one more small program per tied-embedding model lays out the LM head for decode steps (``Decoder.decode_head``;
 ``num_layout_compiles``).
 
 Log-probs: ``logprobs[r, t]`` is ``log_softmax(raw logits)[token]`` of the model's logits at temperature 1
@@ -40,54 +45,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from medkr_jax.data.pipeline import bucket_length
-from medkr_jax.parallel import logical_rules, sharding_context
+from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, DecodeHead, Placement,
+                                     SampleOutput, checked_prompts, host, next_pow2, row_keys, signature)
 from medkr_jax.sampling.ops import sample_next, token_logprob
 
 
-DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
-
-
-DEFAULT_GEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-@dataclasses.dataclass
-class SampleOutput:
-    """Generated rows; row r continues prompt ``prompt_index[r]`` (the n rows of a prompt are contiguous).
-
-    tokens: int32[R, G], pad id after a row's stop. logprobs: float32[R, G], 0 after a row's stop.
-    lengths: int32[R], generated tokens including the stop token.
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    lengths: np.ndarray
-    prompt_index: np.ndarray
-
-    def row_tokens(self, r: int) -> list[int]:
-        """The generated tokens of row r (stop token included when there was one)."""
-        return self.tokens[r, : self.lengths[r]].tolist()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _signature(tree: Any) -> tuple:
-    """(shape, dtype, sharding) of every array of a pytree: what a compiled program is specialised on."""
-    return tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree))
-
-
-class Sampler:
+class StaticSampler:
     """Prefill + while_loop decode with a preallocated KV cache; see the module docstring."""
 
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
@@ -105,9 +77,9 @@ class Sampler:
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.gen_buckets = tuple(sorted(gen_buckets))
         self.cache_dtype = jnp.dtype(cache_dtype)
+        self.placement = Placement(cfg, mesh, rules)
         self._programs: dict[Any, Any] = {}
-        self._layouts: dict[Any, Any] = {}
-        self._head: tuple[weakref.ref, jax.Array | None] | None = None  # (LM-head weights, decode head)
+        self._head = DecodeHead(self.placement)
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -119,40 +91,11 @@ class Sampler:
     @property
     def num_layout_compiles(self) -> int:
         """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
-        return len(self._layouts)
+        return self._head.num_compiles
 
     def prompt_bucket(self, length: int) -> int:
         """The padded prompt length a prompt of ``length`` tokens is run at."""
         return bucket_length(length, self.prompt_buckets, past_top="grow")
-
-    def _batch_axes(self) -> tuple[str, ...]:
-        """Mesh axes the rows are split over: the "batch" logical rule, axes of size 1 left out."""
-        if self.mesh is None:
-            return ()
-        axis = dict(logical_rules(self.rules)).get("batch")
-        axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-        return tuple(a for a in axes if self.mesh.shape.get(a, 1) > 1)
-
-    def _batch_divisor(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self._batch_axes())
-
-    def _shard(self, x: np.ndarray) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        axes = self._batch_axes()
-        sharding = NamedSharding(self.mesh, P(axes or None, *([None] * (x.ndim - 1))))
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    def _constrain_cache(self, arr: jax.Array) -> jax.Array:
-        """Rows over the batch axes, kv-heads over "tensor" when they divide it; one layer's [B,KV,...]
-        array or the stacked [L,B,KV,...] one."""
-        if self.mesh is None:
-            return arr
-        tensor = self.mesh.shape.get("tensor", 1)
-        heads = "tensor" if tensor > 1 and self.cfg.num_kv_heads % tensor == 0 else None
-        spec = (self._batch_axes() or None, heads, None, None)
-        spec = spec if arr.ndim == 4 else (None, *spec)
-        return jax.lax.with_sharding_constraint(arr, NamedSharding(self.mesh, P(*spec)))
 
     # ---------------------------------------------------------------- the program
 
@@ -165,8 +108,8 @@ class Sampler:
             # The model's own layout (one array per layer, or stacked for scanned layers): every layer
             # then updates its cache in place inside the decode loop.
             cache = model.init_cache(batch, max_len, self.cache_dtype)
-            cache = dataclasses.replace(cache, k=jax.tree.map(self._constrain_cache, cache.k),
-                                        v=jax.tree.map(self._constrain_cache, cache.v))
+            cache = dataclasses.replace(cache, k=jax.tree.map(self.placement.constrain_cache, cache.k),
+                                        v=jax.tree.map(self.placement.constrain_cache, cache.v))
             if prompt_len > 1:
                 # The prefill's logits are unused (XLA drops the LM head); the last prompt token is fed
                 # by the first decode step, whose logits give the first generated token. The prompt
@@ -205,47 +148,15 @@ class Sampler:
 
         return program
 
-    def _decode_head(self, model: nnx.Module, graphdef, state) -> jax.Array | None:
-        """``model.decode_head()`` (the LM head re-laid out for decode steps), remade only when the
-        LM-head weights change.
-
-        It is a full copy of the LM head (~20 ms for bench/sampler.py's model, a few percent of a
-        128-token call): made inside the program it would be redone on every call. jax arrays are
-        immutable, so while the model holds the same weight array the copy is current (a training step
-        replaces the array, and the next call lays out the new one).
-        """
-        if getattr(model, "decode_head", None) is None:
-            return None
-        weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
-        cached = self._head
-        if cached is not None and cached[0]() is weights:
-            return cached[1]
-        key = ("decode_head", graphdef, _signature(state))
-        make = self._layouts.get(key)
-        if make is None:
-            make = self._compile(jax.jit(lambda st: nnx.merge(graphdef, st).decode_head()), state)
-            self._layouts[key] = make
-        head = make(state)
-        self._head = (weakref.ref(weights), head)
-        return head
-
     def _compiled(self, graphdef, state, args, *, batch, prompt_len, gen_len, greedy, filtered):
-        key = (graphdef, _signature((state, args[0])), batch, prompt_len, gen_len, greedy, filtered)
+        key = (graphdef, signature((state, args[0])), batch, prompt_len, gen_len, greedy, filtered)
         prog = self._programs.get(key)
         if prog is None:
             fn = self._build(graphdef, batch=batch, prompt_len=prompt_len, gen_len=gen_len, greedy=greedy,
                              filtered=filtered)
-            out_shardings = None if self.mesh is None else NamedSharding(self.mesh, P())
-            prog = self._compile(jax.jit(fn, out_shardings=out_shardings), state, *args)
+            prog = self.placement.compile(jax.jit(fn, out_shardings=self.placement.replicated()), state, *args)
             self._programs[key] = prog
         return prog
-
-    def _compile(self, jitted, *args):
-        """`jitted` compiled ahead of time for `args`, under this sampler's sharding rules when it has a mesh."""
-        if self.mesh is None:
-            return jitted.lower(*args).compile()
-        with sharding_context(self.mesh, self.rules):
-            return jitted.lower(*args).compile()
 
     # ---------------------------------------------------------------- public API
 
@@ -258,8 +169,10 @@ class Sampler:
         (``prompt_keys`` defaults to 0..N-1), so what a prompt gets does not depend on which other prompts
         share its batch: pass stable ids (e.g. hashed question ids) to make resumed runs reproduce.
         """
-        prompts = _checked_prompts(prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+        prompts = checked_prompts(prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
                                    top_k=top_k, top_p=top_p)
+        if not isinstance(max_new_tokens, (int, np.integer)):
+            raise ValueError(f"StaticSampler takes one max_new_tokens for all prompts, got {max_new_tokens!r}")
         if prompt_keys is None:
             prompt_keys = range(len(prompts))
         if len(prompt_keys) != len(prompts):
@@ -271,13 +184,13 @@ class Sampler:
         num_rows = len(prompts) * n
         prompt_index = np.repeat(np.arange(len(prompts), dtype=np.int32), n)
         sample_index = np.tile(np.arange(n, dtype=np.int32), len(prompts))
-        row_keys = self._row_keys(seed, np.asarray(prompt_keys, np.int64)[prompt_index], sample_index)
+        keys = row_keys(seed, np.asarray(prompt_keys, np.int64)[prompt_index], sample_index)
 
-        div = self._batch_divisor()
+        div = self.placement.divisor()
         if batch_size is None:
-            batch = _next_pow2(num_rows)
+            batch = next_pow2(num_rows)
         else:
-            batch = min(int(batch_size), _next_pow2(num_rows))
+            batch = min(int(batch_size), next_pow2(num_rows))
         batch = max(div, math.ceil(batch / div) * div)
 
         chunks = self._chunks(np.array([len(prompts[p]) for p in prompt_index]), batch)
@@ -286,17 +199,17 @@ class Sampler:
         out_len = np.zeros((num_rows,), np.int32)
 
         graphdef, state = nnx.split(model)
-        head = self._decode_head(model, graphdef, state)
+        head = self._head(model, graphdef, state)
         scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
                    np.float32(top_p))
         for prompt_len, rows in chunks:
-            inputs = self._pack(prompts, prompt_index, rows, row_keys, batch=batch, prompt_len=prompt_len)
-            args = (head,) + tuple(self._shard(a) for a in inputs) + tuple(
+            inputs = self._pack(prompts, prompt_index, rows, keys, batch=batch, prompt_len=prompt_len)
+            args = (head,) + tuple(self.placement.put_rows(a) for a in inputs) + tuple(
                 jnp.asarray(s) for s in scalars)
             prog = self._compiled(graphdef, state, args, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                                   greedy=greedy, filtered=filtered)
             toks, lps, lengths = prog(state, *args)
-            toks, lps, lengths = (np.asarray(_host(x)) for x in (toks, lps, lengths))
+            toks, lps, lengths = (host(x) for x in (toks, lps, lengths))
             n_real = len(rows)
             out_tok[rows], out_lp[rows], out_len[rows] = toks[:n_real], lps[:n_real], lengths[:n_real]
         return SampleOutput(tokens=out_tok[:, :max_new_tokens], logprobs=out_lp[:, :max_new_tokens],
@@ -313,60 +226,22 @@ class Sampler:
             chunks += [(bucket, group[i:i + batch]) for i in range(0, len(group), batch)]
         return chunks
 
-    def _pack(self, prompts: list[list[int]], prompt_index: np.ndarray, rows: np.ndarray, row_keys: np.ndarray, *,
-              batch: int, prompt_len: int) -> tuple[np.ndarray, ...]:
+    def _pack(self, prompts: list[list[int]], prompt_index: np.ndarray, rows: np.ndarray, keys_of_rows: np.ndarray,
+              *, batch: int, prompt_len: int) -> tuple[np.ndarray, ...]:
         """(tokens, positions, mask, active, keys) of one batch: prompts left-padded to ``prompt_len``."""
         tokens = np.full((batch, prompt_len), self.pad_id, np.int32)
         positions = np.zeros((batch, prompt_len), np.int32)
         mask = np.zeros((batch, prompt_len), bool)
         active = np.zeros((batch,), bool)
-        keys = np.zeros((batch,) + row_keys.shape[1:], row_keys.dtype)
+        keys = np.zeros((batch,) + keys_of_rows.shape[1:], keys_of_rows.dtype)
         for b, r in enumerate(rows):
             p = prompts[prompt_index[r]]
             tokens[b, prompt_len - len(p):] = p
             positions[b, prompt_len - len(p):] = np.arange(len(p))
             mask[b, prompt_len - len(p):] = True
             active[b] = True
-            keys[b] = row_keys[r]
+            keys[b] = keys_of_rows[r]
         # Filler rows repeat the last real row's prompt (well-formed input) and start finished.
         for b in range(len(rows), batch):
             tokens[b], positions[b], mask[b] = tokens[len(rows) - 1], positions[len(rows) - 1], mask[len(rows) - 1]
         return tokens, positions, mask, active, keys
-
-    @staticmethod
-    def _row_keys(seed: int, prompt_keys: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
-        pk = jnp.asarray(np.mod(prompt_keys, 2**31).astype(np.uint32))
-        si = jnp.asarray(sample_index.astype(np.uint32))
-        return np.asarray(_row_keys(jax.random.key(seed), pk, si))
-
-
-def _checked_prompts(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, n: int, temperature: float,
-                     top_k: int, top_p: float) -> list[list[int]]:
-    """The prompts as lists of ints, after checking the generation arguments (one ValueError naming the bad one)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, "
-                         f"{top_k}")
-    prompts = [list(map(int, p)) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-    return prompts
-
-
-@jax.jit
-def _row_keys(base, prompt_keys, sample_index):
-    """Key data of fold_in(fold_in(base, prompt_key), sample_index) per row (jitted: run eagerly, this
-    vmap took ~0.1 s on every generate call)."""
-    keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(prompt_keys, sample_index)
-    return jax.random.key_data(keys)
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A replicated output as a host array (also on multi-process runs, where it is not fully addressable)."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    return np.asarray(x.addressable_data(0))

@@ -1,0 +1,208 @@
+"""Heavy-tailed generation: the engine (continuous batching) vs the static-batch path vs HF generate, in one run.
+
+    python bench/engine.py [--prompts 256] [--batch 16] [--median-new 48] [--max-new 512] [--repeats 3] [--threads 1]
+    python bench/engine.py --model smollm2-135m      # a real checkpoint (folder or preset name)
+
+The workload is what dominates evaluation and GRPO rollouts: ``--prompts`` prompts of random tokens, lengths
+uniform in [--min-prompt, --max-prompt] (16..256), each with its own max_new_tokens drawn from a log-normal
+(median ``--median-new``, sigma ``--sigma``) clipped to [1, --max-new], so a few rows run ~10x longer than most.
+No row stops early (the stop id is one no model emits), so all three sides do the same useful work: the sum of the
+per-row counts. The model is bench/sampler.py's tiny Qwen3-shaped checkpoint (random weights) or ``--model``.
+
+* engine: ``Sampler.generate`` with the per-row limits and ``--batch`` slots (a finished row's slot is refilled);
+* static: ``StaticSampler``, the prompts sorted by length in batches of ``--batch``, each batch decoding until its
+  longest row's count (the rows done earlier idle): the path every caller took before the engine;
+* HF: ``generate`` (KV cache, greedy, left padding) on the same sorted batches, each to its longest row's count.
+
+tokens/s = useful tokens / wall-clock seconds, best of ``--repeats`` interleaved rounds (engine, static, HF, then
+the matmul peak, timed one call at a time, as bench/bert_forward.py); ``ratio`` is the median of the per-round
+ratios; CPU time is reported too (the cores may be shared), with the load average. A fresh engine then counts the
+programs one whole evaluation over these mixed lengths compiles. Both frameworks run on the same ``--threads``
+CPUs (the process is pinned; see bench/sampler.py). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Pins this process to --threads CPUs and sets XLA's CPU threads before jax starts (see bert_forward.py).
+from bert_forward import Timer, _cpu_seconds, matmul_peak, peak_timers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], np.ndarray]:
+    """(prompts, per-prompt max_new_tokens) of the heavy-tailed workload."""
+    rng = np.random.default_rng(args.seed)
+    lens = rng.integers(args.min_prompt, args.max_prompt + 1, size=args.prompts)
+    prompts = [rng.integers(3, vocab, int(n)).tolist() for n in lens]
+    limits = np.clip(np.round(rng.lognormal(np.log(args.median_new), args.sigma, size=args.prompts)), 1,
+                     args.max_new).astype(np.int64)
+    return prompts, limits
+
+
+def sorted_batches(prompts, batch: int) -> list[np.ndarray]:
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+def timed(fn) -> tuple[float, float, object]:
+    c, t = _cpu_seconds(), time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, _cpu_seconds() - c, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="HF checkpoint folder or preset name (default: tiny random Qwen3)")
+    ap.add_argument("--vocab", type=int, default=32768, help="vocabulary of the tiny random model")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--median-new", type=float, default=48.0)
+    ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of max_new_tokens")
+    ap.add_argument("--max-new", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16, help="engine slots = static and HF batch size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (1 = single-threaded XLA too)")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+    import transformers
+
+    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.sampling import Sampler, StaticSampler
+    from sampler import make_checkpoint
+
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        folder = tempfile.mkdtemp(prefix="bench_engine_")
+        torch_model = make_checkpoint(folder, args.vocab)
+        name = f"Qwen3-shaped, 4 layers x 256, vocab {args.vocab}"
+    else:
+        from medkr_jax.models.presets import resolve_path
+
+        folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        name = os.path.basename(os.path.normpath(folder))
+    model, cfg = load_decoder(folder)
+    prompts, limits = workload(args, cfg.vocab_size)
+    useful = int(limits.sum())
+    never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
+    batches = sorted_batches(prompts, args.batch)
+
+    engine = Sampler(cfg, pad_id=0, stop_ids=never)
+    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
+
+    def run_engine():
+        return engine.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+
+    def run_static():
+        return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
+                                batch_size=args.batch) for b in batches]
+
+    def run_hf():
+        outs = []
+        for b in batches:
+            width = max(len(prompts[i]) for i in b)
+            ids = torch.zeros((len(b), width), dtype=torch.long)
+            mask = torch.zeros((len(b), width), dtype=torch.long)
+            for row, i in enumerate(b):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            new = int(limits[b].max())
+            with torch.no_grad():
+                out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                           min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(out[:, width:].numpy())
+        return outs
+
+    sides = {"engine": run_engine, "static": run_static, "hf": run_hf}
+    first = {}
+    for k, fn in sides.items():  # warm-up (compiles), kept for the token comparison
+        wall, _, first[k] = timed(fn)
+        print(f"{k} warm-up call: {wall:.1f}s", flush=True)
+    match = greedy_match(first, batches, limits)
+
+    peak_t = peak_timers(args.peak_n)
+    walls = {k: [] for k in sides}
+    cpus = {k: [] for k in sides}
+    for _ in range(args.repeats):  # interleaved, so every side sees the same machine load
+        for k, fn in sides.items():
+            wall, cpu, _ = timed(fn)
+            walls[k].append(wall)
+            cpus[k].append(cpu)
+        for t in peak_t.values():
+            for _ in range(5):
+                t.round()
+    peak, _ = matmul_peak(peak_t, args.peak_n)
+
+    counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole evaluation's programs
+    counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+    report(args, name, cfg, useful, walls, cpus, match, peak, counter)
+
+
+def greedy_match(first: dict, batches, limits) -> dict[str, float]:
+    """Fraction of each row's useful tokens on which the static path and HF agree with the engine (greedy)."""
+    eng = first["engine"]
+    same = {"static": 0, "hf": 0}
+    for bi, b in enumerate(batches):
+        for row, i in enumerate(b):
+            n = int(limits[i])
+            same["static"] += int((first["static"][bi].tokens[row, :n] == eng.tokens[i, :n]).sum())
+            same["hf"] += int((first["hf"][bi][row, :n] == eng.tokens[i, :n]).sum())
+    return {k: v / int(limits.sum()) for k, v in same.items()}
+
+
+def report(args, name, cfg, useful, walls, cpus, match, peak, counter) -> None:
+    import jax
+    import torch
+
+    tps = {k: useful / min(v) for k, v in walls.items()}
+    cpu = {k: min(v) for k, v in cpus.items()}
+    rounds = [h / e for h, e in zip(walls["hf"], walls["engine"])]
+    rounds_static = [s / e for s, e in zip(walls["static"], walls["engine"])]
+    peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), threads {args.threads} "
+          f"(torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts of {args.min_prompt}.."
+          f"{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, sigma {args.sigma:g}, "
+          f"max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy")
+    print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
+    for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
+                     ("hf", "HF generate, sorted batches")):
+        print(f"{label:28s}{min(walls[k]):14.2f}{cpu[k]:10.2f}{tps[k]:12.1f}")
+    print(f"engine / HF: {statistics.median(rounds):.2f}x (median of rounds {', '.join(f'{x:.2f}' for x in rounds)}), "
+          f"{cpu['hf'] / cpu['engine']:.2f}x CPU time; engine / static: {statistics.median(rounds_static):.2f}x, "
+          f"{cpu['static'] / cpu['engine']:.2f}x CPU time")
+    print(f"greedy tokens equal to the engine's: static {100 * match['static']:.1f}%, HF {100 * match['hf']:.1f}%")
+    print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
+          f"the LM head); matmul peak {peak / 1e9:.1f} GFLOP/s, engine at {100 * peak_fraction:.2f}% of it")
+    print(json.dumps({"name": "engine_heavy_tail", "ours": round(tps["engine"], 2), "reference": round(tps["hf"], 2),
+                      "static": round(tps["static"], 2), "unit": "tokens/s", "ratio": round(statistics.median(rounds), 3),
+                      "ratio_static": round(statistics.median(rounds_static), 3),
+                      "round_ratios": [round(x, 3) for x in rounds],
+                      "cpu_time_ratio": round(cpu["hf"] / cpu["engine"], 3),
+                      "cpu_time_ratio_static": round(cpu["static"] / cpu["engine"], 3),
+                      "compiles": counter.num_compiles, "layout_compiles": counter.num_layout_compiles,
+                      "useful_tokens": useful, "prompts": args.prompts, "batch": args.batch, "threads": args.threads,
+                      "load_avg": round(os.getloadavg()[0], 1), "peak_fraction": round(peak_fraction, 5),
+                      "greedy_match_static": round(match["static"], 4), "greedy_match_hf": round(match["hf"], 4),
+                      "model": name}))
+
+
+if __name__ == "__main__":
+    main()

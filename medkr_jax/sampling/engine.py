@@ -1,0 +1,250 @@
+"""The generation engine: continuous batching over a fixed number of decode slots, on one device or a mesh.
+
+Every generating caller (evaluation, adversarial evaluation, GRPO rollouts) runs through :class:`Sampler`. It
+keeps ``slots`` rows decoding at once, each in its own rows of one preallocated KV cache with its own write
+position. When a row stops (a stop id, or its own ``max_new_tokens``) its slot takes the next waiting row: the
+row's prompt is prefilled into that slot's cache rows while the other slots keep their state, and decoding
+goes on. Decoding runs as compiled chunks of up to ``chunk_steps`` steps (``programs.decode``), so the host
+reads tokens back once per chunk, not once per token; a chunk hands back early once enough slots are free for
+a refill. Rows wait longest first (``scheduler``).
+
+Same answers as the static-batch path (``static.StaticSampler``): a row's prompt is left-padded into a bucket
+with explicit positions (the model sees each row as if alone), row (p, j) draws its t-th token from
+``fold_in(fold_in(fold_in(key(seed), prompt_keys[p]), j), t)`` whatever its slot, chunk or neighbours, and
+``logprobs`` are ``log_softmax`` of the raw logits at the emitted token (what GRPO's ratio and KL need; not the
+filtered, tempered distribution the token was drawn from). Sliding-window layers mask the slots outside their
+window in the full-length cache, as in the model (a row's tokens sit in consecutive slots).
+
+Cost: every decode step attends over the whole cache length of every slot (the longest prompt bucket + the
+generation bucket), as the static path does over its batch's; on a run of mostly short rows a decode program
+per live-length bucket would cut that (bench/sampler.py's model, 16 rows: 9.6 ms a step at 128 cache slots, 12.8
+at 576; not done, it would add programs).
+
+Compiled programs (``num_compiles``): one empty state per (slots, cache length, thinking) shape, one prefill
+per prompt bucket, one decode chunk per greedy / sampled / filtered mode; temperature, top-k, top-p and every
+row's max_new_tokens are runtime values. On CPU one more small program per tied-embedding model lays out the LM
+head for decode steps (``Decoder.decode_head``, ``num_layout_compiles``).
+
+Sharding: slots are split over the ("data", "fsdp") mesh axes, the cache's KV heads over "tensor" when they
+divide it; the model's parameters keep their own sharding, and the model is passed on every call, so a policy
+being trained is sampled with its current weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from medkr_jax.data.pipeline import bucket_length
+from medkr_jax.sampling import programs
+from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, DecodeHead, Placement,
+                                     SampleOutput, checked_prompts, host, next_pow2, row_keys, signature)
+from medkr_jax.sampling.scheduler import Finished, Scheduler
+from medkr_jax.sampling.thinking import ThinkingBudget
+
+
+class Sampler:
+    """Continuous-batching generation engine; see the module docstring.
+
+    slots: rows decoding at once (default: ``batch_size`` of the call, else the rows rounded up to a power of
+    two); chunk_steps: decode steps per compiled chunk; prefill_tokens: prompt tokens per prefill call (a bucket
+    of L tokens prefills max(1, prefill_tokens // L) prompts at once); min_refill: free slots a chunk waits for
+    before handing back to refill them (default slots // 8).
+    """
+
+    def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
+                 stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32,
+                 chunk_steps: int = 32, prefill_tokens: int = 128, min_refill: int | None = None):
+        if not stop_ids:
+            raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
+        if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
+            raise ValueError(f"buckets must be positive, got {prompt_buckets} / {gen_buckets}")
+        if chunk_steps < 1 or prefill_tokens < 1 or (min_refill is not None and min_refill < 1):
+            raise ValueError(f"chunk_steps, prefill_tokens and min_refill must be >= 1, got {chunk_steps}, "
+                             f"{prefill_tokens}, {min_refill}")
+        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.pad_id = int(pad_id)
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.gen_buckets = tuple(sorted(gen_buckets))
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.chunk_steps, self.prefill_tokens, self.min_refill = chunk_steps, prefill_tokens, min_refill
+        self.placement = Placement(cfg, mesh, rules)
+        self._programs: dict[Any, Any] = {}
+        self._head = DecodeHead(self.placement)
+
+    @property
+    def num_compiles(self) -> int:
+        """Programs compiled so far (empty states, prefills, decode chunks; see the module docstring)."""
+        return len(self._programs)
+
+    @property
+    def num_layout_compiles(self) -> int:
+        """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
+        return self._head.num_compiles
+
+    def prompt_bucket(self, length: int) -> int:
+        """The padded prompt length a prompt of ``length`` tokens is prefilled at."""
+        return bucket_length(length, self.prompt_buckets, past_top="grow")
+
+    # ---------------------------------------------------------------- public API
+
+    def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 **kwargs: Any) -> SampleOutput:
+        """Continue each prompt ``n`` times (rows of a prompt contiguous); see :meth:`stream` for the arguments.
+        ``tokens`` / ``logprobs`` are as wide as the largest max_new_tokens."""
+        n = int(kwargs.get("n", 1))
+        limits = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),)) if len(prompts) else np.zeros(0)
+        width = int(limits.max()) if len(prompts) else 0
+        rows = len(prompts) * n
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        logprobs = np.zeros((rows, width), np.float32)
+        lengths = np.zeros((rows,), np.int32)
+        for fin in self.stream(model, prompts, max_new_tokens=max_new_tokens, **kwargs):
+            for j, (toks, lps) in enumerate(zip(fin.tokens, fin.logprobs)):
+                r = fin.prompt * n + j
+                tokens[r, :len(toks)], logprobs[r, :len(toks)], lengths[r] = toks, lps, len(toks)
+        return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths,
+                            prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n))
+
+    def stream(self, model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, n: int = 1, seed: int = 0,
+               batch_size: int | None = None, prompt_keys: Sequence[int] | None = None,
+               thinking: ThinkingBudget | None = None) -> Iterator[Finished]:
+        """Yield each prompt's ``n`` continuations as soon as all of them have stopped; temperature 0 is greedy.
+
+        max_new_tokens: one for all prompts or one per prompt. Row (p, j) draws its randomness from its own key
+        (``prompt_keys`` default 0..N-1; pass stable ids, e.g. hashed question ids, so resumed runs reproduce).
+        batch_size: the number of slots. thinking: a thinking budget (``sampling.thinking``), or None.
+        """
+        prompts = checked_prompts(prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+                                  top_k=top_k, top_p=top_p)
+        if not prompts:
+            return
+        prompt_keys = range(len(prompts)) if prompt_keys is None else prompt_keys
+        if len(prompt_keys) != len(prompts):
+            raise ValueError(f"{len(prompt_keys)} prompt_keys for {len(prompts)} prompts")
+        limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+        rows = len(prompts) * n
+        keys = row_keys(seed, np.repeat(np.asarray(prompt_keys, np.int64), n), np.tile(np.arange(n), len(prompts)))
+        div = self.placement.divisor()
+        slots = min(int(batch_size), next_pow2(rows)) if batch_size else next_pow2(rows)
+        slots = max(div, math.ceil(slots / div) * div)
+        need = (max(self.prompt_bucket(len(p)) for p in prompts)
+                + bucket_length(int(limits.max()), self.gen_buckets, past_top="grow"))
+        shape = self._shape(programs.Shape(slots, need, bool(getattr(model, "scan_layers", False)),
+                                           self.cache_dtype, thinking))
+        greedy = temperature == 0.0
+        mode = (greedy, (not greedy) and (top_k > 0 or top_p < 1.0))
+        scalars = tuple(jnp.asarray(x) for x in (np.float32(1.0 if greedy else temperature), np.int32(top_k),
+                                                  np.float32(top_p)))
+        graphdef, params = nnx.split(model)
+        head = self._head(model, graphdef, params)
+        state = self._program(("init", shape), lambda: self._init_program(shape))()
+        sched = Scheduler([len(p) for p in prompts], limits, n, slots)
+        min_refill = self.min_refill or max(1, slots // 8)
+        while not sched.finished():
+            placed = sched.assign()
+            if placed:
+                state = self._refill(graphdef, params, state, shape, placed, prompts, keys, limits, n)
+            decode = self._decode(graphdef, params, head, state, shape, scalars, mode)
+            state, toks, lps, count, done = decode(params, head, state, *scalars,
+                                                   jnp.asarray(np.int32(sched.want_done(min_refill))))
+            for p in sched.record(*(host(x) for x in (toks, lps, count, done))):
+                yield sched.result(p)
+
+    # ---------------------------------------------------------------- programs
+
+    def _program(self, key: Any, build):
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._programs[key] = build()
+        return prog
+
+    def _shape(self, shape: programs.Shape) -> programs.Shape:
+        """``shape``, or one already compiled for with a longer cache of at most twice the length (so calls whose
+        longest prompts fall in different buckets, e.g. GRPO's rollouts, share their programs)."""
+        fits = [key[1] for key in self._programs if key[0] == "init" and key[1].length >= shape.length
+                and key[1].length <= 2 * shape.length and key[1] == dataclasses.replace(shape, length=key[1].length)]
+        return min(fits, key=lambda s: s.length, default=shape)
+
+    def _state_shardings(self, shape: programs.Shape):
+        return programs.state_shardings(self.placement, shape, self.cfg)
+
+    def _init_program(self, shape: programs.Shape):
+        jitted = jax.jit(lambda: programs.empty_state(self.cfg, shape), out_shardings=self._state_shardings(shape))
+        return self.placement.compile(jitted)
+
+    def _decode(self, graphdef, params, head, state, shape, scalars, mode):
+        key = ("decode", graphdef, signature((params, head)), shape, self.chunk_steps, mode)
+
+        def build():
+            fn = programs.decode(graphdef, shape, steps=self.chunk_steps, pad_id=self.pad_id,
+                                 stop_ids=self.stop_ids, greedy=mode[0], filtered=mode[1])
+            rep = self.placement.replicated()
+            out = None if self.mesh is None else (self._state_shardings(shape), rep, rep, rep, rep)
+            jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=out)
+            return self.placement.compile(jitted, params, head, state, *scalars, jnp.int32(0))
+
+        return self._program(key, build)
+
+    def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n):
+        """Prefill the prompts of the newly ``placed`` (slot, row) pairs into their slots, one call per bucket
+        and per ``prefill_tokens`` worth of prompts; a prompt placed in several slots is prefilled once."""
+        by_prompt: dict[int, list[tuple[int, int]]] = {}
+        for slot, row in placed:
+            by_prompt.setdefault(row // n, []).append((slot, row))
+        by_bucket: dict[int, list[int]] = {}
+        for p in by_prompt:
+            by_bucket.setdefault(self.prompt_bucket(len(prompts[p])), []).append(p)
+        for bucket, group in sorted(by_bucket.items(), reverse=True):
+            width = self._prefill_rows(bucket, shape.slots)
+            for i in range(0, len(group), width):
+                chunk = group[i:i + width]
+                args = self._prefill_args(chunk, by_prompt, prompts, keys, limits, shape, bucket, width)
+                fn = self._program(("prefill", graphdef, signature(params), shape, bucket, width),
+                                   lambda: self._prefill_program(graphdef, params, state, shape, bucket, args))
+                state = fn(params, state, *args)
+        return state
+
+    def _prefill_rows(self, bucket: int, slots: int) -> int:
+        div = self.placement.divisor()
+        width = max(1, min(slots, self.prefill_tokens // bucket))
+        return math.ceil(width / div) * div if self.mesh is not None else width
+
+    def _prefill_program(self, graphdef, params, state, shape, bucket, args):
+        fn = programs.prefill(graphdef, shape, bucket)
+        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=self._state_shardings(shape))
+        return self.placement.compile(jitted, params, state, *args)
+
+    def _prefill_args(self, chunk, by_prompt, prompts, keys, limits, shape, bucket, width) -> tuple:
+        """(tokens, positions, mask [width, bucket], src [B], new fields) of one prefill call."""
+        tokens = np.full((width, bucket), self.pad_id, np.int32)
+        positions = np.zeros((width, bucket), np.int32)
+        mask = np.zeros((width, bucket), bool)
+        src = np.full((shape.slots,), -1, np.int32)
+        new = {"keys": np.zeros((shape.slots, 2), np.uint32), "limit": np.zeros((shape.slots,), np.int32)}
+        if shape.budget is not None:
+            new["thinking"] = shape.budget.fields(shape.slots)
+        for i, p in enumerate(chunk + [chunk[0]] * (width - len(chunk))):  # filler rows repeat a real prompt
+            tokens[i, bucket - len(prompts[p]):] = prompts[p]
+            positions[i, bucket - len(prompts[p]):] = np.arange(len(prompts[p]))
+            mask[i, bucket - len(prompts[p]):] = True
+        for i, p in enumerate(chunk):
+            fields = None if shape.budget is None else shape.budget.prompt_fields(prompts[p])
+            for slot, row in by_prompt[p]:
+                src[slot], new["keys"][slot], new["limit"][slot] = i, keys[row], limits[p]
+                for k, v in (fields or {}).items():
+                    new["thinking"][k][slot] = v
+        put = self.placement.replicated()
+        rows = jax.tree.map(self.placement.put_rows, new)
+        dense = tuple(jnp.asarray(a) if put is None else jax.device_put(a, put) for a in (tokens, positions, mask))
+        return (*dense, self.placement.put_rows(src), rows)
