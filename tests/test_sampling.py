@@ -293,21 +293,13 @@ def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
     perm = np.random.default_rng(0).permutation(len(prompts))
     b = engine.generate(model, [prompts[i] for i in perm], max_new_tokens=10, temperature=1.0, n=2, seed=4,
                         batch_size=3, prompt_keys=perm.tolist())
-    rows_b = np.concatenate([np.nonzero(perm == p)[0] * 2 + j for p in range(len(prompts)) for j in range(2)])
-    for out in (static, b):
-        got = SampleOutputRows(out, rows_b if out is b else np.arange(len(rows_b)))
-        np.testing.assert_array_equal(got.tokens, a.tokens)
-        np.testing.assert_array_equal(got.lengths, a.lengths)
-        np.testing.assert_allclose(got.logprobs, a.logprobs, atol=1e-5)
+    rows_b = np.array([np.nonzero(perm == p)[0][0] * 2 + j for p in range(len(prompts)) for j in range(2)])
+    for out, rows in ((static, np.arange(len(rows_b))), (b, rows_b)):
+        np.testing.assert_array_equal(out.tokens[rows], a.tokens)
+        np.testing.assert_array_equal(out.lengths[rows], a.lengths)
+        np.testing.assert_allclose(out.logprobs[rows], a.logprobs, atol=1e-5)
     assert len({tuple(r) for r in a.tokens[::2].tolist()}) == len(prompts)
     assert not np.array_equal(a.tokens[::2], a.tokens[1::2])  # the two samples of a prompt differ
-
-
-class SampleOutputRows:
-    """Rows ``order`` of a SampleOutput."""
-
-    def __init__(self, out, order):
-        self.tokens, self.logprobs, self.lengths = out.tokens[order], out.logprobs[order], out.lengths[order]
 
 
 def test_engine_streams_prompts_as_they_finish_and_runs_scanned_layers(tmp_path):
@@ -391,6 +383,10 @@ def test_bad_arguments_raise_clear_errors(tiny_qwen3):
         sampler.generate(model, [[5, 6], []], max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampler.generate(model, [[5, 6]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="3 max_new_tokens for 2 prompts"):
+        sampler.generate(model, [[5, 6], [7]], max_new_tokens=[4, 5, 6])
+    with pytest.raises(ValueError, match="one max_new_tokens"):
+        StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,)).generate(model, [[5, 6], [7]], max_new_tokens=[4, 5])
     with pytest.raises(ValueError, match="stop id"):
         Sampler(cfg, pad_id=PAD, stop_ids=())
 

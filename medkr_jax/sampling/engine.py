@@ -102,8 +102,9 @@ class Sampler:
         """Continue each prompt ``n`` times (rows of a prompt contiguous); see :meth:`stream` for the arguments.
         ``tokens`` / ``logprobs`` are as wide as the largest max_new_tokens."""
         n = int(kwargs.get("n", 1))
-        limits = np.broadcast_to(np.asarray(max_new_tokens), (len(prompts),)) if len(prompts) else np.zeros(0)
-        width = int(limits.max()) if len(prompts) else 0
+        checked_prompts(prompts, max_new_tokens=max_new_tokens, n=n, temperature=kwargs.get("temperature", 0.0),
+                        top_k=kwargs.get("top_k", 0), top_p=kwargs.get("top_p", 1.0))
+        width = int(np.max(max_new_tokens)) if len(prompts) else 0
         rows = len(prompts) * n
         tokens = np.full((rows, width), self.pad_id, np.int32)
         logprobs = np.zeros((rows, width), np.float32)
