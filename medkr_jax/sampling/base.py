@@ -10,10 +10,12 @@ import weakref
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.parallel import logical_rules, sharding_context
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
@@ -189,3 +191,38 @@ class DecodeHead:
         head = make(state)
         self._head = (weakref.ref(weights), head)
         return head
+
+
+class SamplerBase:
+    """What both generation paths share: the model config and mesh, pad / stop ids, prompt and generation buckets,
+    the KV-cache dtype, the placement of rows and cache, the compiled-program table and the decode LM head."""
+
+    def __init__(self, cfg: Any, *, mesh: Mesh | None, rules: Any, pad_id: int, stop_ids: Sequence[int],
+                 prompt_buckets: Sequence[int], gen_buckets: Sequence[int], cache_dtype: Any):
+        if not stop_ids:
+            raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
+        if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
+            raise ValueError(f"buckets must be positive, got {prompt_buckets} / {gen_buckets}")
+        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.pad_id = int(pad_id)
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.gen_buckets = tuple(sorted(gen_buckets))
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.placement = Placement(cfg, mesh, rules)
+        self._programs: dict[Any, Any] = {}
+        self._head = DecodeHead(self.placement)
+
+    @property
+    def num_compiles(self) -> int:
+        """Programs compiled so far by this sampler (see its module docstring for which)."""
+        return len(self._programs)
+
+    @property
+    def num_layout_compiles(self) -> int:
+        """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
+        return self._head.num_compiles
+
+    def prompt_bucket(self, length: int) -> int:
+        """The padded prompt length a prompt of ``length`` tokens is prefilled at."""
+        return bucket_length(length, self.prompt_buckets, past_top="grow")

@@ -44,13 +44,13 @@ from jax.sharding import Mesh
 
 from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.sampling import programs
-from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, DecodeHead, Placement,
-                                     SampleOutput, checked_prompts, host, next_pow2, row_keys, signature)
+from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, SampleOutput, SamplerBase,
+                                     checked_prompts, host, next_pow2, row_keys, signature)
 from medkr_jax.sampling.scheduler import Finished, Scheduler
 from medkr_jax.sampling.thinking import ThinkingBudget
 
 
-class Sampler:
+class Sampler(SamplerBase):
     """Continuous-batching generation engine; see the module docstring.
 
     slots: rows decoding at once (default: ``batch_size`` of the call, else the rows rounded up to a power of
@@ -63,37 +63,12 @@ class Sampler:
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32,
                  chunk_steps: int = 32, prefill_tokens: int = 128, min_refill: int | None = None):
-        if not stop_ids:
-            raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
-        if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
-            raise ValueError(f"buckets must be positive, got {prompt_buckets} / {gen_buckets}")
+        super().__init__(cfg, mesh=mesh, rules=rules, pad_id=pad_id, stop_ids=stop_ids,
+                         prompt_buckets=prompt_buckets, gen_buckets=gen_buckets, cache_dtype=cache_dtype)
         if chunk_steps < 1 or prefill_tokens < 1 or (min_refill is not None and min_refill < 1):
             raise ValueError(f"chunk_steps, prefill_tokens and min_refill must be >= 1, got {chunk_steps}, "
                              f"{prefill_tokens}, {min_refill}")
-        self.cfg, self.mesh, self.rules = cfg, mesh, rules
-        self.pad_id = int(pad_id)
-        self.stop_ids = tuple(int(s) for s in stop_ids)
-        self.prompt_buckets = tuple(sorted(prompt_buckets))
-        self.gen_buckets = tuple(sorted(gen_buckets))
-        self.cache_dtype = jnp.dtype(cache_dtype)
         self.chunk_steps, self.prefill_tokens, self.min_refill = chunk_steps, prefill_tokens, min_refill
-        self.placement = Placement(cfg, mesh, rules)
-        self._programs: dict[Any, Any] = {}
-        self._head = DecodeHead(self.placement)
-
-    @property
-    def num_compiles(self) -> int:
-        """Programs compiled so far (empty states, prefills, decode chunks; see the module docstring)."""
-        return len(self._programs)
-
-    @property
-    def num_layout_compiles(self) -> int:
-        """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
-        return self._head.num_compiles
-
-    def prompt_bucket(self, length: int) -> int:
-        """The padded prompt length a prompt of ``length`` tokens is prefilled at."""
-        return bucket_length(length, self.prompt_buckets, past_top="grow")
 
     # ---------------------------------------------------------------- public API
 

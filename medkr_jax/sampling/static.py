@@ -54,48 +54,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medkr_jax.data.pipeline import bucket_length
-from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, DecodeHead, Placement,
-                                     SampleOutput, checked_prompts, host, next_pow2, row_keys, signature)
+from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, SampleOutput, SamplerBase,
+                                     checked_prompts, host, next_pow2, row_keys, signature)
 from medkr_jax.sampling.ops import sample_next, token_logprob
 
 
-class StaticSampler:
+class StaticSampler(SamplerBase):
     """Prefill + while_loop decode with a preallocated KV cache; see the module docstring."""
 
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32):
-        if not stop_ids:
-            raise ValueError("Sampler needs at least one stop id (e.g. the tokenizer's EOS)")
-        if min(prompt_buckets) < 1 or min(gen_buckets) < 1:
-            raise ValueError(f"buckets must be positive, got {prompt_buckets} / {gen_buckets}")
-        self.cfg = cfg
-        self.mesh = mesh
-        self.rules = rules
-        self.pad_id = int(pad_id)
-        self.stop_ids = tuple(int(s) for s in stop_ids)
-        self.prompt_buckets = tuple(sorted(prompt_buckets))
-        self.gen_buckets = tuple(sorted(gen_buckets))
-        self.cache_dtype = jnp.dtype(cache_dtype)
-        self.placement = Placement(cfg, mesh, rules)
-        self._programs: dict[Any, Any] = {}
-        self._head = DecodeHead(self.placement)
-
-    # ---------------------------------------------------------------- bookkeeping
-
-    @property
-    def num_compiles(self) -> int:
-        """Programs compiled so far by this sampler (one per distinct shape/mode combination)."""
-        return len(self._programs)
-
-    @property
-    def num_layout_compiles(self) -> int:
-        """Programs compiled so far that lay out a model's LM head for decode steps (one per model)."""
-        return self._head.num_compiles
-
-    def prompt_bucket(self, length: int) -> int:
-        """The padded prompt length a prompt of ``length`` tokens is run at."""
-        return bucket_length(length, self.prompt_buckets, past_top="grow")
+        super().__init__(cfg, mesh=mesh, rules=rules, pad_id=pad_id, stop_ids=stop_ids,
+                         prompt_buckets=prompt_buckets, gen_buckets=gen_buckets, cache_dtype=cache_dtype)
 
     # ---------------------------------------------------------------- the program
 
