@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -80,23 +79,13 @@ def main() -> None:
 
     import jax
     import torch
-    import transformers
 
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler, StaticSampler
-    from sampler import make_checkpoint
+    from sampler import bench_model
 
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        folder = tempfile.mkdtemp(prefix="bench_engine_")
-        torch_model = make_checkpoint(folder, args.vocab)
-        name = f"Qwen3-shaped, 4 layers x 256, vocab {args.vocab}"
-    else:
-        from medkr_jax.models.presets import resolve_path
-
-        folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        name = os.path.basename(os.path.normpath(folder))
+    folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_engine_")
     model, cfg = load_decoder(folder)
     prompts, limits = workload(args, cfg.vocab_size)
     useful = int(limits.sum())

@@ -94,6 +94,22 @@ def matmul_flops(n: int = 2048, iters: int = 10) -> float:
     return 2 * n ** 3 * iters / best
 
 
+def bench_model(model: str | None, vocab: int, *, prefix: str):
+    """(HF folder, the PyTorch model, a display name): the tiny random Qwen3-shaped checkpoint written to a temp
+    folder when ``model`` is None, else ``model`` as a folder or preset name."""
+    import torch
+    import transformers
+
+    from medkr_jax.models.presets import resolve_path
+
+    if model is None:
+        folder = tempfile.mkdtemp(prefix=prefix)
+        return folder, make_checkpoint(folder, vocab), f"Qwen3-shaped, 4 layers x 256, vocab {vocab}"
+    folder = model if os.path.isdir(model) else str(resolve_path(model))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, torch_model, os.path.basename(os.path.normpath(folder))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF checkpoint folder or preset name (default: tiny random Qwen3)")
@@ -117,18 +133,7 @@ def main() -> None:
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler
 
-    if args.model is None:
-        folder = tempfile.mkdtemp(prefix="bench_sampler_")
-        torch_model = make_checkpoint(folder, args.vocab)
-        name = f"Qwen3-shaped, 4 layers x 256, vocab {args.vocab}"
-    else:
-        import transformers
-
-        from medkr_jax.models.presets import resolve_path
-
-        folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        name = os.path.basename(os.path.normpath(folder))
+    folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_sampler_")
     count_compiles = args.model is None if args.compile_count is None else args.compile_count
     model, cfg = load_decoder(folder)
     rng = np.random.default_rng(0)
