@@ -1,5 +1,5 @@
 """A reduced study for tests: every arm of configs/study.py at toy sizes, 2 seeds, 2 GRPO candidates (the
-first and the last).
+first two).
 
     python -m medkr_jax.main --config configs/study_smoke.py --config.output_dir=/tmp/study_smoke
 """
@@ -13,7 +13,7 @@ def get_config():
     config = config_from_file(Path(__file__).with_name("study.py"))
     config.output_dir = "runs/study_smoke"
     config.study.seeds = (0, 1)
-    config.study.grpo_candidates = config.study.grpo_candidates[:1] + config.study.grpo_candidates[-1:]
+    config.study.grpo_candidates = config.study.grpo_candidates[:2]
     config.synthetic.classifier_questions = 8
     config.synthetic.policy_train_questions = 32
     config.synthetic.policy_eval_questions = 8

@@ -35,6 +35,24 @@ def test_preempted_stage_stops_the_pipeline_and_resumes_on_rerun(fake_stage, tmp
     assert fake_stage == [0, 1]
 
 
+def test_a_completed_data_stage_made_with_other_split_sizes_stops_a_resumed_run(tmp_path):
+    import json
+
+    from medkr_jax.pipeline import demo
+    config = base_config()
+    config.output_dir = str(tmp_path)
+    config.pipeline.stages = ("data",)
+    config.synthetic.policy_rl_questions = 600
+    (tmp_path / "data").mkdir()
+    record = {"stage": "data", "wall_s": 0.1, "summary": {"synthetic": demo.synthetic_sizes(config)}}
+    (tmp_path / "data" / "stage.json").write_text(json.dumps(record))
+    assert runner.run(config)["stages"] == {"data": ""}  # the same sizes: skipped as complete
+    config.synthetic.policy_rl_questions = 4000
+    with pytest.raises(ValueError, match=r"data/stage.json: the completed 'data' stage was made with other settings "
+                                         r"\(config.synthetic.policy_rl_questions=4000 vs 600 made\)"):
+        runner.run(config)
+
+
 def test_main_reports_a_preempted_stage_in_one_line(fake_stage, tmp_path, capsys, monkeypatch):
     from medkr_jax import main
 

@@ -44,6 +44,10 @@ def test_candidate_dirs_are_named_by_content_not_position():
     assert study.candidate_key(a) == study.candidate_key({"optimizer": {"learning_rate": 0.0001}})
     assert study.candidate_key(a)[1] != study.candidate_key(b)[1]
     assert study.candidate_key({"x": 1, "y": 2})[0] == study.candidate_key({"y": 2, "x": 1})[0] == '{"x": 1, "y": 2}'
+    # the same settings on other GRPO / validation splits: another run directory
+    rl600, rl4000 = {"policy_rl_questions": 600}, {"policy_rl_questions": 4000}
+    assert study.candidate_key(a, rl600) == study.candidate_key(a, dict(rl600))
+    assert study.candidate_key(a, rl600)[1] != study.candidate_key(a, rl4000)[1]
 
 
 def test_a_changed_grpo_choice_reruns_only_the_seeds_grpo_dependent_stages(tmp_path):

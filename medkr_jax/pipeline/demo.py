@@ -24,18 +24,32 @@ from medkr_jax.pipeline.stages import job_config, out_of, run_job, stage, summar
 from medkr_jax.train.metrics_log import read_metrics
 
 
-@stage("data")
+def synthetic_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The synthetic splits the data stage draws, {name: questions}, in drawing order."""
+    sc = config.synthetic
+    sizes = {"classifier": int(sc.classifier_questions), "policy_train": int(sc.policy_train_questions),
+             "policy_eval": int(sc.policy_eval_questions)}
+    for name in ("policy_val", "policy_rl"):  # drawn last, so the other splits stay as they were without them
+        if int(sc[f"{name}_questions"]) > 0:
+            sizes[name] = int(sc[f"{name}_questions"])
+    return sizes
+
+
+def _data_stale(config: ml_collections.ConfigDict, summary: dict) -> str:
+    want, have = synthetic_sizes(config), summary.get("synthetic", {})
+    diff = [f"config.synthetic.{n}_questions={want.get(n, 0)} vs {have.get(n, 0)} made"
+            for n in dict.fromkeys([*want, *have]) if want.get(n, 0) != have.get(n, 0)]
+    return "; ".join(diff)
+
+
+@stage("data", stale=_data_stale)
 def data_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """The synthetic world and its question splits, and the real MMLU medical questions, one file per subject."""
     sc = config.synthetic
     world = synthetic.make_world(int(sc.seed), n_diseases=int(sc.n_diseases), n_classes=int(sc.n_classes),
                                  drugs_per_class=int(sc.drugs_per_class))
     synthetic.save_world(world, out / "world.json")
-    sizes = {"classifier": int(sc.classifier_questions), "policy_train": int(sc.policy_train_questions),
-             "policy_eval": int(sc.policy_eval_questions)}
-    for name in ("policy_val", "policy_rl"):  # drawn last, so the other splits stay as they were without them
-        if int(sc[f"{name}_questions"]) > 0:
-            sizes[name] = int(sc[f"{name}_questions"])
+    sizes = synthetic_sizes(config)
     splits = synthetic.make_splits(world, sizes, int(sc.seed), reasoning_fraction=float(sc.reasoning_fraction))
     files = {name: str(write_records(out / f"synthetic_{name}.jsonl", recs)) for name, recs in splits.items()}
 

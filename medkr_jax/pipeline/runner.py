@@ -51,6 +51,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
     for i, name in enumerate(names, 1):
         done = completed(config, name)
         if done is not None and not getattr(STAGES[name], "always_rerun", False):
+            changed = STAGES[name].stale(config, done["summary"]) if STAGES[name].stale else ""
+            if changed:
+                raise ValueError(f"{stage_dir(config, name) / 'stage.json'}: the completed {name!r} stage was made with "
+                                 f"other settings ({changed}); use a new output_dir, or remove that stage's folder "
+                                 "and the stages built on it")
             print(f"[pipeline] {i}/{len(names)} {name}: already complete ({done['wall_s']:.1f}s), skipping")
             results[name] = done
             continue

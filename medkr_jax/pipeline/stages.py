@@ -73,10 +73,13 @@ def out_of(config: ml_collections.ConfigDict, stage: str) -> Path:
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, Path, dict], dict]] = {}
 
 
-def stage(name: str, *, always_rerun: bool = False):
-    """Register a stage; `always_rerun` stages (the report) run even when complete, as they summarise the rest."""
+def stage(name: str, *, always_rerun: bool = False, stale: Callable[[ml_collections.ConfigDict, dict], str] | None = None):
+    """Register a stage; `always_rerun` stages (the report) run even when complete, as they summarise the rest.
+    `stale(config, summary)`: for a completed stage, what in the config no longer matches its recorded summary
+    ("" when nothing), so a resumed run stops with that instead of building on outputs of other settings."""
     def register(fn):
         fn.always_rerun = always_rerun
+        fn.stale = stale
         STAGES[name] = fn
         return fn
     return register

@@ -128,11 +128,24 @@ def _val_reasoning(run_dir: Path, stage_name: str) -> float:
     return float(before["reasoning"]["accuracy"])
 
 
-def candidate_key(cand: Any) -> tuple[str, str]:
-    """(the candidate as sorted JSON, a short hash of it): its run directory is named by content, so editing or
-    reordering config.study.grpo_candidates never reuses another candidate's finished stages."""
+def candidate_key(cand: Any, data: Any = None) -> tuple[str, str]:
+    """(the candidate as sorted JSON, a short hash of it and of `data`, the synthetic split settings it trains and
+    is scored on): its run directory is named by content, so editing or reordering config.study.grpo_candidates,
+    or resizing the GRPO / validation splits, never reuses another run's finished stages."""
     text = json.dumps(cand.to_dict() if hasattr(cand, "to_dict") else dict(cand), sort_keys=True)
-    return text, hashlib.sha1(text.encode()).hexdigest()[:8]
+    salt = "" if data is None else json.dumps(_plain(data), sort_keys=True)
+    return text, hashlib.sha1((text + salt).encode()).hexdigest()[:8]
+
+
+def _plain(x: Any) -> Any:
+    return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def grpo_data(config: ml_collections.ConfigDict) -> dict:
+    """The split settings a GRPO run depends on beyond its own config (its prompts are the policy_rl split,
+    which is drawn after the validation split)."""
+    syn = config.synthetic
+    return {"policy_val_questions": int(syn.policy_val_questions), "policy_rl_questions": int(syn.policy_rl_questions)}
 
 
 # A scored seed's stages that depend on the chosen GRPO settings (rerun when the choice changes).
@@ -140,8 +153,8 @@ GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "sft_more", "eval_sft_more")
 
 
 def invalidate_stale_grpo(seed_dir: Path, chosen: str) -> None:
-    """Remove a seed's GRPO-dependent stages when they were run with other GRPO settings than `chosen`
-    (recorded in <seed_dir>/grpo_settings.json), so the runner reruns them instead of skipping them."""
+    """Remove a seed's GRPO-dependent stages when they were run with other GRPO settings (or GRPO data) than
+    `chosen` (recorded in <seed_dir>/grpo_settings.json), so the runner reruns them instead of skipping them."""
     record = seed_dir / "grpo_settings.json"
     if record.exists() and json.loads(record.read_text()).get("chosen") != chosen:
         stale = [name for name in GRPO_DEPENDENT_STAGES if (seed_dir / name).exists()]
@@ -163,7 +176,7 @@ def search_grpo(config: ml_collections.ConfigDict, root: Path) -> tuple[int, lis
     runner.run(base)
     rows = [{"candidate": "(b) no GRPO", "val_reasoning": _val_reasoning(seed_dir, "val_sft")}]
     for cand in sc.grpo_candidates:
-        cand_dir = seed_dir / f"grpo_{candidate_key(cand)[1]}"
+        cand_dir = seed_dir / f"grpo_{candidate_key(cand, grpo_data(config))[1]}"
         for name in ("data", "tokenizer", "policy_init", "sft"):  # the candidates share the seed's earlier stages
             (cand_dir / name).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(seed_dir / name / "stage.json", cand_dir / name / "stage.json")
@@ -197,8 +210,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
         if chosen is not None:
             with sub.unlocked():
                 overlay(sub.pipeline.grpo, sc.grpo_candidates[chosen])
-        invalidate_stale_grpo(seed_dir, candidate_key(sc.grpo_candidates[chosen])[0] if chosen is not None
-                              else json.dumps(sub.pipeline.grpo.to_dict(), sort_keys=True, default=str))
+        settings = (candidate_key(sc.grpo_candidates[chosen])[0] if chosen is not None
+                    else json.dumps(sub.pipeline.grpo.to_dict(), sort_keys=True, default=str))
+        invalidate_stale_grpo(seed_dir, f"{settings} on {json.dumps(grpo_data(config), sort_keys=True)}")
         runner.run(sub)
     report = study_report.write(config, root, search=search, chosen=chosen)
     if parallel.is_main_process():
