@@ -157,6 +157,7 @@ def _eval_section() -> ml_collections.ConfigDict:
         "answer_cue": "\n\nThe answer is",
         "thinking_wait": "Wait",
         "thinking_max_waits": 0,
+        "thinking_budgets": (),   # job budget_sweep: the budgets to evaluate, e.g. (32, 64, 128, 0); 0 = no budget
         # Self-consistency (num_samples > 1): maj@num_samples and unbiased pass@k for each k here (k <= num_samples)
         "pass_k": (1,),
     })

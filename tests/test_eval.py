@@ -383,6 +383,82 @@ def test_evaluate_with_a_thinking_budget(tmp_path, model_dir, world_records, tok
         evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="x", thinking_budget=12))
 
 
+def test_budget_sweep_job(tmp_path, model_dir, world_records, tokenizer):
+    """Job budget_sweep: one evaluation per budget (the smaller budgets close the block after `budget` tokens, 0 runs
+    without one), a table per budget x benchmark x split whose accuracy and mean tokens are those of the logs, the
+    per-split gains from the first budget to the last computed by hand, resuming, and config errors."""
+    from medkr_jax.config import ConfigError
+    from medkr_jax.jobs import budget_sweep as sweep_job
+
+    _, recs = world_records
+    records_path = write_records(tmp_path / "records.jsonl", recs[:8])
+    config = make_config(tmp_path, model_dir, records_path, name="sweep", temperature=0.0, max_new_tokens=28,
+                         thinking_start="<|assistant|>", thinking_budgets=(0, 2, 6))
+    config.job = "budget_sweep"
+    summary = sweep_job.run(config)
+    out = tmp_path / "sweep"
+    assert summary["budgets"] == [2, 6, 0] and summary["generated"] == {2: 8, 6: 8, 0: 8}
+    closing = config.eval.thinking_end + config.eval.answer_cue
+    logs = {b: {e["key"]: e for e in map(json.loads, (out / f"generations_budget{b}.jsonl").read_text().splitlines())}
+            for b in (2, 6, 0)}
+    for b in (2, 6):
+        for e in logs[b].values():  # closed at the budget, unless the row ended by itself before it
+            smp = e["samples"][0]
+            assert closing in smp["text"] or (smp["stopped"] and smp["tokens"] <= b), (b, smp)
+        assert any(closing in e["samples"][0]["text"] for e in logs[b].values())
+        settings = json.loads((out / f"generations_budget{b}.jsonl.settings.json").read_text())
+        assert settings["thinking"]["budget"] == b
+    assert "thinking" not in json.loads((out / "generations_budget0.jsonl.settings.json").read_text())
+
+    def correct(e):
+        return float(e["samples"][0]["pred"] == "ABCD"[e["answer"]])
+
+    table = read_csv(out / "budget_sweep.csv")
+    assert len(table) == 3 * len({(r["benchmark"], r["split"]) for r in table})
+    for row in table:
+        entries = [e for e in logs[int(row["budget"])].values()
+                   if row["benchmark"] in ("overall", e["benchmark"]) and row["split"] in ("all", e["label"])]
+        assert int(row["n_questions"]) == len(entries)
+        assert float(row["accuracy"]) == pytest.approx(np.mean([correct(e) for e in entries]), abs=1e-6)
+        assert float(row["mean_tokens"]) == pytest.approx(np.mean([e["samples"][0]["tokens"] for e in entries]),
+                                                          abs=1e-5)
+    (overall,) = [g for g in summary["gains"] if g["benchmark"] == "overall"]
+    for split in ("knowledge", "reasoning"):
+        keys = [k for k, e in logs[2].items() if e["label"] == split]
+        assert overall[f"gain_{split}"] == pytest.approx(np.mean([correct(logs[0][k]) - correct(logs[2][k])
+                                                                  for k in keys]))
+    assert overall["from"] == 2 and overall["to"] == 0
+    md = (out / "budget_sweep.md").read_text()
+    assert "| benchmark | split | 2 | 6 | none |" in md and "reasoning - knowledge" in md
+    assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert sweep_job.run(config)["generated"] == {2: 0, 6: 0, 0: 0}  # resumed: nothing generated again
+
+    for bad in ((), (4, 4), (-1, 2)):
+        config.eval.thinking_budgets = bad
+        with pytest.raises(ConfigError, match="config.eval.thinking_budgets"):
+            sweep_job.run(config)
+
+
+def test_split_gain_difference_against_a_hand_computation():
+    rng = np.random.default_rng(0)
+    before, after = [], []
+    for i in range(400):
+        label = "reasoning" if i % 3 == 0 else "knowledge"
+        p0, p1 = (0.3, 0.6) if label == "reasoning" else (0.5, 0.55)
+        c0, c1 = rng.random(2) < (p0, p1)
+        before.append({"key": f"q{i}", "label": label, "correct": [bool(c0)]})
+        after.append({"key": f"q{i}", "label": label, "correct": [bool(c1)]})
+    got = metrics.split_gain_difference(before, after, seed=1)
+    gains = {s: np.array([float(a["correct"][0]) - float(b["correct"][0]) for a, b in zip(after, before)
+                          if a["label"] == s]) for s in ("knowledge", "reasoning")}
+    assert got["n_reasoning"] == 134 and got["n_knowledge"] == 266
+    assert got["difference"] == pytest.approx(gains["reasoning"].mean() - gains["knowledge"].mean())
+    # the bootstrap interval against the normal approximation of the difference of two independent means
+    se = math.sqrt(sum(g.var(ddof=1) / g.size for g in gains.values()))
+    assert got["difference_ci_low"] == pytest.approx(got["difference"] - 1.96 * se, abs=0.25 * 1.96 * se)
+    assert got["difference_ci_high"] == pytest.approx(got["difference"] + 1.96 * se, abs=0.25 * 1.96 * se)
+
+
 def test_config_errors_name_the_key(tmp_path, model_dir, world_records):
     _, recs = world_records
     records_path = write_records(tmp_path / "records.jsonl", recs[:2])

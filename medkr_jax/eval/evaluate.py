@@ -297,7 +297,8 @@ def score_rows(glog: GenerationLog, keys: Sequence[str]) -> list[dict]:
         e = glog.entries[k]
         preds = [score_text(s["text"], e) for s in e["samples"]]
         rows.append({"key": k, "benchmark": e["benchmark"], "label": e["label"], "pred": preds,
-                     "answer": e["answer"], "correct": [p == e["answer"] for p in preds]})
+                     "answer": e["answer"], "correct": [p == e["answer"] for p in preds],
+                     "tokens": [int(s["tokens"]) for s in e["samples"]]})
     return rows
 
 

@@ -158,3 +158,33 @@ def accuracy_table(rows: Sequence[dict], *, ci: str = "auto", seed: int = 0,
                     row.update(self_consistency(group, n, pass_k, ci=ci, seed=seed))
                 table.append(row)
     return table
+
+
+def split_gain_difference(before: Sequence[dict], after: Sequence[dict], *, resamples: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> dict[str, Any]:
+    """Does a change (e.g. a larger thinking budget) help reasoning-heavy questions more than knowledge-heavy ones?
+
+    ``before`` and ``after`` hold the same questions' rows (matched by "key"; "correct" flags per sample). A
+    question's gain is its mean correctness after minus before (paired); per split the gain is the mean over its
+    questions, and the difference is reasoning's gain minus knowledge's, with a percentile bootstrap interval that
+    resamples questions within each split. Keys: n_/gain_ per split, difference, difference_ci_low / _high."""
+    prior = {r["key"]: float(np.mean(r["correct"])) for r in before}
+    gains: dict[str, list[float]] = {"knowledge": [], "reasoning": []}
+    for r in after:
+        lab = _label(r)
+        if lab and r["key"] in prior:
+            gains[lab].append(float(np.mean(r["correct"])) - prior[r["key"]])
+    out: dict[str, Any] = {}
+    for lab, g in gains.items():
+        out[f"n_{lab}"] = len(g)
+        out[f"gain_{lab}"] = float(np.mean(g)) if g else float("nan")
+    out["difference"] = out["gain_reasoning"] - out["gain_knowledge"]
+    lo = hi = float("nan")
+    if gains["knowledge"] and gains["reasoning"]:
+        rng = np.random.default_rng(seed)
+        k, r = (np.asarray(gains[s]) for s in ("knowledge", "reasoning"))
+        diffs = (r[rng.integers(0, r.size, (resamples, r.size))].mean(1)
+                 - k[rng.integers(0, k.size, (resamples, k.size))].mean(1))
+        lo, hi = (float(q) for q in np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2]))
+    out["difference_ci_low"], out["difference_ci_high"] = lo, hi
+    return out

@@ -163,3 +163,71 @@ def plot_adversarial(rows: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def budget_label(budget: int) -> str:
+    """A thinking budget as a column / tick label (0 = no budget)."""
+    return "none" if int(budget) == 0 else str(int(budget))
+
+
+def budget_markdown(table: Sequence[dict[str, Any]], gains: Sequence[dict[str, Any]]) -> str:
+    """Accuracy [95% CI] per benchmark x split (rows) and thinking budget (columns), mean generated tokens, and per
+    benchmark the reasoning-minus-knowledge gain from the smallest to the largest budget."""
+    budgets = list(dict.fromkeys(int(r["budget"]) for r in table))
+    by = {(r["benchmark"], r["split"], int(r["budget"])): r for r in table}
+    rows = list(dict.fromkeys((r["benchmark"], r["split"]) for r in table))
+    lines = ["### Accuracy (%) by thinking budget (tokens)", "",
+             "| benchmark | split | " + " | ".join(budget_label(b) for b in budgets) + " |",
+             "|---|---|" + "---:|" * len(budgets)]
+    for bench, split in rows:
+        lines.append(f"| {bench} | {split} | " + " | ".join(
+            f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]" if (c := by.get((bench, split, b)))
+            else "–" for b in budgets) + " |")
+    lines += ["", "### Generated tokens per sample (mean over all questions)", "",
+              "| budget | " + " | ".join(budget_label(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    for bench in dict.fromkeys(b for b, _ in rows):
+        lines.append(f"| {bench} | " + " | ".join(
+            f"{c['mean_tokens']:.1f}" if (c := by.get((bench, "all", b))) else "–" for b in budgets) + " |")
+    if gains:
+        lines += ["", "### Does thinking longer help reasoning-heavy questions more?", "",
+                  "| benchmark | budget | knowledge gain | reasoning gain | reasoning - knowledge [95% CI] |",
+                  "|---|---|---:|---:|---|"]
+        for g in gains:
+            lines.append(f"| {g['benchmark']} | {budget_label(g['from'])} -> {budget_label(g['to'])} | "
+                         f"{100 * g['gain_knowledge']:+.1f} (n={g['n_knowledge']}) | "
+                         f"{100 * g['gain_reasoning']:+.1f} (n={g['n_reasoning']}) | {100 * g['difference']:+.1f} "
+                         f"[{100 * g['difference_ci_low']:+.1f}, {100 * g['difference_ci_high']:+.1f}] |")
+        lines += ["", "Gains in accuracy points, paired by question; the interval is a percentile bootstrap over "
+                  "questions within each split (medkr_jax/eval/metrics.py split_gain_difference). An interval "
+                  "that holds 0 does not show a difference."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_budget(table: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Per benchmark, accuracy (95% CI) of the knowledge- and reasoning-heavy questions against the thinking
+    budget (one tick per budget, in sweep order; "none" = no budget)."""
+    plt = pyplot()
+    budgets = list(dict.fromkeys(int(r["budget"]) for r in table))
+    benches = list(dict.fromkeys(r["benchmark"] for r in table))
+    splits = [s for s in ("knowledge", "reasoning") if any(r["split"] == s for r in table)] or ["all"]
+    by = {(r["benchmark"], r["split"], int(r["budget"])): r for r in table}
+    fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches) + 1, 4), squeeze=False)
+    x = np.arange(len(budgets))
+    for ax, bench in zip(axes[0], benches):
+        for split in splits:
+            cells = [by.get((bench, split, b)) for b in budgets]
+            acc = np.array([100 * c["accuracy"] if c else np.nan for c in cells])
+            lo = np.array([100 * c["ci_low"] if c else np.nan for c in cells])
+            hi = np.array([100 * c["ci_high"] if c else np.nan for c in cells])
+            ax.plot(x, acc, marker="o", label=split)
+            ax.fill_between(x, lo, hi, alpha=0.2)
+        ax.set_xticks(x)
+        ax.set_xticklabels([budget_label(b) for b in budgets])
+        ax.set_xlabel("thinking budget (tokens)")
+        ax.set_ylim(0, 100)
+        ax.set_title(bench)
+        ax.legend()
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

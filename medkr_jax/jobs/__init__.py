@@ -17,6 +17,7 @@ JOBS: dict[str, str] = {
     "classify": "medkr_jax.jobs.classify",
     "split": "medkr_jax.jobs.split",
     "evaluate": "medkr_jax.jobs.evaluate",
+    "budget_sweep": "medkr_jax.jobs.budget_sweep",
     "adversarial": "medkr_jax.jobs.adversarial",
     "sft": "medkr_jax.jobs.sft",
     "grpo": "medkr_jax.jobs.grpo",
