@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,12 @@ def test_diverged_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 1 and err[0].startswith("error: TrainingDiverged: non-finite loss nan at step 7")
     assert "last good checkpoint: step 5 in runs/x/checkpoints" in err[0] and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_config_file_loads_and_names_a_job(path):
+    from medkr_jax.config import config_from_file
+    from medkr_jax.jobs import JOBS
+
+    config = config_from_file(path)
+    assert config.job in JOBS, f"{path.name}: config.job={config.job!r}"
