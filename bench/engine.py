@@ -14,11 +14,13 @@ per-row counts. The model is bench/sampler.py's tiny Qwen3-shaped checkpoint (ra
   longest row's count (the rows done earlier idle): the path every caller took before the engine;
 * HF: ``generate`` (KV cache, greedy, left padding) on the same sorted batches, each to its longest row's count.
 
-tokens/s = useful tokens / wall-clock seconds, best of ``--repeats`` interleaved rounds (engine, static, HF, then
-the matmul peak, timed one call at a time, as bench/bert_forward.py); ``ratio`` is the median of the per-round
-ratios; CPU time is reported too (the cores may be shared), with the load average. A fresh engine then counts the
-programs one whole evaluation over these mixed lengths compiles. Both frameworks run on the same ``--threads``
-CPUs (the process is pinned; see bench/sampler.py). Prints a table, then one JSON line.
+After a warm-up call each (kept for the token comparison), the three sides run in ``--repeats`` interleaved
+rounds alternating with the matmul peak, pinned to the same ``--threads`` CPUs (bench/harness.py: the method).
+tokens/s = useful tokens / the best round's wall-clock seconds. ``ratio`` (engine vs HF) and ``ratio_static``
+(engine vs static) are medians of the per-round ratios (the other side's time / the engine's, > 1: the engine is
+faster), each with its ``_best`` (best over best), ``_cpu`` (CPU time) and ``_rounds`` fields. A fresh engine then
+counts the programs one whole evaluation over these mixed lengths compiles. Prints a table, the load average,
+then one JSON line.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# Pins this process to --threads CPUs and sets XLA's CPU threads before jax starts (see bert_forward.py).
-from bert_forward import Timer, _cpu_seconds, matmul_peak, peak_timers  # noqa: E402
+from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
+                     ratio_line, ratios, run_rounds, threads_from_argv)
 
+pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -54,12 +56,6 @@ def sorted_batches(prompts, batch: int) -> list[np.ndarray]:
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
-def timed(fn) -> tuple[float, float, object]:
-    c, t = _cpu_seconds(), time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, _cpu_seconds() - c, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF checkpoint folder or preset name (default: tiny random Qwen3)")
@@ -71,20 +67,18 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of max_new_tokens")
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="engine slots = static and HF batch size")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (1 = single-threaded XLA too)")
     args = ap.parse_args()
 
-    import jax
     import torch
 
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler, StaticSampler
     from sampler import bench_model
 
-    torch.set_num_threads(args.threads)
     folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_engine_")
     model, cfg = load_decoder(folder)
     prompts, limits = workload(args, cfg.vocab_size)
@@ -121,26 +115,18 @@ def main() -> None:
     sides = {"engine": run_engine, "static": run_static, "hf": run_hf}
     first = {}
     for k, fn in sides.items():  # warm-up (compiles), kept for the token comparison
-        wall, _, first[k] = timed(fn)
-        print(f"{k} warm-up call: {wall:.1f}s", flush=True)
+        t0 = time.perf_counter()
+        first[k] = fn()
+        print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
     match = greedy_match(first, batches, limits)
 
+    timers = {k: Timer(fn) for k, fn in sides.items()}
     peak_t = peak_timers(args.peak_n)
-    walls = {k: [] for k in sides}
-    cpus = {k: [] for k in sides}
-    for _ in range(args.repeats):  # interleaved, so every side sees the same machine load
-        for k, fn in sides.items():
-            wall, cpu, _ = timed(fn)
-            walls[k].append(wall)
-            cpus[k].append(cpu)
-        for t in peak_t.values():
-            for _ in range(5):
-                t.round()
-    peak, _ = matmul_peak(peak_t, args.peak_n)
+    run_rounds(timers, args.repeats, peak_t)
 
     counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole evaluation's programs
     counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-    report(args, name, cfg, useful, walls, cpus, match, peak, counter)
+    report(args, name, cfg, useful, timers, peak_t, match, counter)
 
 
 def greedy_match(first: dict, batches, limits) -> dict[str, float]:
@@ -155,42 +141,38 @@ def greedy_match(first: dict, batches, limits) -> dict[str, float]:
     return {k: v / int(limits.sum()) for k, v in same.items()}
 
 
-def report(args, name, cfg, useful, walls, cpus, match, peak, counter) -> None:
-    import jax
-    import torch
-
-    tps = {k: useful / min(v) for k, v in walls.items()}
-    cpu = {k: min(v) for k, v in cpus.items()}
-    rounds = [h / e for h, e in zip(walls["hf"], walls["engine"])]
-    rounds_static = [s / e for s, e in zip(walls["static"], walls["engine"])]
+def report(args, name, cfg, useful, timers, peak_t, match, counter) -> None:
+    tps = {k: useful / t.wall for k, t in timers.items()}
+    cmp = ratios(timers["engine"], timers["hf"])
+    cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
+    peak, _ = peak_flops(peak_t)
     peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), threads {args.threads} "
-          f"(torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}), "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(device_line(args.threads))
     print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts of {args.min_prompt}.."
           f"{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, sigma {args.sigma:g}, "
-          f"max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy")
+          f"max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; {args.repeats} rounds")
     print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
     for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
                      ("hf", "HF generate, sorted batches")):
-        print(f"{label:28s}{min(walls[k]):14.2f}{cpu[k]:10.2f}{tps[k]:12.1f}")
-    print(f"engine / HF: {statistics.median(rounds):.2f}x (median of rounds {', '.join(f'{x:.2f}' for x in rounds)}), "
-          f"{cpu['hf'] / cpu['engine']:.2f}x CPU time; engine / static: {statistics.median(rounds_static):.2f}x, "
-          f"{cpu['static'] / cpu['engine']:.2f}x CPU time")
+        print(f"{label:28s}{timers[k].wall:14.2f}{timers[k].cpu:10.2f}{tps[k]:12.1f}")
+    print(ratio_line("engine / HF", cmp))
+    print(ratio_line("engine / static", cmp_static, key="ratio_static"))
     print(f"greedy tokens equal to the engine's: static {100 * match['static']:.1f}%, HF {100 * match['hf']:.1f}%")
     print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
-          f"the LM head); matmul peak {peak / 1e9:.1f} GFLOP/s, engine at {100 * peak_fraction:.2f}% of it")
+          f"the LM head)")
+    print(peak_line(peak_t) + f"; engine at {100 * peak_fraction:.2f}% of it")
+    load = load_report(args.threads)
+    cpu = {k: t.cpu for k, t in timers.items()}
     print(json.dumps({"name": "engine_heavy_tail", "ours": round(tps["engine"], 2), "reference": round(tps["hf"], 2),
-                      "static": round(tps["static"], 2), "unit": "tokens/s", "ratio": round(statistics.median(rounds), 3),
-                      "ratio_static": round(statistics.median(rounds_static), 3),
-                      "round_ratios": [round(x, 3) for x in rounds],
+                      "static": round(tps["static"], 2), "unit": "tokens/s", **cmp, **cmp_static,
+                      "round_ratios": cmp["ratio_rounds"],
                       "cpu_time_ratio": round(cpu["hf"] / cpu["engine"], 3),
                       "cpu_time_ratio_static": round(cpu["static"] / cpu["engine"], 3),
                       "compiles": counter.num_compiles, "layout_compiles": counter.num_layout_compiles,
                       "useful_tokens": useful, "prompts": args.prompts, "batch": args.batch, "threads": args.threads,
-                      "load_avg": round(os.getloadavg()[0], 1), "peak_fraction": round(peak_fraction, 5),
+                      "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 5),
                       "greedy_match_static": round(match["static"], 4), "greedy_match_hf": round(match["hf"], 4),
-                      "model": name}))
+                      "model": name, **load}))
 
 
 if __name__ == "__main__":

@@ -4,22 +4,28 @@ LoRA SFT step vs full fine-tuning of the same model.
     python bench/train_step.py [--threads 1] [--steps 12] [--setup-tunix] [--skip-tunix] [--lora-rank 16]
     python bench/train_step.py --lora-only --steps 1   # the LoRA comparison alone (a smoke run)
 
+Every comparison follows bench/harness.py's method: the process is pinned to --threads CPUs for both sides,
+rounds interleave the two sides (the order alternating between rounds), and a ratio is reference time / ours
+(> 1: ours is faster), the median of the per-round ratios, with `_best` (best over best), `_cpu` (CPU time) and
+`_rounds` fields beside it.
+
 SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 256, MLP 512, 4 layers, 4 query /
-2 KV heads of 64) trained on the same random token batch (8 x 256, every target counted) with AdamW
+2 KV heads of 64) trained on the same random token batch (--batch x --seq, 8 x 256, every target counted) with AdamW
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
-clip_grad_norm_. The two steps alternate (so both see the same machine load); time per step is the median
-over `--steps` steps after two warm-up steps; tokens/s = batch * seq_len / time. `peak_fraction` = our step's
-model FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the FLOP/s of a large
-jitted float32 matmul measured in the same run.
+clip_grad_norm_. After two warm-up steps each, `--steps` rounds of one step per side, with the matmul peak
+timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
+FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the peak (the best call of a large
+float32 matmul, jitted JAX or torch).
 
 GRPO: the same tiny decoder (vocab 512, hidden 64, MLP 128, 2 layers, 4/2 heads of 16), 4 prompts per step x
 8 generations, 16 new tokens at temperature 1, beta 0.04 (a reference model), mu 1, AdamW 1e-3, the same
 prompt strings. Ours is the "grpo" job (jitted KV-cache sampler + reference forward + jitted update, reward by
 answer extraction); the reference is tunix 0.1.7's GRPOLearner with its vanilla rollout engine on the same
-jax/flax. samples/s = 32 / the median step period after the first two steps (period = time between
-consecutive steps' metrics for ours, between consecutive reward-function calls for tunix). The two run
-alternately `--repeats` times each and each keeps its best run.
+jax/flax. A run's step time is its median step period after the first two steps (wall and CPU seconds between
+consecutive steps' metrics for ours, between consecutive reward-function calls for tunix); the two run
+alternately, `--repeats` rounds of one run each; samples/s = 32 / the best run's step time, `grpo_ratio` the
+median of the per-round ratios (null, with `grpo_reference_error`, unless every round has both sides).
 
 tunix is installed in the benchmark's own venv, bench/.venv-tunix (`--setup-tunix` creates it: a venv that
 sees the project venv's packages through a .pth file, plus `pip install google-tunix` and its missing
@@ -28,19 +34,21 @@ venv is missing, the GRPO reference is reported as null with the reason.
 
 LoRA: the SFT model and batch above, once fully fine-tuned and once with rank-`--lora-rank` adapters (alpha =
 2 x rank) on every attention and MLP projection and the base frozen (medkr_jax.models.lora), the same AdamW; the
-two `Trainer` steps alternate as above. Peak memory is XLA's memory analysis of each compiled step on one device
+two `Trainer` steps run in `--steps` interleaved rounds as above (no peak). Peak memory is XLA's memory analysis of each compiled step on one device
 (arguments + outputs - donated buffers + temporaries: what the step needs, whatever the backend; CPU reports no
-device peak); `lora_time_ratio` and `lora_memory_ratio` are LoRA over full.
+device peak); `lora_time_ratio` (median of the per-round ratios) and `lora_memory_ratio` are LoRA over full.
 
 Both sides of each comparison run on the CPU with the same number of threads (default 1: on a shared machine
-multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with one JSON
-line: the SFT comparison in name/ours/reference/unit/ratio, the GRPO one in the grpo_* fields, the LoRA one in the
-lora_* fields (with --lora-only only those, and name "train_step_lora_vs_full").
+multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with the load
+average and one JSON line: the SFT comparison in name/ours/reference/unit/ratio*/peak_*, the GRPO one in the
+grpo_* fields, the LoRA one in the lora_* fields (with --lora-only only those, and name
+"train_step_lora_vs_full"), then load_avg and load_warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -49,6 +57,12 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line, peak_timers,  # noqa: E402
+                     pin, ratio_line, ratios, run_rounds, threads_from_argv)
+
+pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNIX_VENV = os.path.join(REPO, "bench", ".venv-tunix")
@@ -60,23 +74,6 @@ TUNIX_REQUIREMENTS = ["jaxtyping", "qwix>=0.1.6", "google-metrax>=0.2.3", "omega
 SFT_DIMS = dict(vocab=1024, hidden=256, mlp=512, layers=4, heads=4, kv_heads=2, head_dim=64)
 GRPO_DIMS = dict(vocab=512, hidden=64, mlp=128, layers=2, heads=4, kv_heads=2, head_dim=16)
 GRPO = dict(prompts_per_step=4, generations=8, max_new_tokens=16, beta=0.04, lr=1e-3, prompt_len=64)
-
-
-def _threads_from_argv() -> int:
-    n = 1
-    for i, a in enumerate(sys.argv):
-        if a.startswith("--threads="):
-            n = int(a.split("=", 1)[1])
-        elif a == "--threads" and i + 1 < len(sys.argv):
-            n = int(sys.argv[i + 1])
-    return n
-
-
-def _thread_env(n: int) -> None:
-    """XLA's CPU thread pool is fixed when jax starts: set it before any import of jax."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if n == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 # ------------------------------------------------------------------------------------------ tunix worker
@@ -105,10 +102,10 @@ def tunix_worker(spec_path: str) -> None:
     with mesh:
         actor = llama.Llama3(cfg, rngs=nnx.Rngs(0))
         reference = llama.Llama3(cfg, rngs=nnx.Rngs(0))
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     def reward(prompts, completions, answer, **kw):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), cpu_seconds()))
         return [float(a in c) for c, a in zip(completions, answer)]
 
     steps = spec["steps"]
@@ -134,9 +131,10 @@ def tunix_worker(spec_path: str) -> None:
         lambda idx: {"prompts": prompts[idx], "answer": answers[idx]})
     t0 = time.perf_counter()
     learner.train(ds)
-    periods = np.diff(stamps)[1:]
-    print(json.dumps({"samples_per_s": n * g["generations"] / float(np.median(periods)),
-                      "step_periods_s": [round(float(p), 4) for p in periods], "wall_s": time.perf_counter() - t0,
+    periods = np.diff(np.asarray(stamps), axis=0)[1:]
+    print(json.dumps({"samples_per_s": n * g["generations"] / float(np.median(periods[:, 0])),
+                      "step_periods_s": [round(float(p), 4) for p in periods[:, 0]],
+                      "cpu_periods_s": [round(float(p), 4) for p in periods[:, 1]], "wall_s": time.perf_counter() - t0,
                       "steps": len(stamps)}))
 
 
@@ -163,27 +161,6 @@ def setup_tunix() -> None:
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def matmul_flops(n: int = 1024, iters: int = 8) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-
-    @jax.jit
-    def chain(x):
-        for _ in range(iters):
-            x = (x @ a) * (1.0 / n)
-        return x
-
-    chain(a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        chain(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 * iters / best
-
-
 def _decoder_config(d: dict, **kw):
     from medkr_jax.models.decoder import DecoderConfig
 
@@ -193,7 +170,7 @@ def _decoder_config(d: dict, **kw):
                          **kw)
 
 
-def sft_steps(batch: dict, threads: int):
+def sft_steps(batch: dict):
     """(our step fn, its parameter count, the PyTorch step fn) on the same model shape and batch."""
     import jax
     import torch
@@ -219,7 +196,6 @@ def sft_steps(batch: dict, threads: int):
         m = trainer.update(batch, jax.random.key(0))
         float(m["loss"])  # the loop reads every step's loss (NaN check): the same synchronisation here
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     d = SFT_DIMS
     tcfg = transformers.LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
@@ -246,7 +222,8 @@ def sft_steps(batch: dict, threads: int):
 
 def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
     """LoRA SFT (rank `rank` on every projection, base frozen) vs full fine-tuning of the SFT model on `batch`:
-    median step seconds (interleaved) and the compiled steps' peak bytes; ratios are LoRA over full."""
+    best-round step seconds (`steps` interleaved rounds) and the compiled steps' peak bytes; ratios are LoRA over
+    full (lora_time_ratio: the median of the per-round ratios, with _best, _cpu and _rounds beside it)."""
     import jax
     from flax import nnx
 
@@ -268,32 +245,48 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
         lora.apply_lora(model, lora.LoRASettings(rank=r, alpha=2.0 * r), mesh=mesh)
         trainers.append(Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh))
     memory = [t.step_memory(batch, key)["peak"] for t in trainers]
-    fns = [lambda t=t: float(t.update(batch, key)["loss"]) for t in trainers]
-    full_s, lora_s = timed_interleaved(fns, steps)
+    full, low = (warmed(lambda t=t: float(t.update(batch, key)["loss"])) for t in trainers)
+    run_rounds({"full": full, "lora": low}, steps)
     trained = [sum(x.size for x in jax.tree.leaves(t.params)) for t in trainers]
     return {"lora_rank": rank, "lora_trained_params": int(trained[1]), "full_trained_params": int(trained[0]),
-            "lora_step_s": round(lora_s, 5), "full_step_s": round(full_s, 5),
-            "lora_time_ratio": round(lora_s / full_s, 3), "lora_peak_bytes": memory[1], "full_peak_bytes": memory[0],
+            "lora_step_s": round(low.wall, 5), "full_step_s": round(full.wall, 5),
+            **ratios(full, low, key="lora_time_ratio"), "lora_peak_bytes": memory[1], "full_peak_bytes": memory[0],
             "lora_memory_ratio": round(memory[1] / memory[0], 3)}
 
 
 def _print_lora(res: dict) -> None:
     print(f"LoRA r={res['lora_rank']} SFT step {res['lora_step_s'] * 1e3:.1f} ms vs full {res['full_step_s'] * 1e3:.1f}"
-          f" ms (ratio {res['lora_time_ratio']}); peak {res['lora_peak_bytes'] / 2**20:.1f} MiB vs "
+          f" ms (time ratio LoRA / full {res['lora_time_ratio']}, median of rounds; "
+          f"{res['lora_time_ratio_cpu']} CPU time); peak {res['lora_peak_bytes'] / 2**20:.1f} MiB vs "
           f"{res['full_peak_bytes'] / 2**20:.1f} MiB (ratio {res['lora_memory_ratio']}); trained params "
           f"{res['lora_trained_params']:,} vs {res['full_trained_params']:,}")
 
 
-def timed_interleaved(fns, steps: int) -> list[float]:
-    """Median seconds per call of each fn, calls interleaved (same machine load for all) after 2 warm-ups."""
-    times = [[] for _ in fns]
-    for i in range(steps + 2):
-        for j, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            if i >= 2:
-                times[j].append(time.perf_counter() - t)
-    return [float(np.median(t)) for t in times]
+def warmed(fn, calls: int = 2) -> Timer:
+    """A Timer of `fn` after `calls` untimed calls (compilation, first-touch allocations, optimizer state)."""
+    for _ in range(calls):
+        fn()
+    return Timer(fn)
+
+
+@contextlib.contextmanager
+def step_stamps(stamps: list):
+    """Appends (wall, CPU seconds) to `stamps` each time a training run logs a step's loss (observation only:
+    the run's MetricsLogger.log is wrapped for the duration)."""
+    from medkr_jax.train.metrics_log import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def stamped(self, step, metrics):
+        if "loss" in metrics:
+            stamps.append((time.perf_counter(), cpu_seconds()))
+        return log(self, step, metrics)
+
+    MetricsLogger.log = stamped
+    try:
+        yield
+    finally:
+        MetricsLogger.log = log
 
 
 def grpo_prompts(tokenizer, n: int = 64) -> tuple[list, list[str], list[str]]:
@@ -342,12 +335,15 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.schedule = GRPO["lr"], 0, "constant"
     c.train.steps, c.train.checkpoint_every = steps, 10**6
     c.train.tensorboard = False
-    grpo.run(c, mesh=mesh)
+    stamps = []
+    with step_stamps(stamps):
+        grpo.run(c, mesh=mesh)
     recs = [r for r in read_metrics(c.output_dir) if "loss" in r]
-    periods = np.diff([r["time"] for r in recs])[1:]
+    periods = np.diff(np.asarray(stamps), axis=0)[1:]
     rows = GRPO["prompts_per_step"] * GRPO["generations"]
-    return {"samples_per_s": rows / float(np.median(periods)),
-            "step_periods_s": [round(float(p), 4) for p in periods],
+    return {"samples_per_s": rows / float(np.median(periods[:, 0])),
+            "step_periods_s": [round(float(p), 4) for p in periods[:, 0]],
+            "cpu_periods_s": [round(float(p), 4) for p in periods[:, 1]],
             "response_length": float(np.mean([r["response_length"] for r in recs]))}
 
 
@@ -373,17 +369,94 @@ def bench_grpo_tunix(work: str, tok_dir: str, steps: int, threads: int) -> dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps (after warm-up) per measurement")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating GRPO runs per implementation (best kept)")
+    ap.add_argument("--steps", type=int, default=12,
+                    help="interleaved rounds of one step per side (after two warm-up steps) for SFT and LoRA; "
+                         "timed steps per GRPO run")
+    ap.add_argument("--repeats", type=int, default=2, help="GRPO rounds: alternating runs per implementation")
+    ap.add_argument("--batch", type=int, default=8, help="SFT / LoRA batch rows")
+    ap.add_argument("--seq", type=int, default=256, help="SFT / LoRA sequence length")
+    ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
     ap.add_argument("--setup-tunix", action="store_true", help=f"create {TUNIX_VENV} first")
     ap.add_argument("--skip-tunix", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the LoRA vs full SFT comparison")
     ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def sft_batch(b: int, t: int) -> dict:
+    """A random [b, t] next-token batch over the SFT vocabulary, every target counted."""
+    seq = np.random.default_rng(0).integers(3, SFT_DIMS["vocab"], size=(b, t + 1)).astype(np.int32)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+
+
+def sft_comparison(args, batch: dict) -> tuple[dict, str]:
+    """Our SFT step vs HF PyTorch's in interleaved rounds with the matmul peak: (JSON fields, table lines)."""
+    ours_fn, n_params, torch_fn = sft_steps(batch)
+    b, t = batch["tokens"].shape
+    d = SFT_DIMS
+    flops = 6.0 * n_params * b * t + 12.0 * d["layers"] * b * t * t * d["heads"] * d["head_dim"]
+    ours, ref = warmed(ours_fn), warmed(torch_fn)
+    peak_t = peak_timers(args.peak_n)
+    run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
+    cmp = ratios(ours, ref)
+    peak, _ = peak_flops(peak_t)
+    ours_tps, ref_tps = b * t / ours.wall, b * t / ref.wall
+    lines = (f"{'SFT step tokens/s':28s}{ours_tps:14.1f}{ref_tps:14.1f}{cmp['ratio']:8.2f}   (HF PyTorch; "
+             f"{n_params / 1e6:.2f}M params, batch {b}x{t}, best of {args.steps} rounds)\n"
+             + ratio_line("SFT ours / HF", cmp) + "\n" + peak_line(peak_t)
+             + f"; SFT model FLOP/s {flops / ours.wall:.3g} -> peak_fraction {flops / ours.wall / peak:.3f}")
+    return {"ours": round(ours_tps, 2), "reference": round(ref_tps, 2), "unit": "tokens/s", **cmp,
+            "peak_flops": round(peak), "peak_fraction": round(flops / ours.wall / peak, 4)}, lines
+
+
+def grpo_comparison(args, work: str) -> tuple[dict, str]:
+    """Our GRPO job vs tunix's GRPOLearner, `--repeats` rounds of one run each, the order alternating between
+    rounds; a run's time is its median step period (wall and CPU): (JSON fields, table line)."""
+    from medkr_jax.data.tokenizer import train_bpe_tokenizer
+
+    corpus = [f"Signal {c} {i}: which way? north south east west The answer is {L}."
+              for i in range(50) for c in ("red", "blue", "green", "gold") for L in "ABCD"]
+    tok_dir = os.path.join(work, "tokenizer")
+    train_bpe_tokenizer(corpus, tok_dir, vocab_size=400, min_frequency=1)
+    steps, rows = args.steps + 2, GRPO["prompts_per_step"] * GRPO["generations"]
+    ours, tunix, errors = Timer(), Timer(), ["skipped (--skip-tunix)"] if args.skip_tunix else []
+
+    def run_ours(r: int) -> None:
+        res = bench_grpo_ours(os.path.join(work, f"ours{r}"), tok_dir, steps)
+        ours.add(rows / res["samples_per_s"], float(np.median(res["cpu_periods_s"])))
+
+    def run_tunix(r: int) -> None:
+        if args.skip_tunix:
+            return
+        res = bench_grpo_tunix(work, tok_dir, steps, args.threads)
+        if "error" in res:
+            errors.append(res["error"])
+        else:
+            tunix.add(rows / res["samples_per_s"], float(np.median(res["cpu_periods_s"])))
+
+    for r in range(args.repeats):
+        for run in (run_ours, run_tunix) if r % 2 == 0 else (run_tunix, run_ours):
+            run(r)
+    fields = {"grpo_ours_samples_per_s": round(rows / ours.wall, 2),
+              "grpo_tunix_samples_per_s": round(rows / tunix.wall, 2) if tunix.walls else None}
+    if errors:  # no ratio unless every round has both sides
+        fields.update({k: None for k in ("grpo_ratio", "grpo_ratio_best", "grpo_ratio_cpu", "grpo_ratio_rounds")})
+        line = f"{'GRPO step samples/s':28s}{rows / ours.wall:14.1f}{'n/a':>14s}{'':8s}   ({errors[-1]})"
+    else:
+        fields.update(ratios(ours, tunix, key="grpo_ratio"))
+        line = (f"{'GRPO step samples/s':28s}{rows / ours.wall:14.1f}{rows / tunix.wall:14.1f}"
+                f"{fields['grpo_ratio']:8.2f}   (tunix {TUNIX_VERSION})\n"
+                + ratio_line("GRPO ours / tunix", fields, key="grpo_ratio"))
+    return {**fields, "grpo_reference_error": errors[-1] if errors else None}, line
+
+
+def main() -> None:
+    args = parse_args()
     if args.tunix_worker:
         tunix_worker(args.tunix_worker)
         return
@@ -393,66 +466,28 @@ def main() -> None:
 
     import jax
 
-    rng = np.random.default_rng(0)
-    b, t = 8, 256
-    seq = rng.integers(3, SFT_DIMS["vocab"], size=(b, t + 1)).astype(np.int32)
-    batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-             "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+    batch = sft_batch(args.batch, args.seq)
     lora_res = lora_vs_full(batch, args.lora_rank, args.steps)
     if args.lora_only:
+        print(device_line(args.threads))
         _print_lora(lora_res)
         print(json.dumps({"name": "train_step_lora_vs_full", **lora_res, "threads": args.threads,
-                          "device": jax.devices()[0].platform}))
+                          "device": jax.devices()[0].platform, **load_report(args.threads)}))
         return
-    ours_fn, n_params, torch_fn = sft_steps(batch, args.threads)
-    ours_s, torch_s = timed_interleaved([ours_fn, torch_fn], args.steps)
-    tokens = b * t
-    d = SFT_DIMS
-    flops = 6.0 * n_params * tokens + 12.0 * d["layers"] * b * t * t * d["heads"] * d["head_dim"]
-    peak = matmul_flops()
-    ours_tps, torch_tps = tokens / ours_s, tokens / torch_s
-
+    sft, sft_lines = sft_comparison(args, batch)
     with tempfile.TemporaryDirectory() as work:
-        from medkr_jax.data.tokenizer import train_bpe_tokenizer
+        grpo_fields, grpo_line = grpo_comparison(args, work)
 
-        corpus = [f"Signal {c} {i}: which way? north south east west The answer is {L}."
-                  for i in range(50) for c in ("red", "blue", "green", "gold") for L in "ABCD"]
-        tok_dir = os.path.join(work, "tokenizer")
-        train_bpe_tokenizer(corpus, tok_dir, vocab_size=400, min_frequency=1)
-        steps = args.steps + 2
-        # alternate the two implementations and keep each one's best run: both see the same machine load
-        ours_runs, tunix_runs = [], []
-        for r in range(args.repeats):
-            ours_runs.append(bench_grpo_ours(os.path.join(work, f"ours{r}"), tok_dir, steps))
-            if not args.skip_tunix:
-                tunix_runs.append(bench_grpo_tunix(work, tok_dir, steps, args.threads))
-        ours_g = max(ours_runs, key=lambda x: x["samples_per_s"])
-        ok = [x for x in tunix_runs if "samples_per_s" in x]
-        tunix_g = (max(ok, key=lambda x: x["samples_per_s"]) if ok else
-                   tunix_runs[-1] if tunix_runs else {"error": "skipped (--skip-tunix)"})
-
-    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), threads: {args.threads}")
+    print(device_line(args.threads))
     print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
-    print(f"{'SFT step tokens/s':28s}{ours_tps:14.1f}{torch_tps:14.1f}{ours_tps / torch_tps:8.2f}"
-          f"   (HF PyTorch; {n_params / 1e6:.2f}M params, batch {b}x{t})")
-    tun = tunix_g.get("samples_per_s")
-    print(f"{'GRPO step samples/s':28s}{ours_g['samples_per_s']:14.1f}"
-          + (f"{tun:14.1f}{ours_g['samples_per_s'] / tun:8.2f}   (tunix {TUNIX_VERSION})" if tun
-             else f"{'n/a':>14s}{'':8s}   ({tunix_g.get('error')})"))
-    print(f"SFT model FLOP/s {flops / ours_s:.3g} vs matmul peak {peak:.3g} -> peak_fraction "
-          f"{flops / ours_s / peak:.3f}")
+    print(sft_lines)
+    print(grpo_line)
     _print_lora(lora_res)
-    print(json.dumps({
-        "name": "train_step_sft_tokens_per_s", "ours": round(ours_tps, 2), "reference": round(torch_tps, 2),
-        "unit": "tokens/s", "ratio": round(ours_tps / torch_tps, 3), "peak_fraction": round(flops / ours_s / peak, 4),
-        "grpo_ours_samples_per_s": round(ours_g["samples_per_s"], 2),
-        "grpo_tunix_samples_per_s": round(tun, 2) if tun else None,
-        "grpo_ratio": round(ours_g["samples_per_s"] / tun, 3) if tun else None,
-        "grpo_reference_error": tunix_g.get("error"), **lora_res,
-        "threads": args.threads, "device": jax.devices()[0].platform,
-    }))
+    load = load_report(args.threads)
+    print(json.dumps({"name": "train_step_sft_tokens_per_s", **sft, **grpo_fields, **lora_res,
+                      "batch": args.batch, "seq": args.seq, "threads": args.threads,
+                      "device": jax.devices()[0].platform, **load}))
 
 
 if __name__ == "__main__":
-    _thread_env(_threads_from_argv())
     main()

@@ -1,5 +1,7 @@
-"""The benchmarks run end to end (tiny shapes, one round) and end with their JSON line."""
+"""The benchmarks run end to end (tiny shapes, two rounds) and end with their JSON line, with the fields every
+bench/*.py reports (bench/harness.py); the harness's arithmetic against hand computations on fake timings."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,29 +11,133 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+COMMON = ("ratio", "ratio_best", "ratio_cpu", "ratio_rounds", "peak_fraction", "peak_flops", "load_avg",
+          "load_warning")
 
 
-@pytest.mark.parametrize("script", ["bert_forward.py", "bert_train.py"])
-def test_bert_benchmark_runs(script):
-    args = ["--batch", "2", "--seq", "32", "--repeats", "1", "--peak-n", "256"]
+def run_bench(script: str, args: list[str], rounds: int) -> dict:
+    """Run bench/<script> and return its JSON line, checked for the fields every benchmark reports."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["ratio"] > 0 and 0 < result["peak_fraction"] and result["batch"] == 2
+    missing = [k for k in COMMON if k not in result]
+    assert not missing, f"{script}: JSON line lacks {missing}"
+    rounds_ = result["ratio_rounds"]
+    assert len(rounds_) == rounds and all(r > 0 for r in rounds_)
+    assert min(rounds_) - 1e-3 <= result["ratio"] <= max(rounds_) + 1e-3  # a median of the rounds
+    assert result["ratio_best"] > 0 and result["ratio_cpu"] > 0
+    assert 0 < result["peak_fraction"] and result["peak_flops"] > 1e6
+    assert isinstance(result["load_warning"], bool) and result["load_avg"] >= 0
+    return result
+
+
+@pytest.mark.parametrize("script", ["bert_forward.py", "bert_train.py"])
+def test_bert_benchmark_runs(script):
+    result = run_bench(script, ["--batch", "2", "--seq", "32", "--repeats", "2", "--peak-n", "256"], rounds=2)
+    assert result["batch"] == 2 and result["cpu_time_ratio"] > 0
 
 
 def test_engine_benchmark_runs():
     """bench/engine.py on a tiny heavy-tailed workload: the engine, the static path and HF agree token for token,
     and a whole run over mixed prompt lengths compiles at most 6 programs."""
     args = ["--prompts", "12", "--max-prompt", "80", "--median-new", "6", "--max-new", "24", "--batch", "4",
-            "--repeats", "1", "--peak-n", "256", "--vocab", "1024"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run([sys.executable, str(BENCH / "engine.py"), *args], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["ratio"] > 0 and result["ratio_static"] > 0 and result["batch"] == 4
+            "--repeats", "2", "--peak-n", "256", "--vocab", "1024"]
+    result = run_bench("engine.py", args, rounds=2)
+    assert result["ratio_static"] > 0 and result["batch"] == 4
+    assert len(result["ratio_static_rounds"]) == 2 and result["ratio_static_cpu"] > 0
     assert result["greedy_match_static"] == 1.0 and result["greedy_match_hf"] == 1.0
     assert result["compiles"] + result["layout_compiles"] <= 6
+
+
+def test_sampler_benchmark_runs():
+    """bench/sampler.py at tiny shapes: ours and HF generate the same greedy tokens."""
+    args = ["--vocab", "1024", "--new-tokens", "8", "--batch", "2", "--prompt-len", "8", "--repeats", "2",
+            "--peak-n", "256", "--no-compile-count", "--hf-cache", "dynamic"]
+    result = run_bench("sampler.py", args, rounds=2)
+    assert result["batch"] == 2 and result["greedy_match"] == 1.0 and result["decode_ratio"] > 0
+    assert result["compiles"] is None and result["round_ratios"] == result["ratio_rounds"]
+
+
+def test_train_step_benchmark_runs():
+    """bench/train_step.py at tiny shapes without tunix (its venv is not set up here): SFT and LoRA rounds, our
+    GRPO job's step rate, the GRPO ratio null with its reason."""
+    args = ["--steps", "2", "--repeats", "1", "--batch", "2", "--seq", "32", "--peak-n", "256", "--lora-rank", "4",
+            "--skip-tunix"]
+    result = run_bench("train_step.py", args, rounds=2)
+    assert result["grpo_ours_samples_per_s"] > 0 and result["grpo_ratio"] is None
+    assert "skip" in result["grpo_reference_error"]
+    assert len(result["lora_time_ratio_rounds"]) == 2 and result["lora_memory_ratio"] < 1
+
+
+# ---------------------------------------------------------------------------------------- the harness itself
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("bench_harness", BENCH / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # no pin(): importing the harness changes nothing
+    return module
+
+
+def fake_timer(harness, walls, cpus, flops=None):
+    t = harness.Timer(flops=flops)
+    for w, c in zip(walls, cpus):
+        t.add(w, c)
+    return t
+
+
+def test_ratios_are_the_median_of_per_round_ratios(harness):
+    # per round: 3/1 = 3, 2/4 = 0.5, 3/2 = 1.5 -> median 1.5; best over best: 2 / 1 = 2
+    # CPU: median(5, 1, 3) = 3 over median(1, 3, 2) = 2 -> 1.5 (bests would give 1 / 1 = 1)
+    ours = fake_timer(harness, [1.0, 4.0, 2.0], [1.0, 3.0, 2.0])
+    ref = fake_timer(harness, [3.0, 2.0, 3.0], [5.0, 1.0, 3.0])
+    r = harness.ratios(ours, ref, key="ratio_x")
+    assert r == {"ratio_x": 1.5, "ratio_x_best": 2.0, "ratio_x_cpu": 1.5, "ratio_x_rounds": [3.0, 0.5, 1.5]}
+    with pytest.raises(ValueError, match="same number"):
+        harness.ratios(ours, fake_timer(harness, [1.0], [1.0]))
+
+
+def test_timer_keeps_every_round_and_rounds_alternate(harness, monkeypatch):
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(harness, "cpu_seconds", lambda: clock["cpu"])
+    calls = []
+
+    def fn(name, wall, cpu):
+        def call():
+            calls.append(name)
+            clock["wall"] += wall
+            clock["cpu"] += cpu
+        return call
+
+    a, b = harness.Timer(fn("a", 2.0, 1.0), iters=2), harness.Timer(fn("b", 3.0, 3.0))
+    peak = {"p": harness.Timer(fn("p", 0.5, 0.5), flops=4.0)}
+    harness.run_rounds({"a": a, "b": b}, 2, peak, peak_calls=2)
+    assert calls == ["a", "a", "b", "p", "p"] + ["p", "p", "b", "a", "a"]
+    assert a.walls == [2.0, 2.0] and a.cpus == [1.0, 1.0] and len(b.walls) == 2 and len(peak["p"].walls) == 4
+    assert harness.peak_flops(peak) == (8.0, 8.0)
+
+
+def test_peak_is_the_better_framework_best_call(harness):
+    jax_mm = fake_timer(harness, [4.0, 2.0], [2.0, 2.0], flops=8.0)  # best 4 FLOP/s, 4 per CPU-s
+    torch_mm = fake_timer(harness, [1.0, 3.0], [4.0, 8.0], flops=6.0)  # best 6 FLOP/s, 1.5 per CPU-s
+    assert harness.peak_flops({"jax_mm": jax_mm, "torch_mm": torch_mm}) == (6.0, 4.0)
+
+
+@pytest.mark.parametrize("load,cores,warn", [(3.2, 2, True), (3.0, 2, False), (6.1, 4, True), (0.4, 1, False)])
+def test_load_warning_above_one_and_a_half_per_core(harness, monkeypatch, capsys, load, cores, warn):
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (load, 1.0, 1.0))
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: cores)
+    assert harness.load_report(1) == {"load_avg": load, "load_warning": warn}
+    assert ("WARNING" in capsys.readouterr().out) == warn
+
+
+def test_threads_from_argv(harness):
+    assert harness.threads_from_argv(["x.py"]) == 1
+    assert harness.threads_from_argv(["x.py", "--threads", "4"]) == 4
+    assert harness.threads_from_argv(["x.py", "--batch", "2", "--threads=3"]) == 3
+    with pytest.raises(ValueError, match="--threads"):
+        harness.threads_from_argv(["x.py", "--threads=0"])

@@ -1,0 +1,218 @@
+"""What every bench/*.py shares: CPU pinning, interleaved timing rounds, the ratios it reports, the load check.
+
+Benchmark method (all scripts):
+
+* Pinning. ``pin(threads_from_argv())`` runs when a script is imported, before jax is: the process is pinned to
+  the first ``--threads`` CPUs it may use (XLA sizes its thread pools, the matmul one included, from those CPUs;
+  torch gets ``set_num_threads(threads)`` in the same process), and one thread also turns off XLA's
+  multi-threaded Eigen. Both sides therefore run on the same cores. jax defaults to its CPU backend
+  (``JAX_PLATFORMS=cpu`` unless set): the references are CPU PyTorch.
+* Rounds. ``run_rounds`` runs every ``Timer`` (ours, the reference(s)) once per round and the matmul-peak timers
+  ``peak_calls`` times each, in one order on even rounds and the reverse on odd ones, so no side always runs
+  first and every side, the peak included, sees the same machine load. Each Timer keeps every round's wall and
+  CPU seconds (CPU = user + system time of this process, all threads).
+* Ratios (``ratios``), reference time / our time, so > 1 means ours is faster: ``ratio`` is the median of the
+  per-round ratios (``ratio_rounds``: each round compares two timings taken moments apart, so a busy moment
+  hits both), ``ratio_best`` the best round over the best round (taken separately), ``ratio_cpu`` the median
+  CPU seconds of the reference over ours.
+* Peak. ``peak_flops`` is the best single call of a jitted JAX and of a PyTorch fp32 square matmul (the better
+  framework); ``peak_fraction`` = our best-round FLOP/s over it.
+* Load. ``load_report`` prints the load average and warns when the 1-minute load per core exceeds
+  ``LOAD_WARNING_PER_CORE``: timings taken then are not comparable with a quiet machine's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+PEAK_CALLS = 5  # peak matmul calls per timer and round: a quiet call is what the peak means
+LOAD_WARNING_PER_CORE = 1.5
+
+
+# ------------------------------------------------------------------------------------------------ pinning
+
+
+def threads_from_argv(argv: list[str] | None = None) -> int:
+    """--threads (default 1), read from the command line before argparse runs: it must reach XLA before jax is
+    imported."""
+    argv = sys.argv if argv is None else argv
+    n = 1
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            n = int(a.split("=", 1)[1])
+        elif a == "--threads" and i + 1 < len(argv):
+            n = int(argv[i + 1])
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    return n
+
+
+def pin(threads: int) -> list[int]:
+    """Pin this process to `threads` CPUs (the first it may use) for XLA and torch alike; returns those CPUs.
+
+    Call before jax is imported (XLA reads the affinity and XLA_FLAGS once, when it starts). Idempotent.
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads < len(cpus):
+        os.sched_setaffinity(0, cpus[:threads])
+    flag = "--xla_cpu_multi_thread_eigen=false"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if threads == 1 and flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+    import torch  # the reference framework; imported here so its thread count is set with the affinity
+
+    torch.set_num_threads(threads)
+    return sorted(os.sched_getaffinity(0))
+
+
+def device_line(threads: int) -> str:
+    """One line naming the backend, the threads of both sides and the CPUs they are pinned to."""
+    import platform
+
+    import jax
+    import torch
+
+    return (f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}, {platform.machine()}), threads "
+            f"{threads} (torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))} of "
+            f"{os.cpu_count()}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads, user + system (robust to other processes sharing the cores)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Timer:
+    """Seconds per call of `fn` (averaged over `iters` calls per round), wall and CPU, every round kept.
+    `flops`: the FLOPs of one call, where a FLOP rate is reported."""
+
+    def __init__(self, fn: Callable[[], object] | None = None, iters: int = 1, flops: float | None = None):
+        self.fn, self.iters, self.flops = fn, iters, flops
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    def round(self) -> float:
+        """Time one round of `iters` calls; returns its wall seconds per call."""
+        c, t = cpu_seconds(), time.perf_counter()
+        for _ in range(self.iters):
+            self.fn()
+        self.add((time.perf_counter() - t) / self.iters, (cpu_seconds() - c) / self.iters)
+        return self.walls[-1]
+
+    def add(self, wall: float, cpu: float) -> None:
+        """Record a round timed elsewhere (e.g. step periods read from a run's own log)."""
+        self.walls.append(float(wall))
+        self.cpus.append(float(cpu))
+
+    @property
+    def wall(self) -> float:
+        """Best (minimum) wall seconds per call."""
+        return min(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        """Best (minimum) CPU seconds per call."""
+        return min(self.cpus)
+
+    @property
+    def median_wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpus)
+
+
+def run_rounds(timers: Mapping[str, Timer], repeats: int, peak: Mapping[str, Timer] | None = None,
+               peak_calls: int = PEAK_CALLS) -> None:
+    """`repeats` interleaved rounds: each timer once and each peak timer `peak_calls` times per round, the order
+    reversed on every other round."""
+    order = [(t, 1) for t in timers.values()] + [(t, peak_calls) for t in (peak or {}).values()]
+    for r in range(repeats):
+        for t, calls in order if r % 2 == 0 else order[::-1]:
+            for _ in range(calls):
+                t.round()
+
+
+def peak_timers(n: int) -> dict[str, Timer]:
+    """Timers of a jitted JAX and a PyTorch fp32 [n, n] x [n, n] matmul, warmed up (see `peak_flops`)."""
+    import jax  # after pin(): jax must not start before the affinity and XLA_FLAGS are set
+    import jax.numpy as jnp
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    ta = torch.randn(n, n)
+
+    def torch_mm():
+        with torch.inference_mode():
+            torch.mm(ta, ta)
+
+    torch_mm()
+    flops = 2.0 * n ** 3
+    return {"jax_mm": Timer(lambda: mm(a).block_until_ready(), flops=flops), "torch_mm": Timer(torch_mm, flops=flops)}
+
+
+def peak_flops(timers: Mapping[str, Timer]) -> tuple[float, float]:
+    """This machine's fp32 matmul peak from `peak_timers`' rounds: (FLOP/s of the best call, FLOP per CPU-second
+    of the best call), each the better framework of the two."""
+    return (max(t.flops / t.wall for t in timers.values()), max(t.flops / t.cpu for t in timers.values()))
+
+
+def peak_line(timers: Mapping[str, Timer]) -> str:
+    """'matmul peak fp32 ...': the peak and each framework's best call."""
+    peak, peak_cpu = peak_flops(timers)
+    each = ", ".join(f"{k.removesuffix('_mm')} {t.flops / t.wall / 1e9:.1f}" for k, t in timers.items())
+    return f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s ({each}); {peak_cpu / 1e9:.1f} GFLOP per CPU-second"
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def ratios(ours: Timer, ref: Timer, key: str = "ratio") -> dict:
+    """Reference time / our time (> 1: ours is faster) as JSON fields named from `key`:
+
+    key            the median of the per-round ratios (round i of ref over round i of ours);
+    key_best       best round of ref over best round of ours, each taken separately;
+    key_cpu        median CPU seconds of ref over median CPU seconds of ours (medians, not bests: CPU time
+                   leaves out waiting for a busy core, and the median keeps one-off stalls out of either side);
+    key_rounds     the per-round ratios.
+    """
+    if not ours.walls or len(ours.walls) != len(ref.walls):
+        raise ValueError(f"{key}: ours and the reference need the same number (> 0) of rounds, got "
+                         f"{len(ours.walls)} and {len(ref.walls)}")
+    rounds = [r / o for r, o in zip(ref.walls, ours.walls)]
+    return {key: round(statistics.median(rounds), 3), f"{key}_best": round(ref.wall / ours.wall, 3),
+            f"{key}_cpu": round(ref.median_cpu / ours.median_cpu, 3), f"{key}_rounds": [round(x, 3) for x in rounds]}
+
+
+def ratio_line(label: str, r: dict, key: str = "ratio") -> str:
+    """'label: 1.23x (median of rounds 1.20, 1.25, 1.31), best/best 1.25x, 1.10x CPU time'."""
+    return (f"{label}: {r[key]:.2f}x (median of rounds {', '.join(f'{x:.2f}' for x in r[f'{key}_rounds'])}), "
+            f"best/best {r[f'{key}_best']:.2f}x, {r[f'{key}_cpu']:.2f}x CPU time")
+
+
+def load_report(threads: int) -> dict:
+    """Print the load average (with a WARNING line when the 1-minute load per core exceeds
+    LOAD_WARNING_PER_CORE); returns the JSON fields load_avg (1-minute) and load_warning."""
+    load = os.getloadavg()
+    cores = os.cpu_count() or 1
+    per_core = load[0] / cores
+    warning = per_core > LOAD_WARNING_PER_CORE
+    print(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {cores} cores "
+          f"({per_core:.2f} per core); this run used {threads} thread(s)")
+    if warning:
+        print(f"WARNING: 1-minute load {per_core:.2f} per core > {LOAD_WARNING_PER_CORE}: the machine is busy, "
+              f"timings are not comparable with a quiet machine's (the per-round ratios are the robust figure)")
+    return {"load_avg": round(load[0], 2), "load_warning": warning}
