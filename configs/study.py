@@ -20,7 +20,8 @@ def get_config():
     config.job = "study"
     config.output_dir = "runs/study"
     config.pipeline.stages = ("data", "tokenizer", "policy_init", "sft_plain", "eval_sft_plain", "sft", "eval_sft",
-                              "grpo", "eval_grpo", "sft_more", "eval_sft_more")
+                              "grpo", "eval_grpo", "own_sft", "own_grpo", "sft_more",
+                              "eval_sft_more")
     config.data.subjects = ("anatomy",)  # the data stage also writes MMLU files; the study does not use them
     # 400 validation questions (200 reasoning: one candidate's accuracy there has a standard error near 3 points,
     # against 5 with the first searches' 100); 4,000 GRPO questions (2,000 reasoning-heavy), so that a run's prompts

@@ -3,6 +3,7 @@ registries, the learner's steps (rollout -> reward -> advantages -> update) each
 
 import dataclasses
 import os
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -484,6 +485,37 @@ def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_p
     # step 2 already follows one Adam update, which amplifies float32 summation-order differences of tiny
     # gradient entries: 1e-3 relative
     np.testing.assert_allclose(one[:, 2:], eight[:, 2:], rtol=1e-3, atol=1e-6)
+
+
+def test_visited_records_are_the_prompts_the_learner_was_given(signal_world, tmp_path, tmp_path_factory, monkeypatch):
+    """grpo.visited_records (the study's "GRPO's own prompts") against the prompt batches the run's step function
+    actually received."""
+    from medkr_jax.train import grpo as grpo_lib
+
+    d, _ = signal_world
+    noisy = signal_records(lambda i: [i, i, (i + 1) % 4])
+    for k, r in enumerate(noisy):
+        r.id = f"{r.id}-{k}"
+    write_records(str(tmp_path / "rl.jsonl"), noisy)
+    cfg = grpo_config(tmp_path, tmp_path / "rl.jsonl", d / "warm" / "hf", steps=3, mu=1, beta=0.0, generations=2)
+    seen = []
+    make = grpo_lib.make_step_fn
+
+    def recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def step_fn(trainer, prompt_batch, rng):
+            seen.extend(int(i) for i in np.asarray(prompt_batch["index"]))
+            return step(trainer, prompt_batch, rng)
+        return step_fn
+
+    monkeypatch.setattr(grpo_lib, "make_step_fn", recording)
+    with compilation_cache(tmp_path_factory):
+        grpo_job.run(cfg, mesh=one_device_mesh())
+    assert len(seen) == 3 * 8
+    want = {noisy[i].id: n for i, n in Counter(seen).items()}
+    got = {r.id: r.meta["grpo_visits"] for r in grpo_job.visited_records(cfg)}
+    assert got == want
 
 
 def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path, tmp_path_factory):

@@ -92,7 +92,8 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
     for text in ("chosen on the validation split", "(chosen)", "Accuracy per arm", "Paired tests",
                  "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1",
                  "seed1: GRPO diagnostics", "groups with equal rewards (no signal)",
-                 "Reasoning accuracy by question kind", "| (c) | ", "least-squares slope"):
+                 "Reasoning accuracy by question kind", "| (c) | ", "least-squares slope",
+                 "GRPO's own prompts vs held-out questions", "| seed1 | "):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
     cand_dirs = sorted((out / "search_seed100").glob("grpo_*"))  # one per candidate, named by its content
@@ -102,6 +103,10 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
     for seed in ("seed0", "seed1"):
         for st in ("eval_sft_plain", "eval_sft", "eval_grpo", "eval_sft_more"):
             assert (out / seed / st / "metrics.jsonl").exists(), (seed, st)
+        # (b) and (c) were also scored on the questions GRPO trained on (2 steps x 4 prompts)
+        visits = [json.loads(line)["meta"]["grpo_visits"]
+                  for line in (out / seed / "own_grpo" / "grpo_prompts.jsonl").read_text().splitlines()]
+        assert sum(visits) == 2 * 4
         # (d) trains on as many tokens as (c)'s GRPO updates processed
         more = json.loads((out / seed / "sft_more" / "stage.json").read_text())["summary"]
         grpo_tokens = sum(json.loads(line).get("train_tokens", 0)

@@ -11,6 +11,7 @@ base, the adapters off, is then the KL reference: no second copy of the weights)
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import jax.numpy as jnp
@@ -48,13 +49,34 @@ def grpo_settings(g) -> grpo.GRPOSettings:
         overlong_penalty=float(g.overlong_penalty))
 
 
-def _examples(config) -> list:
-    """The training questions as trace examples (a prefilled share per config.traces)."""
+def _records(config) -> list:
+    """The training questions: config.grpo.train_path's (reasoning-heavy ones when reasoning_only), the first
+    config.grpo.num_prompts when > 0."""
     g = config.grpo
     records = filter_records(read_records(g.train_path), bool(g.reasoning_only), g.train_path, key="config.grpo")
     if int(g.num_prompts) > 0:  # a pool of the first N questions, each visited more often in the same steps
         records = records[:int(g.num_prompts)]
-    return traces.build_examples(records, trace_mix(config), require_trace=False)
+    return records
+
+
+def _examples(config) -> list:
+    """The training questions as trace examples (a prefilled share per config.traces)."""
+    return traces.build_examples(_records(config), trace_mix(config), require_trace=False)
+
+
+def visited_records(config) -> list:
+    """The questions a run of this config trains on: those of its config.train.steps prompt batches (the
+    loader is seeded, so this is the run's own draw; the extra prompts of dynamic sampling are not included),
+    each once, in file order, with meta["grpo_visits"] = how many steps drew it."""
+    records = _records(config)
+    batches = grpo.prompt_batches(len(records), int(config.grpo.prompts_per_step), seed=int(config.seed))
+    visits = Counter(int(i) for _ in range(int(config.train.steps)) for i in next(batches)["index"])
+    out = []
+    for i, rec in enumerate(records):
+        if visits[i]:
+            rec.meta = {**(rec.meta or {}), "grpo_visits": visits[i]}
+            out.append(rec)
+    return out
 
 
 def _base_policy(trainer) -> tuple[Any, Any]:

@@ -198,15 +198,19 @@ def eval_sft_stage(config: ml_collections.ConfigDict, out: Path, results: dict) 
                               _policy_eval_path(results))
 
 
+def grpo_job_config(config: ml_collections.ConfigDict, out: Path, results: dict) -> ml_collections.ConfigDict:
+    """The grpo stage's job config: the SFT policy, on the policy_rl split when the data stage made one."""
+    files = summary_of(results, "data")["synthetic_files"]
+    return job_config(config, "grpo", "grpo", out, {
+        "model.path": summary_of(results, "sft")["export_dir"],
+        "grpo.train_path": files.get("policy_rl", files["policy_train"])})
+
+
 @stage("grpo")
 def grpo_stage(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
     """GRPO of the SFT policy on reasoning-heavy synthetic questions with the verifiable answer reward: the
     questions of the policy_rl split (answers only, unseen by SFT) when the data stage made one, else SFT's."""
-    files = summary_of(results, "data")["synthetic_files"]
-    sub = job_config(config, "grpo", "grpo", out, {
-        "model.path": summary_of(results, "sft")["export_dir"],
-        "grpo.train_path": files.get("policy_rl", files["policy_train"])})
-    res = run_job(sub)
+    res = run_job(grpo_job_config(config, out, results))
     k = add_reward_trend(res, out, parts=4)
     if "reward_first" in res:
         res["headline"] = (f"{res.get('steps')} steps, mean reward of the first {k} steps {res['reward_first']:.2f} "

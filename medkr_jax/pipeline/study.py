@@ -29,12 +29,13 @@ from typing import Any
 import ml_collections
 
 from medkr_jax import parallel
+from medkr_jax.data.records import write_records
+from medkr_jax.jobs import grpo as grpo_job
 from medkr_jax.pipeline import runner, study_report
-from medkr_jax.pipeline.demo import adversarial_stage
+from medkr_jax.pipeline.demo import adversarial_stage, grpo_job_config
 from medkr_jax.pipeline.report import eval_rows
 from medkr_jax.pipeline.stages import job_config, merge, out_of, run_job, stage, summary_of
 from medkr_jax.train.metrics_log import read_metrics
-
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -89,6 +90,25 @@ eval_sft_plain_stage = _eval_stage("eval_sft_plain", "sft_plain", "policy_eval")
 eval_sft_more_stage = _eval_stage("eval_sft_more", "sft_more", "policy_eval")
 val_sft_stage = _eval_stage("val_sft", "sft", "policy_val")
 val_grpo_stage = _eval_stage("val_grpo", "grpo", "policy_val")
+
+
+def _own_prompts_stage(name: str, model_stage: str):
+    @stage(name)
+    def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+        visited = grpo_job.visited_records(grpo_job_config(config, out_of(config, "grpo"), results))
+        path = write_records(out / "grpo_prompts.jsonl", visited)
+        sub = job_config(config, "eval_sft", "evaluate", out, {
+            "model.path": summary_of(results, model_stage)["export_dir"], "data.eval_path": str(path)})
+        res = run_job(sub)
+        res["headline"] = f"{len(visited)} GRPO prompts: reasoning {res['accuracy'].get('reasoning', float('nan')):.1%}"
+        return res
+    fn.__doc__ = (f"{model_stage}'s policy, greedy, on the questions GRPO trained on (does GRPO learn its own prompts "
+                  "more than held-out ones?).")
+    return fn
+
+
+own_sft_stage = _own_prompts_stage("own_sft", "sft")
+own_grpo_stage = _own_prompts_stage("own_grpo", "grpo")
 
 
 
@@ -149,7 +169,7 @@ def grpo_data(config: ml_collections.ConfigDict) -> dict:
 
 
 # A scored seed's stages that depend on the chosen GRPO settings (rerun when the choice changes).
-GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "sft_more", "eval_sft_more")
+GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "own_sft", "own_grpo", "sft_more", "eval_sft_more")
 
 
 def invalidate_stale_grpo(seed_dir: Path, chosen: str) -> None:

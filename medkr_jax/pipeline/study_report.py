@@ -189,6 +189,7 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
                      f"{t['p']:.3g} | {targets[key]} | {status} |")
 
     lines += kind_lines(seed_dirs)
+    lines += own_prompt_lines(seed_dirs, per_arm)
     trends = {d.name: reward_trend(d) for d in seed_dirs}
     lines += ["", "## GRPO training reward (first 10% of steps -> last 10%; least-squares slope and its t)", "",
               "| seed | first | last | rise | slope per step | t | trend |", "|---|---:|---:|---:|---:|---:|---|"]
@@ -206,6 +207,29 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
         (root / "report.md").write_text(text)
     return {"text": text, "tests": tests, "targets_met": met,
             "reasoning": {arm: [r["reasoning"] for r in per_arm[arm]] for _, arm, _ in ARMS}}
+
+
+def own_prompt_lines(seed_dirs: list[Path], per_arm: dict[str, list[dict]]) -> list[str]:
+    """Reasoning accuracy of (b) and (c) on the questions GRPO trained on (stages own_sft / own_grpo) beside the
+    held-out test split: a gain on its own prompts that does not carry over is GRPO learning those prompts."""
+    rows = []
+    for i, d in enumerate(seed_dirs):
+        own = {}
+        for name in ("own_sft", "own_grpo"):
+            marker = d / name / "stage.json"
+            if marker.exists():
+                own[name] = json.loads(marker.read_text())["summary"]
+        if len(own) == 2:
+            b, c = (100 * own[n]["accuracy"].get("reasoning", float("nan")) for n in ("own_sft", "own_grpo"))
+            tb, tc = per_arm["sft"][i]["reasoning"], per_arm["grpo"][i]["reasoning"]
+            rows.append(f"| {d.name} | {own['own_sft']['questions']} | {b:.1f} | {c:.1f} | {c - b:+.1f} | {_pct(tb)} | "
+                        f"{_pct(tc)} | {100 * (tc - tb):+.1f} |")
+    if not rows:
+        return []
+    return ["", "## GRPO's own prompts vs held-out questions (reasoning accuracy, greedy)", "",
+            "| seed | GRPO prompts | (b) on them | (c) on them | gain | (b) test | (c) test | gain |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "GRPO prompts: the reasoning-heavy questions its step batches drew (policy_rl split, never in SFT)."]
 
 
 # The synthetic world's reasoning questions by the step they hinge on (data/synthetic/questions.py meta).
