@@ -3,6 +3,7 @@ LoRA SFT step vs full fine-tuning of the same model.
 
     python bench/train_step.py [--threads 1] [--steps 12] [--setup-tunix] [--skip-tunix] [--lora-rank 16]
     python bench/train_step.py --lora-only --steps 1   # the LoRA comparison alone (a smoke run)
+    python bench/train_step.py --model smollm2-135m --batch 4   # the SFT comparison on real shapes
 
 Every comparison follows bench/harness.py's method: the process is pinned to --threads CPUs for both sides,
 rounds interleave the two sides (the order alternating between rounds), and a ratio is reference time / ours
@@ -13,7 +14,8 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 2 KV heads of 64) trained on the same random token batch (--batch x --seq, 8 x 256, every target counted) with AdamW
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
-clip_grad_norm_. After two warm-up steps each, `--steps` rounds of one step per side, with the matmul peak
+clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
+sides load that checkpoint instead and only this comparison runs. After two warm-up steps each, `--steps` rounds of one step per side, with the matmul peak
 timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
 FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the peak (the best call of a large
 float32 matmul, jitted JAX or torch).
@@ -170,8 +172,9 @@ def _decoder_config(d: dict, **kw):
                          **kw)
 
 
-def sft_steps(batch: dict):
-    """(our step fn, its parameter count, the PyTorch step fn) on the same model shape and batch."""
+def sft_steps(batch: dict, folder: str | None = None):
+    """(our step fn, its parameter count, the PyTorch step fn, the decoder config) on the same model and batch:
+    the tiny random SFT_DIMS model, or the checkpoint in ``folder`` (the same weights on both sides)."""
     import jax
     import torch
     import transformers
@@ -179,14 +182,18 @@ def sft_steps(batch: dict):
 
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
+    from medkr_jax.models.hf import load_decoder
     from medkr_jax.train import sft
     from medkr_jax.train.optim import OptimizerSettings, make_optimizer
     from medkr_jax.train.trainer import Trainer
 
-    cfg = _decoder_config(SFT_DIMS)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    with parallel.sharding_context(mesh):
-        model = Decoder(cfg, rngs=nnx.Rngs(0))
+    if folder is None:
+        cfg = _decoder_config(SFT_DIMS)
+        with parallel.sharding_context(mesh):
+            model = Decoder(cfg, rngs=nnx.Rngs(0))
+    else:
+        model, cfg = load_decoder(folder, mesh=mesh)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     tx = make_optimizer(opt, 100)
@@ -197,12 +204,16 @@ def sft_steps(batch: dict):
         float(m["loss"])  # the loop reads every step's loss (NaN check): the same synchronisation here
 
     torch.manual_seed(0)
-    d = SFT_DIMS
-    tcfg = transformers.LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
-                                    num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                                    num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"],
-                                    max_position_embeddings=1024, rms_norm_eps=1e-5)
-    tmodel = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32, attn_implementation="sdpa")
+    if folder is None:
+        d = SFT_DIMS
+        tcfg = transformers.LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
+                                        num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                                        num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"],
+                                        max_position_embeddings=1024, rms_norm_eps=1e-5)
+        tmodel = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        tmodel = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                   attn_implementation="sdpa")
     tmodel.train()
     opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
@@ -217,7 +228,7 @@ def sft_steps(batch: dict):
         opt.zero_grad(set_to_none=True)
         loss.item()
 
-    return ours, int(n_params), reference
+    return ours, int(n_params), reference, cfg
 
 
 def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
@@ -383,23 +394,24 @@ def parse_args():
     ap.add_argument("--skip-tunix", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the LoRA vs full SFT comparison")
     ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
+    ap.add_argument("--model", default=None,
+                    help="SFT comparison alone on this HF folder or preset (e.g. smollm2-135m, with --batch 4)")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
-def sft_batch(b: int, t: int) -> dict:
-    """A random [b, t] next-token batch over the SFT vocabulary, every target counted."""
-    seq = np.random.default_rng(0).integers(3, SFT_DIMS["vocab"], size=(b, t + 1)).astype(np.int32)
+def sft_batch(b: int, t: int, vocab: int = SFT_DIMS["vocab"]) -> dict:
+    """A random [b, t] next-token batch over a `vocab`-token vocabulary, every target counted."""
+    seq = np.random.default_rng(0).integers(3, vocab, size=(b, t + 1)).astype(np.int32)
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
             "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
 
 
 def sft_comparison(args, batch: dict) -> tuple[dict, str]:
     """Our SFT step vs HF PyTorch's in interleaved rounds with the matmul peak: (JSON fields, table lines)."""
-    ours_fn, n_params, torch_fn = sft_steps(batch)
+    ours_fn, n_params, torch_fn, cfg = sft_steps(batch, args.model_folder)
     b, t = batch["tokens"].shape
-    d = SFT_DIMS
-    flops = 6.0 * n_params * b * t + 12.0 * d["layers"] * b * t * t * d["heads"] * d["head_dim"]
+    flops = 6.0 * n_params * b * t + 12.0 * cfg.num_layers * b * t * t * cfg.num_heads * cfg.head_dim
     ours, ref = warmed(ours_fn), warmed(torch_fn)
     peak_t = peak_timers(args.peak_n)
     run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
@@ -455,6 +467,24 @@ def grpo_comparison(args, work: str) -> tuple[dict, str]:
     return {**fields, "grpo_reference_error": errors[-1] if errors else None}, line
 
 
+def sft_model_only(args) -> None:
+    """--model: the SFT comparison on a real checkpoint (same weights both sides), without GRPO and LoRA."""
+    import jax
+
+    from medkr_jax.models.presets import resolve_path
+
+    args.model_folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
+    with open(os.path.join(args.model_folder, "config.json")) as f:
+        vocab = int(json.load(f)["vocab_size"])
+    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, vocab))
+    print(device_line(args.threads))
+    print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
+    print(sft_lines)
+    print(json.dumps({"name": "train_step_sft_tokens_per_s", "model": args.model, **sft, "batch": args.batch,
+                      "seq": args.seq, "threads": args.threads, "device": jax.devices()[0].platform,
+                      **load_report(args.threads)}))
+
+
 def main() -> None:
     args = parse_args()
     if args.tunix_worker:
@@ -466,6 +496,10 @@ def main() -> None:
 
     import jax
 
+    if args.model:
+        sft_model_only(args)
+        return
+    args.model_folder = None
     batch = sft_batch(args.batch, args.seq)
     lora_res = lora_vs_full(batch, args.lora_rank, args.steps)
     if args.lora_only:

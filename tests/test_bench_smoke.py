@@ -71,6 +71,16 @@ def test_train_step_benchmark_runs():
     assert len(result["lora_time_ratio_rounds"]) == 2 and result["lora_memory_ratio"] < 1
 
 
+def test_train_step_benchmark_on_a_checkpoint_folder(tmp_path):
+    """--model: the SFT comparison alone, both sides loading the same checkpoint (here a tiny random Llama)."""
+    from tests.helpers_models import make_tiny_hf_model
+
+    make_tiny_hf_model("llama", tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--steps", "2", "--batch", "2", "--seq", "16", "--peak-n", "256"]
+    result = run_bench("train_step.py", args, rounds=2)
+    assert result["model"] == str(tmp_path / "model") and result["batch"] == 2 and "grpo_ratio" not in result
+
+
 # ---------------------------------------------------------------------------------------- the harness itself
 
 
