@@ -121,6 +121,14 @@ def hf_forward(folder: str, enc, model, attn: str):
     return fn
 
 
+def print_reference_rows(timers: dict, batch: int, ref_attn: str, per: str) -> None:
+    """One line per HF attention implementation ("ref_sdpa", "ref_eager" timers): questions/s, ms per `per`."""
+    for k in ("sdpa", "eager"):
+        t = timers[f"ref_{k}"]
+        print(f"HF torch, {k:5s} attention {batch / t.wall:8.1f} questions/s  ({1e3 * t.wall:7.1f} ms/{per} "
+              f"wall, {1e3 * t.cpu:7.1f} ms CPU)" + ("  <- reference (faster)" if k == ref_attn else ""))
+
+
 def main() -> None:
     args = parse_args()
     import jax.numpy as jnp
@@ -162,10 +170,7 @@ def main() -> None:
           f"({100 * real_frac:.0f}% real tokens), fp32; best of {args.repeats} rounds of {args.iters} calls")
     print(f"ours (jax jit)            {ours_qps:8.1f} questions/s  ({1e3 * ours.wall:7.1f} ms/batch wall, "
           f"{1e3 * ours.cpu:7.1f} ms CPU; compile {compile_s:.1f}s)")
-    for k in ("sdpa", "eager"):
-        t = timers[f"ref_{k}"]
-        print(f"HF torch, {k:5s} attention {args.batch / t.wall:8.1f} questions/s  ({1e3 * t.wall:7.1f} ms/batch "
-              f"wall, {1e3 * t.cpu:7.1f} ms CPU)" + ("  <- reference (faster)" if k == ref_attn else ""))
+    print_reference_rows(timers, args.batch, ref_attn, "batch")
     print(ratio_line("ratio ours/ref", cmp))
     print(peak_line(peak_t))
     print(f"ours achieved {flops / ours.wall / 1e9:.1f} GFLOP/s = {100 * peak_fraction:.0f}% of peak wall, "

@@ -32,7 +32,7 @@ from harness import (Timer, device_line, load_report, peak_flops, peak_line, pea
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
-from bert_forward import bert_flops, load_questions, minilm_folder  # noqa: E402
+from bert_forward import bert_flops, load_questions, minilm_folder, print_reference_rows  # noqa: E402
 
 
 def main() -> None:
@@ -118,10 +118,7 @@ def report(args, cfg, timers: dict, peak_t: dict) -> None:
           f"best of {args.repeats} rounds")
     print(f"ours (Trainer step)       {ours_qps:8.1f} questions/s  ({1e3 * ours_t.wall:7.1f} ms/step wall, "
           f"{1e3 * ours_t.cpu:7.1f} ms CPU)")
-    for k in ("sdpa", "eager"):
-        t = timers[f"ref_{k}"]
-        print(f"HF torch, {k:5s} attention {args.batch / t.wall:8.1f} questions/s  ({1e3 * t.wall:7.1f} ms/step "
-              f"wall, {1e3 * t.cpu:7.1f} ms CPU)" + ("  <- reference (faster)" if k == ref_attn else ""))
+    print_reference_rows(timers, args.batch, ref_attn, "step")
     print(ratio_line("ratio ours/ref", cmp))
     print(peak_line(peak_t))
     print(f"ours achieved {flops / ours_t.wall / 1e9:.1f} GFLOP/s = {100 * flops / ours_t.wall / peak:.0f}% of "
