@@ -20,8 +20,8 @@ def get_config():
     config.job = "study"
     config.output_dir = "runs/study"
     config.pipeline.stages = ("data", "tokenizer", "policy_init", "sft_plain", "eval_sft_plain", "sft", "eval_sft",
-                              "grpo", "eval_grpo", "own_sft", "own_grpo", "sft_more",
-                              "eval_sft_more")
+                              "grpo", "eval_grpo", "own_sft", "own_grpo", "sampled_sft", "sampled_grpo",
+                              "sft_more", "eval_sft_more")
     config.data.subjects = ("anatomy",)  # the data stage also writes MMLU files; the study does not use them
     # 400 validation questions (200 reasoning: one candidate's accuracy there has a standard error near 3 points,
     # against 5 with the first searches' 100); 4,000 GRPO questions (2,000 reasoning-heavy), so that a run's prompts
@@ -35,6 +35,10 @@ def get_config():
     policy_eval = config.pipeline.eval_sft.to_dict()
     for name in ("eval_sft_plain", "eval_sft_more", "val_sft", "val_grpo"):
         config.pipeline[name] = ml_collections.ConfigDict(policy_eval)
+    # (b) and (c) on the test split with sampling, as GRPO's rollouts sample: pass@1 / maj@4 / pass@4 beside greedy
+    for name in ("sampled_sft", "sampled_grpo"):
+        config.pipeline[name] = ml_collections.ConfigDict(policy_eval)
+        config.pipeline[name].eval.update({"temperature": 1.0, "num_samples": 4, "pass_k": (1, 4)})
     # (a): the demo's SFT with plain traces only
     config.pipeline.sft_plain = ml_collections.ConfigDict({"traces": {"plain": 1.0, "adversarial": 0.0,
                                                                       "backtracking": 0.0}})

@@ -23,7 +23,8 @@ def get_config():
     config.pipeline.policy.intermediate_size = 64
     config.pipeline.policy.num_layers = 1
     config.pipeline.policy.vocab_size = 400
-    for name in ("eval_sft_plain", "eval_sft", "eval_grpo", "eval_sft_more", "val_sft", "val_grpo"):
+    for name in ("eval_sft_plain", "eval_sft", "eval_grpo", "eval_sft_more", "val_sft", "val_grpo", "sampled_sft",
+                 "sampled_grpo"):
         config.pipeline[name].eval.max_new_tokens = 16
         config.pipeline[name].eval.batch_size = 16
     config.pipeline.sft.train.steps = 4

@@ -93,7 +93,8 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
                  "(c) vs (b), reasoning", "(b) vs (a), adversarial drop", "GRPO training reward", "seed0", "seed1",
                  "seed1: GRPO diagnostics", "groups with equal rewards (no signal)",
                  "Reasoning accuracy by question kind", "| (c) | ", "least-squares slope",
-                 "GRPO's own prompts vs held-out questions", "| seed1 | "):
+                 "GRPO's own prompts vs held-out questions", "| seed1 | ", "Greedy vs sampled answers",
+                 "| seed | greedy | pass@1 | maj@4 | pass@4 |"):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
     cand_dirs = sorted((out / "search_seed100").glob("grpo_*"))  # one per candidate, named by its content

@@ -111,6 +111,24 @@ own_sft_stage = _own_prompts_stage("own_sft", "sft")
 own_grpo_stage = _own_prompts_stage("own_grpo", "grpo")
 
 
+def _sampled_stage(name: str, model_stage: str):
+    @stage(name)
+    def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
+        sub = job_config(config, name, "evaluate", out, {
+            "model.path": summary_of(results, model_stage)["export_dir"],
+            "data.eval_path": summary_of(results, "data")["synthetic_files"]["policy_eval"]})
+        res = run_job(sub)
+        res["headline"] = f"sampled, reasoning pass@1 {res['accuracy'].get('reasoning', float('nan')):.1%}"
+        return res
+    fn.__doc__ = (f"{model_stage}'s policy on the test split with sampling (config.pipeline.{name}: temperature, "
+                  "samples, pass@k): does GRPO change the greedy answer or only sharpen the sampled distribution?")
+    return fn
+
+
+sampled_sft_stage = _sampled_stage("sampled_sft", "sft")
+sampled_grpo_stage = _sampled_stage("sampled_grpo", "grpo")
+
+
 
 
 
@@ -169,7 +187,7 @@ def grpo_data(config: ml_collections.ConfigDict) -> dict:
 
 
 # A scored seed's stages that depend on the chosen GRPO settings (rerun when the choice changes).
-GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "own_sft", "own_grpo", "sft_more", "eval_sft_more")
+GRPO_DEPENDENT_STAGES = ("grpo", "eval_grpo", "own_sft", "own_grpo", "sampled_grpo", "sft_more", "eval_sft_more")
 
 
 def invalidate_stale_grpo(seed_dir: Path, chosen: str) -> None:

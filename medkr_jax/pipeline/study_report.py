@@ -190,6 +190,7 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
 
     lines += kind_lines(seed_dirs)
     lines += own_prompt_lines(seed_dirs, per_arm)
+    lines += sampled_lines(seed_dirs, per_arm)
     trends = {d.name: reward_trend(d) for d in seed_dirs}
     lines += ["", "## GRPO training reward (first 10% of steps -> last 10%; least-squares slope and its t)", "",
               "| seed | first | last | rise | slope per step | t | trend |", "|---|---:|---:|---:|---:|---:|---|"]
@@ -230,6 +231,35 @@ def own_prompt_lines(seed_dirs: list[Path], per_arm: dict[str, list[dict]]) -> l
             "| seed | GRPO prompts | (b) on them | (c) on them | gain | (b) test | (c) test | gain |",
             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
             "GRPO prompts: the reasoning-heavy questions its step batches drew (policy_rl split, never in SFT)."]
+
+
+def _sampled_row(seed_dir: Path, name: str) -> dict | None:
+    path = seed_dir / name / "metrics.jsonl"
+    if not (seed_dir / name / "stage.json").exists():
+        return None
+    return next((r for r in jsonl_rows(path) if r.get("benchmark") == "overall" and r.get("split") == "reasoning"),
+                None)
+
+
+def sampled_lines(seed_dirs: list[Path], per_arm: dict[str, list[dict]]) -> list[str]:
+    """(b) and (c) on the test split's reasoning questions, greedy beside sampled (pass@1, maj@n, pass@n):
+    GRPO raising pass@1 toward the greedy answer while pass@n stays or falls is sharpening, not new answers."""
+    rows = []
+    for i, d in enumerate(seed_dirs):
+        b, c = _sampled_row(d, "sampled_sft"), _sampled_row(d, "sampled_grpo")
+        if b is None or c is None:
+            continue
+        n = next(k.split("@")[1] for k in b if k.startswith("maj@") and "_ci" not in k)
+        cells = [f"{_pct(per_arm['sft'][i]['reasoning'])} -> {_pct(per_arm['grpo'][i]['reasoning'])}"]
+        cells += [f"{_pct(b[k])} -> {_pct(c[k])}" for k in ("pass@1", f"maj@{n}", f"pass@{n}")]
+        rows.append(f"| {d.name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", f"## Greedy vs sampled answers, (b) -> (c) (test split, reasoning; temperature 1, {n} samples)", "",
+            f"| seed | greedy | pass@1 | maj@{n} | pass@{n} |", "|---|---|---|---|---|", *rows, "",
+            "pass@1 is what GRPO's training reward measures. A GRPO that raises pass@1 up to the greedy accuracy while "
+            f"pass@{n} stays or falls has sharpened the policy's distribution around the answers it already gave, "
+            "without finding new ones."]
 
 
 # The synthetic world's reasoning questions by the step they hinge on (data/synthetic/questions.py meta).
