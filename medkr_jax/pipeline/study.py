@@ -92,46 +92,38 @@ val_sft_stage = _eval_stage("val_sft", "sft", "policy_val")
 val_grpo_stage = _eval_stage("val_grpo", "grpo", "policy_val")
 
 
-def _own_prompts_stage(name: str, model_stage: str):
+def _grpo_prompts(config: ml_collections.ConfigDict, out: Path, results: dict) -> str:
+    """The questions GRPO trained on (grpo.visited_records), written to <out>/grpo_prompts.jsonl."""
+    visited = grpo_job.visited_records(grpo_job_config(config, out_of(config, "grpo"), results))
+    return str(write_records(out / "grpo_prompts.jsonl", visited))
+
+
+def _test_split(config: ml_collections.ConfigDict, out: Path, results: dict) -> str:
+    return summary_of(results, "data")["synthetic_files"]["policy_eval"]
+
+
+def _evaluate_stage(name: str, model_stage: str, questions, settings: str, doc: str):
+    """A stage running the evaluate job on `model_stage`'s policy over `questions(config, out, results)` (a records
+    file) with config.pipeline.<settings>."""
     @stage(name)
     def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
-        visited = grpo_job.visited_records(grpo_job_config(config, out_of(config, "grpo"), results))
-        path = write_records(out / "grpo_prompts.jsonl", visited)
-        sub = job_config(config, "eval_sft", "evaluate", out, {
-            "model.path": summary_of(results, model_stage)["export_dir"], "data.eval_path": str(path)})
-        res = run_job(sub)
-        res["headline"] = f"{len(visited)} GRPO prompts: reasoning {res['accuracy'].get('reasoning', float('nan')):.1%}"
-        return res
-    fn.__doc__ = (f"{model_stage}'s policy, greedy, on the questions GRPO trained on (does GRPO learn its own prompts "
-                  "more than held-out ones?).")
-    return fn
-
-
-own_sft_stage = _own_prompts_stage("own_sft", "sft")
-own_grpo_stage = _own_prompts_stage("own_grpo", "grpo")
-
-
-def _sampled_stage(name: str, model_stage: str):
-    @stage(name)
-    def fn(config: ml_collections.ConfigDict, out: Path, results: dict) -> dict:
-        sub = job_config(config, name, "evaluate", out, {
+        sub = job_config(config, settings, "evaluate", out, {
             "model.path": summary_of(results, model_stage)["export_dir"],
-            "data.eval_path": summary_of(results, "data")["synthetic_files"]["policy_eval"]})
+            "data.eval_path": questions(config, out, results)})
         res = run_job(sub)
-        res["headline"] = f"sampled, reasoning pass@1 {res['accuracy'].get('reasoning', float('nan')):.1%}"
+        res["headline"] = f"{res['questions']} questions, reasoning {res['accuracy'].get('reasoning', float('nan')):.1%}"
         return res
-    fn.__doc__ = (f"{model_stage}'s policy on the test split with sampling (config.pipeline.{name}: temperature, "
-                  "samples, pass@k): does GRPO change the greedy answer or only sharpen the sampled distribution?")
+    fn.__doc__ = f"{model_stage}'s policy {doc}"
     return fn
 
 
-sampled_sft_stage = _sampled_stage("sampled_sft", "sft")
-sampled_grpo_stage = _sampled_stage("sampled_grpo", "grpo")
-
-
-
-
-
+_OWN = "greedy, on the questions GRPO trained on (does GRPO learn its own prompts more than held-out ones?)."
+_SAMPLED = ("on the test split with sampling (temperature, samples, pass@k per config.pipeline.sampled_*): does GRPO "
+            "change the greedy answer or only sharpen the sampled distribution?")
+own_sft_stage = _evaluate_stage("own_sft", "sft", _grpo_prompts, "eval_sft", _OWN)
+own_grpo_stage = _evaluate_stage("own_grpo", "grpo", _grpo_prompts, "eval_sft", _OWN)
+sampled_sft_stage = _evaluate_stage("sampled_sft", "sft", _test_split, "sampled_sft", _SAMPLED)
+sampled_grpo_stage = _evaluate_stage("sampled_grpo", "grpo", _test_split, "sampled_grpo", _SAMPLED)
 
 
 # ------------------------------------------------------------------------------------------------ the job
