@@ -50,12 +50,13 @@ def thinking_for(config: Any, budget: int) -> ThinkingSettings | None:
                             wait=e.thinking_wait, max_waits=int(e.thinking_max_waits))
 
 
-def sweep_table(rows_by_budget: dict[int, list[dict]], *, ci: str, seed: int) -> list[dict]:
-    """Accuracy rows (metrics.accuracy_table) per budget, each with its budget and mean generated tokens."""
+def sweep_table(rows_by_budget: dict[int, list[dict]], tables: dict[int, list[dict]]) -> list[dict]:
+    """Each budget's accuracy rows (its evaluation's metrics.accuracy_table), with the budget and the mean generated
+    tokens of the row's questions."""
     table = []
     for budget, rows in rows_by_budget.items():
         groups = metrics.group_rows(rows)
-        for row in metrics.accuracy_table(rows, ci=ci, seed=seed):
+        for row in tables[budget]:
             group = groups[(row["benchmark"], row["split"])]
             table.append({"budget": budget, **row,
                           "mean_tokens": float(np.mean([t for r in group for t in r["tokens"]]))})
@@ -88,14 +89,14 @@ def run(config: Any) -> dict:
     rt = runtime_from_config(config)
     prompt = prompt_settings(config)
     ci, seed = config.eval.ci, int(config.seed)
-    rows_by_budget, generated = {}, {}
+    rows_by_budget, tables, generated = {}, {}, {}
     for budget in budgets:
         gen = gen_settings(config, thinking=thinking_for(config, budget))
-        _, counts, rows = evaluate.evaluate(rt, records, out_dir, prompt=prompt, gen=gen, ci=ci, seed=seed,
-                                            log_name=f"generations_budget{budget}.jsonl",
-                                            desc=f"budget {report.budget_label(budget)}")
+        tables[budget], counts, rows = evaluate.evaluate(
+            rt, records, out_dir, prompt=prompt, gen=gen, ci=ci, seed=seed,
+            log_name=f"generations_budget{budget}.jsonl", desc=f"budget {report.budget_label(budget)}")
         rows_by_budget[budget], generated[budget] = rows, counts["generated"]
-    table = sweep_table(rows_by_budget, ci=ci, seed=seed)
+    table = sweep_table(rows_by_budget, tables)
     gains = sweep_gains(rows_by_budget, seed=seed)
     if parallel.is_main_process():
         report.write_csv(table, out_dir / "budget_sweep.csv")
