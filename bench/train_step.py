@@ -43,8 +43,8 @@ device peak); `lora_time_ratio` (median of the per-round ratios) and `lora_memor
 Both sides of each comparison run on the CPU with the same number of threads (default 1: on a shared machine
 multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with the load
 average and one JSON line: the SFT comparison in name/ours/reference/unit/ratio*/peak_*, the GRPO one in the
-grpo_* fields, the LoRA one in the lora_* fields (with --lora-only only those, and name
-"train_step_lora_vs_full"), then load_avg and load_warning.
+grpo_* fields, the LoRA one in the lora_* fields (with --lora-only only those, with name
+"train_step_lora_vs_full" and `ratio` = full time / LoRA time, median of the rounds), then load_avg and load_warning.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -505,7 +506,10 @@ def main() -> None:
     if args.lora_only:
         print(device_line(args.threads))
         _print_lora(lora_res)
-        print(json.dumps({"name": "train_step_lora_vs_full", **lora_res, "threads": args.threads,
+        # ratio, as every benchmark's: reference (full fine-tuning) time over ours (LoRA), median of the rounds
+        speedup = statistics.median(1.0 / r for r in lora_res["lora_time_ratio_rounds"])
+        print(json.dumps({"name": "train_step_lora_vs_full", "ratio": round(speedup, 3), **lora_res,
+                          "threads": args.threads,
                           "device": jax.devices()[0].platform, **load_report(args.threads)}))
         return
     sft, sft_lines = sft_comparison(args, batch)
