@@ -282,8 +282,8 @@ def test_sharded_sampling_matches_single_device(tiny_qwen3):
 
 
 def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
-    """Shuffled prompt order, other slot counts and chunk lengths: every (prompt, sample) row is the same, and the
-    same as the static sampler's."""
+    """Shuffled prompt order, other slot counts, chunk lengths and prefill widths: every (prompt, sample) row is
+    the same, and the same as the static sampler's."""
     _, model, cfg, _ = tiny
     prompts = ragged_prompts(lengths=(13, 5, 2, 20, 9, 4), seed=61)
     static = StaticSampler(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS).generate(
@@ -294,7 +294,11 @@ def test_sampled_rows_depend_only_on_seed_prompt_and_sample(tiny):
     b = engine.generate(model, [prompts[i] for i in perm], max_new_tokens=10, temperature=1.0, n=2, seed=4,
                         batch_size=3, prompt_keys=perm.tolist())
     rows_b = np.array([np.nonzero(perm == p)[0][0] * 2 + j for p in range(len(prompts)) for j in range(2)])
-    for out, rows in ((static, np.arange(len(rows_b))), (b, rows_b)):
+    # One prompt per model call in the prefill: a fill of several prompts loops inside one prefill program.
+    narrow = Sampler(cfg, pad_id=PAD, stop_ids=(EOS,), chunk_steps=4, prefill_tokens=16, **BUCKETS)
+    c = narrow.generate(model, prompts, max_new_tokens=10, temperature=1.0, n=2, seed=4, batch_size=8)
+    assert narrow._prefill_rows(16, 8) == 1
+    for out, rows in ((static, np.arange(len(rows_b))), (b, rows_b), (c, np.arange(len(rows_b)))):
         np.testing.assert_array_equal(out.tokens[rows], a.tokens)
         np.testing.assert_array_equal(out.lengths[rows], a.lengths)
         np.testing.assert_allclose(out.logprobs[rows], a.logprobs, atol=1e-5)

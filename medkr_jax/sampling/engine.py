@@ -173,8 +173,8 @@ class Sampler(SamplerBase):
         return self._program(key, build)
 
     def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n):
-        """Prefill the prompts of the newly ``placed`` (slot, row) pairs into their slots, one call per bucket
-        and per ``prefill_tokens`` worth of prompts; a prompt placed in several slots is prefilled once."""
+        """Prefill the prompts of the newly ``placed`` (slot, row) pairs into their slots, one call per bucket;
+        a prompt placed in several slots is prefilled once."""
         by_prompt: dict[int, list[tuple[int, int]]] = {}
         for slot, row in placed:
             by_prompt.setdefault(row // n, []).append((slot, row))
@@ -183,44 +183,48 @@ class Sampler(SamplerBase):
             by_bucket.setdefault(self.prompt_bucket(len(prompts[p])), []).append(p)
         for bucket, group in sorted(by_bucket.items(), reverse=True):
             width = self._prefill_rows(bucket, shape.slots)
-            for i in range(0, len(group), width):
-                chunk = group[i:i + width]
-                args = self._prefill_args(chunk, by_prompt, prompts, keys, limits, shape, bucket, width)
-                fn = self._program(("prefill", graphdef, signature(params), shape, bucket, width),
-                                   lambda: self._prefill_program(graphdef, params, state, shape, bucket, args))
-                state = fn(params, state, *args)
+            args = self._prefill_args(group, by_prompt, prompts, keys, limits, shape, bucket, width)
+            fn = self._program(("prefill", graphdef, signature(params), shape, bucket, width),
+                               lambda: self._prefill_program(graphdef, params, state, shape, bucket, width, args))
+            state = fn(params, state, *args)
         return state
 
     def _prefill_rows(self, bucket: int, slots: int) -> int:
+        """Prompts the model takes at once in a prefill of this bucket: ``prefill_tokens // bucket``, at least 1,
+        at most ``slots`` (a multiple of the mesh's batch divisor on a mesh)."""
         div = self.placement.divisor()
         width = max(1, min(slots, self.prefill_tokens // bucket))
         return math.ceil(width / div) * div if self.mesh is not None else width
 
-    def _prefill_program(self, graphdef, params, state, shape, bucket, args):
-        fn = programs.prefill(graphdef, shape, bucket)
+    def _prefill_program(self, graphdef, params, state, shape, bucket, width, args):
+        fn = programs.prefill(graphdef, shape, bucket, width)
         jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=self._state_shardings(shape))
         return self.placement.compile(jitted, params, state, *args)
 
-    def _prefill_args(self, chunk, by_prompt, prompts, keys, limits, shape, bucket, width) -> tuple:
-        """(tokens, positions, mask [width, bucket], src [B], new fields) of one prefill call."""
-        tokens = np.full((width, bucket), self.pad_id, np.int32)
-        positions = np.zeros((width, bucket), np.int32)
-        mask = np.zeros((width, bucket), bool)
+    def _prefill_args(self, group, by_prompt, prompts, keys, limits, shape, bucket, width) -> tuple:
+        """(tokens, positions, mask [P, bucket], src [B], new fields, calls) of one prefill call: the ``group``'s
+        prompts in rows 0.., P = ``width`` x the calls that ``shape.slots`` prompts need (one shape per bucket)."""
+        calls = math.ceil(len(group) / width)
+        rows = width * math.ceil(shape.slots / width)
+        tokens = np.full((rows, bucket), self.pad_id, np.int32)
+        positions = np.zeros((rows, bucket), np.int32)
+        mask = np.zeros((rows, bucket), bool)
         src = np.full((shape.slots,), -1, np.int32)
         new = {"keys": np.zeros((shape.slots, 2), np.uint32), "limit": np.zeros((shape.slots,), np.int32)}
         if shape.budget is not None:
             new["thinking"] = shape.budget.fields(shape.slots)
-        for i, p in enumerate(chunk + [chunk[0]] * (width - len(chunk))):  # filler rows repeat a real prompt
+        for i, p in enumerate(group + [group[0]] * (rows - len(group))):  # filler rows repeat a real prompt
             tokens[i, bucket - len(prompts[p]):] = prompts[p]
             positions[i, bucket - len(prompts[p]):] = np.arange(len(prompts[p]))
             mask[i, bucket - len(prompts[p]):] = True
-        for i, p in enumerate(chunk):
+        for i, p in enumerate(group):
             fields = None if shape.budget is None else shape.budget.prompt_fields(prompts[p])
             for slot, row in by_prompt[p]:
                 src[slot], new["keys"][slot], new["limit"][slot] = i, keys[row], limits[p]
                 for k, v in (fields or {}).items():
                     new["thinking"][k][slot] = v
         put = self.placement.replicated()
-        rows = jax.tree.map(self.placement.put_rows, new)
+        fields = jax.tree.map(self.placement.put_rows, new)
         dense = tuple(jnp.asarray(a) if put is None else jax.device_put(a, put) for a in (tokens, positions, mask))
-        return (*dense, self.placement.put_rows(src), rows)
+        count = jnp.asarray(np.int32(calls)) if put is None else jax.device_put(np.int32(calls), put)
+        return (*dense, self.placement.put_rows(src), fields, count)

@@ -9,10 +9,11 @@ The state is a dict of per-slot arrays (slot = dim 0, or dim 1 of a scanned mode
   emitted; ``limit``: its max_new_tokens; ``done``: finished or idle; ``keys``: its PRNG key data;
 * with a thinking budget, ``thinking.ThinkingBudget.fields``.
 
-A prefill runs R prompts of one bucket (left-padded, explicit positions: each row as if alone) through the model
-into a small cache, then copies each prompt's rows into the slots that take it (a prompt with n samples fills n
-slots from one prefill). A decode chunk runs up to K steps in a ``while_loop`` and stops early once enough slots
-are done for a refill to be worth it (``want_done``): the host reads the emitted tokens once per chunk.
+A prefill call takes every newly placed prompt of one bucket (left-padded, explicit positions: each row as if
+alone). Inside one program it runs them through the model ``width`` at a time into a small cache, and scatters
+each prompt's rows into the slots that take it (a prompt with n samples fills n slots from one prefill). A
+decode chunk runs up to K steps in a ``while_loop`` and stops early once enough slots are done for a refill to be
+worth it (``want_done``): the host reads the emitted tokens once per chunk.
 """
 
 from __future__ import annotations
@@ -67,38 +68,46 @@ def empty_state(cfg: Any, shape: Shape) -> dict:
     return state
 
 
-def _copy_rows(big: jax.Array, small: jax.Array, src: jax.Array, take: jax.Array, *, row_axis: int,
-               slot_axis: int) -> jax.Array:
-    """``big`` with the first ``small.shape[slot_axis]`` cache slots of each taking row (``take``) replaced by
-    row ``src`` of ``small``."""
-    rows = jnp.take(small, src, axis=row_axis)
-    head = jax.lax.slice_in_dim(big, 0, small.shape[slot_axis], axis=slot_axis)
-    mask = jnp.reshape(take, (1,) * row_axis + take.shape + (1,) * (big.ndim - row_axis - 1))
-    return jax.lax.dynamic_update_slice_in_dim(big, jnp.where(mask, rows.astype(big.dtype), head), 0,
-                                               axis=slot_axis)
+def _scatter_rows(big: jax.Array, small: jax.Array, rows: jax.Array, dest: jax.Array, *, row_axis: int,
+                  slot_axis: int) -> jax.Array:
+    """``big`` with the first ``small.shape[slot_axis]`` cache slots of row ``dest[j]`` set to row ``rows[j]`` of
+    ``small``, for each j; a ``dest[j]`` out of range (>= the rows of ``big``) writes nothing. Only the written rows
+    are touched (a scatter), so the cost follows the prompts prefilled, not the slots."""
+    index = [slice(None)] * big.ndim
+    index[row_axis] = dest
+    index[slot_axis % big.ndim] = slice(0, small.shape[slot_axis])
+    return big.at[tuple(index)].set(jnp.take(small, rows, axis=row_axis).astype(big.dtype), mode="drop")
 
 
-def prefill(graphdef, shape: Shape, prompt_len: int):
-    """``(params, state, tokens [R, L], positions, mask, src [B], new) -> state``: R prompts left-padded to
-    ``prompt_len`` into the slots with ``src >= 0`` (slot b takes prompt ``src[b]``); ``new`` holds the taking
-    slots' keys, limits (and thinking fields)."""
+def prefill(graphdef, shape: Shape, prompt_len: int, width: int):
+    """``(params, state, tokens [P, L], positions, mask, src [B], new, calls) -> state``: prompts left-padded to
+    ``prompt_len`` into the slots with ``src >= 0`` (slot b takes prompt ``src[b]``, a row of ``tokens``); ``new``
+    holds the taking slots' keys, limits (and thinking fields). The model runs ``calls`` times (a runtime value)
+    on ``width`` prompts at a time, rows [i * width, (i + 1) * width) on call i, inside one program: a refill of
+    many slots is one host call however many prompts it takes."""
 
-    def program(params, state, tokens, positions, mask, src, new):
+    def program(params, state, tokens, positions, mask, src, new, calls):
         model = nnx.merge(graphdef, params)
-        r, big = tokens.shape[0], state["cache"]
+        big = state["cache"]
         take, src = src >= 0, jnp.maximum(src, 0)
         row_axis = 1 if shape.stacked else 0
+        k, v = big.k, big.v
         if prompt_len > 1:
-            # The last prompt token is fed by the first decode step (its logits give the first new token).
-            small = model.init_cache(r, prompt_len - 1, shape.cache_dtype)
-            _, small = model(tokens[:, :-1], positions[:, :-1], attention_mask=mask[:, :-1], cache=small,
-                             kv_len=prompt_len - 1)
-            k = jax.tree.map(lambda a, b: _copy_rows(a, b, src, take, row_axis=row_axis, slot_axis=-1),
-                             big.k, small.k)
-            v = jax.tree.map(lambda a, b: _copy_rows(a, b, src, take, row_axis=row_axis, slot_axis=-2),
-                             big.v, small.v)
-        else:
-            k, v = big.k, big.v
+            def one_call(i, kv):
+                # The last prompt token is fed by the first decode step (its logits give the first new token).
+                rows = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :-1], i * width, width, axis=0)  # noqa: E731
+                small = model.init_cache(width, prompt_len - 1, shape.cache_dtype)
+                _, small = model(rows(tokens), rows(positions), attention_mask=rows(mask), cache=small,
+                                 kv_len=prompt_len - 1)
+                local = src - i * width
+                dest = jnp.where(take & (local >= 0) & (local < width), jnp.arange(shape.slots), shape.slots)
+                local = jnp.clip(local, 0, width - 1)
+                return (jax.tree.map(lambda a, b: _scatter_rows(a, b, local, dest, row_axis=row_axis, slot_axis=-1),
+                                     kv[0], small.k),
+                        jax.tree.map(lambda a, b: _scatter_rows(a, b, local, dest, row_axis=row_axis, slot_axis=-2),
+                                     kv[1], small.v))
+
+            k, v = jax.lax.fori_loop(0, calls, one_call, (k, v))
         rows_mask = jnp.zeros_like(big.mask).at[:, :prompt_len - 1].set(jnp.take(mask[:, :-1], src, axis=0))
         cache = KVCache(k=k, v=v, mask=jnp.where(take[:, None], rows_mask, big.mask),
                         index=jnp.where(take, prompt_len - 1, big.index))
