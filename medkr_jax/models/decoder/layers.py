@@ -204,9 +204,13 @@ class Attention(nnx.Module):
                                      preferred_element_type=acc) * (float(scale) ** -0.5)
         scores = softcap(scores, cfg.attn_logit_softcapping)
         scores = jnp.where(allowed[:, None, None], scores.reshape(b, kv, groups, t, s), _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, kv, groups * t, s)
-        out = jax.lax.dot_general(probs, v.astype(self.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
-        out = out.reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
+        e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        denom = e.sum(-1, keepdims=True).reshape(b, kv, groups * t, 1)
+        # Normalised after the PV product: divides [.., T, D] instead of the [.., T, S] probabilities (softmax's
+        # shift by the row maximum cancels in the ratio, so it carries no gradient).
+        out = jax.lax.dot_general(e.astype(self.dtype).reshape(b, kv, groups * t, s), v.astype(self.dtype),
+                                  (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=acc) / denom
+        out = out.astype(self.dtype).reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(b, t, h * d))
 
 
