@@ -267,8 +267,8 @@ class Decoder(nnx.Module):
         if head is not None and t == 1:
             logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
         else:
-            # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward (the head's gradient
-            # above all) faster than the batched einsum's (bench/train_step.py model: the head's gradient 19 -> 9-11 ms).
+            # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
+            # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
             rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
             if self.lm_head is None:
                 logits = jax.lax.dot_general(rows, emb.astype(self.dtype), (((1,), (1,)), ((), ())),
