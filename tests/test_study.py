@@ -72,6 +72,25 @@ def test_kind_groups_name_the_step_a_reasoning_question_hinges_on():
     assert study_report.kind_group({"kind": "lab"}) is None
 
 
+def test_compute_counts_each_stage_once(tmp_path):
+    """The search seed's candidate folders hold copies of the seed's shared stage markers: counted once, at the seed;
+    a candidate's own stages and the scored seeds' count as they ran."""
+    def mark(run, stage, wall):
+        (tmp_path / run / stage).mkdir(parents=True)
+        (tmp_path / run / stage / "stage.json").write_text(json.dumps({"stage": stage, "wall_s": wall}))
+
+    mark("search_seed100", "sft", 120.0)
+    mark("search_seed100/grpo_a", "sft", 120.0)  # the copy search_grpo makes
+    mark("search_seed100/grpo_a", "grpo", 60.0)
+    mark("seed0", "sft", 90.0)
+    mark("seed0", "grpo", 30.0)
+    assert study_report.stage_seconds(tmp_path) == {"search_seed100": {"sft": 120.0},
+                                                    "search_seed100/grpo_a": {"grpo": 60.0},
+                                                    "seed0": {"grpo": 30.0, "sft": 90.0}}
+    lines = study_report.compute_lines(tmp_path)
+    assert "| search_seed100/grpo_a | 1 | 1.0 |" in lines and "| **all** | 4 | **5.0** |" in lines
+
+
 def test_study_refuses_a_scored_search_seed(tmp_path):
     cmd = [sys.executable, "-m", "medkr_jax.main", "--config", "configs/study_smoke.py",
            f"--config.output_dir={tmp_path}", "--config.study.search_seed=1"]
@@ -94,7 +113,7 @@ def test_study_end_to_end_at_toy_sizes(tmp_path):
                  "seed1: GRPO diagnostics", "groups with equal rewards (no signal)",
                  "Reasoning accuracy by question kind", "| (c) | ", "least-squares slope",
                  "GRPO's own prompts vs held-out questions", "| seed1 | ", "Greedy vs sampled answers",
-                 "| seed | greedy | pass@1 | maj@4 | pass@4 |"):
+                 "| seed | greedy | pass@1 | maj@4 | pass@4 |", "## Compute", "| **all** |"):
         assert text in report, text
     # the search ran on the search seed only; its candidates were scored on the validation split
     cand_dirs = sorted((out / "search_seed100").glob("grpo_*"))  # one per candidate, named by its content

@@ -203,6 +203,7 @@ def write(config: ml_collections.ConfigDict, root: Path, *, search: list[dict], 
         lines += ["", "![GRPO reward per seed](grpo_reward.png)"]
     for d in seed_dirs:
         lines += ["", f"{d.name}: " + "\n".join(grpo_diagnostics(out_of(_cfg(d), "grpo")))]
+    lines += compute_lines(root)
     text = "\n".join(lines) + "\n"
     if parallel.is_main_process():
         (root / "report.md").write_text(text)
@@ -260,6 +261,40 @@ def sampled_lines(seed_dirs: list[Path], per_arm: dict[str, list[dict]]) -> list
             "pass@1 is what GRPO's training reward measures. A GRPO that raises pass@1 up to the greedy accuracy while "
             f"pass@{n} stays or falls has sharpened the policy's distribution around the answers it already gave, "
             "without finding new ones."]
+
+
+def stage_seconds(root: Path) -> dict[str, dict[str, float]]:
+    """Wall seconds of every completed stage under the study folder, {run folder (relative): {stage: seconds}}, from
+    each stage's stage.json. The search seed's candidate runs are folders of their own, holding copies of the seed's
+    shared stages' markers (``search_grpo``); a copy, identical to the marker of the same stage in the folder above,
+    is not counted again."""
+    out: dict[str, dict[str, float]] = {}
+    for marker in sorted(root.glob("**/stage.json")):
+        text = marker.read_text()
+        above = marker.parent.parent.parent / marker.parent.name / "stage.json"
+        if marker.parent.parent != root and above.is_file() and above.read_text() == text:
+            continue
+        wall = json.loads(text).get("wall_s")
+        if wall is not None:
+            run = marker.parent.parent.relative_to(root).as_posix()
+            out.setdefault(run, {})[marker.parent.name] = float(wall)
+    return out
+
+
+def compute_lines(root: Path) -> list[str]:
+    """The study's compute: wall minutes per run folder (search seed, its candidates, each scored seed) and in all,
+    summed over the stages that ran (a resumed study counts each stage once, at the run that completed it)."""
+    runs = stage_seconds(root)
+    if not runs:
+        return []
+    lines = ["", "## Compute (wall minutes of the completed stages, summed)", "", "| run | stages | minutes |",
+             "|---|---:|---:|"]
+    for run, stages in runs.items():
+        lines.append(f"| {run} | {len(stages)} | {sum(stages.values()) / 60:.1f} |")
+    total = sum(sum(stages.values()) for stages in runs.values())
+    lines += [f"| **all** | {sum(len(stages) for stages in runs.values())} | **{total / 60:.1f}** |", "",
+              "Wall time on the machine that ran each stage, with whatever else it ran beside it."]
+    return lines
 
 
 # The synthetic world's reasoning questions by the step they hinge on (data/synthetic/questions.py meta).
