@@ -10,7 +10,7 @@ The state is a dict of per-slot arrays (slot = dim 0, or dim 1 of a scanned mode
 * with a thinking budget, ``thinking.ThinkingBudget.fields``.
 
 A prefill call takes every newly placed prompt of one bucket (left-padded, explicit positions: each row as if
-alone). Inside one program it runs them through the model ``width`` at a time into a small cache, and scatters
+alone). Inside one program it runs them through the model ``width`` at a time into a small cache, and copies
 each prompt's rows into the slots that take it (a prompt with n samples fills n slots from one prefill). A
 decode chunk runs up to K steps in a ``while_loop`` and stops early once enough slots are done for a refill to be
 worth it (``want_done``): the host reads the emitted tokens once per chunk.
@@ -68,15 +68,23 @@ def empty_state(cfg: Any, shape: Shape) -> dict:
     return state
 
 
-def _scatter_rows(big: jax.Array, small: jax.Array, rows: jax.Array, dest: jax.Array, *, row_axis: int,
-                  slot_axis: int) -> jax.Array:
-    """``big`` with the first ``small.shape[slot_axis]`` cache slots of row ``dest[j]`` set to row ``rows[j]`` of
-    ``small``, for each j; a ``dest[j]`` out of range (>= the rows of ``big``) writes nothing. Only the written rows
-    are touched (a scatter), so the cost follows the prompts prefilled, not the slots."""
-    index = [slice(None)] * big.ndim
-    index[row_axis] = dest
-    index[slot_axis % big.ndim] = slice(0, small.shape[slot_axis])
-    return big.at[tuple(index)].set(jnp.take(small, rows, axis=row_axis).astype(big.dtype), mode="drop")
+def _copy_rows(bigs: list, smalls: list, slots: jax.Array, rows: jax.Array, lo: jax.Array, hi: jax.Array, *,
+               row_axis: int) -> list:
+    """Each of ``bigs`` with its row ``slots[j]`` given row ``rows[j]`` of the matching ``smalls`` array in its first
+    cache slots, for j in [lo, hi): one small row copy per taking slot, whatever the number of slots (a gather of
+    the small cache into every slot's rows costs as much as the slots, and XLA:CPU lowers it to a chain of selects
+    over the small cache's rows)."""
+
+    def one(j, arrays):
+        out = []
+        for big, small in zip(arrays, smalls):
+            row = jax.lax.dynamic_slice_in_dim(small, rows[j], 1, axis=row_axis).astype(big.dtype)
+            at = [jnp.int32(0)] * big.ndim
+            at[row_axis] = slots[j]
+            out.append(jax.lax.dynamic_update_slice(big, row, at))
+        return out
+
+    return jax.lax.fori_loop(lo, hi, one, list(bigs))
 
 
 def prefill(graphdef, shape: Shape, prompt_len: int, width: int):
@@ -93,21 +101,25 @@ def prefill(graphdef, shape: Shape, prompt_len: int, width: int):
         row_axis = 1 if shape.stacked else 0
         k, v = big.k, big.v
         if prompt_len > 1:
-            def one_call(i, kv):
+            # The taking slots ordered by the prompt they take: call i's prompts own one contiguous range of them.
+            order = jnp.argsort(jnp.where(take, src, jnp.iinfo(jnp.int32).max), stable=True).astype(jnp.int32)
+            by_prompt = jnp.where(take[order], src[order], jnp.iinfo(jnp.int32).max)
+            leaves_k, tree_k = jax.tree.flatten(k)
+            leaves_v, tree_v = jax.tree.flatten(v)
+            n = len(leaves_k)
+
+            def one_call(i, arrays):
                 # The last prompt token is fed by the first decode step (its logits give the first new token).
                 rows = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :-1], i * width, width, axis=0)  # noqa: E731
                 small = model.init_cache(width, prompt_len - 1, shape.cache_dtype)
                 _, small = model(rows(tokens), rows(positions), attention_mask=rows(mask), cache=small,
                                  kv_len=prompt_len - 1)
-                local = src - i * width
-                dest = jnp.where(take & (local >= 0) & (local < width), jnp.arange(shape.slots), shape.slots)
-                local = jnp.clip(local, 0, width - 1)
-                return (jax.tree.map(lambda a, b: _scatter_rows(a, b, local, dest, row_axis=row_axis, slot_axis=-1),
-                                     kv[0], small.k),
-                        jax.tree.map(lambda a, b: _scatter_rows(a, b, local, dest, row_axis=row_axis, slot_axis=-2),
-                                     kv[1], small.v))
+                lo, hi = jnp.searchsorted(by_prompt, jnp.stack([i * width, (i + 1) * width])).astype(jnp.int32)
+                smalls = jax.tree.leaves(small.k) + jax.tree.leaves(small.v)
+                return _copy_rows(arrays, smalls, order, by_prompt - i * width, lo, hi, row_axis=row_axis)
 
-            k, v = jax.lax.fori_loop(0, calls, one_call, (k, v))
+            arrays = jax.lax.fori_loop(0, calls, one_call, leaves_k + leaves_v)
+            k, v = jax.tree.unflatten(tree_k, arrays[:n]), jax.tree.unflatten(tree_v, arrays[n:])
         rows_mask = jnp.zeros_like(big.mask).at[:, :prompt_len - 1].set(jnp.take(mask[:, :-1], src, axis=0))
         cache = KVCache(k=k, v=v, mask=jnp.where(take[:, None], rows_mask, big.mask),
                         index=jnp.where(take, prompt_len - 1, big.index))
