@@ -40,6 +40,10 @@ two `Trainer` steps run in `--steps` interleaved rounds as above (no peak). Peak
 (arguments + outputs - donated buffers + temporaries: what the step needs, whatever the backend; CPU reports no
 device peak); `lora_time_ratio` (median of the per-round ratios) and `lora_memory_ratio` are LoRA over full.
 
+Packing: the same SFT step on the batch above (one sequence per row) and on the same tokens packed four sequences
+to a row (`--packed-segments`; segment ids, positions restarting): `packed_time_ratio` is packed over unpacked time
+(median of interleaved rounds), the cost of the packing path per real token.
+
 Both sides of each comparison run on the CPU with the same number of threads (default 1: on a shared machine
 multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with the load
 average and one JSON line: the SFT comparison in name/ours/reference/unit/ratio*/peak_*, the GRPO one in the
@@ -266,6 +270,42 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
             "lora_memory_ratio": round(memory[1] / memory[0], 3)}
 
 
+def packed_batch(batch: dict, segments: int) -> dict:
+    """``batch`` with each row cut into ``segments`` packed sequences (segment ids 1..segments, positions restarting
+    at each): the same tokens and real-token count, each attending only within its own sequence."""
+    b, t = batch["tokens"].shape
+    if t % segments:
+        raise ValueError(f"--seq {t} must be a multiple of --packed-segments {segments}")
+    n = t // segments
+    return {**batch, "segment_ids": np.tile(np.repeat(np.arange(1, segments + 1, dtype=np.int32), n), (b, 1)),
+            "positions": np.tile(np.arange(n, dtype=np.int32), (b, segments))}
+
+
+def packed_vs_unpacked(batch: dict, segments: int, steps: int) -> dict:
+    """The SFT step on rows that each hold one sequence vs rows packed with ``segments`` sequences (segment ids),
+    the same shape and real tokens: `packed_time_ratio` = packed step time / unpacked (median of interleaved
+    rounds; 1 = the packing path costs nothing per real token)."""
+    import jax
+    from flax import nnx
+
+    from medkr_jax import parallel
+    from medkr_jax.models.decoder import Decoder
+    from medkr_jax.train import sft
+    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
+    from medkr_jax.train.trainer import Trainer
+
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with parallel.sharding_context(mesh):
+        model = Decoder(_decoder_config(SFT_DIMS), rngs=nnx.Rngs(0))
+    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
+    key, packed = jax.random.key(0), packed_batch(batch, segments)
+    one, many = (warmed(lambda x=x: float(trainer.update(x, key)["loss"])) for x in (batch, packed))
+    run_rounds({"unpacked": one, "packed": many}, steps)
+    return {"packed_segments": segments, "packed_step_s": round(many.wall, 5), "unpacked_step_s": round(one.wall, 5),
+            **ratios(one, many, key="packed_time_ratio")}
+
+
 def _print_lora(res: dict) -> None:
     print(f"LoRA r={res['lora_rank']} SFT step {res['lora_step_s'] * 1e3:.1f} ms vs full {res['full_step_s'] * 1e3:.1f}"
           f" ms (time ratio LoRA / full {res['lora_time_ratio']}, median of rounds; "
@@ -395,6 +435,8 @@ def parse_args():
     ap.add_argument("--skip-tunix", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the LoRA vs full SFT comparison")
     ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
+    ap.add_argument("--packed-segments", type=int, default=4,
+                    help="sequences per row in the packed vs unpacked SFT step comparison")
     ap.add_argument("--model", default=None,
                     help="SFT comparison alone on this HF folder or preset (e.g. smollm2-135m, with --batch 4)")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
@@ -512,6 +554,7 @@ def main() -> None:
                           "threads": args.threads,
                           "device": jax.devices()[0].platform, **load_report(args.threads)}))
         return
+    packing = packed_vs_unpacked(batch, args.packed_segments, args.steps)
     sft, sft_lines = sft_comparison(args, batch)
     with tempfile.TemporaryDirectory() as work:
         grpo_fields, grpo_line = grpo_comparison(args, work)
@@ -521,8 +564,11 @@ def main() -> None:
     print(sft_lines)
     print(grpo_line)
     _print_lora(lora_res)
+    print(f"SFT step with {packing['packed_segments']} packed sequences per row {packing['packed_step_s'] * 1e3:.1f} ms "
+          f"vs one per row {packing['unpacked_step_s'] * 1e3:.1f} ms, the same real tokens (time ratio packed / "
+          f"unpacked {packing['packed_time_ratio']}, median of rounds; {packing['packed_time_ratio_cpu']} CPU time)")
     load = load_report(args.threads)
-    print(json.dumps({"name": "train_step_sft_tokens_per_s", **sft, **grpo_fields, **lora_res,
+    print(json.dumps({"name": "train_step_sft_tokens_per_s", **sft, **grpo_fields, **lora_res, **packing,
                       "batch": args.batch, "seq": args.seq, "threads": args.threads,
                       "device": jax.devices()[0].platform, **load}))
 

@@ -62,13 +62,14 @@ def test_sampler_benchmark_runs():
 
 def test_train_step_benchmark_runs():
     """bench/train_step.py at tiny shapes without tunix (its venv is not set up here): SFT and LoRA rounds, our
-    GRPO job's step rate, the GRPO ratio null with its reason."""
+    GRPO job's step rate, the GRPO ratio null with its reason, packed vs unpacked rows."""
     args = ["--steps", "2", "--repeats", "1", "--batch", "2", "--seq", "32", "--peak-n", "256", "--lora-rank", "4",
             "--skip-tunix"]
     result = run_bench("train_step.py", args, rounds=2)
     assert result["grpo_ours_samples_per_s"] > 0 and result["grpo_ratio"] is None
     assert "skip" in result["grpo_reference_error"]
     assert len(result["lora_time_ratio_rounds"]) == 2 and result["lora_memory_ratio"] < 1
+    assert len(result["packed_time_ratio_rounds"]) == 2 and result["packed_segments"] == 4
 
 
 def test_train_step_benchmark_on_a_checkpoint_folder(tmp_path):
