@@ -565,8 +565,9 @@ def main() -> None:
     print(grpo_line)
     _print_lora(lora_res)
     print(f"SFT step with {packing['packed_segments']} packed sequences per row "
-          f"{packing['packed_step_s'] * 1e3:.1f} ms vs one per row {packing['unpacked_step_s'] * 1e3:.1f} ms, the same real tokens (time ratio packed / "
-          f"unpacked {packing['packed_time_ratio']}, median of rounds; {packing['packed_time_ratio_cpu']} CPU time)")
+          f"{packing['packed_step_s'] * 1e3:.1f} ms vs one per row {packing['unpacked_step_s'] * 1e3:.1f} ms, "
+          f"the same real tokens (time ratio packed / unpacked {packing['packed_time_ratio']}, median of rounds; "
+          f"{packing['packed_time_ratio_cpu']} CPU time)")
     load = load_report(args.threads)
     print(json.dumps({"name": "train_step_sft_tokens_per_s", **sft, **grpo_fields, **lora_res, **packing,
                       "batch": args.batch, "seq": args.seq, "threads": args.threads,
