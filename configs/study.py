@@ -59,7 +59,9 @@ def get_config():
 # the test questions 80.5 -> 83.5 and 55.5 -> 54.0. GRPO learned the prompts it revisited, not the task. So this
 # search gives it fresh prompts (480 per 60 steps, from 2,000) and keeps the old 300-prompt pool as the control.
 # Result (400 validation questions; no GRPO 55.0%): pool 57.0, fresh 57.0, fresh at lr 3e-4 51.5, fresh x 120 steps
-# 59.5 (chosen). On the test seeds (c) then gained +4.5 over (b) but lost 5.0 to (d); see runs/study/report.md.
+# 59.5 (chosen). On the test seeds (c) then gained +4.5 over (b) but lost 5.0 to (d). That search reused earlier
+# stages; two runs from scratch since (README, "The study"; they differ only in float rounding) chose lr 1e-4 and lr
+# 3e-4 at 60 steps, and gave (c) +4.5 / +5.7 over (b) (p = 0.012 / 0.027) and -3.2 / -3.0 against (d).
 GRPO_CANDIDATES = (
     {"optimizer": {"learning_rate": 1e-4}, "grpo": {"num_prompts": 300}},
     {"optimizer": {"learning_rate": 1e-4}},
