@@ -213,7 +213,8 @@ class Sampler(SamplerBase):
         new = {"keys": np.zeros((shape.slots, 2), np.uint32), "limit": np.zeros((shape.slots,), np.int32)}
         if shape.budget is not None:
             new["thinking"] = shape.budget.fields(shape.slots)
-        for i, p in enumerate(group + [group[0]] * (rows - len(group))):  # filler rows repeat a real prompt
+        # Filler rows repeat a real prompt, only where the last model call reads them; rows past it stay unread.
+        for i, p in enumerate(group + [group[0]] * (calls * width - len(group))):
             tokens[i, bucket - len(prompts[p]):] = prompts[p]
             positions[i, bucket - len(prompts[p]):] = np.arange(len(prompts[p]))
             mask[i, bucket - len(prompts[p]):] = True
@@ -225,6 +226,6 @@ class Sampler(SamplerBase):
                     new["thinking"][k][slot] = v
         put = self.placement.replicated()
         fields = jax.tree.map(self.placement.put_rows, new)
-        dense = tuple(jnp.asarray(a) if put is None else jax.device_put(a, put) for a in (tokens, positions, mask))
-        count = jnp.asarray(np.int32(calls)) if put is None else jax.device_put(np.int32(calls), put)
-        return (*dense, self.placement.put_rows(src), fields, count)
+        tokens, positions, mask, count = (jnp.asarray(a) if put is None else jax.device_put(a, put)
+                                          for a in (tokens, positions, mask, np.int32(calls)))
+        return tokens, positions, mask, self.placement.put_rows(src), fields, count
