@@ -1,4 +1,5 @@
-"""Compiler options per kind of program: the dense-program options pick the more accurate CPU GEMM."""
+"""Compiler options per kind of program: the dense-program options pick the more accurate CPU GEMM; a decode
+step's LM head runs on Eigen."""
 
 import jax
 import jax.numpy as jnp
@@ -43,3 +44,41 @@ def test_jit_dense_and_opt_out(monkeypatch):
     np.testing.assert_allclose(np.asarray(scaled_matmul(2, a, a.T)), 2 * a @ a.T)
     monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
     assert xla_options.dense_program_options() is None
+
+
+def _head_dot_in_ynn(model, head) -> bool:
+    """Whether the compiled one-token step's LM-head product (the [B, V] logits) runs as a YNNPACK library
+    fusion rather than as a plain dot (XLA's Eigen GEMM)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    rows, vocab = 4, model.cfg.vocab_size
+
+    def step(state, tokens, cache, head):
+        return nnx.merge(graphdef, state)(tokens, jnp.zeros_like(tokens), cache=cache, head=head)[0]
+
+    hlo = jax.jit(step).lower(state, jnp.ones((rows, 1), jnp.int32), model.init_cache(rows, 8), head).compile()
+    entry = hlo.as_text().split("\nENTRY ")[1].splitlines()
+    made = [line for line in entry if f"= f32[{rows},{vocab}]" in line and (" dot(" in line or "fusion(" in line)]
+    assert len(made) == 1, made  # the head is the step's only [rows, vocab] product (vocab != the MLP's width)
+    assert " dot(" in made[0] or "__ynn_fusion" in made[0], made[0]
+    return "__ynn_fusion" in made[0]
+
+
+def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
+    """A one-token step's LM head is handed to XLA's Eigen GEMM (faster for few rows) by transposing its rows;
+    with MEDKR_XLA_DEFAULTS=1 YNNPACK takes it; the logits agree."""
+    from medkr_jax.models.hf import load_decoder
+    from tests.helpers_models import make_tiny_hf_model
+
+    make_tiny_hf_model("qwen3", tmp_path, seed=3, vocab_size=160)
+    model, _ = load_decoder(tmp_path)
+    assert xla_options.decode_head_lhs_transposed()
+    assert not _head_dot_in_ynn(model, model.decode_head())
+    tokens = jnp.asarray([[5], [7], [9], [11]])
+    eigen = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8), head=model.decode_head())[0]
+    monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
+    assert not xla_options.decode_head_lhs_transposed()
+    assert _head_dot_in_ynn(model, None)
+    ynn = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8))[0]
+    np.testing.assert_allclose(np.asarray(eigen), np.asarray(ynn), rtol=1e-5, atol=1e-5)

@@ -127,11 +127,13 @@ class Sampler(SamplerBase):
         state = self._program(("init", shape), lambda: self._init_program(shape))()
         sched = Scheduler([len(p) for p in prompts], limits, n, slots)
         min_refill = self.min_refill or max(1, slots // 8)
+        # This call's programs, looked up once (a program's key hashes the model's graph: ~2 ms a lookup).
+        decode = self._decode(graphdef, params, head, state, shape, scalars, mode)
+        prefills: dict[tuple[int, int], Any] = {}
         while not sched.finished():
             placed = sched.assign()
             if placed:
-                state = self._refill(graphdef, params, state, shape, placed, prompts, keys, limits, n)
-            decode = self._decode(graphdef, params, head, state, shape, scalars, mode)
+                state = self._refill(graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills)
             state, toks, lps, count, done = decode(params, head, state, *scalars,
                                                    jnp.asarray(np.int32(sched.want_done(min_refill))))
             for p in sched.record(*(host(x) for x in (toks, lps, count, done))):
@@ -172,9 +174,9 @@ class Sampler(SamplerBase):
 
         return self._program(key, build)
 
-    def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n):
+    def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills):
         """Prefill the prompts of the newly ``placed`` (slot, row) pairs into their slots, one call per bucket;
-        a prompt placed in several slots is prefilled once."""
+        a prompt placed in several slots is prefilled once. ``prefills``: the call's programs by (bucket, width)."""
         by_prompt: dict[int, list[tuple[int, int]]] = {}
         for slot, row in placed:
             by_prompt.setdefault(row // n, []).append((slot, row))
@@ -184,9 +186,11 @@ class Sampler(SamplerBase):
         for bucket, group in sorted(by_bucket.items(), reverse=True):
             width = self._prefill_rows(bucket, shape.slots)
             args = self._prefill_args(group, by_prompt, prompts, keys, limits, shape, bucket, width)
-            fn = self._program(("prefill", graphdef, signature(params), shape, bucket, width),
-                               lambda: self._prefill_program(graphdef, params, state, shape, bucket, width, args))
-            state = fn(params, state, *args)
+            if (bucket, width) not in prefills:
+                prefills[bucket, width] = self._program(
+                    ("prefill", graphdef, signature(params), shape, bucket, width),
+                    lambda: self._prefill_program(graphdef, params, state, shape, bucket, width, args))
+            state = prefills[bucket, width](params, state, *args)
         return state
 
     def _prefill_rows(self, bucket: int, slots: int) -> int:

@@ -264,18 +264,19 @@ class Decoder(nnx.Module):
         t = x.shape[1]
         acc = jnp.promote_types(self.dtype, jnp.float32)
         emb = self.embed.embedding[...]
+        # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
+        # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
+        rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        if t == 1 and xla_options.decode_head_lhs_transposed():
+            rows = jax.lax.optimization_barrier(rows.T).T  # see xla_options: the decode step's head GEMM on Eigen
         if head is not None and t == 1:
-            logits = jnp.einsum("bte,ev->btv", x, head.astype(self.dtype), preferred_element_type=acc)
+            logits = jnp.matmul(rows, head.astype(self.dtype), preferred_element_type=acc)
+        elif self.lm_head is None:
+            logits = jax.lax.dot_general(rows, emb.astype(self.dtype), (((1,), (1,)), ((), ())),
+                                         preferred_element_type=acc)
         else:
-            # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
-            # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
-            rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-            if self.lm_head is None:
-                logits = jax.lax.dot_general(rows, emb.astype(self.dtype), (((1,), (1,)), ((), ())),
-                                             preferred_element_type=acc)
-            else:
-                logits = jnp.matmul(rows, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=acc)
-            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+            logits = jnp.matmul(rows, self.lm_head.kernel[...].astype(self.dtype), preferred_element_type=acc)
+        logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping)
         return constrain(logits, ("batch", "length", "vocab"))
 
