@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 
+from medkr_jax import xla_options
 from medkr_jax.models.decoder.config import DecoderConfig
 
 # Finite rather than -inf, so a fully masked row (a left-padding query) stays finite.
@@ -56,16 +57,19 @@ def rope_inv_freq(cfg: DecoderConfig, *, local: bool = False) -> np.ndarray:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32[B, T, 1, D] for positions [B, T]; computed once per call, shared by all layers."""
+    """cos, sin float32[B, T, 1, D/2] for positions [B, T] (each angle once: the rotate-half layout uses it for
+    both halves); computed once per call, shared by all layers (on CPU made sure of: see
+    ``xla_options.materialised``)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    cos, sin = xla_options.materialised(jnp.cos(freqs), jnp.sin(freqs))
+    return cos[:, :, None, :], sin[:, :, None, :]
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` on half-width tables, the same float operations."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
