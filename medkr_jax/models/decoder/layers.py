@@ -66,10 +66,12 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` on half-width tables, the same float operations."""
+    """HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` from half-width tables, written as HF writes it
+    (the same expression compiles to the same float operations, fused multiply-adds included)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    cos, sin = (jnp.concatenate([t, t], axis=-1).astype(x.dtype) for t in (cos, sin))
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
