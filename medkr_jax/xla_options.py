@@ -27,13 +27,6 @@ row-major, so `decode_head_lhs_transposed` hands the head's rows to it transpose
 optimisation barrier, read back transposed): whole greedy calls of 128 tokens 1.08x faster at batch 8, 1.02x at
 16, 1.11x at 32 (medians of 4 interleaved rounds).
 
-XLA:CPU fuses an elementwise producer into each of its consumers, and so recomputes it in each, even when the
-producer is expensive and the consumers broadcast it: RoPE's cos / sin tables ([B, T, D/2]) were recomputed in
-every layer's q and k rotations, forward and backward, and once per head (4 rotations of [8, 256, 4, 64]: 11.7 ms
-fused vs 2.3 ms with the tables computed once). An optimisation barrier does not stop it (XLA:CPU removes barriers
-before fusing), so `materialised` passes such arrays through a product with the identity matrix, which XLA does not
-fuse into elementwise consumers and computes exactly (every output is x * 1 plus zeros, at HIGHEST precision).
-
 The options apply to the CPU backend only (`None` / False, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in
 the environment turns them off, to compare.
 """
@@ -46,8 +39,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 DENSE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -67,19 +58,6 @@ def transposed_decode_head() -> bool:
 def decode_head_lhs_transposed() -> bool:
     """Whether a one-token step's LM-head matmul reads its rows from a transposed copy (see the module docstring)."""
     return os.environ.get("MEDKR_XLA_DEFAULTS") != "1" and jax.default_backend() == "cpu"
-
-
-def materialised(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """The float arrays unchanged, but on CPU computed once where they are made rather than inside each consumer
-    (see the module docstring); elsewhere the arrays themselves."""
-    if os.environ.get("MEDKR_XLA_DEFAULTS") == "1" or jax.default_backend() != "cpu":
-        return arrays
-    widths = [a.shape[-1] for a in arrays]
-    joined = jnp.concatenate(arrays, axis=-1)
-    rows = joined.reshape(-1, joined.shape[-1])
-    eye = jnp.eye(rows.shape[-1], dtype=rows.dtype)
-    out = jnp.dot(rows, eye, precision=jax.lax.Precision.HIGHEST).reshape(joined.shape)
-    return tuple(jnp.split(out, np.cumsum(widths)[:-1].tolist(), axis=-1))
 
 
 def jit_dense(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:

@@ -329,3 +329,19 @@ def test_both_layer_layouts_start_from_the_same_weights():
                                       scanned.layers.mlp.gate_proj.kernel[...][i])
     np.testing.assert_array_equal(plain.embed.embedding[...], scanned.embed.embedding[...])
     assert not np.array_equal(plain.layers[0].attn.q_proj.kernel[...], plain.layers[1].attn.q_proj.kernel[...])
+
+
+def test_compiled_training_step_computes_rope_tables_once(tmp_path):
+    """The forward + backward of a 2-layer Llama computes RoPE's cosines in one place, not inside each layer's q and
+    k rotations (on CPU XLA recomputed full-width tables in every rotation fusion, once per head: rope_tables)."""
+    make_tiny_hf_model("llama", tmp_path, seed=4)
+    model, _ = load_decoder(tmp_path)
+    graphdef, state = nnx.split(model)
+    tokens = jnp.ones((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+
+    def loss(st):
+        return nnx.merge(graphdef, st)(tokens, positions)[0].sum()
+
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    assert sum("cosine(" in block for block in hlo.split("\n\n")) == 1

@@ -83,33 +83,3 @@ def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
     ynn = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8))[0]
     np.testing.assert_allclose(np.asarray(eigen), np.asarray(ynn), rtol=1e-5, atol=1e-5)
 
-
-def test_materialised_is_exact_and_keeps_rope_tables_out_of_the_rotations(tmp_path, monkeypatch):
-    """`materialised` returns its arrays bit for bit; with it the compiled forward computes RoPE's cosines in one
-    place, without it (MEDKR_XLA_DEFAULTS=1) XLA recomputes them inside several layers' rotations."""
-    from medkr_jax.models.hf import load_decoder
-    from tests.helpers_models import make_tiny_hf_model
-
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)), jnp.float32)
-    y = jnp.asarray(np.random.default_rng(1).standard_normal((3, 5, 2)), jnp.float32)
-    a, b = jax.jit(xla_options.materialised)(x, y)
-    assert a.shape == x.shape and b.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
-    np.testing.assert_array_equal(np.asarray(b), np.asarray(y))
-
-    make_tiny_hf_model("llama", tmp_path, seed=4)
-    model, _ = load_decoder(tmp_path)
-    tokens = jnp.ones((2, 16), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-
-    def places_computing_cosines() -> int:
-        from flax import nnx
-
-        graphdef, state = nnx.split(model)
-        loss = lambda st: nnx.merge(graphdef, st)(tokens, positions)[0].sum()  # noqa: E731
-        hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
-        return sum("cosine(" in block for block in hlo.split("\n\n"))
-
-    assert places_computing_cosines() == 1
-    monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
-    assert places_computing_cosines() > 2

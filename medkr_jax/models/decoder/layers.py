@@ -14,7 +14,6 @@ import numpy as np
 from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 
-from medkr_jax import xla_options
 from medkr_jax.models.decoder.config import DecoderConfig
 
 # Finite rather than -inf, so a fully masked row (a left-padding query) stays finite.
@@ -57,17 +56,19 @@ def rope_inv_freq(cfg: DecoderConfig, *, local: bool = False) -> np.ndarray:
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin float32[B, T, 1, D/2] for positions [B, T] (each angle once: the rotate-half layout uses it for
-    both halves); computed once per call, shared by all layers (on CPU made sure of: see
-    ``xla_options.materialised``)."""
+    """cos, sin float32[B, T, 1, D/2] for positions [B, T]: each angle once (the rotate-half layout uses it for both
+    halves; ``_rotate`` widens the tables). Computed once per call, shared by all layers.
+
+    Half-width also decides where XLA:CPU computes them: tables of the full width (cos of ``cat(freqs, freqs)``)
+    were fused into, and so recomputed in, every layer's q and k rotation, forward and backward, once per head;
+    half-width tables widened by a concatenation are computed once (the SFT step of bench/train_step.py's model,
+    1 thread: 489 -> 440 ms; tests/test_decoder.py checks the compiled step computes cosines in one place)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos, sin = xla_options.materialised(jnp.cos(freqs), jnp.sin(freqs))
-    return cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
 
 
 def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` from half-width tables, written as HF writes it
-    (the same expression compiles to the same float operations, fused multiply-adds included)."""
+    """HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` from half-width tables, written as HF writes it."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     cos, sin = (jnp.concatenate([t, t], axis=-1).astype(x.dtype) for t in (cos, sin))
     rotated = jnp.concatenate([-x2, x1], axis=-1)
