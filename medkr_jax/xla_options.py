@@ -43,21 +43,24 @@ import jax
 DENSE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
+def _cpu_tuning() -> bool:
+    """Whether the CPU-specific choices below apply: on the CPU backend, unless MEDKR_XLA_DEFAULTS=1."""
+    return os.environ.get("MEDKR_XLA_DEFAULTS") != "1" and jax.default_backend() == "cpu"
+
+
 def dense_program_options() -> dict[str, str] | None:
     """`compiler_options` for a jitted program dominated by large matmuls (None = XLA's defaults)."""
-    if os.environ.get("MEDKR_XLA_DEFAULTS") == "1" or jax.default_backend() != "cpu":
-        return None
-    return dict(DENSE_CPU_OPTIONS)
+    return dict(DENSE_CPU_OPTIONS) if _cpu_tuning() else None
 
 
 def transposed_decode_head() -> bool:
     """Whether decode steps multiply by an [E, V] copy of a tied embedding (see the module docstring)."""
-    return os.environ.get("MEDKR_XLA_DEFAULTS") != "1" and jax.default_backend() == "cpu"
+    return _cpu_tuning()
 
 
 def decode_head_lhs_transposed() -> bool:
     """Whether a one-token step's LM-head matmul reads its rows from a transposed copy (see the module docstring)."""
-    return os.environ.get("MEDKR_XLA_DEFAULTS") != "1" and jax.default_backend() == "cpu"
+    return _cpu_tuning()
 
 
 def jit_dense(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:

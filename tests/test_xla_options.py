@@ -4,8 +4,11 @@ step's LM head runs on Eigen."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from medkr_jax import xla_options
+from medkr_jax.models.hf import load_decoder
+from tests.helpers_models import make_tiny_hf_model
 
 
 def _gemm_error(options) -> float:
@@ -49,8 +52,6 @@ def test_jit_dense_and_opt_out(monkeypatch):
 def _head_dot_in_ynn(model, head) -> bool:
     """Whether the compiled one-token step's LM-head product (the [B, V] logits) runs as a YNNPACK library
     fusion rather than as a plain dot (XLA's Eigen GEMM)."""
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     rows, vocab = 4, model.cfg.vocab_size
 
@@ -68,9 +69,6 @@ def _head_dot_in_ynn(model, head) -> bool:
 def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
     """A one-token step's LM head is handed to XLA's Eigen GEMM (faster for few rows) by transposing its rows;
     with MEDKR_XLA_DEFAULTS=1 YNNPACK takes it; the logits agree."""
-    from medkr_jax.models.hf import load_decoder
-    from tests.helpers_models import make_tiny_hf_model
-
     make_tiny_hf_model("qwen3", tmp_path, seed=3, vocab_size=160)
     model, _ = load_decoder(tmp_path)
     assert xla_options.decode_head_lhs_transposed()
@@ -82,4 +80,3 @@ def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
     assert _head_dot_in_ynn(model, None)
     ynn = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8))[0]
     np.testing.assert_allclose(np.asarray(eigen), np.asarray(ynn), rtol=1e-5, atol=1e-5)
-
