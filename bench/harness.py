@@ -6,7 +6,10 @@ Benchmark method (all scripts):
   the first ``--threads`` CPUs it may use (XLA sizes its thread pools, the matmul one included, from those CPUs;
   torch gets ``set_num_threads(threads)`` in the same process), and one thread also turns off XLA's
   multi-threaded Eigen. Both sides therefore run on the same cores. jax defaults to its CPU backend
-  (``JAX_PLATFORMS=cpu`` unless set): the references are CPU PyTorch.
+  (``JAX_PLATFORMS=cpu`` unless set): the references are CPU PyTorch. ``pin`` also applies the host memory
+  policy of the entry point (``medkr_jax.host_memory.reuse_freed_memory``: freed memory stays in the process),
+  so the benchmark measures what ``python -m medkr_jax.main`` runs with; being process-wide, it holds for the
+  in-process reference too (and for the GRPO benchmark's tunix worker, which calls ``pin`` as well).
 * Rounds. ``run_rounds`` runs every ``Timer`` (ours, the reference(s)) once per round and the matmul-peak timers
   ``peak_calls`` times each, in one order on even rounds and the reverse on odd ones, so no side always runs
   first and every side, the peak included, sees the same machine load. Each Timer keeps every round's wall and
@@ -57,6 +60,10 @@ def pin(threads: int) -> list[int]:
 
     Call before jax is imported (XLA reads the affinity and XLA_FLAGS once, when it starts). Idempotent.
     """
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from medkr_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before XLA starts its threads, as the entry point does
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cpus = sorted(os.sched_getaffinity(0))
     if threads < len(cpus):

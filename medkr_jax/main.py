@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from medkr_jax.host_memory import reuse_freed_memory
 from medkr_jax.jobs import JOBS, UnknownJob, job_function
 
 
@@ -220,4 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The process's malloc policy (medkr_jax.host_memory), before any job starts XLA's threads; here rather
+    # than in main(), which tests call inside their own processes.
+    reuse_freed_memory()
     sys.exit(main())
