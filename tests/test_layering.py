@@ -1,6 +1,7 @@
 """The package's layering, read from every module's imports (no jax needed): a break fails here, naming the line.
 
-    main -> (jobs, pipeline) -> (train, eval) -> (sampling, models) -> data -> (config, parallel, xla_options)
+    main -> (jobs, pipeline) -> (train, eval) -> (sampling, models) -> data
+         -> (config, parallel, xla_options, host_memory)
 
 See docs/architecture.md. Imports sit at module top, so this graph is the one a reader sees; the exceptions are
 main's lazy job dispatch (``--help`` answers without jax) and the optional heavy dependencies in LAZY_OK.
@@ -26,6 +27,8 @@ FORBIDDEN = {
     "parallel": {"config", "data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
     "sharding_rules": {"config", "data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
     "xla_options": {"data", "models", "train", "eval", "sampling", "pipeline", "jobs"},
+    "host_memory": {"config", "parallel", "xla_options", "data", "models", "train", "eval", "sampling", "pipeline",
+                    "jobs"},
     "pipeline": {"main"},
     "jobs": {"main"},
 }
