@@ -456,15 +456,23 @@ def test_grpo_learns_under_a_noisy_reward(signal_world, tmp_path, tmp_path_facto
     for k, r in enumerate(noisy):
         r.id = f"{r.id}-{k}"
     write_records(str(tmp_path / "noisy.jsonl"), noisy)
-    cfg = grpo_config(tmp_path, tmp_path / "noisy.jsonl", d / "warm" / "hf", steps=24, generations=16)
-    cfg.grpo.num_prompts = 16  # a pool of the file's first 16 questions: variant 0 of every signal
-    with compilation_cache(tmp_path_factory):
-        summary = grpo_job.run(cfg, mesh=one_device_mesh())
-        after = sampled_accuracy(summary["export_dir"], signal_records(lambda i: [i]))
-    assert summary["prompts"] == 16
-    rewards = [r["reward_mean"] for r in read_metrics(cfg.output_dir) if "reward_mean" in r]
-    assert np.mean(rewards[:3]) <= 0.35 and np.mean(rewards[-5:]) >= 0.55, rewards
-    assert after >= 0.8, after  # the majority letter, though a quarter of its rewards said otherwise
+    early, late, after = [], [], []
+    for seed in (0, 1):  # two runs (prompt order and sampling): the thresholds hold for their mean
+        cfg = grpo_config(tmp_path / f"seed{seed}", tmp_path / "noisy.jsonl", d / "warm" / "hf", steps=24,
+                          generations=16)
+        cfg.grpo.num_prompts = 16  # a pool of the file's first 16 questions: variant 0 of every signal
+        cfg.seed = seed
+        with compilation_cache(tmp_path_factory):
+            summary = grpo_job.run(cfg, mesh=one_device_mesh())
+            after.append(sampled_accuracy(summary["export_dir"], signal_records(lambda i: [i])))
+        assert summary["prompts"] == 16
+        rewards = [r["reward_mean"] for r in read_metrics(cfg.output_dir) if "reward_mean" in r]
+        early.append(np.mean(rewards[:3]))
+        late.append(np.mean(rewards[-5:]))
+        assert late[-1] >= early[-1] + 0.15, (seed, rewards)  # every run learns something
+    # seeds 0-2 measured: early 0.25-0.26, late 0.65-0.69, after 0.93-0.95
+    assert np.mean(early) <= 0.35 and np.mean(late) >= 0.55, (early, late)
+    assert np.mean(after) >= 0.8, after  # the majority letter, though a quarter of its rewards said otherwise
 
 
 def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_path_factory):
@@ -597,17 +605,25 @@ VARIANTS = {"grpo": {}, "dr_grpo": {}, "gspo": {},
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_factory, name):
-    """From the warm policy (reward ~0.25: a random letter) every loss by name, mu = 2, learns the rule."""
+    """From the warm policy (reward ~0.25: a random letter) every loss by name, mu = 2, learns the rule: over two
+    seeds (prompt order and sampling) the reward rises by 0.3 on average, and by 0.15 in each run (seeds 0-3
+    measured: rises of 0.39-0.68, every loss)."""
     d, rule = signal_world
     settings = grpo.GRPOSettings(num_generations=8, max_new_tokens=16, mu=2, loss=name, **VARIANTS[name])
-    with compilation_cache(tmp_path_factory):
-        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12)
-    rewards = [r["reward_mean"] for r in recs]
-    assert np.mean(rewards[:2]) <= 0.4 and np.mean(rewards[-3:]) >= np.mean(rewards[:2]) + 0.3, rewards
+    rises, extra_prompts = [], 0
+    for seed in (0, 1):
+        with compilation_cache(tmp_path_factory):
+            recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12, seed=seed)
+        extra_prompts += sum(r.get("extra_prompts", 0) for r in recs)
+        rewards = [r["reward_mean"] for r in recs]
+        assert np.mean(rewards[:2]) <= 0.4, (seed, rewards)  # the warm policy guesses
+        rises.append(np.mean(rewards[-3:]) - np.mean(rewards[:2]))
+        assert rises[-1] >= 0.15, (seed, rewards)
+    assert np.mean(rises) >= 0.3, rises
     if name == "dapo":
         assert {"groups_dropped", "extra_prompts", "sampling_rounds", "padding_groups", "overlong_penalty",
                 "overlong_rate"} <= set(recs[-1])
-        assert sum(r["extra_prompts"] for r in recs) > 0  # some step's groups all agreed and were refilled
+        assert extra_prompts > 0  # some step's groups all agreed and were refilled
 
 
 # ------------------------------------------------------------------------------------- LoRA (models/lora.py)
