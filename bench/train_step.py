@@ -15,7 +15,7 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
 clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
-sides load that checkpoint instead and only this comparison runs. After two warm-up steps each, `--steps` rounds of one step per side, with the matmul peak
+sides load that checkpoint instead and only this comparison runs. After three interleaved warm-up rounds, `--steps` rounds of one step per side, with the matmul peak
 timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
 FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the peak (the best call of a large
 float32 matmul, jitted JAX or torch).
@@ -261,7 +261,7 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
         lora.apply_lora(model, lora.LoRASettings(rank=r, alpha=2.0 * r), mesh=mesh)
         trainers.append(Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh))
     memory = [t.step_memory(batch, key)["peak"] for t in trainers]
-    full, low = (warmed(lambda t=t: float(t.update(batch, key)["loss"])) for t in trainers)
+    full, low = warmed(*[lambda t=t: float(t.update(batch, key)["loss"]) for t in trainers])
     run_rounds({"full": full, "lora": low}, steps)
     trained = [sum(x.size for x in jax.tree.leaves(t.params)) for t in trainers]
     return {"lora_rank": rank, "lora_trained_params": int(trained[1]), "full_trained_params": int(trained[0]),
@@ -300,7 +300,7 @@ def packed_vs_unpacked(batch: dict, segments: int, steps: int) -> dict:
     opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
     key, packed = jax.random.key(0), packed_batch(batch, segments)
-    one, many = (warmed(lambda x=x: float(trainer.update(x, key)["loss"])) for x in (batch, packed))
+    one, many = warmed(*[lambda x=x: float(trainer.update(x, key)["loss"]) for x in (batch, packed)])
     run_rounds({"unpacked": one, "packed": many}, steps)
     return {"packed_segments": segments, "packed_step_s": round(many.wall, 5), "unpacked_step_s": round(one.wall, 5),
             **ratios(one, many, key="packed_time_ratio")}
@@ -314,11 +314,13 @@ def _print_lora(res: dict) -> None:
           f"{res['lora_trained_params']:,} vs {res['full_trained_params']:,}")
 
 
-def warmed(fn, calls: int = 2) -> Timer:
-    """A Timer of `fn` after `calls` untimed calls (compilation, first-touch allocations, optimizer state)."""
+def warmed(*fns, calls: int = 3) -> list[Timer]:
+    """A Timer of each of `fns` after `calls` untimed rounds that call them in turn, as the timed rounds will
+    (compilation, optimizer state, and a heap shared by both sides settling into the pattern it is timed in)."""
     for _ in range(calls):
-        fn()
-    return Timer(fn)
+        for fn in fns:
+            fn()
+    return [Timer(fn) for fn in fns]
 
 
 @contextlib.contextmanager
@@ -425,7 +427,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12,
-                    help="interleaved rounds of one step per side (after two warm-up steps) for SFT and LoRA; "
+                    help="interleaved rounds of one step per side (after three warm-up rounds) for SFT and LoRA; "
                          "timed steps per GRPO run")
     ap.add_argument("--repeats", type=int, default=2, help="GRPO rounds: alternating runs per implementation")
     ap.add_argument("--batch", type=int, default=8, help="SFT / LoRA batch rows")
@@ -455,7 +457,7 @@ def sft_comparison(args, batch: dict) -> tuple[dict, str]:
     ours_fn, n_params, torch_fn, cfg = sft_steps(batch, args.model_folder)
     b, t = batch["tokens"].shape
     flops = 6.0 * n_params * b * t + 12.0 * cfg.num_layers * b * t * t * cfg.num_heads * cfg.head_dim
-    ours, ref = warmed(ours_fn), warmed(torch_fn)
+    ours, ref = warmed(ours_fn, torch_fn)
     peak_t = peak_timers(args.peak_n)
     run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
     cmp = ratios(ours, ref)
