@@ -60,11 +60,13 @@ def pin(threads: int) -> list[int]:
 
     Call before jax is imported (XLA reads the affinity and XLA_FLAGS once, when it starts). Idempotent.
     """
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
     from medkr_jax.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # before XLA starts its threads, as the entry point does
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cpus = sorted(os.sched_getaffinity(0))
     if threads < len(cpus):
         os.sched_setaffinity(0, cpus[:threads])

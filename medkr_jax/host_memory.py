@@ -19,14 +19,17 @@ several XLA threads the heap may need a few steps to settle. Where buffers live 
 bit-identical.
 
 It must run before XLA starts its worker threads (a thread keeps the arena it first allocated from), so the
-entry point (`python -m medkr_jax.main`) and the benchmarks call it before jax runs anything. It is a no-op
-outside glibc (macOS, musl) and with MEDKR_MALLOC_DEFAULTS=1 in the environment (to compare, or to give memory
-back).
+entry point (`python -m medkr_jax.main`) and the benchmarks call it before jax runs anything. It applies only
+where jax will run on the CPU (JAX_PLATFORMS starts with "cpu", or is unset and no TPU / GPU plugin is
+installed): an accelerator's step buffers live in device memory, and its host keeps glibc's defaults. It is a
+no-op outside glibc (macOS, musl) and with MEDKR_MALLOC_DEFAULTS=1 in the environment (to compare, or to give
+memory back).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 
 # glibc's mallopt parameters (malloc.h)
@@ -48,16 +51,31 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
+# packages that give jax a non-CPU default backend when installed
+ACCELERATOR_PLUGINS = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin")
+
+
+def cpu_backend_expected() -> bool:
+    """Whether jax will run on the CPU, told without starting it: JAX_PLATFORMS's first entry, else whether no
+    accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
 def reuse_freed_memory() -> bool:
     """Apply the policy of the module docstring once per process; returns whether it is in effect.
 
-    False outside glibc, with MEDKR_MALLOC_DEFAULTS=1, or when glibc refused a setting (it says so with 0).
+    False outside glibc, with MEDKR_MALLOC_DEFAULTS=1, when jax will not run on the CPU, or when glibc refused a
+    setting (it says so with 0).
     """
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("MEDKR_MALLOC_DEFAULTS") == "1":
+    if os.environ.get("MEDKR_MALLOC_DEFAULTS") == "1" or not cpu_backend_expected():
         return False
     libc = _glibc()
     if libc is None:

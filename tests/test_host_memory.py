@@ -68,3 +68,23 @@ def test_opt_out_and_once_per_process(monkeypatch):
     assert host_memory.reuse_freed_memory() is False
     monkeypatch.delenv("MEDKR_MALLOC_DEFAULTS")
     assert host_memory.reuse_freed_memory() is False  # decided once per process: no change behind a test's back
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cpu,cuda", True), ("tpu", False),
+                                                 ("cuda,cpu", False)])
+def test_applies_only_where_jax_runs_on_the_cpu(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.cpu_backend_expected() is expected
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setattr(host_memory, "_glibc", lambda: pytest.fail("looked for glibc on an accelerator"))
+    if not expected:
+        assert host_memory.reuse_freed_memory() is False
+
+
+def test_an_installed_accelerator_plugin_means_not_the_cpu(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    found = {"libtpu"}
+    monkeypatch.setattr(host_memory.importlib.util, "find_spec", lambda name: object() if name in found else None)
+    assert host_memory.cpu_backend_expected() is False
+    found.clear()
+    assert host_memory.cpu_backend_expected() is True
