@@ -15,8 +15,8 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
 clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
-sides load that checkpoint instead and only this comparison runs. After three interleaved warm-up rounds, `--steps` rounds of one step per side, with the matmul peak
-timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
+sides load that checkpoint instead and only this comparison runs. After three interleaved warm-up rounds, `--steps`
+rounds of one step per side, with the matmul peak timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
 FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the peak (the best call of a large
 float32 matmul, jitted JAX or torch).
 

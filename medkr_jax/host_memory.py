@@ -38,6 +38,9 @@ M_TOP_PAD = -2
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _KEEP = 2**31 - 1  # mallopt takes an int: the largest trim threshold and top pad it can be set to
+# packages that give jax a non-CPU default backend when installed
+ACCELERATOR_PLUGINS = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin")
 
 _applied: bool | None = None
 
@@ -49,11 +52,6 @@ def _glibc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
-
-
-# packages that give jax a non-CPU default backend when installed
-ACCELERATOR_PLUGINS = ("jax_plugins", "libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                       "jax_rocm7_plugin")
 
 
 def cpu_backend_expected() -> bool:

@@ -12,8 +12,8 @@ import pytest
 
 from medkr_jax import host_memory
 
-# A program whose temporaries (running sums over [2048, 4096] float32 arrays, 32 MB each) are well above glibc's largest
-# mmap threshold, so without the policy every call maps and unmaps them.
+# A program whose temporaries (running sums over [2048, 4096] float32 arrays, 32 MB each) are well above
+# glibc's largest mmap threshold, so without the policy every call maps and unmaps them.
 SCRIPT = r"""
 import json, os, resource, sys
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])  # one CPU, one XLA thread: as bench/ runs steps
