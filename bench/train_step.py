@@ -16,9 +16,9 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
 clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
 sides load that checkpoint instead and only this comparison runs. After three interleaved warm-up rounds, `--steps`
-rounds of one step per side, with the matmul peak timed in the same rounds; tokens/s = batch * seq_len / the best round's time. `peak_fraction` = our step's model
-FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads * head_dim) over the peak (the best call of a large
-float32 matmul, jitted JAX or torch).
+rounds of one step per side, with the matmul peak timed in the same rounds; tokens/s = batch * seq_len / the best
+round's time. `peak_fraction` = our step's model FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads *
+head_dim) over the peak (the best call of a large float32 matmul, jitted JAX or torch).
 
 GRPO: the same tiny decoder (vocab 512, hidden 64, MLP 128, 2 layers, 4/2 heads of 16), 4 prompts per step x
 8 generations, 16 new tokens at temperature 1, beta 0.04 (a reference model), mu 1, AdamW 1e-3, the same
