@@ -19,8 +19,12 @@ rounds alternating with the matmul peak, pinned to the same ``--threads`` CPUs (
 tokens/s = useful tokens / the best round's wall-clock seconds. ``ratio`` (engine vs HF) and ``ratio_static``
 (engine vs static) are medians of the per-round ratios (the other side's time / the engine's, > 1: the engine is
 faster), each with its ``_best`` (best over best), ``_cpu`` (CPU time) and ``_rounds`` fields. A fresh engine then
-counts the programs one whole evaluation over these mixed lengths compiles. Prints a table, the load average,
-then one JSON line.
+counts the programs one whole evaluation over these mixed lengths compiles, and what the engine did
+(``Sampler.last_stats``): decode steps of its slots, ``occupancy`` (emitted tokens / slot-steps), the prefill's share
+of padding, and the bytes its decode steps read (every weight and the whole cache of every slot, each step) over
+the engine's whole call, against this machine's streaming read bandwidth timed in the same rounds (a lower bound on
+the decode steps' own rate: the call's time includes its prefills). Prints a table, the load average, then one JSON
+line.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
-                     ratio_line, ratios, run_rounds, threads_from_argv)
+                     ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
+                     threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="engine slots = static and HF batch size")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
+    ap.add_argument("--stream-mb", type=int, default=512, help="MiB streamed to time the memory bandwidth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (1 = single-threaded XLA too)")
     args = ap.parse_args()
@@ -77,7 +83,7 @@ def main() -> None:
 
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler, StaticSampler
-    from sampler import bench_model
+    from sampler import bench_model, decode_step_bytes
 
     folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_engine_")
     model, cfg = load_decoder(folder)
@@ -121,12 +127,15 @@ def main() -> None:
     match = greedy_match(first, batches, limits)
 
     timers = {k: Timer(fn) for k, fn in sides.items()}
-    peak_t = peak_timers(args.peak_n)
-    run_rounds(timers, args.repeats, peak_t)
+    peak_t, stream_t = peak_timers(args.peak_n), stream_timers(args.stream_mb)
+    run_rounds(timers, args.repeats, {**peak_t, **stream_t})
 
     counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole evaluation's programs
     counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-    report(args, name, cfg, useful, timers, peak_t, match, counter)
+    stats = engine.last_stats
+    step_bytes = decode_step_bytes(cfg, stats.slots, stats.cache_length)
+    report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, stream_bandwidth(stream_t),
+           stream_line(stream_t))
 
 
 def greedy_match(first: dict, batches, limits) -> dict[str, float]:
@@ -141,7 +150,8 @@ def greedy_match(first: dict, batches, limits) -> dict[str, float]:
     return {k: v / int(limits.sum()) for k, v in same.items()}
 
 
-def report(args, name, cfg, useful, timers, peak_t, match, counter) -> None:
+def report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, bandwidth,
+           bandwidth_text) -> None:
     tps = {k: useful / t.wall for k, t in timers.items()}
     cmp = ratios(timers["engine"], timers["hf"])
     cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
@@ -161,6 +171,13 @@ def report(args, name, cfg, useful, timers, peak_t, match, counter) -> None:
     print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
           f"the LM head)")
     print(peak_line(peak_t) + f"; engine at {100 * peak_fraction:.2f}% of it")
+    read_rate = stats.steps * step_bytes["total"] / timers["engine"].wall
+    print(f"engine: {stats.steps} decode steps of {stats.slots} slots, occupancy {100 * stats.occupancy:.1f}%; "
+          f"{stats.prefill_calls} prefill calls, {100 * stats.prefill_padding:.1f}% of their positions padding; a "
+          f"decode step reads {step_bytes['total'] / 2**20:.1f} MiB (weights {step_bytes['weights'] / 2**20:.1f}, "
+          f"KV cache of {stats.cache_length} slots a row {step_bytes['kv_cache'] / 2**20:.1f}): "
+          f"{read_rate / 1e9:.1f} GB/s over the whole call, {100 * read_rate / bandwidth:.0f}% of the "
+          + bandwidth_text)
     load = load_report(args.threads)
     cpu = {k: t.cpu for k, t in timers.items()}
     print(json.dumps({"name": "engine_heavy_tail", "ours": round(tps["engine"], 2), "reference": round(tps["hf"], 2),
@@ -172,6 +189,10 @@ def report(args, name, cfg, useful, timers, peak_t, match, counter) -> None:
                       "useful_tokens": useful, "prompts": args.prompts, "batch": args.batch, "threads": args.threads,
                       "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 5),
                       "greedy_match_static": round(match["static"], 4), "greedy_match_hf": round(match["hf"], 4),
+                      "decode_steps": stats.steps, "occupancy": round(stats.occupancy, 4),
+                      "prefill_padding": round(stats.prefill_padding, 4), "cache_length": stats.cache_length,
+                      "decode_bytes_per_step": step_bytes["total"], "stream_bytes_per_s": round(bandwidth),
+                      "bandwidth_fraction": round(read_rate / bandwidth, 4),
                       "model": name, **load}))
 
 

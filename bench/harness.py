@@ -20,6 +20,10 @@ Benchmark method (all scripts):
   CPU seconds of the reference over ours.
 * Peak. ``peak_flops`` is the best single call of a jitted JAX and of a PyTorch fp32 square matmul (the better
   framework); ``peak_fraction`` = our best-round FLOP/s over it.
+* Bandwidth (decode benchmarks). A decode step reads every weight and the KV cache to produce a few tokens, so
+  its roofline is memory bandwidth, not the matmul peak. ``stream_bandwidth`` is the best single call of a jitted
+  JAX and of a PyTorch sum over a float32 array larger than this machine's caches (the better framework), timed in
+  the same rounds as the peak; ``bandwidth_fraction`` = the bytes our decode step reads per second over it.
 * Load. ``load_report`` prints the load average and warns when the 1-minute load per core exceeds
   ``LOAD_WARNING_PER_CORE``: timings taken then are not comparable with a quiet machine's.
 """
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 
 PEAK_CALLS = 5  # peak matmul calls per timer and round: a quiet call is what the peak means
+STREAM_MB = 512  # the streamed array: larger than this machine's last-level cache (260 MiB L3)
 LOAD_WARNING_PER_CORE = 1.5
 
 
@@ -103,10 +108,12 @@ def cpu_seconds() -> float:
 
 class Timer:
     """Seconds per call of `fn` (averaged over `iters` calls per round), wall and CPU, every round kept.
-    `flops`: the FLOPs of one call, where a FLOP rate is reported."""
+    `flops`: the FLOPs of one call, where a FLOP rate is reported; `nbytes`: the bytes one call reads, where a
+    bandwidth is reported."""
 
-    def __init__(self, fn: Callable[[], object] | None = None, iters: int = 1, flops: float | None = None):
-        self.fn, self.iters, self.flops = fn, iters, flops
+    def __init__(self, fn: Callable[[], object] | None = None, iters: int = 1, flops: float | None = None,
+                 nbytes: float | None = None):
+        self.fn, self.iters, self.flops, self.nbytes = fn, iters, flops, nbytes
         self.walls: list[float] = []
         self.cpus: list[float] = []
 
@@ -184,6 +191,41 @@ def peak_line(timers: Mapping[str, Timer]) -> str:
     peak, peak_cpu = peak_flops(timers)
     each = ", ".join(f"{k.removesuffix('_mm')} {t.flops / t.wall / 1e9:.1f}" for k, t in timers.items())
     return f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s ({each}); {peak_cpu / 1e9:.1f} GFLOP per CPU-second"
+
+
+def stream_timers(mb: int = STREAM_MB) -> dict[str, Timer]:
+    """Timers of a jitted JAX and a PyTorch sum over one float32 array of `mb` MiB, warmed up (see
+    `stream_bandwidth`). A sum reads each byte once and its arithmetic is far below the machine's, so its rate is
+    the rate at which one pass streams memory (measured here on 1 thread: XLA 16.1, torch 15.1, numpy's pairwise
+    sum 9.1 GB/s)."""
+    import jax  # after pin()
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    n = mb * 2**20 // 4
+    host = np.ones(n, np.float32)
+    a = jnp.asarray(host)
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    ta = torch.from_numpy(host)
+    ta.sum()
+    nbytes = 4.0 * n
+    return {"jax_read": Timer(lambda: total(a).block_until_ready(), nbytes=nbytes),
+            "torch_read": Timer(lambda: ta.sum(), nbytes=nbytes)}
+
+
+def stream_bandwidth(timers: Mapping[str, Timer]) -> float:
+    """This machine's streaming read bandwidth (bytes/s) from `stream_timers`' rounds: the best call of the
+    better framework."""
+    return max(t.nbytes / t.wall for t in timers.values())
+
+
+def stream_line(timers: Mapping[str, Timer]) -> str:
+    """'streaming read ... GB/s (jax ..., torch ...)': the bandwidth and each framework's best call."""
+    each = ", ".join(f"{k.removesuffix('_read')} {t.nbytes / t.wall / 1e9:.1f}" for k, t in timers.items())
+    mib = next(iter(timers.values())).nbytes / 2**20
+    return f"streaming read {stream_bandwidth(timers) / 1e9:.1f} GB/s ({each}; sums over {mib:.0f} MiB of float32)"
 
 
 # ------------------------------------------------------------------------------------------------ results

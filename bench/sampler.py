@@ -16,7 +16,11 @@ single-token call from the full call, best rounds, on each side: batch * (new to
 (for the tiny model, or with ``--compile-count``) 100 prompts of mixed lengths (8..250 tokens, batches of 8) go
 through a fresh sampler to count the programs it compiles. ``peak_fraction`` = the sampler's model FLOP/s (2 *
 params per token) over the peak: the best call of a large fp32 matmul (jitted JAX or torch) in the same rounds.
-Ends with the load average and one JSON line.
+A decode step reads every weight and the whole KV cache to emit ``--batch`` tokens, so the report also gives the
+bytes our decode step reads per second (``decode_bytes_per_step`` / the decode step time) against this machine's
+streaming read bandwidth, timed in the same rounds as the peak (bench/harness.py): ``bandwidth_fraction`` (a step
+whose bytes stay in the CPU's caches can read faster than memory streams: a fraction above 1). Ends with the load
+average and one JSON line.
 
 Both sides run on the CPU (the reference is a CPU build of PyTorch), pinned to the same ``--threads`` CPUs
 (default 1: on a shared machine OpenMP thread pools that wait on busy cores make multi-threaded timings swing by
@@ -36,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
-                     ratio_line, ratios, run_rounds, threads_from_argv)
+                     ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
+                     threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,6 +88,7 @@ def parse_args():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
+    ap.add_argument("--stream-mb", type=int, default=512, help="MiB streamed to time the memory bandwidth")
     ap.add_argument("--hf-cache", choices=("best", "dynamic", "static"), default="best",
                     help="HF generate's KV cache: its default dynamic cache, a static cache, or whichever of the "
                          "two is faster on a timed call after the warm-up (default)")
@@ -163,14 +169,28 @@ def main() -> None:
 
     timers = {"ours": Timer(ours), "ref": Timer(lambda: reference(cache=hf_cache)),
               "ours1": Timer(lambda: ours(1)), "ref1": Timer(lambda: reference(1, cache=hf_cache))}
-    peak_t = peak_timers(args.peak_n)
-    run_rounds(timers, args.repeats, peak_t)
+    peak_t, stream_t = peak_timers(args.peak_n), stream_timers(args.stream_mb)
+    run_rounds(timers, args.repeats, {**peak_t, **stream_t})
     compile_count = args.model is None if args.compile_count is None else args.compile_count
     compiles = count_compiles(cfg, model, rng, args) if compile_count else (None, None)
-    report(args, name, cfg, timers, peak_t, hf_cache, match, compiles)
+    cache_len = sampler.prompt_bucket(args.prompt_len) + args.new_tokens
+    report(args, name, cfg, timers, peak_t, stream_t, hf_cache, match, compiles,
+           decode_step_bytes(cfg, args.batch, cache_len))
 
 
-def report(args, name, cfg, timers, peak_t, hf_cache, match, compiles) -> None:
+def decode_step_bytes(cfg, batch: int, cache_len: int) -> dict[str, int]:
+    """Bytes one decode step of our sampler reads: every weight once (the input embedding only gathers rows; a tied
+    one is read in full as the decode LM head, an untied model reads its LM head) and the keys and values of all
+    ``cache_len`` slots of the ``batch`` rows' cache (attention reads the whole cache)."""
+    from medkr_jax.models.memory import abstract_mesh, kv_cache_bytes
+
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    weights = 4 * (cfg.num_params - embed)
+    kv = kv_cache_bytes(cfg, abstract_mesh({}), rows=batch, length=cache_len, pad_rows=False)
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def report(args, name, cfg, timers, peak_t, stream_t, hf_cache, match, compiles, step_bytes) -> None:
     cmp = ratios(timers["ours"], timers["ref"])
     t_ours, t_ref, t_ours1, t_ref1 = (timers[k].wall for k in ("ours", "ref", "ours1", "ref1"))
     tokens = args.batch * args.new_tokens
@@ -180,6 +200,9 @@ def report(args, name, cfg, timers, peak_t, hf_cache, match, compiles) -> None:
     ref_dec = decode_tokens / max(t_ref - t_ref1, 1e-9)
     peak, _ = peak_flops(peak_t)
     peak_fraction = ours_tps * 2 * cfg.num_params / peak
+    bandwidth = stream_bandwidth(stream_t)
+    step_s = max(t_ours - t_ours1, 1e-9) / max(args.new_tokens - 1, 1)
+    decode_bytes_per_s = step_bytes["total"] / step_s
 
     print(device_line(args.threads))
     print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params")
@@ -193,6 +216,10 @@ def report(args, name, cfg, timers, peak_t, hf_cache, match, compiles) -> None:
         print(f"compiled programs over 100 prompts of 8..250 tokens (batch {args.batch}): {compiles[0]} "
               f"(+ {compiles[1]} laying out the LM head for decode steps)")
     print(peak_line(peak_t) + f"; sampler at {100 * peak_fraction:.2f}% of it")
+    print(f"decode step: {1e3 * step_s:.2f} ms, reads {step_bytes['total'] / 2**20:.1f} MiB (weights "
+          f"{step_bytes['weights'] / 2**20:.1f}, KV cache {step_bytes['kv_cache'] / 2**20:.1f}): "
+          f"{decode_bytes_per_s / 1e9:.1f} GB/s, {100 * decode_bytes_per_s / bandwidth:.0f}% of the "
+          + stream_line(stream_t))
     load = load_report(args.threads)
     print(json.dumps({"name": "sampler_decode", "ours": round(ours_tps, 2), "reference": round(ref_tps, 2),
                       "unit": "tokens/s", **cmp, "compiles": compiles[0], "layout_compiles": compiles[1],
@@ -200,6 +227,9 @@ def report(args, name, cfg, timers, peak_t, hf_cache, match, compiles) -> None:
                       "decode_ratio": round(ours_dec / ref_dec, 3), "round_ratios": cmp["ratio_rounds"],
                       "model": name, "hf_cache": hf_cache, "batch": args.batch, "threads": args.threads,
                       "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 5), "greedy_match": match,
+                      "decode_step_s": round(step_s, 6), "decode_bytes_per_step": step_bytes["total"],
+                      "stream_bytes_per_s": round(bandwidth),
+                      "bandwidth_fraction": round(decode_bytes_per_s / bandwidth, 4),
                       **load}))
 
 

@@ -43,21 +43,35 @@ def test_engine_benchmark_runs():
     """bench/engine.py on a tiny heavy-tailed workload: the engine, the static path and HF agree token for token,
     and a whole run over mixed prompt lengths compiles at most 6 programs."""
     args = ["--prompts", "12", "--max-prompt", "80", "--median-new", "6", "--max-new", "24", "--batch", "4",
-            "--repeats", "2", "--peak-n", "256", "--vocab", "1024"]
+            "--repeats", "2", "--peak-n", "256", "--vocab", "1024", "--stream-mb", "16"]
     result = run_bench("engine.py", args, rounds=2)
     assert result["ratio_static"] > 0 and result["batch"] == 4
     assert len(result["ratio_static_rounds"]) == 2 and result["ratio_static_cpu"] > 0
     assert result["greedy_match_static"] == 1.0 and result["greedy_match_hf"] == 1.0
     assert result["compiles"] + result["layout_compiles"] <= 6
+    # every useful token is emitted once; no slot emits twice in a step
+    assert 0 < result["occupancy"] <= 1 and result["decode_steps"] * 4 * result["occupancy"] == pytest.approx(
+        result["useful_tokens"], rel=1e-3)  # occupancy is rounded to 4 digits
+    assert 0 <= result["prefill_padding"] < 1 and result["bandwidth_fraction"] > 0
 
 
 def test_sampler_benchmark_runs():
-    """bench/sampler.py at tiny shapes: ours and HF generate the same greedy tokens."""
+    """bench/sampler.py at tiny shapes: ours and HF generate the same greedy tokens; the decode step's bytes are the
+    model's weights (tied embedding read once, as the LM head) plus the whole KV cache of the batch."""
     args = ["--vocab", "1024", "--new-tokens", "8", "--batch", "2", "--prompt-len", "8", "--repeats", "2",
-            "--peak-n", "256", "--no-compile-count", "--hf-cache", "dynamic"]
+            "--peak-n", "256", "--no-compile-count", "--hf-cache", "dynamic", "--stream-mb", "16"]
     result = run_bench("sampler.py", args, rounds=2)
     assert result["batch"] == 2 and result["greedy_match"] == 1.0 and result["decode_ratio"] > 0
     assert result["compiles"] is None and result["round_ratios"] == result["ratio_rounds"]
+    # bench/sampler.py's model: 4 layers x 256, MLP 768, 4 query / 2 KV heads of 64, qk-norm, tied vocab 1024;
+    # prompt 8 -> bucket 64, + 8 new tokens = 72 cache slots
+    layer = 256 * 4 * 64 + 2 * 256 * 2 * 64 + 4 * 64 * 256 + 3 * 256 * 768 + 2 * 256 + 2 * 64
+    weights = 4 * (4 * layer + 1024 * 256 + 256)
+    kv = 4 * 4 * 2 * 2 * 2 * 64 * 72  # float32 x layers x (k, v) x rows x KV heads x head_dim x slots
+    assert result["decode_bytes_per_step"] == weights + kv
+    assert result["stream_bytes_per_s"] > 1e8 and result["bandwidth_fraction"] > 0
+    assert result["bandwidth_fraction"] == pytest.approx(
+        (weights + kv) / result["decode_step_s"] / result["stream_bytes_per_s"], rel=2e-3)
 
 
 def test_train_step_benchmark_runs():
@@ -136,6 +150,16 @@ def test_peak_is_the_better_framework_best_call(harness):
     jax_mm = fake_timer(harness, [4.0, 2.0], [2.0, 2.0], flops=8.0)  # best 4 FLOP/s, 4 per CPU-s
     torch_mm = fake_timer(harness, [1.0, 3.0], [4.0, 8.0], flops=6.0)  # best 6 FLOP/s, 1.5 per CPU-s
     assert harness.peak_flops({"jax_mm": jax_mm, "torch_mm": torch_mm}) == (6.0, 4.0)
+
+
+def test_stream_bandwidth_is_the_better_framework_best_call(harness):
+    jax_read = fake_timer(harness, [2.0, 1.0], [2.0, 1.0])
+    jax_read.nbytes = 8.0  # best 8 bytes/s
+    torch_read = fake_timer(harness, [4.0, 3.0], [4.0, 3.0])
+    torch_read.nbytes = 12.0  # best 4 bytes/s
+    timers = {"jax_read": jax_read, "torch_read": torch_read}
+    assert harness.stream_bandwidth(timers) == 8.0
+    assert harness.stream_line(timers).startswith("streaming read 0.0 GB/s (jax 0.0, torch 0.0")
 
 
 @pytest.mark.parametrize("load,cores,warn", [(3.2, 2, True), (3.0, 2, False), (6.1, 4, True), (0.4, 1, False)])

@@ -209,6 +209,30 @@ def test_n_samples_layout_and_determinism(tiny_qwen3):
     assert not np.array_equal(a.tokens, d.tokens)
 
 
+def test_run_stats_count_decode_steps_tokens_and_prefill_padding(tiny_qwen3):
+    """last_stats against hand counts: no row stops early (a stop id no model emits), so each emits its limit."""
+    _, model, cfg, _ = tiny_qwen3
+    prompts = ragged_prompts(lengths=(8, 3, 15, 6), seed=41)  # 32 prompt tokens, all in the 16-token bucket
+    sampler = Sampler(cfg, pad_id=PAD, stop_ids=(cfg.vocab_size + 5,), **BUCKETS)
+    # one slot: a step per token, a chunk and a one-prompt prefill per row
+    out = sampler.generate(model, prompts, max_new_tokens=[4, 9, 2, 6], batch_size=1)
+    st = sampler.last_stats
+    assert out.lengths.tolist() == [4, 9, 2, 6]
+    assert (st.slots, st.cache_length, st.tokens, st.steps, st.chunks) == (1, 16 + 16, 21, 21, 4)
+    assert (st.prefill_calls, st.prompt_tokens, st.prefill_positions) == (4, 32, 4 * 16)
+    assert st.occupancy == 1.0 and st.prefill_padding == 0.5
+    # four slots, equal limits: one prefill of the four prompts, every slot emits at each of the 5 steps
+    sampler.generate(model, prompts, max_new_tokens=5, batch_size=4)
+    st = sampler.last_stats
+    assert (st.slots, st.tokens, st.steps, st.chunks, st.prefill_calls) == (4, 20, 5, 1, 1)
+    assert st.occupancy == 1.0 and st.prefill_positions == 4 * 16
+    # two slots, ragged limits: fewer steps than tokens, some slot-steps idle
+    sampler.generate(model, prompts, max_new_tokens=[4, 9, 2, 6], batch_size=2)
+    st = sampler.last_stats
+    assert st.tokens == 21 and 21 / 2 <= st.steps < 21 and st.occupancy == 21 / (2 * st.steps) < 1.0
+    assert st.as_dict()["occupancy"] == st.occupancy and st.as_dict()["steps"] == st.steps
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])  # untied and tied LM head
 def test_decode_head_batch_one_and_new_weights(kind, tmp_path):
     """The decode steps' LM head (a transposed copy of a tied embedding on CPU, an untied kernel as it is), at

@@ -221,13 +221,14 @@ def _remaining_mask(items: Sequence[Item], glog: GenerationLog) -> np.ndarray:
 
 
 def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen: GenSettings, *,
-                   desc: str = "generate", on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
+                   desc: str = "generate", on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate every item not yet in ``glog`` with the engine, appending items to it as they finish.
 
     The engine keeps ``batch_size`` rows decoding and streams each item once its samples have all stopped; items
     are made durable ``batch_size // num_samples`` at a time (and the rest at the end). A question's randomness
     comes from its key, not from its neighbours, so a resumed run reproduces an uninterrupted one.
-    ``on_batch(items_done_this_run)`` is called after each append.
+    ``on_batch(items_done_this_run)`` is called after each append. Returns the counts (generated, resumed) and,
+    when something was generated, the engine's ``RunStats`` of the call ("engine").
     """
     for it in items:
         if it.key in glog and glog.entries[it.key].get("prompt_hash") != _prompt_hash(it.prompt):
@@ -259,7 +260,15 @@ def run_generation(rt: Runtime, items: Sequence[Item], glog: GenerationLog, gen:
             if on_batch is not None:
                 on_batch(done)
     bar.close()
-    return {"generated": done, "resumed": len(items) - len(todo)}
+    counts: dict[str, Any] = {"generated": done, "resumed": len(items) - len(todo)}
+    if todo:  # what the engine did: how busy its slots were, how much of the prefill was padding
+        st = rt.sampler.last_stats
+        counts["engine"] = st.as_dict()
+        if is_main_process():
+            tqdm.write(f"{desc}: {st.tokens:,} tokens in {st.steps:,} decode steps of {st.slots} slots (occupancy "
+                       f"{100 * st.occupancy:.0f}%), cache {st.cache_length} tokens a slot; {st.prefill_calls} "
+                       f"prefill calls, {100 * st.prefill_padding:.0f}% of their positions padding")
+    return counts
 
 
 def _entry(rt: Runtime, it: Item, fin: Finished) -> dict:

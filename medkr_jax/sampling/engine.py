@@ -16,9 +16,15 @@ filtered, tempered distribution the token was drawn from). Sliding-window layers
 window in the full-length cache, as in the model (a row's tokens sit in consecutive slots).
 
 Cost: every decode step attends over the whole cache length of every slot (the longest prompt bucket + the
-generation bucket), as the static path does over its batch's; on a run of mostly short rows a decode program
-per live-length bucket would cut that (bench/sampler.py's model, 16 rows: 9.6 ms a step at 128 cache slots, 12.8
-at 576; not done, it would add programs).
+generation bucket), as the static path does over its batch's, and so reads the whole cache from memory
+(bench/sampler.py's model, 16 rows, 1 thread: 6.8 ms a step at 128 cache slots, 9.3 at 576, 13.9 at 1,088, 20.5
+at 2,112). A decode program per live-length bucket would cut that on runs of mostly short rows; not done: it
+would add programs, and on XLA:CPU attention over a prefix of the cache first copies that prefix (a per-layer
+switch over windows, and a loop over cache blocks, each measured no faster).
+
+What a call did (``last_stats``, a :class:`RunStats`): decode steps and chunks, the share of slot-steps that
+emitted a token (``occupancy``: how well refills keep the slots busy), and the prefill's model rows against the
+prompt tokens they carry (``prefill_padding``: the share of prefilled positions that are bucket padding).
 
 Compiled programs (``num_compiles``): one empty state per (slots, cache length, thinking) shape, one prefill
 per prompt bucket, one decode chunk per greedy / sampled / filtered mode; temperature, top-k, top-p and every
@@ -50,6 +56,35 @@ from medkr_jax.sampling.scheduler import Finished, Scheduler
 from medkr_jax.sampling.thinking import ThinkingBudget
 
 
+@dataclasses.dataclass
+class RunStats:
+    """What one ``stream`` / ``generate`` call did (``Sampler.last_stats``): its ``slots`` and ``cache_length``, the
+    decode ``chunks`` and ``steps`` run, the ``tokens`` its rows emitted, and the prefill's ``prefill_calls``,
+    ``prompt_tokens`` (real) and ``prefill_positions`` (model rows x bucket length: padding included)."""
+
+    slots: int = 0
+    cache_length: int = 0
+    chunks: int = 0
+    steps: int = 0
+    tokens: int = 0
+    prefill_calls: int = 0
+    prompt_tokens: int = 0
+    prefill_positions: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        """Emitted tokens over slot-steps: 1 when every slot emits a token at every decode step."""
+        return self.tokens / (self.steps * self.slots) if self.steps else 0.0
+
+    @property
+    def prefill_padding(self) -> float:
+        """Share of the prefilled positions that hold no prompt token (bucket padding, filler rows)."""
+        return 1.0 - self.prompt_tokens / self.prefill_positions if self.prefill_positions else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "occupancy": self.occupancy, "prefill_padding": self.prefill_padding}
+
+
 class Sampler(SamplerBase):
     """Continuous-batching generation engine; see the module docstring.
 
@@ -69,6 +104,7 @@ class Sampler(SamplerBase):
             raise ValueError(f"chunk_steps, prefill_tokens and min_refill must be >= 1, got {chunk_steps}, "
                              f"{prefill_tokens}, {min_refill}")
         self.chunk_steps, self.prefill_tokens, self.min_refill = chunk_steps, prefill_tokens, min_refill
+        self.last_stats = RunStats()
 
     # ---------------------------------------------------------------- public API
 
@@ -126,6 +162,7 @@ class Sampler(SamplerBase):
         head = self._head(model, graphdef, params)
         state = self._program(("init", shape), lambda: self._init_program(shape))()
         sched = Scheduler([len(p) for p in prompts], limits, n, slots)
+        stats = self.last_stats = RunStats(slots=slots, cache_length=shape.length)
         min_refill = self.min_refill or max(1, slots // 8)
         # This call's programs, looked up once (a program's key hashes the model's graph: ~2 ms a lookup).
         decode = self._decode(graphdef, params, head, state, shape, scalars, mode)
@@ -133,11 +170,15 @@ class Sampler(SamplerBase):
         while not sched.finished():
             placed = sched.assign()
             if placed:
-                state = self._refill(graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills)
-            state, toks, lps, count, done = decode(params, head, state, *scalars,
-                                                   jnp.asarray(np.int32(sched.want_done(min_refill))))
+                state = self._refill(graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills,
+                                     stats)
+            state, toks, lps, count, done, ran = decode(params, head, state, *scalars,
+                                                        jnp.asarray(np.int32(sched.want_done(min_refill))))
+            stats.chunks, stats.steps = stats.chunks + 1, stats.steps + int(host(ran))
             for p in sched.record(*(host(x) for x in (toks, lps, count, done))):
-                yield sched.result(p)
+                fin = sched.result(p)
+                stats.tokens += sum(len(t) for t in fin.tokens)
+                yield fin
 
     # ---------------------------------------------------------------- programs
 
@@ -168,15 +209,16 @@ class Sampler(SamplerBase):
             fn = programs.decode(graphdef, shape, steps=self.chunk_steps, pad_id=self.pad_id,
                                  stop_ids=self.stop_ids, greedy=mode[0], filtered=mode[1])
             rep = self.placement.replicated()
-            out = None if self.mesh is None else (self._state_shardings(shape), rep, rep, rep, rep)
+            out = None if self.mesh is None else (self._state_shardings(shape), rep, rep, rep, rep, rep)
             jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=out)
             return self.placement.compile(jitted, params, head, state, *scalars, jnp.int32(0))
 
         return self._program(key, build)
 
-    def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills):
+    def _refill(self, graphdef, params, state, shape, placed, prompts, keys, limits, n, prefills, stats):
         """Prefill the prompts of the newly ``placed`` (slot, row) pairs into their slots, one call per bucket;
-        a prompt placed in several slots is prefilled once. ``prefills``: the call's programs by (bucket, width)."""
+        a prompt placed in several slots is prefilled once. ``prefills``: the call's programs by (bucket, width);
+        ``stats``: the call's RunStats, updated."""
         by_prompt: dict[int, list[tuple[int, int]]] = {}
         for slot, row in placed:
             by_prompt.setdefault(row // n, []).append((slot, row))
@@ -191,6 +233,9 @@ class Sampler(SamplerBase):
                     ("prefill", graphdef, signature(params), shape, bucket, width),
                     lambda: self._prefill_program(graphdef, params, state, shape, bucket, width, args))
             state = prefills[bucket, width](params, state, *args)
+            stats.prefill_calls += 1
+            stats.prompt_tokens += sum(len(prompts[p]) for p in group)
+            stats.prefill_positions += math.ceil(len(group) / width) * width * bucket  # model rows x bucket
         return state
 
     def _prefill_rows(self, bucket: int, slots: int) -> int:

@@ -140,8 +140,9 @@ def prefill(graphdef, shape: Shape, prompt_len: int, width: int):
 def decode(graphdef, shape: Shape, *, steps: int, pad_id: int, stop_ids: tuple[int, ...], greedy: bool,
            filtered: bool):
     """``(params, head, state, temperature, top_k, top_p, want_done) -> (state, tokens [B, K], logprobs [B, K],
-    count [B], done [B])``: up to K = ``steps`` decode steps, fewer once ``want_done`` slots are done. A slot's
-    tokens of this chunk are the first ``count_after - count_before`` entries of its row."""
+    count [B], done [B], steps)``: up to K = ``steps`` decode steps, fewer once ``want_done`` slots are done
+    (``steps``: how many ran). A slot's tokens of this chunk are the first ``count_after - count_before`` entries of
+    its row."""
     stops = jnp.asarray(stop_ids, jnp.int32)
     b = shape.slots
 
@@ -177,7 +178,7 @@ def decode(graphdef, shape: Shape, *, steps: int, pad_id: int, stop_ids: tuple[i
             return step + 1, new, out_tok, out_lp
 
         carry = (jnp.int32(0), state, jnp.full((b, steps), pad_id, jnp.int32), jnp.zeros((b, steps), jnp.float32))
-        _, state, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
-        return state, out_tok, out_lp, state["count"], state["done"]
+        ran, state, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+        return state, out_tok, out_lp, state["count"], state["done"], ran
 
     return program
