@@ -619,6 +619,9 @@ def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_fac
         assert np.mean(rewards[:2]) <= 0.4, (seed, rewards)  # the warm policy guesses
         rises.append(np.mean(rewards[-3:]) - np.mean(rewards[:2]))
         assert rises[-1] >= 0.15, (seed, rewards)
+        for r in recs:  # a rollout of 64 rows runs in 64 slots, at most 16 steps a draw
+            assert r["rollout_decode_steps"] * 64 * r["rollout_occupancy"] == pytest.approx(r["tokens"])
+            assert 0 < r["rollout_decode_steps"] <= 16 * r.get("sampling_rounds", 1)
     assert np.mean(rises) >= 0.3, rises
     if name == "dapo":
         assert {"groups_dropped", "extra_prompts", "sampling_rounds", "padding_groups", "overlong_penalty",

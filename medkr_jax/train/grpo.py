@@ -18,8 +18,9 @@
 
 `make_step_fn` chains them into the `step_fn` of the shared loop. Per step it also logs why a step may carry no
 signal (rollout_diagnostics: groups whose rewards are all equal, distinct completions per group), whether the
-sampler drew from the distribution the trainer differentiates (logprob_agreement at the sampling weights), and
-the update size (the trainer's update_ratio). Job "grpo" (medkr_jax/jobs/grpo.py) reads the config and runs it.
+sampler drew from the distribution the trainer differentiates (logprob_agreement at the sampling weights), the
+update size (the trainer's update_ratio), and how busy the rollout kept the engine's slots (rollout_decode_steps,
+rollout_occupancy: emitted tokens over slot-steps, low when a few long completions hold the rollout up). Job "grpo" (medkr_jax/jobs/grpo.py) reads the config and runs it.
 """
 
 from __future__ import annotations
@@ -412,11 +413,12 @@ def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settin
     def step_fn(trainer: Trainer, prompt_batch: dict, rng: jax.Array) -> dict:
         t0 = time.perf_counter()
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        model, drawn = trainer.model(), []
+        model, drawn, engine = trainer.model(), [], []
 
         def draw(indices: Sequence[int], draw_seed: int) -> Scored:
             ro = rollout(sampler, model, tokenizer, prompt_set, indices, settings=settings, seed=draw_seed)
             drawn.append(ro.samples.lengths)
+            engine.append(sampler.last_stats)
             return ro, rollout_rewards(ro, settings)
 
         first = draw(prompt_batch["index"], seed)
@@ -433,9 +435,11 @@ def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settin
         dt = time.perf_counter() - t0
         generated = np.concatenate(drawn)
         metrics.update(rollout_metrics(first, group, settings), **sampling)
+        slot_steps = sum(st.steps * st.slots for st in engine)
         metrics.update(tokens=float(generated.sum()), train_tokens=float(len(adv) * width * settings.mu),
                        samples_per_s=len(generated) / dt, generate_s=t_gen, score_s=t_score,
-                       update_s=dt - t_gen - t_score)
+                       update_s=dt - t_gen - t_score, rollout_decode_steps=float(sum(st.steps for st in engine)),
+                       rollout_occupancy=sum(st.tokens for st in engine) / max(slot_steps, 1))
         return metrics
 
     return step_fn
