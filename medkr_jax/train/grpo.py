@@ -20,7 +20,8 @@
 signal (rollout_diagnostics: groups whose rewards are all equal, distinct completions per group), whether the
 sampler drew from the distribution the trainer differentiates (logprob_agreement at the sampling weights), the
 update size (the trainer's update_ratio), and how busy the rollout kept the engine's slots (rollout_decode_steps,
-rollout_occupancy: emitted tokens over slot-steps, low when a few long completions hold the rollout up). Job "grpo" (medkr_jax/jobs/grpo.py) reads the config and runs it.
+rollout_occupancy: emitted tokens over slot-steps, low when a few long completions hold the rollout up). Job
+"grpo" (medkr_jax/jobs/grpo.py) reads the config and runs it.
 """
 
 from __future__ import annotations
