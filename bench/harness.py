@@ -23,7 +23,8 @@ Benchmark method (all scripts):
 * Bandwidth (decode benchmarks). A decode step reads every weight and the KV cache to produce a few tokens, so
   its roofline is memory bandwidth, not the matmul peak. ``stream_bandwidth`` is the best single call of a jitted
   JAX and of a PyTorch sum over a float32 array larger than this machine's caches (the better framework), timed in
-  the same rounds as the peak; ``bandwidth_fraction`` = the bytes our decode step reads per second over it.
+  the same rounds as the peak; ``bandwidth_fraction`` = the bytes our decode step reads per second over it (above
+  1 when a step's bytes stay in the CPU's caches between steps).
 * Load. ``load_report`` prints the load average and warns when the 1-minute load per core exceeds
   ``LOAD_WARNING_PER_CORE``: timings taken then are not comparable with a quiet machine's.
 """
