@@ -173,9 +173,9 @@ def main() -> None:
     run_rounds(timers, args.repeats, {**peak_t, **stream_t})
     compile_count = args.model is None if args.compile_count is None else args.compile_count
     compiles = count_compiles(cfg, model, rng, args) if compile_count else (None, None)
-    cache_len = sampler.prompt_bucket(args.prompt_len) + args.new_tokens
+    stats = sampler.last_stats  # the engine's own slots and cache length (every call here has the same)
     report(args, name, cfg, timers, peak_t, stream_t, hf_cache, match, compiles,
-           decode_step_bytes(cfg, args.batch, cache_len))
+           decode_step_bytes(cfg, stats.slots, stats.cache_length))
 
 
 def decode_step_bytes(cfg, batch: int, cache_len: int) -> dict[str, int]:
@@ -201,7 +201,7 @@ def report(args, name, cfg, timers, peak_t, stream_t, hf_cache, match, compiles,
     peak, _ = peak_flops(peak_t)
     peak_fraction = ours_tps * 2 * cfg.num_params / peak
     bandwidth = stream_bandwidth(stream_t)
-    step_s = max(t_ours - t_ours1, 1e-9) / max(args.new_tokens - 1, 1)
+    step_s = args.batch / ours_dec  # one decode step: the decode-only rate's time per token of the batch
     decode_bytes_per_s = step_bytes["total"] / step_s
 
     print(device_line(args.threads))
