@@ -310,13 +310,20 @@ def test_advantages_by_name(name, scale):
 def test_update_batch_rows_width_and_old_logprobs():
     ro = toy_rollout()
     adv = np.array([1.0, -1.0, 0.5, -0.5])
-    s = grpo.GRPOSettings(num_generations=2, mu=2)  # mu > 1, old_logprobs="sampler"
+    s = grpo.GRPOSettings(num_generations=2, mu=2, max_new_tokens=4)  # mu > 1, old_logprobs="sampler"
     batch, width = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
     assert width == 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6 tokens, rounded up to 16
     np.testing.assert_array_equal(batch["tokens"][1, :7], [1, 5, 6, 7, 9, 9, 0])
-    np.testing.assert_array_equal(batch["targets"][1, :6], [5, 6, 7, 9, 9, 2])
-    np.testing.assert_array_equal(batch["completion_mask"][1, :7], [0, 0, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(batch["sampler_logps"][1, 3:6], ro.samples.logprobs[1])
+    np.testing.assert_array_equal(batch["attention_mask"][1, :7], [1, 1, 1, 1, 1, 1, 0])
+    # scored in completion coordinates, max_new_tokens = 4 wide: the row positions whose logits predict each
+    # generated token (the prompt's last position first), the tokens, the mask, the sampler's log-probs
+    assert batch["targets"].shape == batch["completion_mask"].shape == batch["completion_at"].shape == (4, 4)
+    np.testing.assert_array_equal(batch["completion_at"][1], [3, 4, 5, 6])
+    np.testing.assert_array_equal(batch["completion_at"][2], [1, 2, 3, 4])  # prompt [1, 8]
+    np.testing.assert_array_equal(batch["targets"][1], [9, 9, 2, 0])
+    np.testing.assert_array_equal(batch["completion_mask"][1], [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch["completion_mask"][2], [1, 0, 0, 0])
+    np.testing.assert_array_equal(batch["sampler_logps"][1, :3], ro.samples.logprobs[1])
     np.testing.assert_array_equal(batch["old_logps"], batch["sampler_logps"])
     assert batch["advantages"].dtype == np.float32 and batch["advantages"].tolist() == adv.tolist()
     # the width is capped at max_width; "recompute" leaves old log-probs to `update`; this process's rows only
@@ -324,15 +331,62 @@ def test_update_batch_rows_width_and_old_logprobs():
                                 local=slice(2, 4))
     assert w == 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
     np.testing.assert_array_equal(half["advantages"], [0.5, -0.5])
+    # a completion window narrower than the row: positions past the row's end clip to its last and stay masked
+    narrow = grpo.rollout_batch([[1, 5, 6, 7]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=6,
+                                pad_id=0, completion_width=4)
+    np.testing.assert_array_equal(narrow["completion_at"][0], [3, 4, 5, 5])
+    np.testing.assert_array_equal(narrow["completion_mask"][0], [1, 1, 1, 0])
+    with pytest.raises(ValueError, match="completion width 2"):
+        grpo.rollout_batch([[1, 5]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=8, pad_id=0,
+                           completion_width=2)
+
+
+def test_completion_logps_equal_the_full_rows_logps_at_the_completion():
+    """The update scores completions through `logits_at` (the LM head on the completion positions only): the same
+    log-probs as the whole rows' logits picked at those positions, and so the same loss and gradient."""
+    mesh = one_device_mesh()
+    ro = toy_rollout()
+    settings = grpo.GRPOSettings(num_generations=2, max_new_tokens=4, beta=0.1)
+    batch, _ = grpo.update_batch(ro, np.array([1.0, -1.0, 0.5, -0.5]), settings, max_width=64, pad_id=0,
+                                 local=slice(0, 4))
+    model = tiny_policy(mesh)
+    full, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
+    at = batch["completion_at"]
+    want = jax.nn.log_softmax(np.take_along_axis(np.asarray(full), at[..., None], axis=1), axis=-1)
+    want = np.take_along_axis(np.asarray(want), batch["targets"][..., None], axis=-1)[..., 0]
+    got = grpo._forward_logps(*nnx.split(model), batch["tokens"], batch["positions"], batch["attention_mask"], at,
+                              batch["targets"])
+    mask = batch["completion_mask"] > 0
+    np.testing.assert_allclose(np.asarray(got)[mask], want[mask], rtol=1e-5, atol=1e-5)
+    # the loss of the full rows (logits everywhere, targets and mask scattered back to row coordinates)
+    batch["ref_logps"] = np.asarray(got) - 0.1 * mask
+    loss_fn = grpo.make_loss_fn(settings)
+    rows = np.arange(4)[:, None]
+
+    def full_rows_loss(m):
+        logits, _ = m(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
+        picked = logits[rows, at]  # the same positions, taken after a head over every position
+        lp = jax.nn.log_softmax(picked, axis=-1)
+        lp = jnp.take_along_axis(lp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
+        return losses.rl_loss(settings.loss)(lp, jax.lax.stop_gradient(lp), batch["advantages"], batch["completion_mask"],
+                                      ref_logps=batch["ref_logps"], beta=0.1, epsilon_low=settings.epsilon_low,
+                                      epsilon_high=settings.epsilon_high, aggregation=settings.loss_aggregation,
+                                      max_len=4)[0]
+
+    (a, _), ga = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None)
+    b, gb = nnx.value_and_grad(full_rows_loss)(model)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), ga, gb)
 
 
 def toy_update_rows(rows=4, width=16, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, TINY.vocab_size, size=(rows, width + 1)).astype(np.int32)
-    mask = (np.arange(width)[None] >= width // 2).astype(np.float32).repeat(rows, 0)
-    return {"tokens": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(width, dtype=np.int32),
-                                                                                (rows, 1)),
-            "attention_mask": np.ones((rows, width), bool), "completion_mask": mask,
+    half = width // 2  # the targets of the second half of each row are its completion
+    at = np.tile(np.arange(half, width, dtype=np.int32), (rows, 1))
+    return {"tokens": ids[:, :-1], "positions": np.tile(np.arange(width, dtype=np.int32), (rows, 1)),
+            "attention_mask": np.ones((rows, width), bool), "completion_at": at, "targets": ids[:, half + 1:],
+            "completion_mask": np.ones((rows, width - half), np.float32),
             "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
 
 

@@ -108,23 +108,29 @@ class GRPOSettings:
 
 
 def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, lengths: np.ndarray,
-                  prompt_index: np.ndarray, *, width: int, pad_id: int,
+                  prompt_index: np.ndarray, *, width: int, pad_id: int, completion_width: int | None = None,
                   sampler_logprobs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Next-token training rows (prompt + completion, right-padded to `width`) with a completion mask.
+    """Training rows (prompt + completion, right-padded to `width`) and their completions' targets.
 
-    tokens/targets/positions/attention_mask: [R, width]; completion_mask marks targets that are generated
-    tokens (stop token included); sampler_logps holds the sampler's log-probs at those targets when given.
+    The model's inputs tokens/positions/attention_mask are [R, width]. Everything scored is in completion
+    coordinates, [R, K] with K = `completion_width` (default `width`): `completion_at` holds the row position
+    whose logits predict the completion's k-th token (the prompt's last position for k = 0; positions past the
+    row's end are clipped and masked), `targets` that token, `completion_mask` 1 on the row's generated tokens
+    (stop token included), `sampler_logps` the sampler's log-probs of them when given. Only these K positions
+    per row go through the LM head (`Decoder(..., logits_at=)`), not the prompt's.
     """
     r = len(prompt_index)
+    k = width if completion_width is None else min(width, completion_width)
     out = {
         "tokens": np.full((r, width), pad_id, np.int32),
-        "targets": np.full((r, width), pad_id, np.int32),
         "positions": np.zeros((r, width), np.int32),
         "attention_mask": np.zeros((r, width), bool),
-        "completion_mask": np.zeros((r, width), np.float32),
+        "completion_at": np.zeros((r, k), np.int32),
+        "targets": np.full((r, k), pad_id, np.int32),
+        "completion_mask": np.zeros((r, k), np.float32),
     }
     if sampler_logprobs is not None:
-        out["sampler_logps"] = np.zeros((r, width), np.float32)
+        out["sampler_logps"] = np.zeros((r, k), np.float32)
     for i in range(r):
         p = list(prompts[prompt_index[i]])
         n = int(lengths[i])
@@ -132,13 +138,16 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: np.ndarray, len
         m = len(full) - 1
         if m > width:
             raise ValueError(f"rollout row of {m} tokens does not fit the training width {width}")
+        if n > k:
+            raise ValueError(f"a completion of {n} tokens does not fit the completion width {k}")
         out["tokens"][i, :m] = full[:-1]
-        out["targets"][i, :m] = full[1:]
         out["positions"][i, :m] = np.arange(m)
         out["attention_mask"][i, :m] = True
-        out["completion_mask"][i, len(p) - 1:m] = 1.0
+        out["completion_at"][i] = np.minimum(len(p) - 1 + np.arange(k), width - 1)
+        out["targets"][i, :n] = completions[i, :n]
+        out["completion_mask"][i, :n] = 1.0
         if sampler_logprobs is not None:
-            out["sampler_logps"][i, len(p) - 1:m] = sampler_logprobs[i, :n]
+            out["sampler_logps"][i, :n] = sampler_logprobs[i, :n]
     return out
 
 
@@ -181,7 +190,8 @@ def make_loss_fn(settings: GRPOSettings):
     objective = rl_loss(settings.loss)
 
     def loss_fn(model, batch, rng):
-        logits, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
+        logits, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"],
+                          logits_at=batch["completion_at"])
         logps, entropy = token_logprobs_and_entropy(logits, batch["targets"])
         mask = batch["completion_mask"]
         old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
@@ -201,8 +211,8 @@ def make_loss_fn(settings: GRPOSettings):
 
 
 @xla_options.jit_dense(static_argnums=0)
-def _forward_logps(graphdef, state, tokens, positions, attention_mask, targets):
-    logits, _ = nnx.merge(graphdef, state)(tokens, positions, attention_mask=attention_mask)
+def _forward_logps(graphdef, state, tokens, positions, attention_mask, completion_at, targets):
+    logits, _ = nnx.merge(graphdef, state)(tokens, positions, attention_mask=attention_mask, logits_at=completion_at)
     return token_logprobs(logits, targets)
 
 
@@ -356,7 +366,7 @@ def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_wi
     need = max(len(ro.prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
     width = min(max_width, -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
     batch = rollout_batch(ro.prompts, out.tokens, out.lengths, pi, width=width, pad_id=pad_id,
-                          sampler_logprobs=out.logprobs)
+                          completion_width=settings.max_new_tokens, sampler_logprobs=out.logprobs)
     if settings.sampler_old_logprobs:
         batch["old_logps"] = batch["sampler_logps"]
     batch["advantages"] = adv.astype(np.float32)
@@ -376,7 +386,7 @@ def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings
     def place(x):
         return jax.make_array_from_process_local_data(trainer.row_sharding, np.asarray(x))
 
-    fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "targets")]
+    fwd_args = [place(batch[k]) for k in ("tokens", "positions", "attention_mask", "completion_at", "targets")]
     if reference is not None:
         batch["ref_logps"] = _forward_logps(*(reference(trainer) if callable(reference) else reference), *fwd_args)
     if settings.mu > 1 and not settings.sampler_old_logprobs:

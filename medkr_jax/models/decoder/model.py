@@ -141,10 +141,15 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 kv_len: int | None = None, head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 kv_len: int | None = None, head: jax.Array | None = None,
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Logits float32[B, T, V] and the updated cache (None without one); see module docs.
 
         ``head``: ``decode_head()``'s re-laid-out LM head, used for one-token calls (decode steps).
+
+        ``logits_at``: int[B, K] positions in [0, T): logits float32[B, K, V] at those positions of each row
+        only (Hugging Face's ``logits_to_keep``, per row). The final norm and the LM head then run on K rows
+        instead of T: a GRPO update needs its completions' log-probs only, not its prompts'.
 
         ``kv_len`` (static, with a cache): attend over cache slots [0, kv_len) only, not the whole
         cache; the caller guarantees ``cache.index + T <= kv_len`` (e.g. ``kv_len=T`` for a prompt
@@ -169,6 +174,8 @@ class Decoder(nnx.Module):
         masks = (allowed, _within_window(allowed, index, cfg.sliding_window) if sliding else None)
         x, new_k, new_v = self._run_layers(x, self._layer_step(ropes, masks, index, kv_len, t), cache)
         new_cache = None if cache is None else KVCache(k=new_k, v=new_v, mask=new_mask, index=index + t)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1, mode="clip")
         return self._logits(self.norm(x), head), new_cache
 
     def _layer_step(self, ropes: tuple, masks: tuple, index: jax.Array | None, kv_len: int | None, t: int):
