@@ -231,6 +231,9 @@ def _grpo_section() -> ml_collections.ConfigDict:
         "answer_source": "final",
         "export_dir": "",
         "old_logprobs": "sampler",  # mu > 1: old-policy log-probs from the sampler, or "recompute" (a forward pass)
+        # score each group's shared prompt once (its keys and values reused by the group's completions) instead of
+        # once per completion, where every micro-batch holds whole groups; False = every row prompt + completion
+        "shared_prompts": True,
         "reasoning_only": True,   # train on reasoning-heavy records (label or is_reasoning), as BioMed-R1
         "num_prompts": 0,         # > 0: train on the first N of those questions only (more visits per question)
     })

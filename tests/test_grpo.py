@@ -311,8 +311,8 @@ def test_update_batch_rows_width_and_old_logprobs():
     ro = toy_rollout()
     adv = np.array([1.0, -1.0, 0.5, -0.5])
     s = grpo.GRPOSettings(num_generations=2, mu=2, max_new_tokens=4)  # mu > 1, old_logprobs="sampler"
-    batch, width = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
-    assert width == 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6 tokens, rounded up to 16
+    batch, positions = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
+    assert positions == 4 * 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6, rounded up to 16
     np.testing.assert_array_equal(batch["tokens"][1, :7], [1, 5, 6, 7, 9, 9, 0])
     np.testing.assert_array_equal(batch["attention_mask"][1, :7], [1, 1, 1, 1, 1, 1, 0])
     # scored in completion coordinates, max_new_tokens = 4 wide: the row positions whose logits predict each
@@ -327,9 +327,9 @@ def test_update_batch_rows_width_and_old_logprobs():
     np.testing.assert_array_equal(batch["old_logps"], batch["sampler_logps"])
     assert batch["advantages"].dtype == np.float32 and batch["advantages"].tolist() == adv.tolist()
     # the width is capped at max_width; "recompute" leaves old log-probs to `update`; this process's rows only
-    half, w = grpo.update_batch(ro, adv, dataclasses.replace(s, old_logprobs="recompute"), max_width=8, pad_id=0,
-                                local=slice(2, 4))
-    assert w == 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
+    half, positions = grpo.update_batch(ro, adv, dataclasses.replace(s, old_logprobs="recompute"), max_width=8,
+                                        pad_id=0, local=slice(2, 4))
+    assert positions == 2 * 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
     np.testing.assert_array_equal(half["advantages"], [0.5, -0.5])
     # a completion window narrower than the row: positions past the row's end clip to its last and stay masked
     narrow = grpo.rollout_batch([[1, 5, 6, 7]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=6,
@@ -341,42 +341,80 @@ def test_update_batch_rows_width_and_old_logprobs():
                            completion_width=2)
 
 
-def test_completion_logps_equal_the_full_rows_logps_at_the_completion():
-    """The update scores completions through `logits_at` (the LM head on the completion positions only): the same
-    log-probs as the whole rows' logits picked at those positions, and so the same loss and gradient."""
+def test_update_batch_shared_prompts_layout():
+    ro = toy_rollout()
+    s = grpo.GRPOSettings(num_generations=2, max_new_tokens=4)
+    batch, positions = grpo.update_batch(ro, np.zeros(4), s, max_width=64, pad_id=0, local=slice(0, 4), shared=True)
+    # prompts left-padded to 16; completions 16 wide (the longest, 3, rounded up; at most max_new_tokens = 4)
+    assert positions == 2 * 16 + 4 * 3 and "tokens" not in batch
+    assert batch["prompt_tokens"].shape == (4, 16) and batch["completion_inputs"].shape == (4, 3)
+    np.testing.assert_array_equal(batch["prompt_tokens"][1, -5:], [0, 1, 5, 6, 7])
+    np.testing.assert_array_equal(batch["prompt_positions"][2, -3:], [0, 0, 1])
+    np.testing.assert_array_equal(batch["prompt_mask"][2, -3:], [False, True, True])
+    np.testing.assert_array_equal(batch["completion_inputs"][1], [9, 9, 2])
+    np.testing.assert_array_equal(batch["completion_positions"][1], [4, 5, 6])
+    np.testing.assert_array_equal(batch["completion_attention"][2], [True, False, False])
+    np.testing.assert_array_equal(batch["targets"][1], [9, 9, 2, 0])
+    np.testing.assert_array_equal(batch["completion_mask"][3], [1, 1, 0, 0])
+
+
+def test_shared_prompts_only_where_micro_batches_hold_whole_groups():
+    class T:
+        grad_accum = 1
+    s = grpo.GRPOSettings(num_generations=4)
+    assert grpo.shared_prompts(T, s, slice(0, 16))
+    assert grpo.shared_prompts(T, s, slice(8, 16)) and not grpo.shared_prompts(T, s, slice(2, 8))  # process rows
+    T.grad_accum = 2
+    assert grpo.shared_prompts(T, s, slice(0, 16)) and not grpo.shared_prompts(T, s, slice(0, 12))  # 6-row halves
+    assert not grpo.shared_prompts(T, dataclasses.replace(s, shared_prompts=False), slice(0, 16))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_completion_logps_equal_the_full_rows_logps_at_the_completion(scan):
+    """The update scores completions through `completion_logits`, on rows with `logits_at` (the LM head on the
+    completion positions only) or with each group's prompt run once into a KV cache that its completions share:
+    both give the log-probs of the whole rows' logits picked at the completion positions, and so the same loss and
+    gradient."""
     mesh = one_device_mesh()
     ro = toy_rollout()
     settings = grpo.GRPOSettings(num_generations=2, max_new_tokens=4, beta=0.1)
-    batch, _ = grpo.update_batch(ro, np.array([1.0, -1.0, 0.5, -0.5]), settings, max_width=64, pad_id=0,
-                                 local=slice(0, 4))
-    model = tiny_policy(mesh)
-    full, _ = model(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
-    at = batch["completion_at"]
+    adv = np.array([1.0, -1.0, 0.5, -0.5])
+    rows, _ = grpo.update_batch(ro, adv, settings, max_width=64, pad_id=0, local=slice(0, 4))
+    shared, _ = grpo.update_batch(ro, adv, settings, max_width=64, pad_id=0, local=slice(0, 4), shared=True)
+    with parallel.sharding_context(mesh):
+        model = Decoder(TINY, scan_layers=scan, rngs=nnx.Rngs(0))
+    full, _ = model(rows["tokens"], rows["positions"], attention_mask=rows["attention_mask"])
+    at = rows["completion_at"]
     want = jax.nn.log_softmax(np.take_along_axis(np.asarray(full), at[..., None], axis=1), axis=-1)
-    want = np.take_along_axis(np.asarray(want), batch["targets"][..., None], axis=-1)[..., 0]
-    got = grpo._forward_logps(*nnx.split(model), batch["tokens"], batch["positions"], batch["attention_mask"], at,
-                              batch["targets"])
-    mask = batch["completion_mask"] > 0
-    np.testing.assert_allclose(np.asarray(got)[mask], want[mask], rtol=1e-5, atol=1e-5)
-    # the loss of the full rows (logits everywhere, targets and mask scattered back to row coordinates)
-    batch["ref_logps"] = np.asarray(got) - 0.1 * mask
+    want = np.take_along_axis(np.asarray(want), rows["targets"][..., None], axis=-1)[..., 0]
+    mask = rows["completion_mask"] > 0
+    k = shared["targets"].shape[1]
+    np.testing.assert_array_equal(shared["completion_mask"], rows["completion_mask"][:, :k])
+    for batch in (rows, shared):
+        inputs = {key: batch[key] for key in grpo.ROW_INPUTS + grpo.SHARED_INPUTS + ("targets",) if key in batch}
+        got = np.asarray(grpo._forward_logps(*nnx.split(model), inputs, 2))
+        np.testing.assert_allclose(got[mask[:, :got.shape[1]]], want[mask], rtol=1e-5, atol=1e-5)
+    # the loss of the full rows (logits everywhere, picked at the completion positions)
+    ref_logps = want - 0.1 * mask
     loss_fn = grpo.make_loss_fn(settings)
-    rows = np.arange(4)[:, None]
+    index = np.arange(4)[:, None]
 
     def full_rows_loss(m):
-        logits, _ = m(batch["tokens"], batch["positions"], attention_mask=batch["attention_mask"])
-        picked = logits[rows, at]  # the same positions, taken after a head over every position
-        lp = jax.nn.log_softmax(picked, axis=-1)
-        lp = jnp.take_along_axis(lp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
-        return losses.rl_loss(settings.loss)(lp, jax.lax.stop_gradient(lp), batch["advantages"], batch["completion_mask"],
-                                      ref_logps=batch["ref_logps"], beta=0.1, epsilon_low=settings.epsilon_low,
-                                      epsilon_high=settings.epsilon_high, aggregation=settings.loss_aggregation,
-                                      max_len=4)[0]
+        logits, _ = m(rows["tokens"], rows["positions"], attention_mask=rows["attention_mask"])
+        lp = jax.nn.log_softmax(logits[index, at], axis=-1)
+        lp = jnp.take_along_axis(lp, jnp.asarray(rows["targets"])[..., None], axis=-1)[..., 0]
+        return losses.rl_loss(settings.loss)(lp, jax.lax.stop_gradient(lp), rows["advantages"],
+                                             rows["completion_mask"], ref_logps=ref_logps, beta=0.1,
+                                             epsilon_low=settings.epsilon_low, epsilon_high=settings.epsilon_high,
+                                             aggregation=settings.loss_aggregation, max_len=4)[0]
 
-    (a, _), ga = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None)
-    b, gb = nnx.value_and_grad(full_rows_loss)(model)
-    np.testing.assert_allclose(float(a), float(b), rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), ga, gb)
+    want_loss, want_grad = nnx.value_and_grad(full_rows_loss)(model)
+    for batch in (rows, shared):
+        batch = {**batch, "ref_logps": ref_logps[:, :batch["targets"].shape[1]]}
+        (got_loss, _), got_grad = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, None)
+        np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6),
+                     got_grad, want_grad)
 
 
 def toy_update_rows(rows=4, width=16, seed=0):

@@ -46,7 +46,7 @@ def grpo_settings(g) -> grpo.GRPOSettings:
         loss_aggregation=str(g.loss_aggregation), advantage=advantage, format_reward=float(g.format_reward),
         answer_source=str(g.answer_source), old_logprobs=str(g.old_logprobs),
         dynamic_sampling_rounds=int(g.dynamic_sampling_rounds), overlong_buffer=int(g.overlong_buffer),
-        overlong_penalty=float(g.overlong_penalty))
+        overlong_penalty=float(g.overlong_penalty), shared_prompts=bool(g.shared_prompts))
 
 
 def _records(config) -> list:
