@@ -17,6 +17,8 @@ from medkr_jax import parallel
 from medkr_jax.config import base_config
 from medkr_jax.data.records import MCQRecord, write_records
 from medkr_jax.jobs import sft as sft_job
+from medkr_jax.models.decoder import Decoder
+from medkr_jax.models.presets import TINY
 from medkr_jax.train import sft
 from medkr_jax.train.metrics_log import read_metrics
 
@@ -122,6 +124,32 @@ def test_packing_layout_and_truncation():
     assert unpacked["tokens"].shape == (3, 8)
     with pytest.raises(sft.SFTDataError, match="seq_len"):
         sft.pack_sequences([(list(range(20)), 9)], 8, pad_id=0)
+
+
+def test_scored_positions_gather_the_response_targets_and_keep_the_loss():
+    seqs = [([1, 2, 3, 4, 5, 6], 2, (4, 5)), ([7, 8, 9], 1), ([10, 11, 12, 13, 14, 15, 16], 5)]
+    rows, _ = sft.pack_sequences(seqs, 16, pad_id=0, answer_weight=3.0)
+    scored = sft.scored_positions(rows, multiple=5)
+    # one row: the 7-token sequence (targets 15, 16 scored), then the 6-token one (answer targets 5, 6 weighted 3),
+    # then the 3-token one; 8 scored positions, rounded up to 10
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 0, 0, 1, 1, 0, 1, 1, 3, 3, 1, 1, 0, 0, 0])
+    assert scored["loss_at"].shape == (1, 10)
+    np.testing.assert_array_equal(scored["loss_at"][0, :8], [4, 5, 7, 8, 9, 10, 11, 12])
+    np.testing.assert_array_equal(scored["targets"][0], [15, 16, 3, 4, 5, 6, 8, 9, 0, 0])
+    np.testing.assert_array_equal(scored["loss_mask"][0], [1, 1, 1, 1, 3, 3, 1, 1, 0, 0])
+    np.testing.assert_array_equal(scored["answer_mask"][0], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(scored["tokens"], rows["tokens"])  # the model's inputs stay whole
+    assert sft.scored_positions(rows, multiple=16) is rows  # nothing to skip: the rows as they are
+    # the loss, its gradient and the metrics are those of the whole rows
+    model = Decoder(TINY, rngs=nnx.Rngs(0))
+    batch = {k: np.concatenate([v, v]) for k, v in rows.items()}  # two rows
+    fast = {k: np.concatenate([v, v]) for k, v in scored.items()}
+    (a, ma), ga = nnx.value_and_grad(sft.sft_loss, has_aux=True)(model, batch, None)
+    (b, mb), gb = nnx.value_and_grad(sft.sft_loss, has_aux=True)(model, fast, None)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    for key in ma:
+        np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=1e-6, err_msg=key)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7), ga, gb)
 
 
 def test_answer_tokens_are_marked_and_weighted():

@@ -68,7 +68,7 @@ def run(config, *, mesh: Any = None) -> dict:
     rows, stats = _rows(config, examples, tokenizer, cfg, tok_dir)
     batch_size = int(config.train.batch_size)
     steps = _steps(config, stats["rows"], batch_size)
-    batches = sft.make_batches(rows, batch_size, seed=int(config.seed))
+    batches = sft.make_batches(sft.scored_positions(rows), batch_size, seed=int(config.seed))
     summary = loop.train(model, loss_fn=sft.sft_loss, batches=batches, settings=loop_settings(config, steps=steps),
                          optimizer=optimizer_settings(config), output_dir=config.output_dir, mesh=mesh, rules=rules,
                          desc="sft")

@@ -5,6 +5,7 @@ examples (train/traces.py). Each example is rendered with the tokenizer's chat t
 renders prompts, followed by the response and the EOS token; only response tokens are targets
 (`tokenize_example`). Examples are packed into rows of seq_len with segment ids and per-segment positions
 (the decoder keeps attention inside a segment), or padded one per row without packing (`pack_sequences`).
+Only the positions whose targets are scored reach the LM head (`scored_positions`).
 Rows are shuffled and batched by grain (per-process shard, checkpointable iterator: `make_batches`) and
 trained with the shared loop on `sft_loss`. Job "sft" (medkr_jax/jobs/sft.py) reads the config and runs it.
 """
@@ -121,6 +122,30 @@ def pack_sequences(seqs: Sequence[tuple], seq_len: int, *, pad_id: int, packing:
     return out, dict(stats)
 
 
+def scored_positions(rows: dict[str, np.ndarray], *, multiple: int = 16) -> dict[str, np.ndarray]:
+    """`rows` with the targets scored in their own coordinates: `loss_at` [n, K] the positions whose logits predict
+    a response token (loss_mask > 0), K = the most any row has, rounded up to `multiple`; targets, loss_mask and
+    answer_mask [n, K] at those positions (0 past a row's count). The model then runs its final norm and LM head
+    on K positions a row instead of seq_len (``Decoder(..., logits_at=)``): the prompts' logits are never
+    scored. The same loss. `rows` itself when every position could be scored (K = seq_len)."""
+    scored = rows["loss_mask"] > 0
+    n, seq_len = scored.shape
+    k = min(seq_len, -(-max(int(scored.sum(1).max()), 1) // multiple) * multiple)
+    if k == seq_len:
+        return rows
+    at = np.zeros((n, k), np.int32)
+    valid = np.zeros((n, k), bool)
+    for r in range(n):
+        idx = np.nonzero(scored[r])[0]
+        at[r, :len(idx)], valid[r, :len(idx)] = idx, True
+    out = dict(rows, loss_at=at)
+    for key in ("targets", "loss_mask", "answer_mask"):
+        if key in rows:
+            picked = np.take_along_axis(rows[key], at, axis=1)
+            out[key] = np.where(valid, picked, np.zeros_like(picked))
+    return out
+
+
 def make_batches(rows: dict[str, np.ndarray], batch_size: int, *, seed: int) -> Any:
     """Endless shuffled global batches (reshuffled every epoch) of packed rows, this process's slice of each.
 
@@ -147,13 +172,15 @@ def filter_records(records: Sequence[Any], reasoning_only: bool, source: str, *,
 
 
 def sft_loss(model: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Weighted next-token cross-entropy on the response tokens of (packed) rows (weights: loss_mask).
+    """Weighted next-token cross-entropy on the response tokens of (packed) rows (weights: loss_mask), at the
+    positions `loss_at` only when the batch has them (`scored_positions`).
 
     Metrics: token_accuracy over all response targets, answer_accuracy over the final answers' tokens
     (teacher forced: did the model name the right option after "The answer is"), when the batch has answer_mask.
     """
     seg = batch["segment_ids"]
-    logits, _ = model(batch["tokens"], batch["positions"], attention_mask=seg > 0, segment_ids=seg)
+    logits, _ = model(batch["tokens"], batch["positions"], attention_mask=seg > 0, segment_ids=seg,
+                      logits_at=batch.get("loss_at"))
     loss, n = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     mask = (batch["loss_mask"] > 0).astype(jnp.float32)
     # The target is the model's top choice iff its logit is the row's maximum (a tie counts as right): one max
