@@ -27,7 +27,8 @@ answer extraction); the reference is tunix 0.1.7's GRPOLearner with its vanilla 
 jax/flax. A run's step time is its median step period after the first two steps (wall and CPU seconds between
 consecutive steps' metrics for ours, between consecutive reward-function calls for tunix); the two run
 alternately, `--repeats` rounds of one run each; samples/s = 32 / the best run's step time, `grpo_ratio` the
-median of the per-round ratios (null, with `grpo_reference_error`, unless every round has both sides).
+median of the per-round ratios (null, with `grpo_reference_error`, unless every round has both sides). `grpo_ours_phases_s`:
+our step's median rollout (`generate_s`) and reference log-probs + update (`update_s`) seconds.
 
 tunix is installed in the benchmark's own venv, bench/.venv-tunix (`--setup-tunix` creates it: a venv that
 sees the project venv's packages through a .pth file, plus `pip install google-tunix` and its missing
@@ -398,7 +399,10 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     return {"samples_per_s": rows / float(np.median(periods[:, 0])),
             "step_periods_s": [round(float(p), 4) for p in periods[:, 0]],
             "cpu_periods_s": [round(float(p), 4) for p in periods[:, 1]],
-            "response_length": float(np.mean([r["response_length"] for r in recs]))}
+            "response_length": float(np.mean([r["response_length"] for r in recs])),
+            # where a step's time goes: the rollout, and the reference log-probs + the update
+            "phases_s": {k: round(float(np.median([r[k] for r in (recs[2:] or recs)])), 4)
+                         for k in ("generate_s", "update_s")}}
 
 
 def bench_grpo_tunix(work: str, tok_dir: str, steps: int, threads: int) -> dict:
@@ -482,10 +486,12 @@ def grpo_comparison(args, work: str) -> tuple[dict, str]:
     train_bpe_tokenizer(corpus, tok_dir, vocab_size=400, min_frequency=1)
     steps, rows = args.steps + 2, GRPO["prompts_per_step"] * GRPO["generations"]
     ours, tunix, errors = Timer(), Timer(), ["skipped (--skip-tunix)"] if args.skip_tunix else []
+    phases = []
 
     def run_ours(r: int) -> None:
         res = bench_grpo_ours(os.path.join(work, f"ours{r}"), tok_dir, steps)
         ours.add(rows / res["samples_per_s"], float(np.median(res["cpu_periods_s"])))
+        phases.append(res["phases_s"])
 
     def run_tunix(r: int) -> None:
         if args.skip_tunix:
@@ -500,6 +506,7 @@ def grpo_comparison(args, work: str) -> tuple[dict, str]:
         for run in (run_ours, run_tunix) if r % 2 == 0 else (run_tunix, run_ours):
             run(r)
     fields = {"grpo_ours_samples_per_s": round(rows / ours.wall, 2),
+              "grpo_ours_phases_s": {k: round(float(np.median([p[k] for p in phases])), 4) for k in phases[0]},
               "grpo_tunix_samples_per_s": round(rows / tunix.wall, 2) if tunix.walls else None}
     if errors:  # no ratio unless every round has both sides
         fields.update({k: None for k in ("grpo_ratio", "grpo_ratio_best", "grpo_ratio_cpu", "grpo_ratio_rounds")})

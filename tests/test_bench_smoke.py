@@ -82,6 +82,9 @@ def test_train_step_benchmark_runs():
     result = run_bench("train_step.py", args, rounds=2)
     assert result["grpo_ours_samples_per_s"] > 0 and result["grpo_ratio"] is None
     assert "skip" in result["grpo_reference_error"]
+    phases = result["grpo_ours_phases_s"]
+    assert set(phases) == {"generate_s", "update_s"} and min(phases.values()) > 0
+    assert sum(phases.values()) < 2 * 32 / result["grpo_ours_samples_per_s"]  # parts of a step period (32 rows)
     assert len(result["lora_time_ratio_rounds"]) == 2 and result["lora_memory_ratio"] < 1
     assert len(result["packed_time_ratio_rounds"]) == 2 and result["packed_segments"] == 4
 
