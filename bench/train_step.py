@@ -11,7 +11,9 @@ rounds interleave the two sides (the order alternating between rounds), and a ra
 `_rounds` fields beside it.
 
 SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 256, MLP 512, 4 layers, 4 query /
-2 KV heads of 64) trained on the same random token batch (--batch x --seq, 8 x 256, every target counted) with AdamW
+2 KV heads of 64) trained on the same random token batch (--batch x --seq, 8 x 256, every target counted; with
+--prompt-fraction F the first F of each row is prompt, its targets unscored: HF's labels -100, ours as the sft job,
+the LM head on the scored positions only) with AdamW
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
 clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
@@ -205,8 +207,10 @@ def sft_steps(batch: dict, folder: str | None = None):
     tx = make_optimizer(opt, 100)
     trainer = Trainer(model, loss_fn=sft.sft_loss, tx=tx, mesh=mesh)
 
+    scored = sft.scored_positions(batch)  # as the sft job: only scored targets reach the LM head
+
     def ours():
-        m = trainer.update(batch, jax.random.key(0))
+        m = trainer.update(scored, jax.random.key(0))
         float(m["loss"])  # the loop reads every step's loss (NaN check): the same synchronisation here
 
     torch.manual_seed(0)
@@ -223,7 +227,8 @@ def sft_steps(batch: dict, folder: str | None = None):
     tmodel.train()
     opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
-    labels = torch.from_numpy(np.asarray(batch["targets"], np.int64))
+    # HF's convention for unscored targets: label -100, which cross_entropy ignores (its logits are still computed)
+    labels = torch.from_numpy(np.where(np.asarray(batch["loss_mask"]) > 0, np.asarray(batch["targets"], np.int64), -100))
 
     def reference():
         logits = tmodel(input_ids=ids).logits
@@ -443,17 +448,23 @@ def parse_args():
     ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
     ap.add_argument("--packed-segments", type=int, default=4,
                     help="sequences per row in the packed vs unpacked SFT step comparison")
+    ap.add_argument("--prompt-fraction", type=float, default=0.0,
+                    help="SFT comparison: the first this fraction of each row is prompt, its targets not scored "
+                         "(ours skips their LM head as the sft job does; HF labels them -100); 0 = every target")
     ap.add_argument("--model", default=None,
                     help="SFT comparison alone on this HF folder or preset (e.g. smollm2-135m, with --batch 4)")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
-def sft_batch(b: int, t: int, vocab: int = SFT_DIMS["vocab"]) -> dict:
-    """A random [b, t] next-token batch over a `vocab`-token vocabulary, every target counted."""
+def sft_batch(b: int, t: int, vocab: int = SFT_DIMS["vocab"], prompt_fraction: float = 0.0) -> dict:
+    """A random [b, t] next-token batch over a `vocab`-token vocabulary; every target counted, or with
+    `prompt_fraction` > 0 the first that fraction of each row taken as the prompt (its targets not scored)."""
     seq = np.random.default_rng(0).integers(3, vocab, size=(b, t + 1)).astype(np.int32)
+    loss_mask = np.ones((b, t), np.float32)
+    loss_mask[:, :int(prompt_fraction * t)] = 0.0
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-            "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+            "segment_ids": np.ones((b, t), np.int32), "loss_mask": loss_mask}
 
 
 def sft_comparison(args, batch: dict) -> tuple[dict, str]:
@@ -472,7 +483,8 @@ def sft_comparison(args, batch: dict) -> tuple[dict, str]:
              + ratio_line("SFT ours / HF", cmp) + "\n" + peak_line(peak_t)
              + f"; SFT model FLOP/s {flops / ours.wall:.3g} -> peak_fraction {flops / ours.wall / peak:.3f}")
     return {"ours": round(ours_tps, 2), "reference": round(ref_tps, 2), "unit": "tokens/s", **cmp,
-            "peak_flops": round(peak), "peak_fraction": round(flops / ours.wall / peak, 4)}, lines
+            "peak_flops": round(peak), "peak_fraction": round(flops / ours.wall / peak, 4),
+            "prompt_fraction": args.prompt_fraction}, lines
 
 
 def grpo_comparison(args, work: str) -> tuple[dict, str]:
@@ -528,7 +540,7 @@ def sft_model_only(args) -> None:
     args.model_folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
     with open(os.path.join(args.model_folder, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
-    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, vocab))
+    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, vocab, args.prompt_fraction))
     print(device_line(args.threads))
     print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
     print(sft_lines)
@@ -564,7 +576,7 @@ def main() -> None:
                           "device": jax.devices()[0].platform, **load_report(args.threads)}))
         return
     packing = packed_vs_unpacked(batch, args.packed_segments, args.steps)
-    sft, sft_lines = sft_comparison(args, batch)
+    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, prompt_fraction=args.prompt_fraction))
     with tempfile.TemporaryDirectory() as work:
         grpo_fields, grpo_line = grpo_comparison(args, work)
 

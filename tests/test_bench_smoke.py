@@ -94,9 +94,11 @@ def test_train_step_benchmark_on_a_checkpoint_folder(tmp_path):
     from tests.helpers_models import make_tiny_hf_model
 
     make_tiny_hf_model("llama", tmp_path / "model")
-    args = ["--model", str(tmp_path / "model"), "--steps", "2", "--batch", "2", "--seq", "16", "--peak-n", "256"]
+    args = ["--model", str(tmp_path / "model"), "--steps", "2", "--batch", "2", "--seq", "16", "--peak-n", "256",
+            "--prompt-fraction", "0.5"]  # half of each row prompt: ours scores the other half only, HF labels -100
     result = run_bench("train_step.py", args, rounds=2)
     assert result["model"] == str(tmp_path / "model") and result["batch"] == 2 and "grpo_ratio" not in result
+    assert result["prompt_fraction"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------- the harness itself
