@@ -443,6 +443,20 @@ def test_update_runs_mu_steps_with_reference_and_recomputed_old_logprobs():
     assert m["ratio_mean"] != 1.0  # the second update's ratio moved away from 1 (mean of both)
 
 
+def test_update_on_shared_prompts_with_reference_and_recomputed_old_logprobs():
+    mesh = one_device_mesh()
+    settings = grpo.GRPOSettings(num_generations=2, mu=2, beta=0.1, old_logprobs="recompute", max_new_tokens=4)
+    trainer = Trainer(tiny_policy(mesh), loss_fn=grpo.make_loss_fn(settings), tx=optax.sgd(0.5), mesh=mesh)
+    batch, _ = grpo.update_batch(toy_rollout(), np.array([1.0, -1.0, 0.5, -0.5]), settings, max_width=64, pad_id=0,
+                                 local=slice(0, 4), shared=grpo.shared_prompts(trainer, settings, slice(0, 4)))
+    assert "prompt_tokens" in batch
+    m = grpo.update(trainer, batch, jax.random.key(0), settings, nnx.split(tiny_policy(mesh)))
+    assert trainer.opt_steps == 2
+    mask = batch["completion_mask"] > 0
+    np.testing.assert_allclose(np.asarray(batch["old_logps"])[mask], np.asarray(batch["ref_logps"])[mask], atol=1e-6)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6) and m["ratio_mean"] != 1.0
+
+
 def test_update_without_reference_has_ratio_one_and_no_kl():
     mesh = one_device_mesh()
     settings = grpo.GRPOSettings(num_generations=2, mu=1, max_new_tokens=8)
