@@ -21,7 +21,7 @@ from medkr_jax.models import lora
 from medkr_jax.models.decoder import Decoder
 from medkr_jax.models.presets import TINY
 from medkr_jax.sampling import SampleOutput, Sampler
-from medkr_jax.train import grpo, loop, losses, sft, traces
+from medkr_jax.train import grpo, grpo_rows, loop, losses, sft, traces
 from medkr_jax.train.metrics_log import read_metrics
 from medkr_jax.train.rewards import completion_rewards
 from medkr_jax.train.trainer import Trainer
@@ -332,12 +332,12 @@ def test_update_batch_rows_width_and_old_logprobs():
     assert positions == 2 * 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
     np.testing.assert_array_equal(half["advantages"], [0.5, -0.5])
     # a completion window narrower than the row: positions past the row's end clip to its last and stay masked
-    narrow = grpo.rollout_batch([[1, 5, 6, 7]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=6,
+    narrow = grpo_rows.rollout_batch([[1, 5, 6, 7]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=6,
                                 pad_id=0, completion_width=4)
     np.testing.assert_array_equal(narrow["completion_at"][0], [3, 4, 5, 5])
     np.testing.assert_array_equal(narrow["completion_mask"][0], [1, 1, 1, 0])
     with pytest.raises(ValueError, match="completion width 2"):
-        grpo.rollout_batch([[1, 5]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=8, pad_id=0,
+        grpo_rows.rollout_batch([[1, 5]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=8, pad_id=0,
                            completion_width=2)
 
 
@@ -391,8 +391,9 @@ def test_completion_logps_equal_the_full_rows_logps_at_the_completion(scan):
     k = shared["targets"].shape[1]
     np.testing.assert_array_equal(shared["completion_mask"], rows["completion_mask"][:, :k])
     for batch in (rows, shared):
-        inputs = {key: batch[key] for key in grpo.ROW_INPUTS + grpo.SHARED_INPUTS + ("targets",) if key in batch}
-        got = np.asarray(grpo._forward_logps(*nnx.split(model), inputs, 2))
+        keys = grpo_rows.ROW_INPUTS + grpo_rows.SHARED_INPUTS + ("targets",)
+        inputs = {key: batch[key] for key in keys if key in batch}
+        got = np.asarray(grpo_rows.completion_logps(*nnx.split(model), inputs, 2))
         np.testing.assert_allclose(got[mask[:, :got.shape[1]]], want[mask], rtol=1e-5, atol=1e-5)
     # the loss of the full rows (logits everywhere, picked at the completion positions)
     ref_logps = want - 0.1 * mask
