@@ -311,8 +311,9 @@ def test_update_batch_rows_width_and_old_logprobs():
     ro = toy_rollout()
     adv = np.array([1.0, -1.0, 0.5, -0.5])
     s = grpo.GRPOSettings(num_generations=2, mu=2, max_new_tokens=4)  # mu > 1, old_logprobs="sampler"
-    batch, positions = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
-    assert positions == 4 * 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6, rounded up to 16
+    batch, width = grpo.update_batch(ro, adv, s, max_width=64, pad_id=0, local=slice(0, 4))
+    assert width == 16 and batch["tokens"].shape == (4, 16)  # longest row 4 + 3 - 1 = 6 tokens, rounded up to 16
+    assert grpo_rows.forward_positions(batch, 2) == 4 * 16
     np.testing.assert_array_equal(batch["tokens"][1, :7], [1, 5, 6, 7, 9, 9, 0])
     np.testing.assert_array_equal(batch["attention_mask"][1, :7], [1, 1, 1, 1, 1, 1, 0])
     # scored in completion coordinates, max_new_tokens = 4 wide: the row positions whose logits predict each
@@ -327,9 +328,9 @@ def test_update_batch_rows_width_and_old_logprobs():
     np.testing.assert_array_equal(batch["old_logps"], batch["sampler_logps"])
     assert batch["advantages"].dtype == np.float32 and batch["advantages"].tolist() == adv.tolist()
     # the width is capped at max_width; "recompute" leaves old log-probs to `update`; this process's rows only
-    half, positions = grpo.update_batch(ro, adv, dataclasses.replace(s, old_logprobs="recompute"), max_width=8,
-                                        pad_id=0, local=slice(2, 4))
-    assert positions == 2 * 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
+    half, width = grpo.update_batch(ro, adv, dataclasses.replace(s, old_logprobs="recompute"), max_width=8,
+                                    pad_id=0, local=slice(2, 4))
+    assert width == 8 and "old_logps" not in half and half["tokens"].shape == (2, 8)
     np.testing.assert_array_equal(half["advantages"], [0.5, -0.5])
     # a completion window narrower than the row: positions past the row's end clip to its last and stay masked
     narrow = grpo_rows.rollout_batch([[1, 5, 6, 7]], np.array([[9, 9, 2]]), np.array([3]), np.array([0]), width=6,
@@ -344,9 +345,10 @@ def test_update_batch_rows_width_and_old_logprobs():
 def test_update_batch_shared_prompts_layout():
     ro = toy_rollout()
     s = grpo.GRPOSettings(num_generations=2, max_new_tokens=4)
-    batch, positions = grpo.update_batch(ro, np.zeros(4), s, max_width=64, pad_id=0, local=slice(0, 4), shared=True)
-    # prompts left-padded to 16; completions 16 wide (the longest, 3, rounded up; at most max_new_tokens = 4)
-    assert positions == 2 * 16 + 4 * 3 and "tokens" not in batch
+    batch, width = grpo.update_batch(ro, np.zeros(4), s, max_width=64, pad_id=0, local=slice(0, 4), shared=True)
+    # the rows' width as the row layout's (the training tokens); prompts left-padded to 16; completions 4 wide (the
+    # longest, 3, rounded up to 16, at most max_new_tokens = 4): each group's prompt once, 3 fed-back tokens a row
+    assert width == 16 and grpo_rows.forward_positions(batch, 2) == 2 * 16 + 4 * 3 and "tokens" not in batch
     assert batch["prompt_tokens"].shape == (4, 16) and batch["completion_inputs"].shape == (4, 3)
     np.testing.assert_array_equal(batch["prompt_tokens"][1, -5:], [0, 1, 5, 6, 7])
     np.testing.assert_array_equal(batch["prompt_positions"][2, -3:], [0, 0, 1])

@@ -43,8 +43,8 @@ from flax import nnx
 from medkr_jax.data.pipeline import bucket_length, make_loader
 from medkr_jax.eval import prompts as P_
 from medkr_jax.sampling import DEFAULT_PROMPT_BUCKETS, SampleOutput, Sampler
-from medkr_jax.train.grpo_rows import (ROW_INPUTS, SHARED_INPUTS, completion_logits, completion_logps, round_up,
-                                       rollout_batch)
+from medkr_jax.train.grpo_rows import (ROW_INPUTS, SHARED_INPUTS, completion_logits, completion_logps,
+                                       forward_positions, round_up, rollout_batch)
 from medkr_jax.train.losses import AGGREGATIONS, advantage_fn, aggregation_weight, rl_loss, token_logprobs_and_entropy
 from medkr_jax.train.rewards import completion_rewards, overlong_penalty
 from medkr_jax.train.traces import TraceExample
@@ -309,31 +309,29 @@ def update_batch(ro: Rollout, adv: np.ndarray, settings: GRPOSettings, *, max_wi
                  local: slice, train_rows: np.ndarray | None = None,
                  shared: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """(this process's training rows of the rollout with advantages (and the sampler's log-probs as the old
-    policy's when so set), the token positions one forward pass over them runs). Rows where `train_rows` is 0 get
-    an empty completion mask: the loss leaves them out. ``shared``: the shared-prompt layout (`rollout_batch`),
+    policy's when so set), the rows' width: prompt + completion, whatever the layout). Rows where `train_rows` is 0
+    get an empty completion mask: the loss leaves them out. ``shared``: the shared-prompt layout (`rollout_batch`),
     for micro-batches of whole groups."""
     out = ro.samples
     pi = out.prompt_index
     # widths are the rows' real lengths rounded up to a multiple of 16 (a few compiled shapes), not the padded
     # maxima: short prompts and early stops then cost no compute
+    need = max(len(ro.prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
+    width = min(max_width, round_up(need))
     if shared:
         prompt_width = round_up(max(len(ro.prompts[j]) for j in pi))
         k = min(settings.max_new_tokens, round_up(int(out.lengths.max())))
         batch = rollout_batch(ro.prompts, out.tokens, out.lengths, pi, width=None, pad_id=pad_id, completion_width=k,
                               sampler_logprobs=out.logprobs, prompt_width=prompt_width)
-        positions = len(pi) // settings.num_generations * prompt_width + len(pi) * (k - 1)
     else:
-        need = max(len(ro.prompts[j]) + int(n) - 1 for j, n in zip(pi, out.lengths))
-        width = min(max_width, round_up(need))
         batch = rollout_batch(ro.prompts, out.tokens, out.lengths, pi, width=width, pad_id=pad_id,
                               completion_width=settings.max_new_tokens, sampler_logprobs=out.logprobs)
-        positions = len(pi) * width
     if settings.sampler_old_logprobs:
         batch["old_logps"] = batch["sampler_logps"]
     batch["advantages"] = adv.astype(np.float32)
     if train_rows is not None:
         batch["completion_mask"] *= np.asarray(train_rows, np.float32)[:, None]
-    return {k: v[local] for k, v in batch.items()}, positions * (local.stop - local.start) // len(pi)
+    return {k: v[local] for k, v in batch.items()}, width
 
 
 def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings,
@@ -409,16 +407,19 @@ def make_step_fn(sampler: Sampler, tokenizer: Any, prompt_set: PromptSet, settin
                                                                 num_prompts=len(prompt_set.ids), seed=seed)
         t_gen = time.perf_counter() - t0
         adv = advantages(scores["reward"], settings)
-        batch, positions = update_batch(ro, adv, settings, max_width=prompt_set.max_width, pad_id=pad_id,
-                                        local=local, train_rows=train_rows, shared=shared_prompts(trainer, settings,
-                                                                                                   local))
+        batch, width = update_batch(ro, adv, settings, max_width=prompt_set.max_width, pad_id=pad_id, local=local,
+                                    train_rows=train_rows, shared=shared_prompts(trainer, settings, local))
         t_score = time.perf_counter() - t0 - t_gen
         metrics = update(trainer, batch, rng, settings, reference)
         dt = time.perf_counter() - t0
         generated = np.concatenate(drawn)
         metrics.update(rollout_metrics(first, group, settings), **sampling)
         slot_steps = sum(st.steps * st.slots for st in engine)
-        metrics.update(tokens=float(generated.sum()), train_tokens=float(positions * settings.mu),
+        # train_tokens: the tokens the training rows hold (prompt + completion each), whatever the layout (the
+        # study's extra-SFT arm matches it); update_positions: the positions the update's forward passes ran
+        positions = forward_positions(batch, group) * len(adv) // len(batch["advantages"])
+        metrics.update(tokens=float(generated.sum()), train_tokens=float(len(adv) * width * settings.mu),
+                       update_positions=float(positions * settings.mu),
                        samples_per_s=len(generated) / dt, generate_s=t_gen, score_s=t_score,
                        update_s=dt - t_gen - t_score, rollout_decode_steps=float(sum(st.steps for st in engine)),
                        rollout_occupancy=sum(st.tokens for st in engine) / max(slot_steps, 1))

@@ -96,6 +96,15 @@ SHARED_INPUTS = ("prompt_tokens", "prompt_positions", "prompt_mask", "completion
                  "completion_attention")
 
 
+def forward_positions(batch: dict, group: int) -> int:
+    """Token positions one forward pass over ``batch`` runs: rows x width, or with shared prompts each group's
+    prompt once plus every row's fed-back completion."""
+    if "prompt_tokens" not in batch:
+        return int(np.prod(batch["tokens"].shape))
+    rows, width = batch["prompt_tokens"].shape
+    return rows // group * width + rows * batch["completion_inputs"].shape[1]
+
+
 def completion_logits(model: nnx.Module, batch: dict, group: int) -> jax.Array:
     """Float32 logits [R, K, V] predicting each row's K completion tokens (``rollout_batch``'s targets).
 
