@@ -347,6 +347,7 @@ def update(trainer: Trainer, batch: dict, rng: jax.Array, settings: GRPOSettings
 
     group = settings.num_generations
     inputs = {k: place(batch[k]) for k in (SHARED_INPUTS if "prompt_tokens" in batch else ROW_INPUTS) + ("targets",)}
+    batch.update(inputs)  # placed once: the trainer takes device arrays as they are
     if reference is not None:
         batch["ref_logps"] = completion_logps(*(reference(trainer) if callable(reference) else reference), inputs, group)
     if settings.mu > 1 and not settings.sampler_old_logprobs:
