@@ -227,7 +227,7 @@ def report(args, name, cfg, timers, peak_t, stream_t, hf_cache, match, compiles,
                       "decode_ratio": round(ours_dec / ref_dec, 3), "round_ratios": cmp["ratio_rounds"],
                       "model": name, "hf_cache": hf_cache, "batch": args.batch, "threads": args.threads,
                       "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 5), "greedy_match": match,
-                      "decode_step_s": round(step_s, 6), "decode_bytes_per_step": step_bytes["total"],
+                      "decode_step_s": float(f"{step_s:.6g}"), "decode_bytes_per_step": step_bytes["total"],
                       "stream_bytes_per_s": round(bandwidth),
                       "bandwidth_fraction": round(decode_bytes_per_s / bandwidth, 4),
                       **load}))
