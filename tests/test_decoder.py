@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from medkr_jax import parallel
 from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
+from medkr_jax.models.decoder.layers import query_blocks
 from medkr_jax.models.hf import export_decoder, load_decoder
 from tests.helpers_models import (ARCHITECTURE_OF, SLIDING_WINDOW, hf_logits, make_tiny_hf_model,  # noqa: F401
                                   ragged_batch, tiny_decoder_folder, tiny_hf_config)
@@ -266,6 +267,37 @@ def test_attention_logit_softcapping_matches_numpy():
     plain = Decoder(uncapped, rngs=nnx.Rngs(0)).layers[0].attn
     assert np.abs(np.asarray(plain.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                           jnp.asarray(allowed))) - got).max() > 1e-2
+
+
+@pytest.mark.parametrize("t", [130, 1030])
+def test_causal_query_blocks_equal_one_pass_over_the_whole_score_matrix(t):
+    """attend(causal=True) runs query_blocks(t) > 1 blocks of queries (uneven at 1,030), each over the keys up to
+    its last query: the same outputs and gradients as one pass over the whole masked score matrix, with packed
+    segments and left padding in the mask (a padding query row, with no allowed key, is not compared)."""
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=8, architecture="LlamaForCausalLM")
+    attn = Decoder(cfg, rngs=nnx.Rngs(0)).layers[0].attn
+    assert query_blocks(t) == (2 if t < 512 else 4)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 2, 8, t)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 2, t, 8)), jnp.float32)
+    segments = np.stack([1 + (np.arange(t) >= t // 3), np.ones(t, int)])  # row 0: two packed sequences
+    real = np.stack([np.ones(t, bool), np.arange(t) >= 5])  # row 1: five padding slots first
+    allowed = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & real[:, None, :]
+                          & (segments[:, :, None] == segments[:, None, :]))
+    cotangent = jnp.asarray(rng.normal(size=(2, t, 32)) * real[..., None], jnp.float32)
+
+    def run(causal):
+        def loss(q, k, v):
+            out = attn.attend(q, k, v, allowed, causal=causal)
+            return jnp.sum(out * cotangent), out
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (grads, blocked), (ref_grads, whole) = run(True), run(False)
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], rtol=1e-5, atol=1e-6)
+    for name, got, ref in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

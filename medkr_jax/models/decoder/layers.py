@@ -165,6 +165,18 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def query_blocks(t: int) -> int:
+    """Query blocks of a causal attention over T positions: one below 128, else T / 256 clipped to [2, 8].
+
+    Block i of n attends to keys [0, (i + 1) T / n): (n + 1) / 2n of the full score matrix. Measured on the CPU
+    (bench/train_step.py's SFT model, 1 thread), one layer's attention forward + backward at 8 x 256 tokens
+    25.8 -> 18.9 ms (2 blocks); at 1 x 2,048 tokens 222 -> 117 ms (8 blocks); the whole SFT step at 2 x 1,024
+    tokens 846 -> 664 ms (4 blocks), against Hugging Face's 708 ms. More, smaller blocks cost more than they save
+    at these lengths (the same step, 8 blocks: 693 ms).
+    """
+    return 1 if t < 128 else min(8, max(2, t // 256))
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2), q/k RMSNorm (Qwen3, Gemma 3), scores scaled
     by query_pre_attn_scalar^-1/2 (else head_dim^-1/2) and optionally soft-capped (Gemma)."""
@@ -194,8 +206,26 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return _rotate(q, *rope), _rotate(k, *rope), v
 
-    def attend(self, q, k, v, allowed):
-        """q [B,T,H,D]; keys [B,KV,D,S], values [B,KV,S,D]; allowed bool [B,T,S] -> [B,T,E]."""
+    def attend(self, q, k, v, allowed, *, causal: bool = False):
+        """q [B,T,H,D]; keys [B,KV,D,S], values [B,KV,S,D]; allowed bool [B,T,S] -> [B,T,E].
+
+        ``causal``: the keys are the queries' own chunk (key slot i holds query i's token, S = T) and ``allowed``
+        lies within the causal mask, as in a training forward or a prompt prefilled into an empty cache. The
+        queries then run in ``query_blocks(T)`` blocks, each over the keys up to its own last query only: the
+        blocks above the diagonal, masked anyway, are never computed. Each row's softmax is over the same
+        allowed keys either way (a query row with no allowed key at all, i.e. padding, averages over fewer).
+        """
+        t = q.shape[1]
+        blocks = query_blocks(t) if causal else 1
+        if blocks == 1:
+            return self.o_proj(self._attend(q, k, v, allowed))
+        cuts = [round(i * t / blocks) for i in range(blocks + 1)]
+        out = [self._attend(q[:, lo:hi], k[..., :hi], v[:, :, :hi], allowed[:, lo:hi, :hi])
+               for lo, hi in zip(cuts, cuts[1:])]
+        return self.o_proj(jnp.concatenate(out, axis=1))
+
+    def _attend(self, q, k, v, allowed):
+        """``attend`` before the output projection: [B,T,H*D]."""
         cfg = self.cfg
         b, t, h, d = q.shape
         kv, s = cfg.num_kv_heads, k.shape[3]
@@ -218,7 +248,7 @@ class Attention(nnx.Module):
         out = jax.lax.dot_general(e.astype(self.dtype).reshape(b, kv, groups * t, s), v.astype(self.dtype),
                                   (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=acc) / denom
         out = out.astype(self.dtype).reshape(b, kv, groups, t, d).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(b, t, h * d))
+        return out.reshape(b, t, h * d)
 
 
 class MLP(nnx.Module):

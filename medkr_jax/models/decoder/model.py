@@ -213,7 +213,9 @@ class Decoder(nnx.Module):
                     k, v = keys[..., :kv_len], values[:, :, :kv_len]
                 else:
                     k, v = keys, values
-            h = h + blk.attn_out(blk.attn.attend(q, k, v, allowed))
+            # Without a cache, or a chunk written into an empty one (kv_len == t), the keys are the chunk's own.
+            causal = store is None or kv_len == t
+            h = h + blk.attn_out(blk.attn.attend(q, k, v, allowed, causal=causal))
             h = h + blk.mlp_residual(h)
             return constrain(h, ("batch", "length", "embed")), out
 
