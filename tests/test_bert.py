@@ -65,11 +65,13 @@ def test_minilm_hidden_state_parity(batch):
     # Padded rows attend to nothing real and are ill-conditioned: there both fp32 forwards are far from a
     # float64 one (HF eager 7.4e-5 to 7.6e-5, ours 3.3e-5), so |ours - HF| is rounding luck (1.07e-4 to 1.10e-4
     # here, issue #14). The oracle is the float64 truth: ours is at most 1.5x as far from it as HF fp32 (measured
-    # 0.44x to 0.45x; a wrong padding mask is off by O(1)).
+    # 0.44x to 0.45x), or within 2e-4 of it. The floor: how far an fp32 forward lands on these rows depends on the
+    # CPU's kernels (on an AMD EPYC, Zen 4: HF 1.6e-5, ours 7.0e-5, 4.3x HF and the test's only failure there);
+    # 2e-4 is about 3x the largest fp32 distance seen, while a wrong padding mask is off by O(1).
     truth = _torch(eager.double(), batch).last_hidden_state.numpy()
     ours_err = np.abs(hidden - truth)[~real].max()
     hf_err = np.abs(ref.last_hidden_state.numpy() - truth)[~real].max()
-    assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+    assert ours_err <= max(1.5 * hf_err, 2e-4), (ours_err, hf_err)
     # transformers' default (SDPA): the real tokens match (its padded rows drift by ~1e-4 through 6 layers,
     # which no consumer reads).
     ref = _torch(transformers.BertModel.from_pretrained(MINILM).eval(), batch)
