@@ -16,8 +16,11 @@ SFT: the same tiny Llama-shaped model with random weights (vocab 1024, hidden 25
 the LM head on the scored positions only) with AdamW
 (lr 1e-4, global-norm clip 1.0). Ours is the `Trainer` step of medkr_jax.train.trainer with the SFT loss;
 the reference is transformers' LlamaForCausalLM (PyTorch, CPU) with torch.optim.AdamW and
-clip_grad_norm_. With --model (an HF folder or a preset such as smollm2-135m: 30 layers x 576, vocab 49,152) both
-sides load that checkpoint instead and only this comparison runs. After three interleaved warm-up rounds, `--steps`
+clip_grad_norm_, run in a worker process of its own pinned to the same CPUs (bench/harness.py's RemoteTimer: in
+one process the two sides' multi-GB step buffers fragment the shared heap for each other; SmolLM2 at 1 x 2,048
+tokens, our step 27 s alone, 39-43 s after an in-process PyTorch step). With --model (an HF folder or a preset
+such as smollm2-135m: 30 layers x 576, vocab 49,152) both sides load that checkpoint instead and only this
+comparison runs. After three interleaved warm-up rounds, `--steps`
 rounds of one step per side, with the matmul peak timed in the same rounds; tokens/s = batch * seq_len / the best
 round's time. `peak_fraction` = our step's model FLOP/s (6 * params * tokens + 12 * layers * B * T^2 * heads *
 head_dim) over the peak (the best call of a large float32 matmul, jitted JAX or torch).
@@ -69,8 +72,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line, peak_timers,  # noqa: E402
-                     pin, ratio_line, ratios, run_rounds, threads_from_argv)
+from harness import (RemoteTimer, Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line,  # noqa: E402
+                     peak_timers, pin, ratio_line, ratios, run_rounds, serve, threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
@@ -180,12 +183,10 @@ def _decoder_config(d: dict, **kw):
                          **kw)
 
 
-def sft_steps(batch: dict, folder: str | None = None):
-    """(our step fn, its parameter count, the PyTorch step fn, the decoder config) on the same model and batch:
-    the tiny random SFT_DIMS model, or the checkpoint in ``folder`` (the same weights on both sides)."""
+def our_sft_step(batch: dict, folder: str | None = None):
+    """(our SFT step fn, its parameter count, the decoder config) on `batch`: the tiny random SFT_DIMS model, or the
+    checkpoint in ``folder``."""
     import jax
-    import torch
-    import transformers
     from flax import nnx
 
     from medkr_jax import parallel
@@ -213,6 +214,15 @@ def sft_steps(batch: dict, folder: str | None = None):
         m = trainer.update(scored, jax.random.key(0))
         float(m["loss"])  # the loop reads every step's loss (NaN check): the same synchronisation here
 
+    return ours, int(n_params), cfg
+
+
+def hf_sft_step(batch: dict, folder: str | None = None):
+    """The PyTorch reference's SFT step fn on `batch`: transformers' LlamaForCausalLM of SFT_DIMS (random weights),
+    or the checkpoint in ``folder`` (the same weights as ours)."""
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     if folder is None:
         d = SFT_DIMS
@@ -239,7 +249,14 @@ def sft_steps(batch: dict, folder: str | None = None):
         opt.zero_grad(set_to_none=True)
         loss.item()
 
-    return ours, int(n_params), reference, cfg
+    return reference
+
+
+def sft_reference_worker(spec: str) -> None:
+    """--sft-reference-worker: serve HF's SFT step on the batch the spec (JSON: batch, seq, vocab, prompt_fraction,
+    folder) describes, to the parent's RemoteTimer (bench/harness.py)."""
+    s = json.loads(spec)
+    serve(hf_sft_step(sft_batch(s["batch"], s["seq"], s["vocab"], s["prompt_fraction"]), s["folder"]))
 
 
 def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
@@ -322,7 +339,7 @@ def _print_lora(res: dict) -> None:
 
 def warmed(*fns, calls: int = 3) -> list[Timer]:
     """A Timer of each of `fns` after `calls` untimed rounds that call them in turn, as the timed rounds will
-    (compilation, optimizer state, and a heap shared by both sides settling into the pattern it is timed in)."""
+    (compilation, optimizer state, and the heap the sides share settling into the pattern it is timed in)."""
     for _ in range(calls):
         for fn in fns:
             fn()
@@ -454,6 +471,7 @@ def parse_args():
     ap.add_argument("--model", default=None,
                     help="SFT comparison alone on this HF folder or preset (e.g. smollm2-135m, with --batch 4)")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    ap.add_argument("--sft-reference-worker", metavar="SPEC", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -467,14 +485,28 @@ def sft_batch(b: int, t: int, vocab: int = SFT_DIMS["vocab"], prompt_fraction: f
             "segment_ids": np.ones((b, t), np.int32), "loss_mask": loss_mask}
 
 
-def sft_comparison(args, batch: dict) -> tuple[dict, str]:
-    """Our SFT step vs HF PyTorch's in interleaved rounds with the matmul peak: (JSON fields, table lines)."""
-    ours_fn, n_params, torch_fn, cfg = sft_steps(batch, args.model_folder)
-    b, t = batch["tokens"].shape
-    flops = 6.0 * n_params * b * t + 12.0 * cfg.num_layers * b * t * t * cfg.num_heads * cfg.head_dim
-    ours, ref = warmed(ours_fn, torch_fn)
-    peak_t = peak_timers(args.peak_n)
-    run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
+def sft_comparison(args, vocab: int) -> tuple[dict, str]:
+    """Our SFT step vs HF PyTorch's (in a worker process of its own, pinned to the same CPUs) in interleaved rounds
+    with the matmul peak: (JSON fields, table lines)."""
+    spec = {"batch": args.batch, "seq": args.seq, "vocab": vocab, "prompt_fraction": args.prompt_fraction,
+            "folder": args.model_folder}
+    batch = sft_batch(args.batch, args.seq, vocab, args.prompt_fraction)
+    ref = RemoteTimer([sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+                       "--sft-reference-worker", json.dumps(spec)])
+    try:
+        ours_fn, n_params, cfg = our_sft_step(batch, args.model_folder)
+        b, t = batch["tokens"].shape
+        flops = 6.0 * n_params * b * t + 12.0 * cfg.num_layers * b * t * t * cfg.num_heads * cfg.head_dim
+        # The peak's arrays before the warm-up: allocated after it, they would sit in the block our step frees and
+        # reallocates, which then no longer fits there (SmolLM2 at 1 x 2,048 tokens: 27 -> 35 s a step).
+        peak_t = peak_timers(args.peak_n)
+        for _ in range(3):  # warm-up rounds: compilation, optimizer state, each heap settling
+            ours_fn()
+            ref.call(1)
+        ours = Timer(ours_fn)
+        run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
+    finally:
+        ref.close()
     cmp = ratios(ours, ref)
     peak, _ = peak_flops(peak_t)
     ours_tps, ref_tps = b * t / ours.wall, b * t / ref.wall
@@ -540,7 +572,7 @@ def sft_model_only(args) -> None:
     args.model_folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
     with open(os.path.join(args.model_folder, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
-    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, vocab, args.prompt_fraction))
+    sft, sft_lines = sft_comparison(args, vocab)
     print(device_line(args.threads))
     print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
     print(sft_lines)
@@ -553,6 +585,9 @@ def main() -> None:
     args = parse_args()
     if args.tunix_worker:
         tunix_worker(args.tunix_worker)
+        return
+    if args.sft_reference_worker:
+        sft_reference_worker(args.sft_reference_worker)
         return
     if args.setup_tunix:
         setup_tunix()
@@ -576,7 +611,7 @@ def main() -> None:
                           "device": jax.devices()[0].platform, **load_report(args.threads)}))
         return
     packing = packed_vs_unpacked(batch, args.packed_segments, args.steps)
-    sft, sft_lines = sft_comparison(args, sft_batch(args.batch, args.seq, prompt_fraction=args.prompt_fraction))
+    sft, sft_lines = sft_comparison(args, SFT_DIMS["vocab"])
     with tempfile.TemporaryDirectory() as work:
         grpo_fields, grpo_line = grpo_comparison(args, work)
 

@@ -182,3 +182,24 @@ def test_threads_from_argv(harness):
     assert harness.threads_from_argv(["x.py", "--batch", "2", "--threads=3"]) == 3
     with pytest.raises(ValueError, match="--threads"):
         harness.threads_from_argv(["x.py", "--threads=0"])
+
+
+def test_remote_timer_times_the_worker_calls_and_reports_a_dead_worker(harness, tmp_path):
+    """RemoteTimer drives a `serve` worker: each round is the worker's own timing of its calls (here a 50 ms sleep:
+    wall >= 50 ms, CPU near 0, as the worker's process saw it), its other output passes by, and a worker that dies
+    before answering is named in the error."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import sys, time\nsys.path.insert(0, {str(BENCH)!r})\nfrom harness import serve\n"
+                      "print('loading the reference')\nserve(lambda: time.sleep(0.05))\n")
+    timer = harness.RemoteTimer([sys.executable, str(worker)], iters=2)
+    wall, cpu = timer.call(3)
+    assert wall >= 0.15 and cpu < 0.1
+    harness.run_rounds({"reference": timer}, repeats=2)
+    assert len(timer.walls) == 2 and min(timer.walls) >= 0.05 and max(timer.cpus) < 0.05
+    timer.close()
+    assert timer.proc.returncode == 0
+
+    dead = tmp_path / "dead.py"
+    dead.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match=r"exited with 3 before answering 'ready'.*dead\.py"):
+        harness.RemoteTimer([sys.executable, str(dead)])
