@@ -17,10 +17,11 @@ Benchmark method (all scripts):
   tokens, one thread: our step alone 27.0 s with 0 page faults; the same step right after an in-process PyTorch
   step 39-43 s, with 1.2 million page faults and 11-13 s of system time, round after round; the PyTorch step
   alone 26.5-29 s. A user runs one framework per process, which is what the worker measures.
-* Rounds. ``run_rounds`` runs every ``Timer`` (ours, the reference(s)) once per round and the matmul-peak timers
-  ``peak_calls`` times each, in one order on even rounds and the reverse on odd ones, so no side always runs
-  first and every side, the peak included, sees the same machine load. Each Timer keeps every round's wall and
-  CPU seconds (CPU = user + system time of this process, all threads).
+* Rounds. ``run_rounds`` runs one untimed round of everything first, then every ``Timer`` (ours, the
+  reference(s)) once per round and the matmul-peak timers ``peak_calls`` times each, in one order on even rounds
+  and the reverse on odd ones, so no side always runs first and every side, the peak included, sees the same
+  machine load. Each Timer keeps every round's wall and CPU seconds (CPU = user + system time of the process that
+  ran the calls, all threads).
 * Ratios (``ratios``), reference time / our time, so > 1 means ours is faster: ``ratio`` is the median of the
   per-round ratios (``ratio_rounds``: each round compares two timings taken moments apart, so a busy moment
   hits both), ``ratio_best`` the best round over the best round (taken separately), ``ratio_cpu`` the median
@@ -134,6 +135,11 @@ class Timer:
         self.add((time.perf_counter() - t) / self.iters, (cpu_seconds() - c) / self.iters)
         return self.walls[-1]
 
+    def warm(self) -> None:
+        """One round's calls, not recorded."""
+        for _ in range(self.iters):
+            self.fn()
+
     def add(self, wall: float, cpu: float) -> None:
         """Record a round timed elsewhere (e.g. step periods read from a run's own log)."""
         self.walls.append(float(wall))
@@ -188,6 +194,9 @@ class RemoteTimer(Timer):
         wall, cpu = self._answer(f"{n} calls")
         return float(wall), float(cpu)
 
+    def warm(self) -> None:
+        self.call(self.iters)
+
     def round(self) -> float:
         wall, cpu = self.call(self.iters)
         self.add(wall / self.iters, cpu / self.iters)
@@ -213,9 +222,16 @@ def serve(fn: Callable[[], object]) -> None:
 
 
 def run_rounds(timers: Mapping[str, Timer], repeats: int, peak: Mapping[str, Timer] | None = None,
-               peak_calls: int = PEAK_CALLS) -> None:
-    """`repeats` interleaved rounds: each timer once and each peak timer `peak_calls` times per round, the order
-    reversed on every other round."""
+               peak_calls: int = PEAK_CALLS, warmup: int = 1) -> None:
+    """`warmup` untimed rounds (every timer and peak timer once), then `repeats` interleaved rounds: each timer once
+    and each peak timer `peak_calls` times per round, the order reversed on every other round.
+
+    The untimed round comes after every array the rounds use exists (the peak's and the stream's among them): an
+    array allocated after a side's own warm-up can take the place its step's block had in the heap, and the next
+    step then pages its block in afresh, once."""
+    for _ in range(warmup):
+        for t in [*timers.values(), *(peak or {}).values()]:
+            t.warm()
     order = [(t, 1) for t in timers.values()] + [(t, peak_calls) for t in (peak or {}).values()]
     for r in range(repeats):
         for t, calls in order if r % 2 == 0 else order[::-1]:

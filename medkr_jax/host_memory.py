@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import resource
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -81,3 +82,10 @@ def reuse_freed_memory() -> bool:
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _KEEP), (M_TOP_PAD, _KEEP))
     _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
     return _applied
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far: pages mapped in on first touch (zero-filled), all threads. A CPU
+    training step that pages its buffers in afresh shows here (the training loop logs each step's count as
+    ``host_page_faults``): after the first steps, a step under this policy should count few or none."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

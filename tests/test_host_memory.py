@@ -88,3 +88,20 @@ def test_an_installed_accelerator_plugin_means_not_the_cpu(monkeypatch):
     assert host_memory.cpu_backend_expected() is False
     found.clear()
     assert host_memory.cpu_backend_expected() is True
+
+
+def test_minor_page_faults_count_first_touches():
+    """Writing one byte to each page of a fresh 64 MiB anonymous mapping maps in each page (a count that does not
+    move fails)."""
+    import mmap
+
+    size, page = 64 * 2**20, mmap.PAGESIZE
+    region = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)  # 4 KiB pages even where transparent huge pages are always on
+    before = host_memory.minor_page_faults()
+    for offset in range(0, size, page):
+        region[offset] = 1
+    after = host_memory.minor_page_faults()
+    region.close()
+    assert after - before >= 0.9 * size / page, after - before

@@ -152,6 +152,7 @@ def test_train_logs_learns_and_resumes(tmp_path):
     assert [r["step"] for r in train_recs] == list(range(1, 9))
     assert train_recs[-1]["loss"] < 0.6 * train_recs[0]["loss"]
     assert {"lr", "grad_norm", "tokens_per_s"} <= set(train_recs[0])
+    assert all(r["host_page_faults"] >= 0 and r["host_page_faults"] == int(r["host_page_faults"]) for r in train_recs)
     assert evals == [8] and recs[-1]["step"] == 8 and recs[-1]["eval/n"] == 1.0 and "loss" not in recs[-1]
     assert os.listdir(tmp_path / "full" / "tb")
     assert full["steps"] == 8 and not full["resumed"]

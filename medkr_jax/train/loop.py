@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from medkr_jax import parallel
+from medkr_jax import host_memory, parallel
 from medkr_jax.train.checkpoint import Checkpointer
 from medkr_jax.train.metrics_log import MetricsLogger, RunHealth
 from medkr_jax.train.optim import OptimizerSettings, make_optimizer, make_schedule
@@ -189,8 +189,10 @@ def _restore(trainer: Trainer, ckpt: Checkpointer, settings: LoopSettings, batch
 
 
 def _run_step(run: _Run, batches: Iterator, step_fn: StepFn, base_rng: jax.Array) -> dict:
-    """Pull a batch, run one step, return its metrics as host floats (+ lr, step time, tokens/s)."""
+    """Pull a batch, run one step, return its metrics as host floats (+ lr, step time, tokens/s, and the host's
+    page faults during the step: on CPU, the pages the step touched for the first time, see host_memory)."""
     batch = next(batches)
+    faults = host_memory.minor_page_faults()
     t0 = time.perf_counter()
     lr = run.trainer.learning_rate()
     metrics = step_fn(run.trainer, batch, jax.random.fold_in(base_rng, run.step))
@@ -200,6 +202,7 @@ def _run_step(run: _Run, batches: Iterator, step_fn: StepFn, base_rng: jax.Array
     run.step += 1
     metrics["lr"] = lr
     metrics["step_time_s"] = dt
+    metrics["host_page_faults"] = host_memory.minor_page_faults() - faults
     if "tokens" in metrics:
         metrics["tokens_per_s"] = metrics["tokens"] / max(dt, 1e-9)
         run.total_tokens += metrics["tokens"]
