@@ -284,7 +284,7 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
         lora.apply_lora(model, lora.LoRASettings(rank=r, alpha=2.0 * r), mesh=mesh)
         trainers.append(Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh))
     memory = [t.step_memory(batch, key)["peak"] for t in trainers]
-    full, low = warmed(*[lambda t=t: float(t.update(batch, key)["loss"]) for t in trainers])
+    full, low = warmed(*[Timer(lambda t=t: float(t.update(batch, key)["loss"])) for t in trainers])
     run_rounds({"full": full, "lora": low}, steps)
     trained = [sum(x.size for x in jax.tree.leaves(t.params)) for t in trainers]
     return {"lora_rank": rank, "lora_trained_params": int(trained[1]), "full_trained_params": int(trained[0]),
@@ -323,7 +323,7 @@ def packed_vs_unpacked(batch: dict, segments: int, steps: int) -> dict:
     opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
     key, packed = jax.random.key(0), packed_batch(batch, segments)
-    one, many = warmed(*[lambda x=x: float(trainer.update(x, key)["loss"]) for x in (batch, packed)])
+    one, many = warmed(*[Timer(lambda x=x: float(trainer.update(x, key)["loss"])) for x in (batch, packed)])
     run_rounds({"unpacked": one, "packed": many}, steps)
     return {"packed_segments": segments, "packed_step_s": round(many.wall, 5), "unpacked_step_s": round(one.wall, 5),
             **ratios(one, many, key="packed_time_ratio")}
@@ -337,13 +337,13 @@ def _print_lora(res: dict) -> None:
           f"{res['lora_trained_params']:,} vs {res['full_trained_params']:,}")
 
 
-def warmed(*fns, calls: int = 3) -> list[Timer]:
-    """A Timer of each of `fns` after `calls` untimed rounds that call them in turn, as the timed rounds will
-    (compilation, optimizer state, and the heap the sides share settling into the pattern it is timed in)."""
+def warmed(*timers: Timer, calls: int = 3) -> tuple[Timer, ...]:
+    """`timers` after `calls` untimed rounds that run them in turn, as the timed rounds will (compilation,
+    optimizer state, and each process's heap settling into the pattern it is timed in)."""
     for _ in range(calls):
-        for fn in fns:
-            fn()
-    return [Timer(fn) for fn in fns]
+        for t in timers:
+            t.warm()
+    return timers
 
 
 @contextlib.contextmanager
@@ -500,10 +500,7 @@ def sft_comparison(args, vocab: int) -> tuple[dict, str]:
         # The peak's arrays before the warm-up: allocated after it, they would sit in the block our step frees and
         # reallocates, which then no longer fits there (SmolLM2 at 1 x 2,048 tokens: 27 -> 35 s a step).
         peak_t = peak_timers(args.peak_n)
-        for _ in range(3):  # warm-up rounds: compilation, optimizer state, each heap settling
-            ours_fn()
-            ref.call(1)
-        ours = Timer(ours_fn)
+        ours, ref = warmed(Timer(ours_fn), ref)
         run_rounds({"ours": ours, "reference": ref}, args.steps, peak_t)
     finally:
         ref.close()
