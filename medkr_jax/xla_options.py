@@ -63,6 +63,12 @@ def decode_head_lhs_transposed() -> bool:
     return _cpu_tuning()
 
 
+def rhs_grad_out_major(k: int, n: int) -> bool:
+    """Whether the gradient of a product's right operand b [K, N] (a projection's kernel, attention's values) is
+    computed as (dY^T a)^T behind an optimisation barrier instead of a^T dY (`layers.matmul`): on CPU where K > N."""
+    return k > n and _cpu_tuning()
+
+
 def jit_dense(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
     """`jax.jit(fun, **jit_kwargs)` compiled with `dense_program_options()`, usable as a decorator at import
     time: the options (which depend on the backend) are chosen at the first call, not at import."""

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from medkr_jax import parallel
 from medkr_jax.models.decoder import (Decoder, DecoderConfig, UnsupportedModelError, init_cache, rope_inv_freq)
-from medkr_jax.models.decoder.layers import query_blocks
+from medkr_jax.models.decoder.layers import matmul, query_blocks
+from medkr_jax.models.decoder.params import hf_param_mapping
 from medkr_jax.models.hf import export_decoder, load_decoder
 from tests.helpers_models import (ARCHITECTURE_OF, SLIDING_WINDOW, hf_logits, make_tiny_hf_model,  # noqa: F401
                                   ragged_batch, tiny_decoder_folder, tiny_hf_config)
@@ -150,6 +151,63 @@ def test_same_logits_on_one_device_and_on_fsdp_tensor_mesh(tiny_decoder_folder):
         out = nnx.jit(lambda m, b: m(b["t"], b["p"], attention_mask=b["m"])[0])(model, batch)
     assert len(out.sharding.device_set) == 8
     assert np.abs(np.asarray(out) - ref)[mask].max() <= 1e-5
+
+
+def test_gradients_match_hf_pytorch(tiny_decoder_folder):
+    """d(sum(logits * C)) / d(every parameter) equals PyTorch autograd's on the same HF model and batch (a ragged,
+    left-padded batch; scored rows only): the backward pass, custom gradients included (layers.matmul), is
+    checked against the reference, not only the forward."""
+    import torch
+
+    kind, folder, hf_model = tiny_decoder_folder
+    model, cfg = load_decoder(folder)
+    tokens, mask, positions = ragged_batch(cfg.vocab_size, lengths=(21, 17, 9))
+    cot = np.random.default_rng(1).standard_normal((*tokens.shape, cfg.vocab_size)).astype(np.float32)
+    cot *= mask[..., None]  # padding rows carry no gradient (their logits differ between the two by design)
+
+    def loss(m):
+        logits = m(jnp.asarray(tokens), jnp.asarray(positions), attention_mask=jnp.asarray(mask))[0]
+        return jnp.sum(logits * cot)
+
+    grads = {".".join(map(str, path)): np.asarray(v[...])
+             for path, v in nnx.to_flat_state(nnx.state(nnx.jit(nnx.grad(loss))(model), nnx.Param))}
+    hf_model.zero_grad()
+    logits = hf_model(input_ids=torch.from_numpy(tokens.astype(np.int64)), attention_mask=torch.from_numpy(mask),
+                      position_ids=torch.from_numpy(positions.astype(np.int64))).logits
+    (logits * torch.from_numpy(cot)).sum().backward()
+    theirs = dict(hf_model.named_parameters())
+    mapping = hf_param_mapping(cfg)
+    assert set(grads) == set(mapping), set(grads) ^ set(mapping)
+    for name, (hf_name, transpose) in mapping.items():
+        ref = theirs[hf_name].grad.numpy()
+        ref = ref.T if transpose else ref
+        err = np.abs(grads[name] - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, f"{kind} {name}: max |grad - transformers| / max |grad| = {err:.2e}"
+
+
+@pytest.mark.parametrize("shape_a,shape_b", [((48, 96), (96, 64)), ((48, 64), (64, 96)),
+                                             ((2, 3, 40, 24), (2, 3, 24, 16))])
+def test_matmul_gradients_and_their_compiled_form(shape_a, shape_b):
+    """layers.matmul: value and both gradients equal the float64 products; where the right operand is [K, N] with
+    K > N its gradient is compiled out-major, [N, K] then transposed (the faster GEMM on CPU), else as a^T dY
+    directly, [K, N]."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(shape_a).astype(np.float32), rng.standard_normal(shape_b).astype(np.float32)
+    dy = rng.standard_normal((*shape_a[:-1], shape_b[-1])).astype(np.float32)
+
+    def f(a, b):
+        return jnp.sum(matmul(a, b) * dy)
+
+    value, (da, db) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(a, b)
+    a64, b64, dy64 = (x.astype(np.float64) for x in (a, b, dy))
+    np.testing.assert_allclose(float(value), float(np.sum((a64 @ b64) * dy64)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(da), dy64 @ np.swapaxes(b64, -1, -2), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(db), np.swapaxes(a64, -1, -2) @ dy64, rtol=1e-5, atol=1e-4)
+    hlo = jax.jit(jax.grad(f, argnums=1)).lower(a, b).compile().as_text()
+    *batch, k, n = shape_b
+    dot_outputs = {line.split(" = ")[1].split("{")[0] for line in hlo.splitlines() if " dot(" in line}
+    out_major, in_major = (f"f32[{','.join(map(str, (*batch, *dims)))}]" for dims in ((n, k), (k, n)))
+    assert dot_outputs == ({out_major} if k > n else {in_major}), dot_outputs
 
 
 def test_remat_gives_same_loss_and_gradients():
