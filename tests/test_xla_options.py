@@ -4,6 +4,7 @@ step's LM head runs on Eigen."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from medkr_jax import xla_options
@@ -49,21 +50,28 @@ def test_jit_dense_and_opt_out(monkeypatch):
     assert xla_options.dense_program_options() is None
 
 
-def _head_dot_in_ynn(model, head) -> bool:
-    """Whether the compiled one-token step's LM-head product (the [B, V] logits) runs as a YNNPACK library
-    fusion rather than as a plain dot (XLA's Eigen GEMM)."""
+def _head_product(model, head, rows: int = 32) -> str:
+    """The compiled one-token step's instruction (a line of HLO) that makes the [rows, V] logits."""
     graphdef, state = nnx.split(model)
-    rows, vocab = 4, model.cfg.vocab_size
+    vocab = model.cfg.vocab_size
 
     def step(state, tokens, cache, head):
         return nnx.merge(graphdef, state)(tokens, jnp.zeros_like(tokens), cache=cache, head=head)[0]
 
     hlo = jax.jit(step).lower(state, jnp.ones((rows, 1), jnp.int32), model.init_cache(rows, 8), head).compile()
     entry = hlo.as_text().split("\nENTRY ")[1].splitlines()
-    made = [line for line in entry if f"= f32[{rows},{vocab}]" in line and (" dot(" in line or "fusion(" in line)]
+    made = [line for line in entry if f"= f32[{rows},{vocab}]" in line or f"= f32[{vocab},{rows}]" in line]
+    made = [line for line in made if " dot(" in line or "fusion(" in line]
     assert len(made) == 1, made  # the head is the step's only [rows, vocab] product (vocab != the MLP's width)
-    assert " dot(" in made[0] or "__ynn_fusion" in made[0], made[0]
-    return "__ynn_fusion" in made[0]
+    return made[0]
+
+
+def _head_dot_in_ynn(model, head, rows: int = 32) -> bool:
+    """Whether the compiled one-token step's LM-head product (the [B, V] logits) runs as a YNNPACK library
+    fusion rather than as a plain dot (XLA's Eigen GEMM)."""
+    made = _head_product(model, head, rows)
+    assert " dot(" in made or "__ynn_fusion" in made, made
+    return "__ynn_fusion" in made
 
 
 def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
@@ -73,10 +81,39 @@ def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
     model, _ = load_decoder(tmp_path)
     assert xla_options.decode_head_lhs_transposed()
     assert not _head_dot_in_ynn(model, model.decode_head())
-    tokens = jnp.asarray([[5], [7], [9], [11]])
-    eigen = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8), head=model.decode_head())[0]
+    tokens = jnp.arange(32)[:, None] + 5
+    eigen = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(32, 8), head=model.decode_head())[0]
     monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
     assert not xla_options.decode_head_lhs_transposed()
     assert _head_dot_in_ynn(model, None)
-    ynn = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(4, 8))[0]
+    ynn = model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(32, 8))[0]
     np.testing.assert_allclose(np.asarray(eigen), np.asarray(ynn), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17])
+def test_decode_head_of_few_rows_reduces_over_the_tied_embedding(rows, tmp_path, monkeypatch):
+    """2-16 rows of a one-token step over a tied embedding: the logits are a multiply-reduce over the embedding
+    (no dot, no [E, V] layout needed), equal to XLA's default GEMM's within float32 rounding and closer to the
+    float64 product; 1 and 17+ rows keep the GEMM on the laid-out head."""
+    make_tiny_hf_model("qwen3", tmp_path, seed=3, vocab_size=160)
+    model, _ = load_decoder(tmp_path)
+    few = 2 <= rows <= 16
+    assert xla_options.decode_head_multiply_reduce(rows) == few
+    made = _head_product(model, model.decode_head(), rows)
+    assert (" dot(" not in made and "/reduce_sum" in made) == few, made  # a reduction (YNNPACK's), not a GEMM
+    tokens = jnp.arange(rows)[:, None] + 5
+    hidden = {}
+
+    def capture(x, head):  # the final-normed hidden states, for the float64 reference
+        hidden["x"] = np.asarray(x, np.float64)
+        return logits_of(x, head)
+
+    logits_of = model._logits
+    monkeypatch.setattr(model, "_logits", capture)
+    ours = np.asarray(model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(rows, 8),
+                            head=model.decode_head())[0])
+    monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
+    default = np.asarray(model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(rows, 8))[0])
+    exact = hidden["x"] @ np.asarray(model.embed.embedding[...], np.float64).T
+    np.testing.assert_allclose(ours, default, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, exact, rtol=1e-5, atol=1e-5)

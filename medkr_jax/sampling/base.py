@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medkr_jax import xla_options
 from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.parallel import logical_rules, sharding_context
 
@@ -169,9 +170,12 @@ class DecodeHead:
     def num_compiles(self) -> int:
         return len(self._layouts)
 
-    def __call__(self, model: nnx.Module, graphdef, state) -> jax.Array | None:
+    def __call__(self, model: nnx.Module, graphdef, state, rows: int | None = None) -> jax.Array | None:
+        """The layout for decode steps of ``rows`` rows (None: any number)."""
         if getattr(model, "decode_head", None) is None:
             return None
+        if rows is not None and model.lm_head is None and xla_options.decode_head_multiply_reduce(rows):
+            return None  # such steps reduce over the tied embedding itself (Decoder._logits): no copy
         weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
         cached = self._head
         if cached is not None and cached[0]() is weights:

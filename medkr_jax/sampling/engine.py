@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from medkr_jax import xla_options
 from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.sampling import programs
 from medkr_jax.sampling.base import (DEFAULT_GEN_BUCKETS, DEFAULT_PROMPT_BUCKETS, SampleOutput, SamplerBase,
@@ -161,7 +162,7 @@ class Sampler(SamplerBase):
         scalars = tuple(jnp.asarray(x) for x in (np.float32(1.0 if greedy else temperature), np.int32(top_k),
                                                   np.float32(top_p)))
         graphdef, params = nnx.split(model)
-        head = self._head(model, graphdef, params)
+        head = self._head(model, graphdef, params, slots)
         state = self._program(("init", shape), lambda: self._init_program(shape))()
         sched = Scheduler([len(p) for p in prompts], limits, n, slots)
         stats = self.last_stats = RunStats(slots=slots, cache_length=shape.length)
@@ -249,7 +250,10 @@ class Sampler(SamplerBase):
 
     def _prefill_program(self, graphdef, params, state, shape, bucket, width, args):
         fn = programs.prefill(graphdef, shape, bucket, width)
-        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=self._state_shardings(shape))
+        # A prefill runs the model over whole prompts: a dense program (xla_options), unlike the decode steps.
+        # SmolLM2-135M, 8 prompts into bucket 64, 1 thread: a one-token call 1.32 -> 1.17 s.
+        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=self._state_shardings(shape),
+                         compiler_options=xla_options.dense_program_options())
         return self.placement.compile(jitted, params, state, *args)
 
     def _prefill_args(self, group, by_prompt, prompts, keys, limits, shape, bucket, width) -> tuple:

@@ -170,7 +170,7 @@ class StaticSampler(SamplerBase):
         out_len = np.zeros((num_rows,), np.int32)
 
         graphdef, state = nnx.split(model)
-        head = self._head(model, graphdef, state)
+        head = self._head(model, graphdef, state, batch)
         scalars = (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0), np.int32(top_k),
                    np.float32(top_p))
         for prompt_len, rows in chunks:

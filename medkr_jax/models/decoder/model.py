@@ -133,7 +133,8 @@ class Decoder(nnx.Module):
 
         A decode loop builds it once and passes it as ``head=`` on every step; the logits are then the plain
         product ``x @ head``. An untied head's kernel already is [E, V] (None); a tied embedding ([V, E]) is
-        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None.
+        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None. Steps of 2-16 rows
+        over a tied embedding do not read it (``xla_options.decode_head_multiply_reduce``).
         """
         if self.lm_head is not None or not xla_options.transposed_decode_head():
             return None
@@ -276,6 +277,12 @@ class Decoder(nnx.Module):
         # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
         # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        if t == 1 and self.lm_head is None and xla_options.decode_head_multiply_reduce(rows.shape[0]):
+            # a few rows' logits summed over the [V, E] embedding as it lies (see xla_options); `head` unused
+            logits = jnp.sum(emb.astype(acc)[:, None, :] * rows.astype(acc)[None], axis=-1).T
+            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
+            return constrain(softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping),
+                             ("batch", "length", "vocab"))
         if t == 1 and xla_options.decode_head_lhs_transposed():
             rows = jax.lax.optimization_barrier(rows.T).T  # see xla_options: the decode step's head GEMM on Eigen
         if head is not None and t == 1:
