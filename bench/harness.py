@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Mapping
 
 PEAK_CALLS = 5  # peak matmul calls per timer and round: a quiet call is what the peak means
-STREAM_MB = 512  # the streamed array: larger than this machine's last-level cache (260 MiB L3)
+STREAM_MB = 512  # the streamed array: larger than the last-level caches of the CPUs measured (32 MiB and 260 MiB L3)
 LOAD_WARNING_PER_CORE = 1.5
 
 
