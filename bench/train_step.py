@@ -25,8 +25,8 @@ rounds of one step per side, with the matmul peak timed in the same rounds; toke
 round's time. `peak_fraction` (`reference_peak_fraction`) = our (HF's) step's model FLOP/s over the peak (the best
 call of a large float32 matmul, jitted JAX or torch); model FLOPs (`sft_step_flops`): 6 x the layers' parameters
 per token, 6 x vocab x hidden per scored token, causal attention at half the score matrix (6 * layers * B * T^2 *
-heads * head_dim), the convention of MaxText's MFU (until this change the untied input embedding was counted as
-a matmul and attention at the full T^2, which overstated the fraction: 0.88 -> 0.75 for the same step).
+heads * head_dim), the convention of MaxText's MFU (before commit 92b8adc the untied input embedding was counted
+as a matmul and attention at the full T^2, which overstated the fraction: 0.88 -> 0.75 for the same step).
 
 GRPO: the same tiny decoder (vocab 512, hidden 64, MLP 128, 2 layers, 4/2 heads of 16), 4 prompts per step x
 8 generations, 16 new tokens at temperature 1, beta 0.04 (a reference model), mu 1, AdamW 1e-3, the same

@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medkr_jax import xla_options
 from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.parallel import logical_rules, sharding_context
 
@@ -174,7 +173,7 @@ class DecodeHead:
         """The layout for decode steps of ``rows`` rows (None: any number)."""
         if getattr(model, "decode_head", None) is None:
             return None
-        if rows is not None and model.lm_head is None and xla_options.decode_head_multiply_reduce(rows):
+        if rows is not None and model.reduce_over_embedding(rows):
             return None  # such steps reduce over the tied embedding itself (Decoder._logits): no copy
         weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
         cached = self._head

@@ -133,12 +133,17 @@ class Decoder(nnx.Module):
 
         A decode loop builds it once and passes it as ``head=`` on every step; the logits are then the plain
         product ``x @ head``. An untied head's kernel already is [E, V] (None); a tied embedding ([V, E]) is
-        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None. Steps of 2-16 rows
-        over a tied embedding do not read it (``xla_options.decode_head_multiply_reduce``).
+        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None. Steps whose rows
+        ``reduce_over_embedding`` do not read it.
         """
         if self.lm_head is not None or not xla_options.transposed_decode_head():
             return None
         return self.embed.embedding[...].T
+
+    def reduce_over_embedding(self, rows: int) -> bool:
+        """Whether a one-token step of ``rows`` rows computes its logits as a multiply-reduce over the tied
+        embedding as it lies, [V, E], rather than a GEMM (``xla_options.decode_head_multiply_reduce``)."""
+        return self.lm_head is None and xla_options.decode_head_multiply_reduce(rows)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -277,15 +282,12 @@ class Decoder(nnx.Module):
         # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
         # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        if t == 1 and self.lm_head is None and xla_options.decode_head_multiply_reduce(rows.shape[0]):
-            # a few rows' logits summed over the [V, E] embedding as it lies (see xla_options); `head` unused
-            logits = jnp.sum(emb.astype(acc)[:, None, :] * rows.astype(acc)[None], axis=-1).T
-            logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
-            return constrain(softcap(logits.astype(jnp.float32), cfg.final_logit_softcapping),
-                             ("batch", "length", "vocab"))
-        if t == 1 and xla_options.decode_head_lhs_transposed():
+        reduce = t == 1 and self.reduce_over_embedding(rows.shape[0])
+        if t == 1 and not reduce and xla_options.decode_head_lhs_transposed():
             rows = jax.lax.optimization_barrier(rows.T).T  # see xla_options: the decode step's head GEMM on Eigen
-        if head is not None and t == 1:
+        if reduce:  # a few rows' logits summed over the [V, E] embedding as it lies (see xla_options); `head` unused
+            logits = jnp.sum(emb.astype(acc)[:, None, :] * rows.astype(acc)[None], axis=-1).T
+        elif head is not None and t == 1:
             logits = jnp.matmul(rows, head.astype(self.dtype), preferred_element_type=acc)
         elif self.lm_head is None:
             logits = jax.lax.dot_general(rows, emb.astype(self.dtype), (((1,), (1,)), ((), ())),
