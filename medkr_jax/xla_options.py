@@ -16,11 +16,11 @@ Eigen GEMM 3.0e-7, PyTorch's MKL 2.5e-7); it is fastest for the few-row matmuls 
   are dense programs (SmolLM2-135M, 8 prompts of 32 tokens in bucket 64, 1 thread: 1.32 -> 1.17 s a one-token
   call); the static path compiles its prefill and decode steps as one program, with the defaults.
 
-Decode steps' LM head (`transposed_decode_head`): logits of a few rows are the plain product `x @ W` on every
-backend. On CPU a tied embedding ([V, E]) is first copied once into an [E, V] layout, which XLA:CPU's few-row GEMM
-streams faster (bench/sampler.py's model, V=32768, E=256, 1 thread, ms per step: 4 rows 1.3 vs 2.7, 8 rows 2.0 vs
-3.0; equal from 32 rows); the multiply-reduce layouts used before were faster still for 2-16 rows but fell off a
-cliff at one row (130-250 ms vs 1.3-2 ms: bench/sampler.py at batch 1 ran at 0.11x HF).
+Decode steps' LM head (`decode_head_layout`): elsewhere than on CPU, a one-token step's logits are the plain
+product `x @ W` of the model's own weights. On CPU, steps of one row or of more than 32 rows multiply by an [E, V]
+layout (a tied embedding, [V, E], copied once), which XLA:CPU's few-row GEMM streams faster (bench/sampler.py's
+model, V=32768, E=256, 1 thread, ms per step: 4 rows 1.3 vs 2.7, 8 rows 2.0 vs 3.0; equal from 32 rows); steps of
+2-32 rows use the packed layout below.
 
 Within a decode step, the head's few-row GEMM [B, E] x [E, V] is faster on XLA's Eigen GEMM than on YNNPACK
 (bench/sampler.py's model, 1 thread, ms per product: 8 rows 1.59 vs 2.00, 16 rows 2.49 vs 2.84, 32 rows 3.79
@@ -29,14 +29,28 @@ row-major, so `decode_head_lhs_transposed` hands the head's rows to it transpose
 optimisation barrier, read back transposed): whole greedy calls of 128 tokens 1.08x faster at batch 8, 1.02x at
 16, 1.11x at 32 (medians of 4 interleaved rounds).
 
-For 2-16 rows and a tied embedding (`decode_head_multiply_reduce`), the logits are instead a multiply-reduce over
-the embedding as it lies ([V, E], each row's E products summed per vocabulary entry, the [V, B] result transposed),
-which XLA:CPU's reduction emitter streams faster than either GEMM and which needs no [E, V] copy. Measured alone (1
-thread, ms per product, hot / after 48-128 MiB of other reads), V=32768 x E=256: 2 rows 2.79 / 2.92 vs the GEMM
-2.39-2.65 / 3.22-3.26, 8 rows 3.45 / 3.74 vs 4.26-4.35 / 4.45-4.60, 16 rows 4.80 / 4.92 vs 4.96-5.39 / 5.24-5.74,
-32 rows 7.38 / 7.66 vs 7.15 / 7.24; SmolLM2-135M's head (49,152 x 576) at 8 rows 10.8 / 10.9 vs 14.5-15.4 / 14.8-15.5.
-At one row the reduction is far slower (21.7 vs 1.2 ms: why the GEMM replaced it for every batch before). It sums
-each logit over E in one vectorised pass: 2-6e-6 max error vs float64 here against the GEMM's 4-10e-6.
+For 2-32 rows (`decode_head_layout` "packed"), the head is instead laid out once as [V / 32, E, 32] (blocks of
+32 vocabulary entries, each block's E x 32 weights contiguous; V zero-padded to a multiple of 32), and the logits
+are a multiply-reduce over its middle axis: each block's 32 logits accumulate in vector registers while its
+weights stream in order, which XLA:CPU (a YNNPACK reduction) runs faster than any GEMM or the reduction over the
+embedding as it lies ([V, E], summed over its contiguous axis: what 2-16 rows used before). Measured alone (1
+thread, ms per product, hot / after 64 MiB of other reads), V=32768 x E=256:
+
+| rows | packed [V/32, E, 32] | reduce over [V, E] | GEMM x @ [E, V] |
+|---:|---:|---:|---:|
+| 2 | 1.52 / 1.75 | 3.22 / 3.40 | 3.36 / 3.94 |
+| 8 | 2.26 / 2.46 | 3.25 / 3.51 | 3.89 / 4.16 |
+| 16 | 3.62 / 3.81 | 4.66 / 4.93 | 5.80 / 5.93 |
+| 32 | 6.81 / 6.91 | 7.64 / 7.96 | 9.37 / 9.25 |
+
+SmolLM2-135M's head (49,152 x 576): 8 rows 7.9 vs 11.6-12.5 (reduce over [V, E]) and 13.8-14.0 (GEMM); 16 rows 12.0
+vs 19.4 and 20.9; 32 rows 21.9 vs 24.7 and 29.5-30.1. Blocks of 16 lanes ran at 5.1 ms for 8 rows, of 64 at 2.2 (and
+fell off a cliff at SmolLM2's shape in the [B, V/64, 64] output order: 39 ms), so 32. At one row every reduction is
+far slower (25-28 ms vs the GEMM's 1.2: the cliff that made bench/sampler.py at batch 1 run at 0.11x HF), so one
+row keeps the GEMM. Each logit sums its E products in one chain per lane: max error vs float64 9e-6 (E=256) and
+2e-5 (E=576), against the GEMM's 5e-6 and 9e-6; float32 either way. The layout is a copy of the LM head (tied
+or not), as the [E, V] copy is.
+
 The options apply to the CPU backend only (`None` / False, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in
 the environment turns them off, to compare.
 """
@@ -50,7 +64,8 @@ from typing import Any
 
 import jax
 
-MULTIPLY_REDUCE_MAX_ROWS = 16
+PACKED_HEAD_MAX_ROWS = 32  # decode steps of 2..32 rows use the packed LM head
+PACKED_HEAD_LANES = 32  # vocabulary entries per block of the packed LM head
 DENSE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -64,15 +79,13 @@ def dense_program_options() -> dict[str, str] | None:
     return dict(DENSE_CPU_OPTIONS) if _cpu_tuning() else None
 
 
-def transposed_decode_head() -> bool:
-    """Whether decode steps multiply by an [E, V] copy of a tied embedding (see the module docstring)."""
-    return _cpu_tuning()
-
-
-def decode_head_multiply_reduce(rows: int) -> bool:
-    """Whether a one-token step of `rows` rows computes a tied embedding's logits as a multiply-reduce over the
-    [V, E] embedding itself instead of a GEMM (see the module docstring): on CPU for 2-16 rows."""
-    return 2 <= rows <= MULTIPLY_REDUCE_MAX_ROWS and _cpu_tuning()
+def decode_head_layout(rows: int | None) -> str | None:
+    """How one-token steps of ``rows`` rows (None: any number) lay out the LM head (see the module docstring):
+    "packed" ([V / PACKED_HEAD_LANES, E, PACKED_HEAD_LANES]) for 2-32 rows on CPU, "transposed" ([E, V]) for other
+    row counts on CPU, None (the model's own weights, XLA's choice of product) elsewhere."""
+    if not _cpu_tuning():
+        return None
+    return "packed" if rows is not None and 2 <= rows <= PACKED_HEAD_MAX_ROWS else "transposed"
 
 
 def decode_head_lhs_transposed() -> bool:

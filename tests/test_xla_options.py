@@ -51,7 +51,8 @@ def test_jit_dense_and_opt_out(monkeypatch):
 
 
 def _head_product(model, head, rows: int = 32) -> str:
-    """The compiled one-token step's instruction (a line of HLO) that makes the [rows, V] logits."""
+    """The compiled one-token step's instruction (a line of HLO) that makes the logits: [rows, V] (or [V, rows]),
+    or, from a packed head of V' blocks of L lanes, [rows, V', L] (or that as [rows, V' * L])."""
     graphdef, state = nnx.split(model)
     vocab = model.cfg.vocab_size
 
@@ -60,9 +61,12 @@ def _head_product(model, head, rows: int = 32) -> str:
 
     hlo = jax.jit(step).lower(state, jnp.ones((rows, 1), jnp.int32), model.init_cache(rows, 8), head).compile()
     entry = hlo.as_text().split("\nENTRY ")[1].splitlines()
-    made = [line for line in entry if f"= f32[{rows},{vocab}]" in line or f"= f32[{vocab},{rows}]" in line]
+    shapes = [f"= f32[{rows},{vocab}]", f"= f32[{vocab},{rows}]"]
+    if head is not None and head.ndim == 3:
+        shapes = [f"= f32[{rows},{head.shape[0]},{head.shape[2]}]", f"= f32[{rows},{head.shape[0] * head.shape[2]}]"]
+    made = [line for line in entry if any(shape in line for shape in shapes)]
     made = [line for line in made if " dot(" in line or "fusion(" in line]
-    assert len(made) == 1, made  # the head is the step's only [rows, vocab] product (vocab != the MLP's width)
+    assert len(made) == 1, made  # the head is the step's only such product (vocab != the MLP's width)
     return made[0]
 
 
@@ -90,17 +94,31 @@ def test_decode_head_runs_on_eigen_not_ynnpack(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(eigen), np.asarray(ynn), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17])
-def test_decode_head_of_few_rows_reduces_over_the_tied_embedding(rows, tmp_path, monkeypatch):
-    """2-16 rows of a one-token step over a tied embedding: the logits are a multiply-reduce over the embedding
-    (no dot, no [E, V] layout needed), equal to XLA's default GEMM's within float32 rounding and closer to the
-    float64 product; 1 and 17+ rows keep the GEMM on the laid-out head."""
-    make_tiny_hf_model("qwen3", tmp_path, seed=3, vocab_size=160)
+@pytest.mark.parametrize("kind,rows", [("qwen3", 1), ("qwen3", 2), ("qwen3", 8), ("qwen3", 32), ("qwen3", 33),
+                                       ("llama", 8), ("llama", 33)])  # a tied and an untied LM head
+def test_decode_head_of_2_to_32_rows_is_packed(kind, rows, tmp_path, monkeypatch):
+    """2-32 rows of a one-token step: the LM head laid out in blocks of 32 vocabulary entries (the vocabulary
+    zero-padded to a multiple of 32) and the logits a multiply-reduce over it, no dot; equal to XLA's default GEMM's
+    within float32 rounding and to the float64 product; 1 and 33+ rows keep the GEMM on an [E, V] head."""
+    make_tiny_hf_model(kind, tmp_path, seed=3, vocab_size=150)  # 150 = 4 * 32 + 22: the last block padded
     model, _ = load_decoder(tmp_path)
-    few = 2 <= rows <= 16
-    assert xla_options.decode_head_multiply_reduce(rows) == few
-    made = _head_product(model, model.decode_head(), rows)
-    assert (" dot(" not in made and "/reduce_sum" in made) == few, made  # a reduction (YNNPACK's), not a GEMM
+    tied = model.lm_head is None
+    weights = np.asarray(model.embed.embedding[...]).T if tied else np.asarray(model.lm_head.kernel[...])  # [E, V]
+    packed = 2 <= rows <= 32
+    assert (xla_options.decode_head_layout(rows) == "packed") == packed
+    head = model.decode_head(rows)
+    if packed:
+        lanes = xla_options.PACKED_HEAD_LANES
+        assert head.shape == (5, weights.shape[0], lanes)
+        flat = np.asarray(head).transpose(1, 0, 2).reshape(weights.shape[0], -1)  # [E, 160]
+        np.testing.assert_array_equal(flat[:, :150], weights)
+        assert not flat[:, 150:].any()
+    elif tied:
+        np.testing.assert_array_equal(np.asarray(head), weights)
+    else:
+        assert head is None  # the untied kernel already is [E, V]
+    made = _head_product(model, head, rows)
+    assert (" dot(" not in made and "reduce_sum" in made) == packed, made  # a reduction (YNNPACK's), not a GEMM
     tokens = jnp.arange(rows)[:, None] + 5
     hidden = {}
 
@@ -110,10 +128,11 @@ def test_decode_head_of_few_rows_reduces_over_the_tied_embedding(rows, tmp_path,
 
     logits_of = model._logits
     monkeypatch.setattr(model, "_logits", capture)
-    ours = np.asarray(model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(rows, 8),
-                            head=model.decode_head())[0])
+    ours = np.asarray(model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(rows, 8), head=head)[0])
     monkeypatch.setenv("MEDKR_XLA_DEFAULTS", "1")
+    assert xla_options.decode_head_layout(rows) is None and model.decode_head(rows) is None
     default = np.asarray(model(tokens, jnp.zeros_like(tokens), cache=model.init_cache(rows, 8))[0])
-    exact = hidden["x"] @ np.asarray(model.embed.embedding[...], np.float64).T
+    exact = hidden["x"].reshape(rows, -1) @ weights.astype(np.float64)
+    assert ours.shape == default.shape == (rows, 1, 150)
     np.testing.assert_allclose(ours, default, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ours, exact, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[:, 0], exact, rtol=1e-5, atol=1e-5)

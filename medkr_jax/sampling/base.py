@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from medkr_jax import xla_options
 from medkr_jax.data.pipeline import bucket_length
 from medkr_jax.parallel import logical_rules, sharding_context
 
@@ -150,20 +151,20 @@ class Placement:
 
 
 class DecodeHead:
-    """``model.decode_head()`` (the LM head laid out for decode steps, or None), remade only when the LM-head
-    weights change.
+    """``model.decode_head(rows)`` (the LM head laid out for decode steps of that many rows, or None), remade only
+    when the LM-head weights change.
 
     A full copy of the LM head, made outside the generation programs (inside, it would be redone on every
     call). jax arrays are immutable, so while the model holds the same weight array the copy is current (a
     training step replaces the array, and the next call lays out the new one). ``num_compiles`` counts the
-    programs that made a layout (one per model).
+    programs that made a layout (one per model and layout, ``xla_options.decode_head_layout``).
     """
 
     def __init__(self, placement: Placement):
         self.placement = placement
         self._layouts: dict[Any, Any] = {}
         self._none: set = set()
-        self._head: tuple[weakref.ref, jax.Array | None] | None = None
+        self._heads: dict[str | None, tuple[weakref.ref, jax.Array | None]] = {}
 
     @property
     def num_compiles(self) -> int:
@@ -173,26 +174,25 @@ class DecodeHead:
         """The layout for decode steps of ``rows`` rows (None: any number)."""
         if getattr(model, "decode_head", None) is None:
             return None
-        if rows is not None and model.reduce_over_embedding(rows):
-            return None  # such steps reduce over the tied embedding itself (Decoder._logits): no copy
+        layout = xla_options.decode_head_layout(rows)
         weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
-        cached = self._head
+        cached = self._heads.get(layout)
         if cached is not None and cached[0]() is weights:
             return cached[1]
-        key = ("decode_head", graphdef, signature(state))
+        key = ("decode_head", layout, graphdef, signature(state))
         if key in self._none:
             return None
         make = self._layouts.get(key)
         if make is None:
             def lay_out(st):
-                return nnx.merge(graphdef, st).decode_head()
+                return nnx.merge(graphdef, st).decode_head(rows)
 
             if jax.eval_shape(lay_out, state) is None:  # the model's own weights serve: nothing to compile
                 self._none.add(key)
                 return None
             make = self._layouts[key] = self.placement.compile(jax.jit(lay_out), state)
         head = make(state)
-        self._head = (weakref.ref(weights), head)
+        self._heads[layout] = (weakref.ref(weights), head)
         return head
 
 

@@ -128,22 +128,24 @@ class Decoder(nnx.Module):
         """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
-    def decode_head(self) -> jax.Array | None:
-        """The LM head as an [E, V] matrix for one-token steps, or None where the model's own weights serve.
+    def decode_head(self, rows: int | None = None) -> jax.Array | None:
+        """The LM head laid out for one-token steps of ``rows`` rows (None: any number), or None where the model's
+        own weights serve (``xla_options.decode_head_layout``).
 
-        A decode loop builds it once and passes it as ``head=`` on every step; the logits are then the plain
-        product ``x @ head``. An untied head's kernel already is [E, V] (None); a tied embedding ([V, E]) is
-        copied transposed where ``xla_options.transposed_decode_head`` says so (CPU), else None. Steps whose rows
-        ``reduce_over_embedding`` do not read it.
+        A decode loop builds it once and passes it as ``head=`` on every step. "packed": [V', E, L] blocks of L =
+        ``xla_options.PACKED_HEAD_LANES`` vocabulary entries (V zero-padded to V' * L), the logits a multiply-reduce
+        over E; "transposed": an [E, V] matrix (a tied embedding copied; an untied kernel already is one: None),
+        the logits the plain product ``x @ head``.
         """
-        if self.lm_head is not None or not xla_options.transposed_decode_head():
-            return None
-        return self.embed.embedding[...].T
-
-    def reduce_over_embedding(self, rows: int) -> bool:
-        """Whether a one-token step of ``rows`` rows computes its logits as a multiply-reduce over the tied
-        embedding as it lies, [V, E], rather than a GEMM (``xla_options.decode_head_multiply_reduce``)."""
-        return self.lm_head is None and xla_options.decode_head_multiply_reduce(rows)
+        layout = xla_options.decode_head_layout(rows)
+        if layout == "packed":
+            lanes = xla_options.PACKED_HEAD_LANES
+            w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]  # [E, V]
+            w = jnp.pad(w, ((0, 0), (0, -w.shape[1] % lanes)))
+            return w.reshape(w.shape[0], -1, lanes).transpose(1, 0, 2)
+        if layout == "transposed" and self.lm_head is None:
+            return self.embed.embedding[...].T
+        return None
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
@@ -282,11 +284,12 @@ class Decoder(nnx.Module):
         # One 2-D matmul over the flattened rows, as Dense: XLA:CPU runs its backward faster than the batched
         # einsum's (bench/train_step.py model: the head's weight gradient 19 -> 9-11 ms).
         rows = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        reduce = t == 1 and self.reduce_over_embedding(rows.shape[0])
-        if t == 1 and not reduce and xla_options.decode_head_lhs_transposed():
+        packed = t == 1 and head is not None and head.ndim == 3
+        if t == 1 and not packed and xla_options.decode_head_lhs_transposed():
             rows = jax.lax.optimization_barrier(rows.T).T  # see xla_options: the decode step's head GEMM on Eigen
-        if reduce:  # a few rows' logits summed over the [V, E] embedding as it lies (see xla_options); `head` unused
-            logits = jnp.sum(emb.astype(acc)[:, None, :] * rows.astype(acc)[None], axis=-1).T
+        if packed:  # blocks of the vocabulary, each a multiply-reduce over E (see xla_options)
+            blocks = jnp.sum(head.astype(acc)[None] * rows.astype(acc)[:, None, :, None], axis=2)  # [B, V', L]
+            logits = blocks.reshape(rows.shape[0], -1)[:, :cfg.vocab_size]
         elif head is not None and t == 1:
             logits = jnp.matmul(rows, head.astype(self.dtype), preferred_element_type=acc)
         elif self.lm_head is None:
