@@ -17,10 +17,10 @@ Eigen GEMM 3.0e-7, PyTorch's MKL 2.5e-7); it is fastest for the few-row matmuls 
   call); the static path compiles its prefill and decode steps as one program, with the defaults.
 
 Decode steps' LM head (`decode_head_layout`): elsewhere than on CPU, a one-token step's logits are the plain
-product `x @ W` of the model's own weights. On CPU, steps of one row or of more than 32 rows multiply by an [E, V]
+product `x @ W` of the model's own weights. On CPU, steps of one row or of more than 16 rows multiply by an [E, V]
 layout (a tied embedding, [V, E], copied once), which XLA:CPU's few-row GEMM streams faster (bench/sampler.py's
 model, V=32768, E=256, 1 thread, ms per step: 4 rows 1.3 vs 2.7, 8 rows 2.0 vs 3.0; equal from 32 rows); steps of
-2-32 rows use the packed layout below.
+2-16 rows use the packed layout below.
 
 Within a decode step, the head's few-row GEMM [B, E] x [E, V] is faster on XLA's Eigen GEMM than on YNNPACK
 (bench/sampler.py's model, 1 thread, ms per product: 8 rows 1.59 vs 2.00, 16 rows 2.49 vs 2.84, 32 rows 3.79
@@ -29,27 +29,29 @@ row-major, so `decode_head_lhs_transposed` hands the head's rows to it transpose
 optimisation barrier, read back transposed): whole greedy calls of 128 tokens 1.08x faster at batch 8, 1.02x at
 16, 1.11x at 32 (medians of 4 interleaved rounds).
 
-For 2-32 rows (`decode_head_layout` "packed"), the head is instead laid out once as [V / 32, E, 32] (blocks of
-32 vocabulary entries, each block's E x 32 weights contiguous; V zero-padded to a multiple of 32), and the logits
-are a multiply-reduce over its middle axis: each block's 32 logits accumulate in vector registers while its
-weights stream in order, which XLA:CPU (a YNNPACK reduction) runs faster than any GEMM or the reduction over the
-embedding as it lies ([V, E], summed over its contiguous axis: what 2-16 rows used before). Measured alone (1
-thread, ms per product, hot / after 64 MiB of other reads), V=32768 x E=256:
+For 2-16 rows (`decode_head_layout` "packed"), the head is instead laid out once as [V / 32, E, 32] (blocks of 32
+vocabulary entries, each block's E x 32 weights contiguous; V zero-padded to a multiple of 32), and the logits are
+a multiply-reduce over E into [B, V / 32, 32]: each block's 32 logits of a row accumulate in vector registers while
+the block's weights stream in order, which XLA:CPU (a YNNPACK reduction) runs faster than either GEMM or the
+reduction over the embedding as it lies ([V, E], summed along its contiguous axis: what 2-16 rows used before).
+Measured alone with what a greedy step does next (first_argmax and token_logprob over the logits), 1 thread, ms,
+after 64 MiB of other reads, V=32768 x E=256 / SmolLM2-135M's 49,152 x 576:
 
-| rows | packed [V/32, E, 32] | reduce over [V, E] | GEMM x @ [E, V] |
-|---:|---:|---:|---:|
-| 2 | 1.52 / 1.75 | 3.22 / 3.40 | 3.36 / 3.94 |
-| 8 | 2.26 / 2.46 | 3.25 / 3.51 | 3.89 / 4.16 |
-| 16 | 3.62 / 3.81 | 4.66 / 4.93 | 5.80 / 5.93 |
-| 32 | 6.81 / 6.91 | 7.64 / 7.96 | 9.37 / 9.25 |
+| rows | packed, [B, V/32, 32] | packed, [V/32, B, 32] | reduce over [V, E] | GEMM, rows transposed |
+|---:|---:|---:|---:|---:|
+| 2 | 1.81 / 4.83 | 2.60 / 5.07 | 3.54 / 9.59 | 3.64 / 10.82 |
+| 8 | 3.21 / 7.28 | 3.30 / 7.50 | 4.58 / 12.25 | 4.92 / 16.20 |
+| 16 | 4.91 / 12.63 | 5.03 / 12.58 | 6.20 / 16.89 | 6.60 / 22.02 |
+| 32 | 9.84 / 23.62 | 11.12 / 24.33 | 11.47 / 28.93 | 9.66 / 27.11 |
 
-SmolLM2-135M's head (49,152 x 576): 8 rows 7.9 vs 11.6-12.5 (reduce over [V, E]) and 13.8-14.0 (GEMM); 16 rows 12.0
-vs 19.4 and 20.9; 32 rows 21.9 vs 24.7 and 29.5-30.1. Blocks of 16 lanes ran at 5.1 ms for 8 rows, of 64 at 2.2 (and
-fell off a cliff at SmolLM2's shape in the [B, V/64, 64] output order: 39 ms), so 32. At one row every reduction is
-far slower (25-28 ms vs the GEMM's 1.2: the cliff that made bench/sampler.py at batch 1 run at 0.11x HF), so one
-row keeps the GEMM. Each logit sums its E products in one chain per lane: max error vs float64 9e-6 (E=256) and
-2e-5 (E=576), against the GEMM's 5e-6 and 9e-6; float32 either way. The layout is a copy of the LM head (tied
-or not), as the [E, V] copy is.
+The [V/32, B, 32] order reads each block once for all rows but leaves the logits transposed, and the sampling
+ops' select then reads them across rows (0.22 vs 0.06 ms a step in bench/sampler.py's decode loop). Inside that
+loop at 32 rows the GEMM is faster (7.2 vs 8.1 ms a step for the head; at 16 rows 3.9 packed vs 5.4), so 17+ rows
+keep it. Blocks of 16 lanes are slower (6.3 / 18.1 ms at 8 rows) and of 64 fall off a cliff at SmolLM2's shape
+(46 ms), so 32. At one row every reduction is far slower (25-28 ms vs the GEMM's 1.2: the cliff that made
+bench/sampler.py at batch 1 run at 0.11x HF), so one row keeps the GEMM. Each logit sums its E products in one
+chain per lane: max error vs float64 9e-6 (E=256) and 2e-5 (E=576), against the GEMM's 5e-6 and 9e-6; float32
+either way. The layout is a copy of the LM head (tied or not), as the [E, V] copy is.
 
 The options apply to the CPU backend only (`None` / False, XLA's defaults, elsewhere). MEDKR_XLA_DEFAULTS=1 in
 the environment turns them off, to compare.
@@ -64,7 +66,7 @@ from typing import Any
 
 import jax
 
-PACKED_HEAD_MAX_ROWS = 32  # decode steps of 2..32 rows use the packed LM head
+PACKED_HEAD_MAX_ROWS = 16  # decode steps of 2..16 rows use the packed LM head
 PACKED_HEAD_LANES = 32  # vocabulary entries per block of the packed LM head
 DENSE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -81,7 +83,7 @@ def dense_program_options() -> dict[str, str] | None:
 
 def decode_head_layout(rows: int | None) -> str | None:
     """How one-token steps of ``rows`` rows (None: any number) lay out the LM head (see the module docstring):
-    "packed" ([V / PACKED_HEAD_LANES, E, PACKED_HEAD_LANES]) for 2-32 rows on CPU, "transposed" ([E, V]) for other
+    "packed" ([V / PACKED_HEAD_LANES, E, PACKED_HEAD_LANES]) for 2-16 rows on CPU, "transposed" ([E, V]) for other
     row counts on CPU, None (the model's own weights, XLA's choice of product) elsewhere."""
     if not _cpu_tuning():
         return None
