@@ -156,15 +156,16 @@ class DecodeHead:
 
     A full copy of the LM head, made outside the generation programs (inside, it would be redone on every
     call). jax arrays are immutable, so while the model holds the same weight array the copy is current (a
-    training step replaces the array, and the next call lays out the new one). ``num_compiles`` counts the
-    programs that made a layout (one per model and layout, ``xla_options.decode_head_layout``).
+    training step replaces the array, and the next call lays out the new one). One copy is kept, the latest: a
+    call with a row count of another layout (``xla_options.decode_head_layout``) replaces it. ``num_compiles``
+    counts the programs that made a layout (one per model and layout).
     """
 
     def __init__(self, placement: Placement):
         self.placement = placement
         self._layouts: dict[Any, Any] = {}
         self._none: set = set()
-        self._heads: dict[str | None, tuple[weakref.ref, jax.Array | None]] = {}
+        self._head: tuple[str | None, weakref.ref, jax.Array | None] | None = None  # the latest copy only
 
     @property
     def num_compiles(self) -> int:
@@ -176,9 +177,9 @@ class DecodeHead:
             return None
         layout = xla_options.decode_head_layout(rows)
         weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
-        cached = self._heads.get(layout)
-        if cached is not None and cached[0]() is weights:
-            return cached[1]
+        cached = self._head
+        if cached is not None and cached[0] == layout and cached[1]() is weights:
+            return cached[2]
         key = ("decode_head", layout, graphdef, signature(state))
         if key in self._none:
             return None
@@ -191,8 +192,9 @@ class DecodeHead:
                 self._none.add(key)
                 return None
             make = self._layouts[key] = self.placement.compile(jax.jit(lay_out), state)
+        self._head = None  # the old copy goes before the new one is made
         head = make(state)
-        self._heads[layout] = (weakref.ref(weights), head)
+        self._head = (layout, weakref.ref(weights), head)
         return head
 
 
