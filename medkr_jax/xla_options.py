@@ -22,12 +22,12 @@ layout (a tied embedding, [V, E], copied once), which XLA:CPU's few-row GEMM str
 model, V=32768, E=256, 1 thread, ms per step: 4 rows 1.3 vs 2.7, 8 rows 2.0 vs 3.0; equal from 32 rows); steps of
 2-16 rows use the packed layout below.
 
-Within a decode step, the head's few-row GEMM [B, E] x [E, V] is faster on XLA's Eigen GEMM than on YNNPACK
-(bench/sampler.py's model, 1 thread, ms per product: 8 rows 1.59 vs 2.00, 16 rows 2.49 vs 2.84, 32 rows 3.79
-vs 4.59), while the step's other matmuls are faster on YNNPACK. YNNPACK takes a dot only when its left operand is
-row-major, so `decode_head_lhs_transposed` hands the head's rows to it transposed (a [E, B] copy behind an
-optimisation barrier, read back transposed): whole greedy calls of 128 tokens 1.08x faster at batch 8, 1.02x at
-16, 1.11x at 32 (medians of 4 interleaved rounds).
+Within a decode step whose head is a GEMM (1 or 17+ rows), [B, E] x [E, V] is faster on XLA's Eigen GEMM than on
+YNNPACK (bench/sampler.py's model, 1 thread, ms per product: 8 rows 1.59 vs 2.00, 16 rows 2.49 vs 2.84, 32 rows
+3.79 vs 4.59: measured before 2-16 rows were packed), while the step's other matmuls are faster on YNNPACK.
+YNNPACK takes a dot only when its left operand is row-major, so `decode_head_lhs_transposed` hands the head's rows
+to it transposed (a [E, B] copy behind an optimisation barrier, read back transposed): whole greedy calls of 128
+tokens 1.08x faster at batch 8, 1.02x at 16, 1.11x at 32 (medians of 4 interleaved rounds).
 
 For 2-16 rows (`decode_head_layout` "packed"), the head is instead laid out once as [V / 32, E, 32] (blocks of 32
 vocabulary entries, each block's E x 32 weights contiguous; V zero-padded to a multiple of 32), and the logits are
