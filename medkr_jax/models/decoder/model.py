@@ -138,14 +138,14 @@ class Decoder(nnx.Module):
         the logits the plain product ``x @ head``.
         """
         layout = xla_options.decode_head_layout(rows)
-        if layout == "packed":
-            lanes = xla_options.PACKED_HEAD_LANES
-            w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]  # [E, V]
-            w = jnp.pad(w, ((0, 0), (0, -w.shape[1] % lanes)))
-            return w.reshape(w.shape[0], -1, lanes).transpose(1, 0, 2)
-        if layout == "transposed" and self.lm_head is None:
-            return self.embed.embedding[...].T
-        return None
+        if layout is None or (layout == "transposed" and self.lm_head is not None):
+            return None
+        w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]  # [E, V]
+        if layout == "transposed":
+            return w
+        lanes = xla_options.PACKED_HEAD_LANES
+        w = jnp.pad(w, ((0, 0), (0, -w.shape[1] % lanes)))
+        return w.reshape(w.shape[0], -1, lanes).transpose(1, 0, 2)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, *, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
