@@ -176,7 +176,7 @@ class DecodeHead:
         if getattr(model, "decode_head", None) is None:
             return None
         layout = xla_options.decode_head_layout(rows)
-        weights = (model.embed.embedding if model.lm_head is None else model.lm_head.kernel)[...]
+        weights = model.head_weights()
         cached = self._head
         if cached is not None and cached[0] == layout and cached[1]() is weights:
             return cached[2]

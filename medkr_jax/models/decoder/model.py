@@ -128,6 +128,10 @@ class Decoder(nnx.Module):
         """An empty cache in the layout this model reads without copies (stacked iff scan_layers)."""
         return init_cache(self.cfg, batch, max_len, dtype, stacked=self.scan_layers)
 
+    def head_weights(self) -> jax.Array:
+        """The LM head's weights as stored: the tied embedding [V, E], or the untied kernel [E, V]."""
+        return self.embed.embedding[...] if self.lm_head is None else self.lm_head.kernel[...]
+
     def decode_head(self, rows: int | None = None) -> jax.Array | None:
         """The LM head laid out for one-token steps of ``rows`` rows (None: any number), or None where the model's
         own weights serve (``xla_options.decode_head_layout``).
@@ -140,7 +144,8 @@ class Decoder(nnx.Module):
         layout = xla_options.decode_head_layout(rows)
         if layout is None or (layout == "transposed" and self.lm_head is not None):
             return None
-        w = self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]  # [E, V]
+        w = self.head_weights()
+        w = w.T if self.lm_head is None else w  # [E, V]
         if layout == "transposed":
             return w
         lanes = xla_options.PACKED_HEAD_LANES
