@@ -34,7 +34,13 @@ Benchmark method (all scripts):
   the same rounds as the peak; ``bandwidth_fraction`` = the bytes our decode step reads per second over it (above
   1 when a step's bytes stay in the CPU's caches between steps).
 * Load. ``load_report`` prints the load average and warns when the 1-minute load per core exceeds
-  ``LOAD_WARNING_PER_CORE``: timings taken then are not comparable with a quiet machine's.
+  ``LOAD_WARNING_PER_CORE``: timings taken then are not comparable with a quiet machine's. With more than one
+  thread it also prints what one thread waking another costs (``wakeup_round_trip_us``: a pipe ping-pong between
+  two threads on one CPU and across two). XLA:CPU hands a program's ready operations to the other threads of its
+  pool, which sleep when idle, so every hand-off pays a wake-up. On the 2-core VM of the README's tables (its
+  kernel halts an idle vCPU at once: ``haltpoll.guest_halt_poll_ns=0``) a round trip takes 6-8 us on one CPU and
+  42-49 us across the two, which is why programs of tiny operations (the GRPO benchmark's) run slower on two
+  threads than on one there; a machine whose idle CPUs poll before halting pays a few microseconds.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -333,9 +340,43 @@ def ratio_line(label: str, r: dict, key: str = "ratio") -> str:
             f"best/best {r[f'{key}_best']:.2f}x, {r[f'{key}_cpu']:.2f}x CPU time")
 
 
+def wakeup_round_trip_us(cpu_a: int, cpu_b: int, n: int = 2000) -> float:
+    """Microseconds for a thread on ``cpu_a`` to wake a thread blocked on ``cpu_b`` and be woken back by it (a
+    one-byte ping-pong over two pipes, mean of ``n`` round trips): the cost XLA:CPU pays each time it hands work
+    to a sleeping thread of its pool and waits for the result. The calling thread's CPU affinity is restored."""
+    to_echo, from_echo = os.pipe(), os.pipe()
+
+    def echo() -> None:
+        os.sched_setaffinity(0, {cpu_b})
+        for _ in range(n + 1):
+            os.read(to_echo[0], 1)
+            os.write(from_echo[1], b"x")
+
+    saved = os.sched_getaffinity(0)
+    thread = threading.Thread(target=echo, daemon=True)
+    try:
+        os.sched_setaffinity(0, {cpu_a})
+        thread.start()
+        os.write(to_echo[1], b"x")  # one untimed round trip: the echo thread is running and pinned
+        os.read(from_echo[0], 1)
+        start = time.perf_counter()
+        for _ in range(n):
+            os.write(to_echo[1], b"x")
+            os.read(from_echo[0], 1)
+        elapsed = time.perf_counter() - start
+        thread.join()
+    finally:
+        os.sched_setaffinity(0, saved)
+        for fd in (*to_echo, *from_echo):
+            os.close(fd)
+    return elapsed / n * 1e6
+
+
 def load_report(threads: int) -> dict:
     """Print the load average (with a WARNING line when the 1-minute load per core exceeds
-    LOAD_WARNING_PER_CORE); returns the JSON fields load_avg (1-minute) and load_warning."""
+    LOAD_WARNING_PER_CORE) and, for more than one thread on two or more CPUs, the thread wake-up round trip on one
+    CPU and across two (``wakeup_round_trip_us``); returns the JSON fields load_avg (1-minute), load_warning and
+    then wakeup_us_one_cpu, wakeup_us_across_cpus."""
     load = os.getloadavg()
     cores = os.cpu_count() or 1
     per_core = load[0] / cores
@@ -345,4 +386,11 @@ def load_report(threads: int) -> dict:
     if warning:
         print(f"WARNING: 1-minute load {per_core:.2f} per core > {LOAD_WARNING_PER_CORE}: the machine is busy, "
               f"timings are not comparable with a quiet machine's (the per-round ratios are the robust figure)")
-    return {"load_avg": round(load[0], 2), "load_warning": warning}
+    result = {"load_avg": round(load[0], 2), "load_warning": warning}
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads > 1 and len(cpus) > 1:
+        one, across = wakeup_round_trip_us(cpus[0], cpus[0]), wakeup_round_trip_us(cpus[0], cpus[1])
+        print(f"thread wake-up round trip: {one:.1f} us on CPU {cpus[0]}, {across:.1f} us across CPUs {cpus[0]} and "
+              f"{cpus[1]} (XLA:CPU pays a wake-up each time it hands work to another thread of its pool)")
+        result.update(wakeup_us_one_cpu=round(one, 1), wakeup_us_across_cpus=round(across, 1))
+    return result

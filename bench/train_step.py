@@ -57,7 +57,8 @@ Both sides of each comparison run on the CPU with the same number of threads (de
 multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with the load
 average and one JSON line: the SFT comparison in name/ours/reference/unit/ratio*/peak_*, the GRPO one in the
 grpo_* fields, the LoRA one in the lora_* fields (with --lora-only only those, with name
-"train_step_lora_vs_full" and `ratio` = full time / LoRA time, median of the rounds), then load_avg and load_warning.
+"train_step_lora_vs_full" and `ratio` = full time / LoRA time, median of the rounds), then load_avg and load_warning
+(and, with --threads above 1, the thread wake-up round trips: harness.load_report).
 """
 
 from __future__ import annotations

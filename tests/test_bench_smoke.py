@@ -176,6 +176,24 @@ def test_load_warning_above_one_and_a_half_per_core(harness, monkeypatch, capsys
     assert ("WARNING" in capsys.readouterr().out) == warn
 
 
+def test_wakeup_round_trip_is_measured_and_restores_affinity(harness):
+    cpus = sorted(os.sched_getaffinity(0))
+    us = harness.wakeup_round_trip_us(cpus[0], cpus[-1], n=200)
+    assert 0.0 < us < 1e5  # a round trip between two threads: microseconds, not zero, not a stall
+    assert sorted(os.sched_getaffinity(0)) == cpus
+
+
+def test_load_report_adds_wakeups_for_more_than_one_thread(harness, monkeypatch, capsys):
+    monkeypatch.setattr(harness.os, "getloadavg", lambda: (0.5, 1.0, 1.0))
+    monkeypatch.setattr(harness.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(harness, "wakeup_round_trip_us", lambda a, b: 7.0 if a == b else 47.0)
+    assert harness.load_report(1) == {"load_avg": 0.5, "load_warning": False}
+    assert "wake-up" not in capsys.readouterr().out
+    assert harness.load_report(2) == {"load_avg": 0.5, "load_warning": False, "wakeup_us_one_cpu": 7.0,
+                                      "wakeup_us_across_cpus": 47.0}
+    assert "7.0 us on CPU 0, 47.0 us across CPUs 0 and 1" in capsys.readouterr().out
+
+
 def test_threads_from_argv(harness):
     assert harness.threads_from_argv(["x.py"]) == 1
     assert harness.threads_from_argv(["x.py", "--threads", "4"]) == 4
