@@ -54,6 +54,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
 PEAK_CALLS = 5  # peak matmul calls per timer and round: a quiet call is what the peak means
 STREAM_MB = 512  # the streamed array: larger than the last-level caches of the CPUs measured (32 MiB and 260 MiB L3)
 LOAD_WARNING_PER_CORE = 1.5
@@ -112,6 +114,31 @@ def device_line(threads: int) -> str:
     return (f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}, {platform.machine()}), threads "
             f"{threads} (torch {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))} of "
             f"{os.cpu_count()}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
+# ------------------------------------------------------------------------------------------- SFT steps
+
+
+def sft_batch(b: int, t: int, vocab: int, prompt_fraction: float = 0.0) -> dict:
+    """A random [b, t] next-token batch over a `vocab`-token vocabulary; every target counted, or with
+    `prompt_fraction` > 0 the first that fraction of each row taken as the prompt (its targets not scored)."""
+    seq = np.random.default_rng(0).integers(3, vocab, size=(b, t + 1)).astype(np.int32)
+    loss_mask = np.ones((b, t), np.float32)
+    loss_mask[:, :int(prompt_fraction * t)] = 0.0
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            "segment_ids": np.ones((b, t), np.int32), "loss_mask": loss_mask}
+
+
+def sft_step_flops(cfg, n_params: int, b: int, t: int, *, scored: int) -> float:
+    """Model FLOPs of one SFT step (forward + backward, 3 x the forward's matmuls) on b x t tokens of which `scored`
+    reach the loss: 6 x the layers' parameters per token, 6 x vocab x hidden per scored token (the LM head; the
+    embedding lookup is no matmul), and causal attention at half the T x T score matrix (the convention of
+    MaxText's MFU), 6 x layers x heads x head_dim x T^2 per row. Work a side computes and discards (masked
+    score blocks, the LM head on unscored positions) is not counted, so both sides' rates are comparable."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    layer_params = n_params - embed * (1 if cfg.tie_word_embeddings else 2) - cfg.hidden_size  # - the final norm
+    return (6.0 * layer_params * b * t + 6.0 * embed * scored
+            + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * b * t * t)
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -286,7 +313,6 @@ def stream_timers(mb: int = STREAM_MB) -> dict[str, Timer]:
     sum 9.1 GB/s)."""
     import jax  # after pin()
     import jax.numpy as jnp
-    import numpy as np
     import torch
 
     n = mb * 2**20 // 4
@@ -372,23 +398,24 @@ def wakeup_round_trip_us(cpu_a: int, cpu_b: int, n: int = 2000) -> float:
     return elapsed / n * 1e6
 
 
-def load_report(threads: int) -> dict:
+def load_report(threads: int | None) -> dict:
     """Print the load average (with a WARNING line when the 1-minute load per core exceeds
     LOAD_WARNING_PER_CORE) and, for more than one thread on two or more CPUs, the thread wake-up round trip on one
     CPU and across two (``wakeup_round_trip_us``); returns the JSON fields load_avg (1-minute), load_warning and
-    then wakeup_us_one_cpu, wakeup_us_across_cpus."""
+    then wakeup_us_one_cpu, wakeup_us_across_cpus. ``threads`` None: a run not pinned to CPUs (an accelerator's
+    host), the load alone."""
     load = os.getloadavg()
     cores = os.cpu_count() or 1
     per_core = load[0] / cores
     warning = per_core > LOAD_WARNING_PER_CORE
     print(f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) on {cores} cores "
-          f"({per_core:.2f} per core); this run used {threads} thread(s)")
+          f"({per_core:.2f} per core)" + ("" if threads is None else f"; this run used {threads} thread(s)"))
     if warning:
         print(f"WARNING: 1-minute load {per_core:.2f} per core > {LOAD_WARNING_PER_CORE}: the machine is busy, "
               f"timings are not comparable with a quiet machine's (the per-round ratios are the robust figure)")
     result = {"load_avg": round(load[0], 2), "load_warning": warning}
     cpus = sorted(os.sched_getaffinity(0))
-    if threads > 1 and len(cpus) > 1:
+    if threads is not None and threads > 1 and len(cpus) > 1:
         one, across = wakeup_round_trip_us(cpus[0], cpus[0]), wakeup_round_trip_us(cpus[0], cpus[1])
         print(f"thread wake-up round trip: {one:.1f} us on CPU {cpus[0]}, {across:.1f} us across CPUs {cpus[0]} and "
               f"{cpus[1]} (XLA:CPU pays a wake-up each time it hands work to another thread of its pool)")

@@ -77,7 +77,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (RemoteTimer, Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line,  # noqa: E402
-                     peak_timers, pin, ratio_line, ratios, run_rounds, serve, threads_from_argv)
+                     peak_timers, pin, ratio_line, ratios, run_rounds, serve, sft_batch, sft_step_flops,
+                     threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
@@ -479,28 +480,6 @@ def parse_args():
     return ap.parse_args()
 
 
-def sft_batch(b: int, t: int, vocab: int = SFT_DIMS["vocab"], prompt_fraction: float = 0.0) -> dict:
-    """A random [b, t] next-token batch over a `vocab`-token vocabulary; every target counted, or with
-    `prompt_fraction` > 0 the first that fraction of each row taken as the prompt (its targets not scored)."""
-    seq = np.random.default_rng(0).integers(3, vocab, size=(b, t + 1)).astype(np.int32)
-    loss_mask = np.ones((b, t), np.float32)
-    loss_mask[:, :int(prompt_fraction * t)] = 0.0
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-            "segment_ids": np.ones((b, t), np.int32), "loss_mask": loss_mask}
-
-
-def sft_step_flops(cfg, n_params: int, b: int, t: int, *, scored: int) -> float:
-    """Model FLOPs of one SFT step (forward + backward, 3 x the forward's matmuls) on b x t tokens of which `scored`
-    reach the loss: 6 x the layers' parameters per token, 6 x vocab x hidden per scored token (the LM head; the
-    embedding lookup is no matmul), and causal attention at half the T x T score matrix (the convention of
-    MaxText's MFU), 6 x layers x heads x head_dim x T^2 per row. Work a side computes and discards (masked
-    score blocks, the LM head on unscored positions) is not counted, so both sides' rates are comparable."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    layer_params = n_params - embed * (1 if cfg.tie_word_embeddings else 2) - cfg.hidden_size  # - the final norm
-    return (6.0 * layer_params * b * t + 6.0 * embed * scored
-            + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * b * t * t)
-
-
 def sft_comparison(args, vocab: int) -> tuple[dict, str]:
     """Our SFT step vs HF PyTorch's (in a worker process of its own, pinned to the same CPUs) in interleaved rounds
     with the matmul peak: (JSON fields, table lines)."""
@@ -614,7 +593,7 @@ def main() -> None:
         sft_model_only(args)
         return
     args.model_folder = None
-    batch = sft_batch(args.batch, args.seq)
+    batch = sft_batch(args.batch, args.seq, SFT_DIMS["vocab"])
     lora_res = lora_vs_full(batch, args.lora_rank, args.steps)
     if args.lora_only:
         print(device_line(args.threads))

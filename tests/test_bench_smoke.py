@@ -39,6 +39,15 @@ def test_bert_benchmark_runs(script):
     assert result["batch"] == 2 and result["cpu_time_ratio"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_accelerator_step_benchmark_runs(dtype):
+    """bench/accelerator_step.py at tiny shapes (on the CPU here): both sides train, in either compute dtype."""
+    args = ["--dims", "tiny", "--batch", "2", "--seq", "32", "--steps", "2", "--peak-n", "128", "--dtype", dtype]
+    result = run_bench("accelerator_step.py", args, rounds=2)
+    assert result["dtype"] == dtype and result["batch"] == 2 and result["seq"] == 32
+    assert result["ours"] > 0 and result["reference"] > 0 and result["reference_peak_fraction"] > 0
+
+
 def test_engine_benchmark_runs():
     """bench/engine.py on a tiny heavy-tailed workload: the engine, the static path and HF agree token for token,
     and a whole run over mixed prompt lengths compiles at most 6 programs."""

@@ -141,6 +141,7 @@ def test_released_classifier_layout_probabilities(tmp_path):
     assert probs[:, 1].std() > 1e-3
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (8, 1, 1)])
 def test_same_logits_on_8_device_mesh(batch, minilm_classifier, mesh_shape):
     model1, _ = minilm_classifier

@@ -26,6 +26,7 @@ def make_state(step: int, mesh):
     }
 
 
+@pytest.mark.devices(8)
 def test_round_trip_keep_n_and_sharding(tmp_path):
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     ckpt = Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2)

@@ -116,6 +116,7 @@ def trained(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.devices(8)
 def test_classifier_learns_on_minilm(trained):
     out, summary = trained
     test = summary["test"]
@@ -134,6 +135,7 @@ def test_classifier_learns_on_minilm(trained):
     assert "Confusion matrix" in (out / "report.md").read_text()
 
 
+@pytest.mark.devices(8)
 def test_saved_classifier_loads_in_transformers(trained):
     out, summary = trained
     folder = summary["export_dir"]
@@ -155,6 +157,7 @@ def test_saved_classifier_loads_in_transformers(trained):
     assert (ref_probs.argmax(-1) == truth).mean() >= 0.8
 
 
+@pytest.mark.devices(8)
 def test_early_stopping_ends_the_run(tmp_path):
     # A tiny random encoder with MiniLM's vocabulary and learning rate 0: validation never improves, so the
     # run stops after `patience` evaluations instead of running all steps.
@@ -181,6 +184,7 @@ def test_early_stopping_ends_the_run(tmp_path):
 # ------------------------------------------------------------------------------------------------ split
 
 
+@pytest.mark.devices(8)
 def test_split_on_8_devices_matches_1_device(trained, tmp_path):
     _, summary = trained
     folder = summary["export_dir"]

@@ -242,6 +242,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.devices(8)
 def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, world_records, capsys):
     _, recs = world_records
     records_path = write_records(tmp_path / "records.jsonl", recs)
@@ -303,6 +304,7 @@ def test_evaluate_resumes_after_kill_with_identical_table(tmp_path, model_dir, w
         evaluate_job.run(make_config(tmp_path, model_dir, records_path, num_samples=2, max_new_tokens=5))
 
 
+@pytest.mark.devices(8)
 def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     _, recs = world_records
     recs = recs[:6]
@@ -360,6 +362,7 @@ def test_adversarial_job(tmp_path, model_dir, world_records, tokenizer):
     assert again["overall"] == summary["overall"]
 
 
+@pytest.mark.devices(8)
 def test_evaluate_with_a_thinking_budget(tmp_path, model_dir, world_records, tokenizer):
     """config.eval.thinking_budget: a prompt that opens the thinking block (here the chat template's assistant
     tag serves as the start marker) thinks `budget` tokens, then the engine writes the end marker and the answer
@@ -383,6 +386,7 @@ def test_evaluate_with_a_thinking_budget(tmp_path, model_dir, world_records, tok
         evaluate_job.run(make_config(tmp_path, model_dir, records_path, name="x", thinking_budget=12))
 
 
+@pytest.mark.devices(8)
 def test_budget_sweep_job(tmp_path, model_dir, world_records, tokenizer):
     """Job budget_sweep: one evaluation per budget (the smaller budgets close the block after `budget` tokens, 0 runs
     without one), a table per budget x benchmark x split whose accuracy and mean tokens are those of the logs, the
@@ -459,6 +463,7 @@ def test_split_gain_difference_against_a_hand_computation():
     assert got["difference_ci_high"] == pytest.approx(got["difference"] + 1.96 * se, abs=0.25 * 1.96 * se)
 
 
+@pytest.mark.devices(8)
 def test_config_errors_name_the_key(tmp_path, model_dir, world_records):
     _, recs = world_records
     records_path = write_records(tmp_path / "records.jsonl", recs[:2])

@@ -584,6 +584,7 @@ def test_grpo_learns_under_a_noisy_reward(signal_world, tmp_path, tmp_path_facto
     assert np.mean(after) >= 0.8, after  # the majority letter, though a quarter of its rewards said otherwise
 
 
+@pytest.mark.devices(8)
 def test_grpo_same_losses_on_one_and_eight_devices(signal_world, tmp_path, tmp_path_factory):
     d, _ = signal_world
     curves = []
@@ -635,6 +636,7 @@ def test_visited_records_are_the_prompts_the_learner_was_given(signal_world, tmp
     assert got == want
 
 
+@pytest.mark.devices(8)
 def test_grpo_kill9_resume_matches_uninterrupted(signal_world, tmp_path, tmp_path_factory):
     """SIGKILL a running GRPO job, rerun the same command: it resumes (policy, optimizer, prompt iterator,
     sampling seeds) and the loss curve is the uninterrupted one."""

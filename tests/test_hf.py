@@ -149,6 +149,7 @@ def test_lazy_slices_match_full_tensors_f32_and_bf16(tmp_path):
     np.testing.assert_array_equal(ckpt.read("a"), a)
 
 
+@pytest.mark.devices(8)
 def test_load_params_reads_only_each_devices_slices(tmp_path):
     """Each device's callback asks for exactly its shard, and the result is placed as the rules say."""
     w = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
@@ -278,6 +279,7 @@ def test_export_into_the_tokenizer_folder(tiny, tmp_path):
     assert (out / "tokenizer_config.json").read_text() == template
 
 
+@pytest.mark.devices(8)
 def test_export_bf16_from_sharded_model(tiny, tmp_path):
     import torch
     import transformers
@@ -297,6 +299,7 @@ def test_export_bf16_from_sharded_model(tiny, tmp_path):
     assert back.layers[0].attn.q_proj.kernel[...].dtype == jnp.bfloat16
 
 
+@pytest.mark.devices(8)
 def test_export_job_writes_trained_checkpoint_params(tiny, tmp_path):
     """Job "export": the params of a train.loop checkpoint (not the base weights) end up in the HF folder."""
     from medkr_jax.config import base_config

@@ -279,6 +279,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.devices(8)
 def test_same_losses_on_one_and_eight_devices(tmp_path):
     cfg = make_config(steps=4, checkpoint_every=100, grad_accum=2)
     curves = []

@@ -121,6 +121,7 @@ def toy_batch(rows=4, t=16, seed=0):
             "segment_ids": np.ones((rows, t), np.int32), "loss_mask": np.ones((rows, t), np.float32)}
 
 
+@pytest.mark.devices(8)
 def test_only_adapters_train_sharded_like_the_base_on_one_and_eight_devices():
     """The base (bfloat16) is frozen, absent from the optimizer state and the checkpoint; on fsdp=2 x tensor=4 each
     adapter splits the base kernel's in / out dimension as the kernel does; 1 vs 8 devices: the same losses and

@@ -22,6 +22,7 @@ class TwoLayer(nnx.Module):
         return jnp.tanh(x @ self.up[...]) @ self.down[...] * self.scale[...]
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("sizes, expected", [
     ((8, 1, 1), (8, 1, 1)),
     ((2, 4, 1), (2, 4, 1)),
@@ -51,6 +52,7 @@ def test_mesh_shapes_and_param_sharding(sizes, expected):
     np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.devices(8)
 def test_reshard_module_onto_another_mesh():
     with parallel.sharding_context(parallel.make_mesh({"data": 8})):
         model = TwoLayer(nnx.Rngs(1))
@@ -62,6 +64,7 @@ def test_reshard_module_onto_another_mesh():
     np.testing.assert_array_equal(np.asarray(model.up[...]), before)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("sizes, needle", [
     ((3, 1, 1), "data*fsdp*tensor = 3 but 8 devices"),
     ((2, 2, 1), "data*fsdp*tensor = 4 but 8 devices"),
@@ -85,6 +88,7 @@ def test_rules_from_config_override_defaults_and_are_checked():
         parallel.logical_rules([("embed", "model")])
 
 
+@pytest.mark.devices(8)
 def test_batch_must_divide_batch_axes():
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with pytest.raises(ValueError, match="not divisible by data\\*fsdp = 4"):

@@ -280,6 +280,7 @@ def test_sft_memorises_and_exports(world, tmp_path, tmp_path_factory):
     assert text.strip().endswith(f"The answer is {recs[0].answer_letter}."), text
 
 
+@pytest.mark.devices(8)
 def test_same_losses_on_one_and_eight_devices(world, tmp_path, tmp_path_factory):
     d, _ = world
     curves = []
@@ -376,6 +377,7 @@ def compilation_cache(tmp_path_factory):
         cc.reset_cache()
 
 
+@pytest.mark.devices(8)
 def test_kill9_resume_matches_uninterrupted(world, tmp_path, tmp_path_factory):
     """SIGKILL a running SFT job, rerun the same command: it resumes and the loss curve is the uninterrupted one."""
     d, _ = world
