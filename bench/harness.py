@@ -373,7 +373,12 @@ def wakeup_round_trip_us(cpu_a: int, cpu_b: int, n: int = 2000) -> float:
     to_echo, from_echo = os.pipe(), os.pipe()
 
     def echo() -> None:
-        os.sched_setaffinity(0, {cpu_b})
+        try:
+            os.sched_setaffinity(0, {cpu_b})
+        except OSError:
+            os.read(to_echo[0], 1)
+            os.write(from_echo[1], b"!")  # answers the first ping: the caller raises instead of waiting forever
+            return
         for _ in range(n + 1):
             os.read(to_echo[0], 1)
             os.write(from_echo[1], b"x")
@@ -384,7 +389,9 @@ def wakeup_round_trip_us(cpu_a: int, cpu_b: int, n: int = 2000) -> float:
         os.sched_setaffinity(0, {cpu_a})
         thread.start()
         os.write(to_echo[1], b"x")  # one untimed round trip: the echo thread is running and pinned
-        os.read(from_echo[0], 1)
+        if os.read(from_echo[0], 1) != b"x":
+            thread.join()
+            raise OSError(f"wakeup_round_trip_us: cannot pin a thread to CPU {cpu_b}")
         start = time.perf_counter()
         for _ in range(n):
             os.write(to_echo[1], b"x")

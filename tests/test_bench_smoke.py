@@ -190,6 +190,9 @@ def test_wakeup_round_trip_is_measured_and_restores_affinity(harness):
     us = harness.wakeup_round_trip_us(cpus[0], cpus[-1], n=200)
     assert 0.0 < us < 1e5  # a round trip between two threads: microseconds, not zero, not a stall
     assert sorted(os.sched_getaffinity(0)) == cpus
+    with pytest.raises(OSError, match="cannot pin a thread to CPU 4096"):  # an error, not a wait for a reply
+        harness.wakeup_round_trip_us(cpus[0], 4096, n=10)
+    assert sorted(os.sched_getaffinity(0)) == cpus
 
 
 def test_load_report_adds_wakeups_for_more_than_one_thread(harness, monkeypatch, capsys):
