@@ -31,7 +31,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Timer, load_report, ratio_line, ratios, run_rounds, sft_batch, sft_step_flops  # noqa: E402
+from harness import (Timer, load_report, ratio_line, ratios, run_rounds, sft_batch, sft_step_flops,  # noqa: E402
+                     torch_sft_step)
 
 DIMS = {
     "smollm2-135m": dict(vocab=49152, hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
@@ -86,8 +87,6 @@ def our_step(d: dict, dtype: str, batch: dict):
 
 def reference_step(d: dict, dtype: str, batch: dict, device):
     """transformers' LlamaForCausalLM SFT step on `device` (autocast to bfloat16 when `dtype` is bfloat16)."""
-    import contextlib
-
     import numpy as np
     import torch
     import transformers
@@ -100,26 +99,10 @@ def reference_step(d: dict, dtype: str, batch: dict, device):
                                     max_position_embeddings=max(2048, batch["tokens"].shape[1]))
     model = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32, attn_implementation="sdpa")
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(np.asarray(batch["tokens"], np.int64)).to(device)
     labels = torch.from_numpy(np.asarray(batch["targets"], np.int64)).to(device)
-
-    def autocast():
-        if dtype == "bfloat16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def step():
-        with autocast():
-            logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-
-    return step
+    bf16 = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
+    return torch_sft_step(model, ids, labels, autocast=bf16)
 
 
 def peak_timers(n: int, dtype: str, device) -> dict[str, Timer]:

@@ -141,6 +141,31 @@ def sft_step_flops(cfg, n_params: int, b: int, t: int, *, scored: int) -> float:
             + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * b * t * t)
 
 
+def torch_sft_step(model, ids, labels, autocast: Callable[[], object] | None = None) -> Callable[[], None]:
+    """The PyTorch reference's SFT step on a transformers causal LM, as a user writes it: cross-entropy of the
+    logits against `labels` (-100: not scored; HF computes those logits anyway), backward, global-norm clipping at
+    1.0, AdamW (lr 1e-4, no weight decay), ending on ``loss.item()``. `autocast`: a context-manager factory around
+    the forward and the loss (e.g. torch.autocast to bfloat16), None for none."""
+    import contextlib
+
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    context = autocast or contextlib.nullcontext
+
+    def step() -> None:
+        with context():
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------------- timing
 
 

@@ -78,7 +78,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (RemoteTimer, Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line,  # noqa: E402
                      peak_timers, pin, ratio_line, ratios, run_rounds, serve, sft_batch, sft_step_flops,
-                     threads_from_argv)
+                     threads_from_argv, torch_sft_step)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
@@ -240,21 +240,10 @@ def hf_sft_step(batch: dict, folder: str | None = None):
         tmodel = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                    attn_implementation="sdpa")
     tmodel.train()
-    opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(np.asarray(batch["tokens"], np.int64))
     # HF's convention for unscored targets: label -100, which cross_entropy ignores (its logits are still computed)
     labels = torch.from_numpy(np.where(np.asarray(batch["loss_mask"]) > 0, np.asarray(batch["targets"], np.int64), -100))
-
-    def reference():
-        logits = tmodel(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-
-    return reference
+    return torch_sft_step(tmodel, ids, labels)
 
 
 def sft_reference_worker(spec: str) -> None:
