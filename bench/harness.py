@@ -298,20 +298,24 @@ def run_rounds(timers: Mapping[str, Timer], repeats: int, peak: Mapping[str, Tim
                 t.round()
 
 
-def peak_timers(n: int) -> dict[str, Timer]:
-    """Timers of a jitted JAX and a PyTorch fp32 [n, n] x [n, n] matmul, warmed up (see `peak_flops`)."""
+def peak_timers(n: int, dtype: str = "float32", device=None) -> dict[str, Timer]:
+    """Timers of a jitted JAX and a PyTorch [n, n] x [n, n] matmul in `dtype`, warmed up (see `peak_flops`): JAX
+    on its default device, PyTorch on `device` (a torch.device; None: the CPU), synchronised when that is a GPU."""
     import jax  # after pin(): jax must not start before the affinity and XLA_FLAGS are set
     import jax.numpy as jnp
     import torch
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    ta = torch.randn(n, n)
+    ta = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    on_gpu = device is not None and torch.device(device).type == "cuda"
 
     def torch_mm():
         with torch.inference_mode():
             torch.mm(ta, ta)
+        if on_gpu:
+            torch.cuda.synchronize()
 
     torch_mm()
     flops = 2.0 * n ** 3
@@ -319,8 +323,8 @@ def peak_timers(n: int) -> dict[str, Timer]:
 
 
 def peak_flops(timers: Mapping[str, Timer]) -> tuple[float, float]:
-    """This machine's fp32 matmul peak from `peak_timers`' rounds: (FLOP/s of the best call, FLOP per CPU-second
-    of the best call), each the better framework of the two."""
+    """This machine's matmul peak (in the timers' dtype) from `peak_timers`' rounds: (FLOP/s of the best call,
+    FLOP per CPU-second of the best call), each the better framework of the two."""
     return (max(t.flops / t.wall for t in timers.values()), max(t.flops / t.cpu for t in timers.values()))
 
 
