@@ -31,8 +31,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, load_report, peak_flops, peak_timers, ratio_line, ratios, run_rounds,  # noqa: E402
-                     sft_batch, sft_step_flops, torch_sft_step)
+from harness import (Timer, decoder_config, llama_config, load_report, peak_flops, peak_timers,  # noqa: E402
+                     ratio_line, ratios, run_rounds, sft_batch, sft_step_flops, torch_sft_step)
 
 DIMS = {
     "smollm2-135m": dict(vocab=49152, hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
@@ -62,15 +62,12 @@ def our_step(d: dict, dtype: str, batch: dict):
     from flax import nnx
 
     from medkr_jax import parallel
-    from medkr_jax.models.decoder import Decoder, DecoderConfig
+    from medkr_jax.models.decoder import Decoder
     from medkr_jax.train import sft
     from medkr_jax.train.optim import OptimizerSettings, make_optimizer
     from medkr_jax.train.trainer import Trainer
 
-    cfg = DecoderConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
-                        num_layers=d["layers"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
-                        head_dim=d["head_dim"], rope_theta=d["rope_theta"], rms_norm_eps=1e-5,
-                        max_position_embeddings=max(2048, batch["tokens"].shape[1]), tie_word_embeddings=d["tied"])
+    cfg = decoder_config(d, max_positions=max(2048, batch["tokens"].shape[1]))
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with parallel.sharding_context(mesh):
         model = Decoder(cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -92,11 +89,7 @@ def reference_step(d: dict, dtype: str, batch: dict, device):
     import transformers
 
     torch.manual_seed(0)
-    tcfg = transformers.LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
-                                    num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                                    num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"],
-                                    rope_theta=d["rope_theta"], rms_norm_eps=1e-5, tie_word_embeddings=d["tied"],
-                                    max_position_embeddings=max(2048, batch["tokens"].shape[1]))
+    tcfg = llama_config(d, max_positions=max(2048, batch["tokens"].shape[1]))
     model = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32, attn_implementation="sdpa")
     model.to(device).train()
     ids = torch.from_numpy(np.asarray(batch["tokens"], np.int64)).to(device)

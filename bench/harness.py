@@ -119,6 +119,29 @@ def device_line(threads: int) -> str:
 # ------------------------------------------------------------------------------------------- SFT steps
 
 
+def decoder_config(dims: dict, *, max_positions: int = 1024, **kw):
+    """Our DecoderConfig of a benchmark model's `dims` (vocab, hidden, mlp, layers, heads, kv_heads, head_dim;
+    optional rope_theta, default 10,000, and tied, default False); `kw` sets further fields (token ids)."""
+    from medkr_jax.models.decoder import DecoderConfig
+
+    return DecoderConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["mlp"],
+                         num_layers=dims["layers"], num_heads=dims["heads"], num_kv_heads=dims["kv_heads"],
+                         head_dim=dims["head_dim"], rope_theta=dims.get("rope_theta", 10000.0), rms_norm_eps=1e-5,
+                         tie_word_embeddings=dims.get("tied", False), max_position_embeddings=max_positions, **kw)
+
+
+def llama_config(dims: dict, *, max_positions: int = 1024):
+    """transformers' LlamaConfig of the same `dims` as `decoder_config`: the PyTorch reference's model."""
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"],
+                                    intermediate_size=dims["mlp"], num_hidden_layers=dims["layers"],
+                                    num_attention_heads=dims["heads"], num_key_value_heads=dims["kv_heads"],
+                                    head_dim=dims["head_dim"], rope_theta=dims.get("rope_theta", 10000.0),
+                                    rms_norm_eps=1e-5, tie_word_embeddings=dims.get("tied", False),
+                                    max_position_embeddings=max_positions)
+
+
 def sft_batch(b: int, t: int, vocab: int, prompt_fraction: float = 0.0) -> dict:
     """A random [b, t] next-token batch over a `vocab`-token vocabulary; every target counted, or with
     `prompt_fraction` > 0 the first that fraction of each row taken as the prompt (its targets not scored)."""

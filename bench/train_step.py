@@ -76,9 +76,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (RemoteTimer, Timer, cpu_seconds, device_line, load_report, peak_flops, peak_line,  # noqa: E402
-                     peak_timers, pin, ratio_line, ratios, run_rounds, serve, sft_batch, sft_step_flops,
-                     threads_from_argv, torch_sft_step)
+from harness import (RemoteTimer, Timer, cpu_seconds, decoder_config, device_line, llama_config,  # noqa: E402
+                     load_report, peak_flops, peak_line, peak_timers, pin, ratio_line, ratios, run_rounds, serve,
+                     sft_batch, sft_step_flops, threads_from_argv, torch_sft_step)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
@@ -179,15 +179,6 @@ def setup_tunix() -> None:
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def _decoder_config(d: dict, **kw):
-    from medkr_jax.models.decoder import DecoderConfig
-
-    return DecoderConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
-                         num_layers=d["layers"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
-                         head_dim=d["head_dim"], rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=1024,
-                         **kw)
-
-
 def our_sft_step(batch: dict, folder: str | None = None):
     """(our SFT step fn, its parameter count, the decoder config) on `batch`: the tiny random SFT_DIMS model, or the
     checkpoint in ``folder``."""
@@ -203,7 +194,7 @@ def our_sft_step(batch: dict, folder: str | None = None):
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     if folder is None:
-        cfg = _decoder_config(SFT_DIMS)
+        cfg = decoder_config(SFT_DIMS)
         with parallel.sharding_context(mesh):
             model = Decoder(cfg, rngs=nnx.Rngs(0))
     else:
@@ -230,12 +221,8 @@ def hf_sft_step(batch: dict, folder: str | None = None):
 
     torch.manual_seed(0)
     if folder is None:
-        d = SFT_DIMS
-        tcfg = transformers.LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["mlp"],
-                                        num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                                        num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"],
-                                        max_position_embeddings=1024, rms_norm_eps=1e-5)
-        tmodel = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32, attn_implementation="sdpa")
+        tmodel = transformers.AutoModelForCausalLM.from_config(llama_config(SFT_DIMS), dtype=torch.float32,
+                                                               attn_implementation="sdpa")
     else:
         tmodel = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                    attn_implementation="sdpa")
@@ -267,7 +254,7 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
     from medkr_jax.train.optim import OptimizerSettings, make_optimizer
     from medkr_jax.train.trainer import Trainer
 
-    cfg = _decoder_config(SFT_DIMS)
+    cfg = decoder_config(SFT_DIMS)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     key = jax.random.key(0)
@@ -313,7 +300,7 @@ def packed_vs_unpacked(batch: dict, segments: int, steps: int) -> dict:
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with parallel.sharding_context(mesh):
-        model = Decoder(_decoder_config(SFT_DIMS), rngs=nnx.Rngs(0))
+        model = Decoder(decoder_config(SFT_DIMS), rngs=nnx.Rngs(0))
     opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
     trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
     key, packed = jax.random.key(0), packed_batch(batch, segments)
@@ -390,7 +377,7 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     tok = AutoTokenizer.from_pretrained(tok_dir)
     recs, _, _ = grpo_prompts(tok)
     write_records(os.path.join(work, "prompts.jsonl"), recs)
-    cfg = _decoder_config(GRPO_DIMS, bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
+    cfg = decoder_config(GRPO_DIMS, bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
                           pad_token_id=tok.pad_token_id)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     with parallel.sharding_context(mesh):
