@@ -753,14 +753,18 @@ def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_fac
 def test_lora_grpo_raises_the_reward_against_the_base_as_reference(signal_world, tmp_path_factory):
     """LoRA adapters on the frozen warm policy learn the rule with GRPO; the KL reference (beta > 0) is the job's
     reference for a LoRA policy, the base with the adapters off: 0 at the start (the adapters start as a no-op),
-    growing as the adapters move, and the job loads no second copy of the weights for it."""
+    growing as the adapters move, and the job loads no second copy of the weights for it.
+
+    At the learning rate used, 5e-3: seeds 0-3 in the three float orders of the test above, 12 runs, rose by
+    0.56-0.66, the format rate never below 0.80. At 1e-2 (this test's rate until then) they rose by 0.45-0.60
+    while two collapsed for a step (format rate 0.16 and 0.28, reward 0.08 and 0.16) and recovered."""
     d, rule = signal_world
     settings = grpo.GRPOSettings(num_generations=8, max_new_tokens=16, mu=2, loss="dapo", beta=0.04)
     c = base_config()
     c.lora.rank = 8
     assert grpo_job._reference(c, settings, None, None) is grpo_job._base_policy  # no load_decoder call
     with compilation_cache(tmp_path_factory):
-        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12, lr=1e-2, lora_rank=8,
+        recs = learner_rewards(d / "warm" / "hf", rule, settings, steps=12, lr=5e-3, lora_rank=8,
                                reference=grpo_job._base_policy)
     rewards, kl = [r["reward_mean"] for r in recs], [r["kl"] for r in recs]
     print(f"LoRA-GRPO rewards {np.round(rewards, 2).tolist()}, kl {np.round(kl, 4).tolist()}")
