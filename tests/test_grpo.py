@@ -725,8 +725,8 @@ def test_each_grpo_variant_raises_the_training_reward(signal_world, tmp_path_fac
     Measured at the learning rate used, 1e-3: seeds 0-3, every loss, in three float orders (8 host devices as in
     CI, one device on two threads, one device on one thread), 48 runs: rises of 0.40-0.67 (mean 0.56), the format
     rate never below 0.83. At 2e-3 (this test's rate until then) the same 48 runs rose by 0.13-0.69 (mean 0.53):
-    four rose less than 0.3 and two collapsed within a step from rewards of 0.83-0.88 to 0.02-0.11, the policy
-    no longer closing its answer (format rate 0.06 / 0.14, completions at the 16-token cap) after an update of
+    four rose less than 0.3 and two collapsed within one or two steps from rewards of 0.83-0.88 to 0.02-0.11, the
+    policy no longer closing its answer (format rate 0.06 / 0.14, completions at the 16-token cap) after an update of
     ordinary size (grad norm 0.33, sampler and trainer log-probs within 3e-6); one such run (DR-GRPO, seed 1, one
     device on two threads) failed this test, whose outcome then depended on the float order."""
     d, rule = signal_world
