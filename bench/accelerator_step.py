@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Timer, decoder_config, llama_config, load_report, peak_flops, peak_timers,  # noqa: E402
-                     ratio_line, ratios, run_rounds, sft_batch, sft_step_flops, torch_sft_step)
+                     ratio_line, ratios, run_rounds, sft_batch, sft_step_flops, sft_trainer, torch_sft_step)
 
 DIMS = {
     "smollm2-135m": dict(vocab=49152, hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
@@ -63,17 +63,15 @@ def our_step(d: dict, dtype: str, batch: dict):
 
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
+    from medkr_jax.models.hf import one_device_mesh
     from medkr_jax.train import sft
-    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
-    from medkr_jax.train.trainer import Trainer
 
     cfg = decoder_config(d, max_positions=max(2048, batch["tokens"].shape[1]))
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with parallel.sharding_context(mesh):
         model = Decoder(cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
-    trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
+    trainer = sft_trainer(model, mesh)
     scored = sft.scored_positions(batch)
 
     def step():

@@ -51,6 +51,7 @@ def main() -> None:
 
     from medkr_jax import parallel
     from medkr_jax.models.bert import load_bert
+    from medkr_jax.models.hf import one_device_mesh
     from medkr_jax.train.classifier import weighted_ce_loss
     from medkr_jax.train.optim import OptimizerSettings, make_optimizer
     from medkr_jax.train.trainer import Trainer
@@ -64,7 +65,7 @@ def main() -> None:
     batch["label"] = labels.astype(np.int32)
     opt = OptimizerSettings(learning_rate=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.01, grad_clip=1.0)
 
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with parallel.sharding_context(mesh):
         model, cfg = load_bert(folder, num_labels=2, seed=0)
     head_kernel = np.array(model.classifier.kernel.get_value())

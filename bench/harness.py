@@ -164,6 +164,17 @@ def sft_step_flops(cfg, n_params: int, b: int, t: int, *, scored: int) -> float:
             + 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * b * t * t)
 
 
+def sft_trainer(model, mesh):
+    """Our SFT step as the benchmarks run it: medkr_jax's Trainer of the SFT loss with the optimizer
+    `torch_sft_step` gives the reference, AdamW at a constant lr 1e-4 and global-norm clipping at 1.0."""
+    from medkr_jax.train import sft
+    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
+    from medkr_jax.train.trainer import Trainer
+
+    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    return Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
+
+
 def torch_sft_step(model, ids, labels, autocast: Callable[[], object] | None = None) -> Callable[[], None]:
     """The PyTorch reference's SFT step on a transformers causal LM, as a user writes it: cross-entropy of the
     logits against `labels` (-100: not scored; HF computes those logits anyway), backward, global-norm clipping at

@@ -78,7 +78,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (RemoteTimer, Timer, cpu_seconds, decoder_config, device_line, llama_config,  # noqa: E402
                      load_report, peak_flops, peak_line, peak_timers, pin, ratio_line, ratios, run_rounds, serve,
-                     sft_batch, sft_step_flops, threads_from_argv, torch_sft_step)
+                     sft_batch, sft_step_flops, sft_trainer, threads_from_argv, torch_sft_step)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 
@@ -187,12 +187,10 @@ def our_sft_step(batch: dict, folder: str | None = None):
 
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
-    from medkr_jax.models.hf import load_decoder
+    from medkr_jax.models.hf import load_decoder, one_device_mesh
     from medkr_jax.train import sft
-    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
-    from medkr_jax.train.trainer import Trainer
 
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     if folder is None:
         cfg = decoder_config(SFT_DIMS)
         with parallel.sharding_context(mesh):
@@ -200,10 +198,7 @@ def our_sft_step(batch: dict, folder: str | None = None):
     else:
         model, cfg = load_decoder(folder, mesh=mesh)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
-    tx = make_optimizer(opt, 100)
-    trainer = Trainer(model, loss_fn=sft.sft_loss, tx=tx, mesh=mesh)
-
+    trainer = sft_trainer(model, mesh)
     scored = sft.scored_positions(batch)  # as the sft job: only scored targets reach the LM head
 
     def ours():
@@ -250,20 +245,17 @@ def lora_vs_full(batch: dict, rank: int, steps: int) -> dict:
     from medkr_jax import parallel
     from medkr_jax.models import lora
     from medkr_jax.models.decoder import Decoder
-    from medkr_jax.train import sft
-    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
-    from medkr_jax.train.trainer import Trainer
+    from medkr_jax.models.hf import one_device_mesh
 
     cfg = decoder_config(SFT_DIMS)
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    mesh = one_device_mesh()
     key = jax.random.key(0)
     trainers = []
     for r in (0, rank):
         with parallel.sharding_context(mesh):
             model = Decoder(cfg, rngs=nnx.Rngs(0))
         lora.apply_lora(model, lora.LoRASettings(rank=r, alpha=2.0 * r), mesh=mesh)
-        trainers.append(Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh))
+        trainers.append(sft_trainer(model, mesh))
     memory = [t.step_memory(batch, key)["peak"] for t in trainers]
     full, low = warmed(*[Timer(lambda t=t: float(t.update(batch, key)["loss"])) for t in trainers])
     run_rounds({"full": full, "lora": low}, steps)
@@ -294,15 +286,12 @@ def packed_vs_unpacked(batch: dict, segments: int, steps: int) -> dict:
 
     from medkr_jax import parallel
     from medkr_jax.models.decoder import Decoder
-    from medkr_jax.train import sft
-    from medkr_jax.train.optim import OptimizerSettings, make_optimizer
-    from medkr_jax.train.trainer import Trainer
+    from medkr_jax.models.hf import one_device_mesh
 
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with parallel.sharding_context(mesh):
         model = Decoder(decoder_config(SFT_DIMS), rngs=nnx.Rngs(0))
-    opt = OptimizerSettings(learning_rate=1e-4, warmup_steps=0, schedule="constant", grad_clip=1.0)
-    trainer = Trainer(model, loss_fn=sft.sft_loss, tx=make_optimizer(opt, 100), mesh=mesh)
+    trainer = sft_trainer(model, mesh)
     key, packed = jax.random.key(0), packed_batch(batch, segments)
     one, many = warmed(*[Timer(lambda x=x: float(trainer.update(x, key)["loss"])) for x in (batch, packed)])
     run_rounds({"unpacked": one, "packed": many}, steps)
@@ -366,8 +355,7 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     from medkr_jax.config import base_config
     from medkr_jax.data.records import write_records
     from medkr_jax.models.decoder import Decoder
-    from medkr_jax.models.hf import export_decoder
-    import jax
+    from medkr_jax.models.hf import export_decoder, one_device_mesh
     from transformers import AutoTokenizer
 
     from medkr_jax.jobs import grpo
@@ -379,7 +367,7 @@ def bench_grpo_ours(work: str, tok_dir: str, steps: int) -> dict:
     write_records(os.path.join(work, "prompts.jsonl"), recs)
     cfg = decoder_config(GRPO_DIMS, bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,),
                           pad_token_id=tok.pad_token_id)
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     with parallel.sharding_context(mesh):
         model = Decoder(cfg, rngs=nnx.Rngs(0))
     export_decoder(model, cfg, os.path.join(work, "policy"), tokenizer_dir=tok_dir)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from medkr_jax import parallel
+from medkr_jax.models.hf import one_device_mesh
 from medkr_jax.train import loop
 from medkr_jax.train.metrics_log import UPDATE_RATIO_LIMIT, read_metrics
 from medkr_jax.train.optim import OptimizerSettings, make_optimizer, make_schedule, param_path
@@ -76,10 +77,6 @@ def make_config(steps=6, checkpoint_every=2, grad_accum=1, lr=5e-2, warmup_steps
     settings = loop.LoopSettings(**{"steps": steps, "seed": 0, "log_every": 1, "eval_every": 0,
                                     "checkpoint_every": checkpoint_every, "keep_checkpoints": 3, **loop_settings})
     return {"settings": settings, "optimizer": optimizer}
-
-
-def one_device_mesh():
-    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def make_model(mesh, seed=0):

@@ -18,6 +18,7 @@ from medkr_jax.config import base_config
 from medkr_jax.data.records import MCQRecord, write_records
 from medkr_jax.jobs import sft as sft_job
 from medkr_jax.models.decoder import Decoder
+from medkr_jax.models.hf import one_device_mesh
 from medkr_jax.models.presets import TINY
 from medkr_jax.train import sft
 from medkr_jax.train.metrics_log import read_metrics
@@ -62,10 +63,6 @@ def make_policy_folder(folder, corpus, *, vocab_size=320, hidden=64, layers=2, s
         model = Decoder(cfg, rngs=nnx.Rngs(seed))
     export_decoder(model, cfg, folder, tokenizer_dir=tok_dir)
     return folder
-
-
-def one_device_mesh():
-    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def corpus_for(records):
