@@ -35,51 +35,26 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
-                     ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
+from harness import (Timer, add_workload_args, device_line, greedy_match, heavy_tailed_workload,  # noqa: E402
+                     hf_generate_batches, length_sorted_batches, load_report, peak_flops, peak_line, peak_timers,
+                     pin, ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
                      threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def workload(args, vocab: int) -> tuple[list[list[int]], np.ndarray]:
-    """(prompts, per-prompt max_new_tokens) of the heavy-tailed workload."""
-    rng = np.random.default_rng(args.seed)
-    lens = rng.integers(args.min_prompt, args.max_prompt + 1, size=args.prompts)
-    prompts = [rng.integers(3, vocab, int(n)).tolist() for n in lens]
-    limits = np.clip(np.round(rng.lognormal(np.log(args.median_new), args.sigma, size=args.prompts)), 1,
-                     args.max_new).astype(np.int64)
-    return prompts, limits
-
-
-def sorted_batches(prompts, batch: int) -> list[np.ndarray]:
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    return [order[i:i + batch] for i in range(0, len(order), batch)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF checkpoint folder or preset name (default: tiny random Qwen3)")
     ap.add_argument("--vocab", type=int, default=32768, help="vocabulary of the tiny random model")
-    ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--min-prompt", type=int, default=16)
-    ap.add_argument("--max-prompt", type=int, default=256)
-    ap.add_argument("--median-new", type=float, default=48.0)
-    ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of max_new_tokens")
-    ap.add_argument("--max-new", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=16, help="engine slots = static and HF batch size")
+    add_workload_args(ap)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul used for the peak")
     ap.add_argument("--stream-mb", type=int, default=512, help="MiB streamed to time the memory bandwidth")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (1 = single-threaded XLA too)")
     args = ap.parse_args()
-
-    import torch
 
     from medkr_jax.models.hf import load_decoder
     from medkr_jax.sampling import Sampler, StaticSampler
@@ -87,10 +62,10 @@ def main() -> None:
 
     folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_engine_")
     model, cfg = load_decoder(folder)
-    prompts, limits = workload(args, cfg.vocab_size)
+    prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
     useful = int(limits.sum())
     never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
-    batches = sorted_batches(prompts, args.batch)
+    batches = length_sorted_batches(prompts, args.batch)
 
     engine = Sampler(cfg, pad_id=0, stop_ids=never)
     static = StaticSampler(cfg, pad_id=0, stop_ids=never)
@@ -102,21 +77,7 @@ def main() -> None:
         return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
                                 batch_size=args.batch) for b in batches]
 
-    def run_hf():
-        outs = []
-        for b in batches:
-            width = max(len(prompts[i]) for i in b)
-            ids = torch.zeros((len(b), width), dtype=torch.long)
-            mask = torch.zeros((len(b), width), dtype=torch.long)
-            for row, i in enumerate(b):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
-            new = int(limits[b].max())
-            with torch.no_grad():
-                out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
-                                           min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(out[:, width:].numpy())
-        return outs
+    run_hf = hf_generate_batches(torch_model, prompts, limits, batches)
 
     sides = {"engine": run_engine, "static": run_static, "hf": run_hf}
     first = {}
@@ -124,7 +85,8 @@ def main() -> None:
         t0 = time.perf_counter()
         first[k] = fn()
         print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
-    match = greedy_match(first, batches, limits)
+    match = greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
+                         batches, limits)
 
     timers = {k: Timer(fn) for k, fn in sides.items()}
     peak_t, stream_t = peak_timers(args.peak_n), stream_timers(args.stream_mb)
@@ -136,18 +98,6 @@ def main() -> None:
     step_bytes = decode_step_bytes(cfg, stats.slots, stats.cache_length)
     report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, stream_bandwidth(stream_t),
            stream_line(stream_t))
-
-
-def greedy_match(first: dict, batches, limits) -> dict[str, float]:
-    """Fraction of each row's useful tokens on which the static path and HF agree with the engine (greedy)."""
-    eng = first["engine"]
-    same = {"static": 0, "hf": 0}
-    for bi, b in enumerate(batches):
-        for row, i in enumerate(b):
-            n = int(limits[i])
-            same["static"] += int((first["static"][bi].tokens[row, :n] == eng.tokens[i, :n]).sum())
-            same["hf"] += int((first["hf"][bi][row, :n] == eng.tokens[i, :n]).sum())
-    return {k: v / int(limits.sum()) for k, v in same.items()}
 
 
 def report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, bandwidth,

@@ -200,6 +200,78 @@ def torch_sft_step(model, ids, labels, autocast: Callable[[], object] | None = N
     return step
 
 
+# ------------------------------------------------------------------------------------- generation workloads
+
+
+def add_workload_args(ap, *, prompts: int = 256, batch: int = 16) -> None:
+    """The heavy-tailed generation workload's command-line options (bench/engine.py, bench/accelerator_generate.py)."""
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--median-new", type=float, default=48.0)
+    ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of max_new_tokens")
+    ap.add_argument("--max-new", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=batch, help="engine slots = static and HF batch size")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def heavy_tailed_workload(args, vocab: int) -> tuple[list[list[int]], np.ndarray]:
+    """(prompts, per-prompt max_new_tokens): ``args.prompts`` prompts of random tokens in [3, vocab), lengths
+    uniform in [min_prompt, max_prompt], each with its own max_new_tokens from a log-normal (median ``median_new``,
+    sigma ``sigma``) clipped to [1, max_new]: a few rows run ~10x longer than most."""
+    rng = np.random.default_rng(args.seed)
+    lens = rng.integers(args.min_prompt, args.max_prompt + 1, size=args.prompts)
+    prompts = [rng.integers(3, vocab, int(n)).tolist() for n in lens]
+    limits = np.clip(np.round(rng.lognormal(np.log(args.median_new), args.sigma, size=args.prompts)), 1,
+                     args.max_new).astype(np.int64)
+    return prompts, limits
+
+
+def length_sorted_batches(prompts, batch: int) -> list[np.ndarray]:
+    """Prompt indices sorted by length, in batches of `batch`: how a user batches a static generate."""
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+def hf_generate_batches(torch_model, prompts, limits, batches, device=None) -> Callable[[], list[np.ndarray]]:
+    """fn() -> the new tokens of HF ``generate`` (KV cache, greedy, left padding) on each of `batches`, each batch
+    to its longest row's limit, on `device` (a torch.device; None: the CPU)."""
+    import torch
+
+    inputs = []
+    for b in batches:
+        width = max(len(prompts[i]) for i in b)
+        ids = torch.zeros((len(b), width), dtype=torch.long)
+        mask = torch.zeros((len(b), width), dtype=torch.long)
+        for row, i in enumerate(b):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        inputs.append((ids.to(device), mask.to(device), width, int(limits[b].max())))
+
+    def run() -> list[np.ndarray]:
+        outs = []
+        for ids, mask, width, new in inputs:
+            with torch.no_grad():
+                out = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                           min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outs.append(out[:, width:].cpu().numpy())
+        return outs
+
+    return run
+
+
+def greedy_match(engine_tokens, others: Mapping[str, list], batches, limits) -> dict[str, float]:
+    """Fraction of the useful tokens (each row's first limit) on which each of `others` (per batch, rows in the
+    batch's order: a static path's token arrays) agrees with the engine's (rows in prompt order)."""
+    same = dict.fromkeys(others, 0)
+    for bi, b in enumerate(batches):
+        for row, i in enumerate(b):
+            n = int(limits[i])
+            for k, outs in others.items():
+                same[k] += int((np.asarray(outs[bi])[row, :n] == engine_tokens[i, :n]).sum())
+    return {k: v / int(limits.sum()) for k, v in same.items()}
+
+
 # ------------------------------------------------------------------------------------------------- timing
 
 
@@ -362,11 +434,11 @@ def peak_flops(timers: Mapping[str, Timer]) -> tuple[float, float]:
     return (max(t.flops / t.wall for t in timers.values()), max(t.flops / t.cpu for t in timers.values()))
 
 
-def peak_line(timers: Mapping[str, Timer]) -> str:
-    """'matmul peak fp32 ...': the peak and each framework's best call."""
+def peak_line(timers: Mapping[str, Timer], dtype: str = "fp32") -> str:
+    """'matmul peak fp32 ...': the peak (of `peak_timers` in `dtype`) and each framework's best call."""
     peak, peak_cpu = peak_flops(timers)
     each = ", ".join(f"{k.removesuffix('_mm')} {t.flops / t.wall / 1e9:.1f}" for k, t in timers.items())
-    return f"matmul peak fp32 {peak / 1e9:.1f} GFLOP/s ({each}); {peak_cpu / 1e9:.1f} GFLOP per CPU-second"
+    return f"matmul peak {dtype} {peak / 1e9:.1f} GFLOP/s ({each}); {peak_cpu / 1e9:.1f} GFLOP per CPU-second"
 
 
 def stream_timers(mb: int = STREAM_MB) -> dict[str, Timer]:

@@ -64,6 +64,22 @@ def test_engine_benchmark_runs():
     assert 0 <= result["prefill_padding"] < 1 and result["bandwidth_fraction"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_accelerator_generate_benchmark_runs(dtype):
+    """bench/accelerator_generate.py at tiny shapes (on the CPU here): the three sides generate every useful token,
+    in float32 the same greedy tokens, and a whole run compiles at most 6 programs."""
+    args = ["--dims", "tiny", "--prompts", "12", "--max-prompt", "80", "--median-new", "6", "--max-new", "24",
+            "--batch", "4", "--repeats", "2", "--peak-n", "128", "--dtype", dtype]
+    result = run_bench("accelerator_generate.py", args, rounds=2)
+    assert result["dtype"] == dtype and result["batch"] == 4 and result["ratio_static"] > 0
+    assert result["compiles"] + result["layout_compiles"] <= 6
+    assert result["decode_steps"] * 4 * result["occupancy"] == pytest.approx(result["useful_tokens"], rel=1e-3)
+    if dtype == "float32":
+        assert result["greedy_match_static"] == 1.0 and result["greedy_match_hf"] == 1.0
+    else:  # bfloat16 rounds differently in each program: most tokens still agree with the static path
+        assert result["greedy_match_static"] > 0.5
+
+
 def test_sampler_benchmark_runs():
     """bench/sampler.py at tiny shapes: ours and HF generate the same greedy tokens; the decode step's bytes are the
     model's weights (tied embedding read once, as the LM head) plus the whole KV cache of the batch."""

@@ -1,0 +1,164 @@
+"""Heavy-tailed generation on an accelerator: the engine vs the static-batch path vs HF generate, on the same GPU.
+
+    python bench/accelerator_generate.py [--dtype bfloat16|float32] [--prompts 256] [--batch 128] [--repeats 2]
+    python bench/accelerator_generate.py --dims tiny --prompts 12 --max-new 24 --batch 4 --repeats 2  # smoke (CPU too)
+
+bench/engine.py measures the CPU; this script runs its workload where both frameworks use an accelerator: jax on
+its default backend, PyTorch on "cuda" (the CPU when torch sees no GPU). The workload (bench/harness.py:
+heavy_tailed_workload): ``--prompts`` prompts of random tokens, 16..256 long, each with its own max_new_tokens from
+a log-normal (median 48, clipped to 512), no stop token any model emits, so every side does the same useful work,
+the sum of the per-row counts. The model has SmolLM2-135M's shapes (bench/accelerator_step.py's DIMS; Llama, 30
+layers x 576, vocab 49,152, tied) with random weights, weights and compute in ``--dtype`` on both sides (bfloat16:
+how a model is served on a GPU). Three sides, as in bench/engine.py:
+
+* engine: ``Sampler.generate`` with the per-row limits and ``--batch`` slots (a finished row's slot is refilled);
+* static: ``StaticSampler`` on the prompts sorted by length in batches of ``--batch``, each batch decoding until its
+  longest row's count: the path every caller took before the engine;
+* HF: ``generate`` (its default dynamic KV cache, greedy, left padding) on the same sorted batches.
+
+After a warm-up call each, ``--repeats`` interleaved rounds alternate with a matmul peak in ``--dtype`` (an
+8,192^3 product per framework; bench/harness.py: the method). tokens/s = useful tokens / the best round's seconds;
+``ratio`` (engine vs HF) and ``ratio_static`` (engine vs static) are medians of per-round ratios (> 1: the engine is
+faster), with ``_best`` and ``_cpu`` (host CPU seconds) fields. ``greedy_match_*``: the fraction of useful tokens
+equal to the engine's; two programs in bfloat16 round differently, and a random-weight model's next-token scores
+are close, so a row that differs once goes its own way (token-for-token equality is tested in float32 on the CPU:
+tests/test_sampling.py, bench/engine.py). A fresh engine then counts the programs a whole run compiles. Prints a
+table and the host's load average, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accelerator_step import DIMS, PEAK_CALLS, PEAK_N  # noqa: E402
+from harness import (Timer, add_workload_args, greedy_match, heavy_tailed_workload,  # noqa: E402
+                     hf_generate_batches, length_sorted_batches, llama_config, load_report, peak_flops, peak_line,
+                     peak_timers, ratio_line, ratios, run_rounds)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", choices=sorted(DIMS), default="smollm2-135m")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    add_workload_args(p, batch=128)
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds")
+    p.add_argument("--peak-n", type=int, default=PEAK_N, help="side of the square matmul timed as the peak")
+    return p.parse_args()
+
+
+def models(d: dict, dtype: str, device, max_positions: int):
+    """(our Decoder, its config, the PyTorch model on `device`): one random-weight checkpoint of `d`'s shapes,
+    written by transformers and loaded by both, weights in `dtype`."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from medkr_jax.models.hf import load_decoder
+
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp(prefix="bench_accel_gen_")
+    ref = transformers.AutoModelForCausalLM.from_config(llama_config(d, max_positions=max_positions),
+                                                        dtype=torch.float32)
+    ref.save_pretrained(folder)
+    ours, cfg = load_decoder(folder, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    return ours, cfg, ref.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def main() -> None:
+    args = parse_args()
+    import jax
+    import torch
+
+    from medkr_jax.sampling import Sampler, StaticSampler
+
+    if args.dtype == "float32":  # TF32 matmuls on both sides (where the hardware has them)
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = DIMS[args.dims]
+    model, cfg, ref = models(d, args.dtype, device, max_positions=2 * (args.max_prompt + args.max_new))
+    prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
+    useful = int(limits.sum())
+    never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
+    batches = length_sorted_batches(prompts, args.batch)
+    engine = Sampler(cfg, pad_id=0, stop_ids=never)
+    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
+
+    def run_engine():
+        return engine.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+
+    def run_static():
+        return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
+                                batch_size=args.batch) for b in batches]
+
+    sides = {"engine": run_engine, "static": run_static,
+             "hf": hf_generate_batches(ref, prompts, limits, batches, device)}
+    first = {}
+    for k, fn in sides.items():  # warm-up (compiles), kept for the token comparison
+        t0 = time.perf_counter()
+        first[k] = fn()
+        print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
+    match = greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
+                         batches, limits)
+    timers = {k: Timer(fn) for k, fn in sides.items()}
+    peak = peak_timers(args.peak_n, args.dtype, device)
+    run_rounds(timers, args.repeats, peak=peak, peak_calls=PEAK_CALLS)
+    counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole run's programs
+    counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+    report(args, cfg, device, useful, timers, peak, match, counter, engine.last_stats)
+
+
+def report(args, cfg, device, useful, timers, peak_t, match, counter, stats) -> None:
+    import jax
+    import torch
+
+    tps = {k: useful / t.wall for k, t in timers.items()}
+    cmp = ratios(timers["engine"], timers["hf"])
+    cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
+    peak, _ = peak_flops(peak_t)
+    peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
+    print(f"device: jax {jax.devices()[0].device_kind} ({jax.default_backend()}), torch {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); {args.dtype}; jax "
+          f"{jax.__version__}, torch {torch.__version__}")
+    print(f"model: {args.dims} shapes (random weights), {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts "
+          f"of {args.min_prompt}..{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, "
+          f"sigma {args.sigma:g}, max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; "
+          f"{args.repeats} rounds")
+    print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
+    for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
+                     ("hf", "HF generate, sorted batches")):
+        print(f"{label:28s}{timers[k].wall:14.2f}{timers[k].cpu:10.2f}{tps[k]:12.1f}")
+    print(ratio_line("engine / HF", cmp))
+    print(ratio_line("engine / static", cmp_static, key="ratio_static"))
+    print(f"greedy tokens equal to the engine's ({args.dtype}): static {100 * match['static']:.1f}%, "
+          f"HF {100 * match['hf']:.1f}%")
+    print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
+          f"the LM head)")
+    print(peak_line(peak_t, args.dtype) + f"; engine at {100 * peak_fraction:.3f}% of it")
+    print(f"engine: {stats.steps} decode steps of {stats.slots} slots, occupancy {100 * stats.occupancy:.1f}%, "
+          f"{1e3 * timers['engine'].wall / stats.steps:.2f} ms a step (prefills included); {stats.prefill_calls} "
+          f"prefill calls, {100 * stats.prefill_padding:.1f}% of their positions padding")
+    load = load_report(None)
+    cpu = {k: t.cpu for k, t in timers.items()}
+    print(json.dumps({"name": "accelerator_generate", "ours": round(tps["engine"], 2),
+                      "reference": round(tps["hf"], 2), "static": round(tps["static"], 2), "unit": "tokens/s",
+                      **cmp, **cmp_static, "cpu_time_ratio": round(cpu["hf"] / cpu["engine"], 3),
+                      "compiles": counter.num_compiles, "layout_compiles": counter.num_layout_compiles,
+                      "useful_tokens": useful, "prompts": args.prompts, "batch": args.batch, "dtype": args.dtype,
+                      "dims": args.dims, "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 6),
+                      "greedy_match_static": round(match["static"], 4), "greedy_match_hf": round(match["hf"], 4),
+                      "decode_steps": stats.steps, "occupancy": round(stats.occupancy, 4),
+                      "prefill_padding": round(stats.prefill_padding, 4),
+                      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "torch_device": str(device),
+                      "jax": jax.__version__, "torch": torch.__version__, **load}))
+
+
+if __name__ == "__main__":
+    main()
