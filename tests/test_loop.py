@@ -14,7 +14,7 @@ from flax import nnx
 from medkr_jax import parallel
 from medkr_jax.models.hf import one_device_mesh
 from medkr_jax.train import loop
-from medkr_jax.train.metrics_log import UPDATE_RATIO_LIMIT, read_metrics
+from medkr_jax.train.metrics_log import UPDATE_RATIO_LIMIT, RunHealth, read_metrics
 from medkr_jax.train.optim import OptimizerSettings, make_optimizer, make_schedule, param_path
 from medkr_jax.train.trainer import Trainer
 
@@ -380,6 +380,58 @@ def test_run_that_cannot_train_says_so(tmp_path, capsys, lr, warns):
     else:  # a healthy run (the loss falls) is far below the limit
         assert max(ratios) < UPDATE_RATIO_LIMIT / 10 and summary["final_loss"] < 0.9 * math.log(TINY.vocab_size)
         assert summary["warnings"] == [] and "WARNING" not in err
+
+
+# format_rate / response_length of the DR-GRPO learning test's seed-1 run that collapsed (lr 2e-3, one device,
+# two threads): the policy stopped closing its answers at step 11 and ran to the 16-token cap
+COLLAPSED = [0.25, 0.31, 0.5, 0.63, 0.59, 0.78, 0.75, 0.91, 0.94, 0.84, 0.06, 0.41]
+COLLAPSED_LENGTHS = [14.0, 13.2, 12.5, 12.0, 11.8, 11.6, 11.5, 11.4, 11.3, 11.3, 15.8, 14.1]
+
+
+@pytest.mark.parametrize("rates, collapse_step", [
+    (COLLAPSED, 11),
+    ([0.1, 0.3, 0.6, 0.9, 0.86, 0.95, 0.81, 0.97, 0.9, 0.93], None),  # healthy: dips stay above half the best
+    ([0.2, 0.45, 0.1, 0.3, 0.02, 0.4], None),                       # never in format: nothing to lose
+    ([0.9, 0.46, 0.2, 0.9, 0.44, 0.88], 3),  # 0.46 is above half of 0.9; 0.2 and 0.44 collapse: the first reported
+])
+def test_run_health_reports_a_format_collapse(rates, collapse_step):
+    health = RunHealth()
+    lengths = COLLAPSED_LENGTHS if rates is COLLAPSED else [10.0] * len(rates)
+    said = [health.observe(step, {"loss": 1.0, "format_rate": r, "response_length": n})
+            for step, (r, n) in enumerate(zip(rates, lengths), start=1)]
+    warnings = health.warnings(lr=2e-3)
+    if collapse_step is None:
+        assert warnings == [] and said == [None] * len(rates)
+        return
+    best = max(rates[:collapse_step - 1])
+    below = sum(r < 0.5 * max(rates[:i]) for i, r in enumerate(rates) if i > 0 and max(rates[:i]) >= 0.5)
+    assert sum(m is not None for m in said) == below
+    first = said[collapse_step - 1]
+    assert first.startswith(f"step {collapse_step}: format_rate fell to {rates[collapse_step - 1]:.2f} from {best:.2f}")
+    assert len(warnings) == 1 and "the policy lost the answer format" in warnings[0]
+    assert f"fell to {rates[collapse_step - 1]:.2f} at step {collapse_step}" in warnings[0]
+    assert f"{below} step(s) below 0.5 x its best, {rates[-1]:.2f} at the last step" in warnings[0]
+    assert "config.optimizer.learning_rate=0.002" in warnings[0]
+    if rates is COLLAPSED:
+        assert "from 0.94 (step 9)" in first and "completions 15.8 tokens long" in first
+
+
+def test_format_collapse_is_printed_when_it_happens_and_in_the_summary(tmp_path, capsys):
+    """An RL step_fn's format_rate collapses at step 3: the loop prints a warning then, and the summary has it."""
+    mesh = one_device_mesh()
+    rates = iter([0.8, 0.9, 0.1, 0.2])
+
+    def step_fn(trainer, batch, rng):
+        return {**trainer.update(batch, rng), "format_rate": next(rates)}
+
+    s = loop.train(make_model(mesh), loss_fn=mse_loss, batches=Batches(), **make_config(steps=4, checkpoint_every=100),
+                   output_dir=str(tmp_path), mesh=mesh, step_fn=step_fn)
+    err = capsys.readouterr().err
+    assert "WARNING [train]: step 3: format_rate fell to 0.10 from 0.90 (step 2)" in err
+    assert "WARNING [train]: step 4:" in err  # still below half its best
+    assert len(s["warnings"]) == 1
+    assert "format_rate reached 0.90 at step 2 and fell to 0.10 at step 3" in s["warnings"][0]
+    assert [r["format_rate"] for r in read_metrics(str(tmp_path))] == pytest.approx([0.8, 0.9, 0.1, 0.2])
 
 
 def test_zero_steps_is_refused(tmp_path):

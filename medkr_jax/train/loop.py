@@ -243,6 +243,17 @@ def _show_progress(run: _Run, metrics: dict) -> None:
     run.bar.update(1)
 
 
+def _say(run: _Run, message: str | None) -> None:
+    """A warning the run's health watch raised during the run, printed at once (main process only)."""
+    if message is None or not parallel.is_main_process():
+        return
+    line = f"WARNING [{run.desc}]: {message}"
+    if run.bar is not None:
+        run.bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _steps_until_done(run: _Run, batches: Iterator, step_fn: StepFn, eval_fn: Callable | None,
                       base_rng: jax.Array, settings: LoopSettings) -> None:
     """Steps until run.steps, an early stop or a SIGTERM (each of the last two saves and ends the loop)."""
@@ -252,7 +263,7 @@ def _steps_until_done(run: _Run, batches: Iterator, step_fn: StepFn, eval_fn: Ca
         while run.step < run.steps:
             metrics = _run_step(run, batches, step_fn, base_rng)
             _stop_if_diverged(run, metrics)
-            run.health.observe(run.step, metrics)
+            _say(run, run.health.observe(run.step, metrics))
             evaluated = eval_every > 0 and run.step % eval_every == 0 and eval_fn is not None and run.step < run.steps
             if evaluated:
                 _evaluate(run, eval_fn, metrics)

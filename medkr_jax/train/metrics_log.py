@@ -29,6 +29,12 @@ UPDATE_RATIO_LIMIT = 10.0
 # "the loss did not move": first and last loss within this fraction of each other (healthy runs that are
 # long enough to matter move their loss by far more than 1%).
 FLAT_LOSS_RTOL = 0.01
+# A format collapse (RL runs that log format_rate): the share of completions in the rewarded answer format, having
+# reached FORMAT_COLLAPSE_FROM, falls below FORMAT_COLLAPSE_FACTOR of its best so far in one step or more. Measured
+# on the GRPO tests' toy policy at a learning rate at the edge of stability: 0.94 -> 0.06 in one step (it stopped
+# closing its answers and ran to max_new_tokens), where healthy runs of the same tests stay at or above 0.80.
+FORMAT_COLLAPSE_FROM = 0.5
+FORMAT_COLLAPSE_FACTOR = 0.5
 
 
 class MetricsLogger:
@@ -86,31 +92,69 @@ def read_metrics(output_dir: str) -> list[dict]:
 
 
 class RunHealth:
-    """Watches the per-step loss and update_ratio; says what is wrong with a run that finished but did not
-    train (update norm exploded, loss flat), so it does not end with exit code 0 and no word."""
+    """Watches the per-step loss, update_ratio and (RL runs) format_rate; says what is wrong with a run that
+    finished but did not train (update norm exploded, loss flat) or whose policy lost the answer format on the way
+    (a format collapse), so it does not end with exit code 0 and no word."""
 
     def __init__(self):
         self.first_loss = self.last_loss = None
         self.max_ratio, self.max_ratio_step = 0.0, None
+        self.best_format = self.best_format_step = self.last_format = None
+        self.collapse: dict[str, Any] | None = None  # the first format collapse
+        self.collapsed_steps = 0
 
-    def observe(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def observe(self, step: int, metrics: Mapping[str, Any]) -> str | None:
+        """Take one step's metrics; returns a one-line message when this step collapses the format (see
+        FORMAT_COLLAPSE_FROM), for the loop to print at once, else None."""
         loss, ratio = metrics.get("loss"), metrics.get("update_ratio")
         if isinstance(loss, float):
             self.first_loss = loss if self.first_loss is None else self.first_loss
             self.last_loss = loss
         if isinstance(ratio, float) and math.isfinite(ratio) and ratio > self.max_ratio:
             self.max_ratio, self.max_ratio_step = ratio, step
+        return self._observe_format(step, metrics)
+
+    def _observe_format(self, step: int, metrics: Mapping[str, Any]) -> str | None:
+        fmt = metrics.get("format_rate")
+        if not isinstance(fmt, (int, float)) or not math.isfinite(fmt):
+            return None
+        best, message = self.best_format, None
+        self.last_format = float(fmt)
+        if best is not None and best >= FORMAT_COLLAPSE_FROM and fmt < FORMAT_COLLAPSE_FACTOR * best:
+            self.collapsed_steps += 1
+            length = metrics.get("response_length")
+            event = {"step": step, "from": best, "from_step": self.best_format_step, "to": float(fmt),
+                     "response_length": float(length) if isinstance(length, (int, float)) else None}
+            self.collapse = self.collapse or event
+            message = (f"step {step}: format_rate fell to {fmt:.2f} from {best:.2f} (step {self.best_format_step})"
+                       + (f"; completions {length:.1f} tokens long on average" if event["response_length"] is not None
+                          else ""))
+        if best is None or fmt > best:
+            self.best_format, self.best_format_step = float(fmt), step
+        return message
 
     def warnings(self, *, lr: Any = None) -> list[str]:
-        if self.max_ratio <= UPDATE_RATIO_LIMIT:
-            return []
-        first, last = self.first_loss, self.last_loss
-        flat = first is not None and abs(last - first) <= FLAT_LOSS_RTOL * max(abs(first), 1e-12)
-        loss = (f"the loss did not move ({first:.6g} -> {last:.6g})" if flat else
-                f"the loss went {first:.6g} -> {last:.6g}" if first is not None else "no loss was logged")
-        return [f"the run did not train: update_ratio (||delta theta|| / ||theta||) reached {self.max_ratio:.3g} at "
-                f"step {self.max_ratio_step} (healthy runs stay far below {UPDATE_RATIO_LIMIT:g}) and {loss}; "
-                f"config.optimizer.learning_rate={lr} is far too high"]
+        out = []
+        if self.max_ratio > UPDATE_RATIO_LIMIT:
+            first, last = self.first_loss, self.last_loss
+            flat = first is not None and abs(last - first) <= FLAT_LOSS_RTOL * max(abs(first), 1e-12)
+            loss = (f"the loss did not move ({first:.6g} -> {last:.6g})" if flat else
+                    f"the loss went {first:.6g} -> {last:.6g}" if first is not None else "no loss was logged")
+            out.append(f"the run did not train: update_ratio (||delta theta|| / ||theta||) reached "
+                       f"{self.max_ratio:.3g} at step {self.max_ratio_step} (healthy runs stay far below "
+                       f"{UPDATE_RATIO_LIMIT:g}) and {loss}; config.optimizer.learning_rate={lr} is far too high")
+        if self.collapse is not None:
+            c = self.collapse
+            length = (f" (completions {c['response_length']:.1f} tokens long on average)"
+                      if c["response_length"] is not None else "")
+            out.append(f"the policy lost the answer format: format_rate reached {c['from']:.2f} at step "
+                       f"{c['from_step']} and fell to {c['to']:.2f} at step {c['step']}{length}; "
+                       f"{self.collapsed_steps} step(s) below {FORMAT_COLLAPSE_FACTOR:g} x its best, "
+                       f"{self.last_format:.2f} at the last step. "
+                       f"Collapses like this follow a learning rate at the edge of stability "
+                       f"(config.optimizer.learning_rate={lr}): a lower one, or a KL penalty (config.grpo.beta), "
+                       f"keeps the format; metrics.jsonl has format_rate and response_length per step")
+        return out
 
 
 def _fmt_value(v: Any) -> str:
