@@ -1,6 +1,7 @@
 """Heavy-tailed generation on an accelerator: the engine vs the static-batch path vs HF generate, on the same GPU.
 
     python bench/accelerator_generate.py [--dtype bfloat16|float32] [--prompts 256] [--batch 128] [--repeats 2]
+    python bench/accelerator_generate.py --model /path/to/hf_folder      # a real checkpoint (folder or preset name)
     python bench/accelerator_generate.py --dims tiny --prompts 12 --max-new 24 --batch 4 --repeats 2  # smoke (CPU too)
 
 bench/engine.py measures the CPU; this script runs its workload where both frameworks use an accelerator: jax on
@@ -8,8 +9,8 @@ its default backend, PyTorch on "cuda" (the CPU when torch sees no GPU). The wor
 heavy_tailed_workload): ``--prompts`` prompts of random tokens, 16..256 long, each with its own max_new_tokens from
 a log-normal (median 48, clipped to 512), no stop token any model emits, so every side does the same useful work,
 the sum of the per-row counts. The model has SmolLM2-135M's shapes (bench/accelerator_step.py's DIMS; Llama, 30
-layers x 576, vocab 49,152, tied) with random weights, weights and compute in ``--dtype`` on both sides (bfloat16:
-how a model is served on a GPU). Three sides, as in bench/engine.py:
+layers x 576, vocab 49,152, tied) with random weights, or the ``--model`` checkpoint; weights and compute in
+``--dtype`` on both sides (bfloat16: how a model is served on a GPU). Three sides, as in bench/engine.py:
 
 * engine: ``Sampler.generate`` with the per-row limits and ``--batch`` slots (a finished row's slot is refilled);
 * static: ``StaticSampler`` on the prompts sorted by length in batches of ``--batch``, each batch decoding until its
@@ -44,7 +45,9 @@ from harness import (Timer, add_workload_args, greedy_match, heavy_tailed_worklo
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dims", choices=sorted(DIMS), default="smollm2-135m")
+    p.add_argument("--dims", choices=sorted(DIMS), default="smollm2-135m",
+                   help="shapes of the random-weight model (without --model)")
+    p.add_argument("--model", default=None, help="HF checkpoint folder or preset name instead of random weights")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     add_workload_args(p, batch=128)
     p.add_argument("--repeats", type=int, default=2, help="timed rounds")
@@ -52,22 +55,29 @@ def parse_args():
     return p.parse_args()
 
 
-def models(d: dict, dtype: str, device, max_positions: int):
-    """(our Decoder, its config, the PyTorch model on `device`): one random-weight checkpoint of `d`'s shapes,
-    written by transformers and loaded by both, weights in `dtype`."""
+def models(args, device, max_positions: int):
+    """(our Decoder, its config, the PyTorch model on `device`, a display name), weights in ``args.dtype``: the
+    ``args.model`` checkpoint, or one random-weight checkpoint of ``args.dims``'s shapes written by transformers."""
     import jax.numpy as jnp
     import torch
     import transformers
 
     from medkr_jax.models.hf import load_decoder
+    from medkr_jax.models.presets import resolve_path
 
-    torch.manual_seed(0)
-    folder = tempfile.mkdtemp(prefix="bench_accel_gen_")
-    ref = transformers.AutoModelForCausalLM.from_config(llama_config(d, max_positions=max_positions),
-                                                        dtype=torch.float32)
-    ref.save_pretrained(folder)
-    ours, cfg = load_decoder(folder, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
-    return ours, cfg, ref.to(device=device, dtype=getattr(torch, dtype)).eval()
+    if args.model is not None:
+        folder = args.model if os.path.isdir(args.model) else str(resolve_path(args.model))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        name = os.path.basename(os.path.normpath(folder))
+    else:
+        torch.manual_seed(0)
+        folder = tempfile.mkdtemp(prefix="bench_accel_gen_")
+        ref = transformers.AutoModelForCausalLM.from_config(llama_config(DIMS[args.dims], max_positions=max_positions),
+                                                            dtype=torch.float32)
+        ref.save_pretrained(folder)
+        name = f"{args.dims} shapes (random weights)"
+    ours, cfg = load_decoder(folder, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.dtype))
+    return ours, cfg, ref.to(device=device, dtype=getattr(torch, args.dtype)).eval(), name
 
 
 def main() -> None:
@@ -82,8 +92,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = DIMS[args.dims]
-    model, cfg, ref = models(d, args.dtype, device, max_positions=2 * (args.max_prompt + args.max_new))
+    model, cfg, ref, name = models(args, device, max_positions=2 * (args.max_prompt + args.max_new))
     prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
     useful = int(limits.sum())
     never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
@@ -112,10 +121,10 @@ def main() -> None:
     run_rounds(timers, args.repeats, peak=peak, peak_calls=PEAK_CALLS)
     counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole run's programs
     counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-    report(args, cfg, device, useful, timers, peak, match, counter, engine.last_stats)
+    report(args, name, cfg, device, useful, timers, peak, match, counter, engine.last_stats)
 
 
-def report(args, cfg, device, useful, timers, peak_t, match, counter, stats) -> None:
+def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stats) -> None:
     import jax
     import torch
 
@@ -127,7 +136,7 @@ def report(args, cfg, device, useful, timers, peak_t, match, counter, stats) -> 
     print(f"device: jax {jax.devices()[0].device_kind} ({jax.default_backend()}), torch {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); {args.dtype}; jax "
           f"{jax.__version__}, torch {torch.__version__}")
-    print(f"model: {args.dims} shapes (random weights), {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts "
+    print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts "
           f"of {args.min_prompt}..{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, "
           f"sigma {args.sigma:g}, max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; "
           f"{args.repeats} rounds")
@@ -152,12 +161,12 @@ def report(args, cfg, device, useful, timers, peak_t, match, counter, stats) -> 
                       **cmp, **cmp_static, "cpu_time_ratio": round(cpu["hf"] / cpu["engine"], 3),
                       "compiles": counter.num_compiles, "layout_compiles": counter.num_layout_compiles,
                       "useful_tokens": useful, "prompts": args.prompts, "batch": args.batch, "dtype": args.dtype,
-                      "dims": args.dims, "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 6),
+                      "model": name, "peak_flops": round(peak), "peak_fraction": round(peak_fraction, 6),
                       "greedy_match_static": round(match["static"], 4), "greedy_match_hf": round(match["hf"], 4),
                       "decode_steps": stats.steps, "occupancy": round(stats.occupancy, 4),
                       "prefill_padding": round(stats.prefill_padding, 4),
-                      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "torch_device": str(device),
-                      "jax": jax.__version__, "torch": torch.__version__, **load}))
+                      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                      "torch_device": str(device), "jax": jax.__version__, "torch": torch.__version__, **load}))
 
 
 if __name__ == "__main__":
