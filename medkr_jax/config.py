@@ -289,11 +289,11 @@ def _dry_run_section() -> ml_collections.ConfigDict:
         "train": True,            # False: plan inference (parameters + the sampler's KV cache of batch x seq_len)
         # The sampler's KV cache of a GRPO rollout, planned beside the training step (they alternate):
         # kv_rows sequences (0 = no KV cache in the plan; -1 = grpo.prompts_per_step * grpo.num_generations) of
-        # kv_len tokens (0 = config.train.seq_len: prompt bucket + generation bucket) in kv_dtype (the grpo job's
-        # sampler keeps its cache in float32)
+        # kv_len tokens (0 = config.train.seq_len: prompt bucket + generation bucket) in kv_dtype (empty =
+        # config.model.dtype, the compute dtype the sampler keeps its cache in)
         "kv_rows": 0,
         "kv_len": 0,
-        "kv_dtype": "float32",
+        "kv_dtype": "",
     })
 
 

@@ -164,13 +164,17 @@ def test_lora_plan_by_hand_adapters_frozen_base_and_kv_cache():
     assert full["grads"] == cfg.num_params * 2 and full["master"] == cfg.num_params * 4
     # the adapters' rank-16 products of the one recomputed layer (remat), per token: 7 modules x 16, bfloat16
     assert one["activations"] - full["activations"] == pytest.approx(4 * 2048 * 7 * 16 * 2, abs=2)
-    # 64 rows x 2048 tokens x 32 layers x (keys + values) x 8 KV heads x 128 x float32
-    assert one["kv_cache"] == 64 * 2048 * 32 * 2 * 8 * 128 * 4 == 32 * GiB
+    # 64 rows x 2048 tokens x 32 layers x (keys + values) x 8 KV heads x 128 in the compute dtype (bfloat16), as
+    # the sampler keeps it; a float32 cache when asked for
+    assert one["kv_cache"] == 64 * 2048 * 32 * 2 * 8 * 128 * 2 == 16 * GiB and one["kv_dtype"] == "bfloat16"
+    wide = memory_plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, lora=lora, kv_rows=64, kv_len=2048,
+                       kv_dtype="float32", **kw)
+    assert wide["kv_cache"] == 32 * GiB and wide["kv_dtype"] == "float32"
     assert one["total"] == (one["params"] + one["optimizer"]
                             + max(one["grads"] + one["activations"], one["kv_cache"]))
     # 48 rows pad to 64 (the sampler's power of two), split over fsdp=4; 8 KV heads over tensor=2
     four = memory_plan(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=lora, kv_rows=48, kv_len=1024, **kw)
-    assert four["kv_cache"] == 64 // 4 * 1024 * 32 * 2 * (8 // 2) * 128 * 4
+    assert four["kv_cache"] == 64 // 4 * 1024 * 32 * 2 * (8 // 2) * 128 * 2
     assert four["adapters"] < one["adapters"] / 2  # the adapters split like the base kernels
     text = memory.format_plan(one)
     assert "LoRA r=16" in text and "41.9M trained params" in text and "kv_cache" in text

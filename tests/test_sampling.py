@@ -2,6 +2,7 @@
 and with each other, log-probs vs a teacher-forced forward pass, sampling distribution (chi-square), top-p
 nucleus, per-row stops and limits, outputs independent of slot and order, n samples, compile counts, sharding."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -207,6 +208,33 @@ def test_n_samples_layout_and_determinism(tiny_qwen3):
     np.testing.assert_array_equal(c.tokens, a.tokens[4:8])
     d = sampler.generate(model, prompts, max_new_tokens=6, temperature=1.0, n=4, seed=8)
     assert not np.array_equal(a.tokens, d.tokens)
+
+
+def test_cache_in_the_compute_dtype_changes_no_token_or_logprob(tmp_path):
+    """A bfloat16 model's KV cache defaults to bfloat16 (engine and static path): the same greedy and sampled
+    tokens and log-probs, bit for bit, as a float32 cache, since keys and values are computed in bfloat16 and cast
+    to it again before attention; the cache takes half the memory. A float32 model keeps a float32 cache."""
+    make_tiny_hf_model("gemma3", tmp_path, seed=3)  # qk-norm, sliding layers, scaled embeddings
+    model, cfg = load_decoder(tmp_path, dtype=jnp.bfloat16)
+    prompts = ragged_prompts(lengths=(13, 5, 20), seed=41)
+    for cls in (Sampler, StaticSampler):
+        narrow = cls(cfg, pad_id=PAD, stop_ids=(EOS,), **BUCKETS)
+        wide = cls(cfg, pad_id=PAD, stop_ids=(EOS,), cache_dtype=jnp.float32, **BUCKETS)
+        assert narrow.cache_dtype_for(model) == jnp.bfloat16 and wide.cache_dtype_for(model) == jnp.float32
+        for kw in (dict(), dict(temperature=1.0, n=2, seed=5)):
+            a = narrow.generate(model, prompts, max_new_tokens=12, **kw)
+            b = wide.generate(model, prompts, max_new_tokens=12, **kw)
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.logprobs, b.logprobs)
+            assert (a.lengths > 1).all()
+        if cls is Sampler:  # the engine's state (cache included) is made in the cache dtype
+            assert {k[1].cache_dtype for k in narrow._programs if k[0] == "init"} == {jnp.dtype(jnp.bfloat16)}
+            assert {k[1].cache_dtype for k in wide._programs if k[0] == "init"} == {jnp.dtype(jnp.float32)}
+        else:  # the static program allocates its cache inside: half the temporary bytes for keys and values
+            temp = [sum(p.memory_analysis().temp_size_in_bytes for p in s._programs.values()) for s in (narrow, wide)]
+            assert temp[0] < temp[1]
+    f32_model, _ = load_decoder(tmp_path)
+    assert Sampler(cfg, pad_id=PAD, stop_ids=(EOS,)).cache_dtype_for(f32_model) == jnp.float32
 
 
 def test_run_stats_count_decode_steps_tokens_and_prefill_padding(tiny_qwen3):

@@ -120,8 +120,7 @@ def load_runtime(model_path: str, settings: ModelSettings, *, tokenizer_path: st
     stop_ids = prompts.stop_token_ids(tokenizer, cfg.eos_token_ids, tuple(settings.stop_strings))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else stop_ids[0])
-    sampler = Sampler(cfg, mesh=settings.mesh, rules=settings.rules, pad_id=pad, stop_ids=stop_ids,
-                      cache_dtype=jnp.dtype(settings.dtype))
+    sampler = Sampler(cfg, mesh=settings.mesh, rules=settings.rules, pad_id=pad, stop_ids=stop_ids)
     return Runtime(model, cfg, tokenizer, sampler, str(model_path), settings)
 
 

@@ -70,7 +70,7 @@ def run(config) -> dict:
                        seq_len=int(dry.seq_len or config.train.seq_len), remat=bool(config.model.remat),
                        chip=dry.chip or None, train=bool(dry.train), lora=lora_settings(config),
                        kv_rows=_kv_rows(config), kv_len=int(dry.kv_len or config.train.seq_len),
-                       kv_dtype=dry.kv_dtype)
+                       kv_dtype=dry.kv_dtype or None)
     plan["model"] = name
     text = format_plan(plan, name)
     print(text)

@@ -156,7 +156,7 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
                 dtype="bfloat16", batch_size: int = 8, seq_len: int = 2048, remat: bool = True,
                 master_weights: bool = True, chip: str | None = None, train: bool = True,
                 lora: lora_lib.LoRASettings | None = None, kv_rows: int = 0, kv_len: int = 0,
-                kv_dtype="float32") -> dict[str, Any]:
+                kv_dtype=None) -> dict[str, Any]:
     """Per-device memory of a training step (or, with train=False, of inference weights only).
 
     Args:
@@ -171,7 +171,8 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
       train: False plans inference: the parameters and the KV cache of ``batch_size`` rows of ``seq_len`` tokens
         (cache in the compute dtype), with what a window-sized ring buffer would take (``kv_cache_ring``).
       lora: LoRA settings; rank > 0 trains adapters on the frozen base (see the module doc).
-      kv_rows, kv_len, kv_dtype: a GRPO rollout's KV cache (``kv_cache_bytes``); 0 rows = none.
+      kv_rows, kv_len, kv_dtype: a GRPO rollout's KV cache (``kv_cache_bytes``); 0 rows = none; kv_dtype None:
+        the compute dtype, as the sampler keeps it.
     """
     if chip is not None and chip not in CHIP_HBM:
         raise MemoryPlanError(f"unknown chip {chip!r}; known: {sorted(CHIP_HBM)}")
@@ -207,6 +208,7 @@ def memory_plan(cfg: DecoderConfig, mesh_sizes: dict[str, int], *, rules=None, p
         plan["activations"] = act["total"]
         plan["activation_detail"] = act
         plan.update(batch_size=batch_size, seq_len=seq_len, remat=bool(remat))
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
         plan["kv_cache"] = kv_cache_bytes(cfg, mesh, rows=kv_rows, length=kv_len, dtype=kv_dtype)
         if plan["kv_cache"]:
             plan.update(kv_rows=kv_rows, kv_len=kv_len, kv_dtype=_dtype(kv_dtype).name)

@@ -213,10 +213,19 @@ class SamplerBase:
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.gen_buckets = tuple(sorted(gen_buckets))
-        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
         self.placement = Placement(cfg, mesh, rules)
         self._programs: dict[Any, Any] = {}
         self._head = DecodeHead(self.placement)
+
+    def cache_dtype_for(self, model: nnx.Module) -> jnp.dtype:
+        """The KV cache's dtype for ``model``: the sampler's ``cache_dtype``, or with None (the default) the
+        model's compute dtype. Keys and values are computed in that dtype and cast to it again before attention,
+        so a wider cache would hold the same values in more bytes (a bfloat16 model's float32 cache: twice the
+        memory and bytes read per decode step, the same tokens and log-probs)."""
+        if self.cache_dtype is not None:
+            return self.cache_dtype
+        return jnp.dtype(getattr(model, "dtype", jnp.float32))
 
     @property
     def num_compiles(self) -> int:

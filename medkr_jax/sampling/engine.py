@@ -94,12 +94,13 @@ class Sampler(SamplerBase):
     slots: rows decoding at once (default: ``batch_size`` of the call, else the rows rounded up to a power of
     two); chunk_steps: decode steps per compiled chunk; prefill_tokens: prompt tokens per prefill call (a bucket
     of L tokens prefills max(1, prefill_tokens // L) prompts at once); min_refill: free slots a chunk waits for
-    before handing back to refill them (default slots // 8).
+    before handing back to refill them (default slots // 8); cache_dtype: the KV cache's dtype (default: the
+    model's compute dtype, ``SamplerBase.cache_dtype_for``).
     """
 
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32,
+                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = None,
                  chunk_steps: int = 32, prefill_tokens: int = 128, min_refill: int | None = None):
         super().__init__(cfg, mesh=mesh, rules=rules, pad_id=pad_id, stop_ids=stop_ids,
                          prompt_buckets=prompt_buckets, gen_buckets=gen_buckets, cache_dtype=cache_dtype)
@@ -156,7 +157,7 @@ class Sampler(SamplerBase):
         need = (max(self.prompt_bucket(len(p)) for p in prompts)
                 + bucket_length(int(limits.max()), self.gen_buckets, past_top="grow"))
         shape = self._shape(programs.Shape(slots, need, bool(getattr(model, "scan_layers", False)),
-                                           self.cache_dtype, thinking))
+                                           self.cache_dtype_for(model), thinking))
         greedy = temperature == 0.0
         mode = (greedy, (not greedy) and (top_k > 0 or top_p < 1.0))
         scalars = tuple(jnp.asarray(x) for x in (np.float32(1.0 if greedy else temperature), np.int32(top_k),

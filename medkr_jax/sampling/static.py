@@ -64,7 +64,7 @@ class StaticSampler(SamplerBase):
 
     def __init__(self, cfg: Any, *, mesh: Mesh | None = None, rules: Any = None, pad_id: int,
                  stop_ids: Sequence[int], prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = jnp.float32):
+                 gen_buckets: Sequence[int] = DEFAULT_GEN_BUCKETS, cache_dtype: Any = None):
         super().__init__(cfg, mesh=mesh, rules=rules, pad_id=pad_id, stop_ids=stop_ids,
                          prompt_buckets=prompt_buckets, gen_buckets=gen_buckets, cache_dtype=cache_dtype)
 
@@ -78,7 +78,7 @@ class StaticSampler(SamplerBase):
             model = nnx.merge(graphdef, state)
             # The model's own layout (one array per layer, or stacked for scanned layers): every layer
             # then updates its cache in place inside the decode loop.
-            cache = model.init_cache(batch, max_len, self.cache_dtype)
+            cache = model.init_cache(batch, max_len, self.cache_dtype_for(model))
             cache = dataclasses.replace(cache, k=jax.tree.map(self.placement.constrain_cache, cache.k),
                                         v=jax.tree.map(self.placement.constrain_cache, cache.v))
             if prompt_len > 1:
