@@ -34,13 +34,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerator_step import DIMS, PEAK_CALLS, PEAK_N  # noqa: E402
-from harness import (Timer, add_workload_args, greedy_match, heavy_tailed_workload,  # noqa: E402
-                     hf_generate_batches, length_sorted_batches, llama_config, load_report, peak_flops, peak_line,
-                     peak_timers, ratio_line, ratios, run_rounds)
+from harness import (Timer, accelerator_torch_device, add_workload_args, count_engine_programs,  # noqa: E402
+                     generation_sides, heavy_tailed_workload, llama_config, load_report, peak_flops, peak_line,
+                     peak_timers, print_generation_table, run_rounds, warm_up_generation)
 
 
 def parse_args():
@@ -82,74 +81,28 @@ def models(args, device, max_positions: int):
 
 def main() -> None:
     args = parse_args()
-    import jax
-    import torch
-
-    from medkr_jax.sampling import Sampler, StaticSampler
-
-    if args.dtype == "float32":  # TF32 matmuls on both sides (where the hardware has them)
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator_torch_device(args.dtype)
     model, cfg, ref, name = models(args, device, max_positions=2 * (args.max_prompt + args.max_new))
     prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
-    useful = int(limits.sum())
-    never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
-    batches = length_sorted_batches(prompts, args.batch)
-    engine = Sampler(cfg, pad_id=0, stop_ids=never)
-    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
-
-    def run_engine():
-        return engine.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-
-    def run_static():
-        return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
-                                batch_size=args.batch) for b in batches]
-
-    sides = {"engine": run_engine, "static": run_static,
-             "hf": hf_generate_batches(ref, prompts, limits, batches, device)}
-    first = {}
-    for k, fn in sides.items():  # warm-up (compiles), kept for the token comparison
-        t0 = time.perf_counter()
-        first[k] = fn()
-        print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
-    match = greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
-                         batches, limits)
+    sides, engine, batches = generation_sides(model, cfg, ref, prompts, limits, args.batch, device)
+    match = warm_up_generation(sides, batches, limits)
     timers = {k: Timer(fn) for k, fn in sides.items()}
     peak = peak_timers(args.peak_n, args.dtype, device)
     run_rounds(timers, args.repeats, peak=peak, peak_calls=PEAK_CALLS)
-    counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole run's programs
-    counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-    report(args, name, cfg, device, useful, timers, peak, match, counter, engine.last_stats)
+    counter = count_engine_programs(model, cfg, prompts, limits, args.batch)
+    report(args, name, cfg, device, int(limits.sum()), timers, peak, match, counter, engine.last_stats)
 
 
 def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stats) -> None:
     import jax
     import torch
 
-    tps = {k: useful / t.wall for k, t in timers.items()}
-    cmp = ratios(timers["engine"], timers["hf"])
-    cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
-    peak, _ = peak_flops(peak_t)
-    peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
     print(f"device: jax {jax.devices()[0].device_kind} ({jax.default_backend()}), torch {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}); {args.dtype}; jax "
           f"{jax.__version__}, torch {torch.__version__}")
-    print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts "
-          f"of {args.min_prompt}..{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, "
-          f"sigma {args.sigma:g}, max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; "
-          f"{args.repeats} rounds")
-    print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
-    for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
-                     ("hf", "HF generate, sorted batches")):
-        print(f"{label:28s}{timers[k].wall:14.2f}{timers[k].cpu:10.2f}{tps[k]:12.1f}")
-    print(ratio_line("engine / HF", cmp))
-    print(ratio_line("engine / static", cmp_static, key="ratio_static"))
-    print(f"greedy tokens equal to the engine's ({args.dtype}): static {100 * match['static']:.1f}%, "
-          f"HF {100 * match['hf']:.1f}%")
-    print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
-          f"the LM head)")
+    tps, cmp, cmp_static = print_generation_table(args, name, cfg, useful, timers, match, counter, args.dtype)
+    peak, _ = peak_flops(peak_t)
+    peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
     print(peak_line(peak_t, args.dtype) + f"; engine at {100 * peak_fraction:.3f}% of it")
     print(f"engine: {stats.steps} decode steps of {stats.slots} slots, occupancy {100 * stats.occupancy:.1f}%, "
           f"{1e3 * timers['engine'].wall / stats.steps:.2f} ms a step (prefills included); {stats.prefill_calls} "

@@ -31,8 +31,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, decoder_config, llama_config, load_report, peak_flops, peak_timers,  # noqa: E402
-                     ratio_line, ratios, run_rounds, sft_batch, sft_step_flops, sft_trainer, torch_sft_step)
+from harness import (Timer, accelerator_torch_device, decoder_config, llama_config, load_report,  # noqa: E402
+                     peak_flops, peak_timers, ratio_line, ratios, run_rounds, sft_batch, sft_step_flops, sft_trainer,
+                     torch_sft_step)
 
 DIMS = {
     "smollm2-135m": dict(vocab=49152, hidden=576, mlp=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
@@ -101,11 +102,7 @@ def main() -> None:
     import jax
     import torch
 
-    if args.dtype == "float32":  # TF32 matmuls on both sides (where the hardware has them)
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator_torch_device(args.dtype)
     d = DIMS[args.dims]
     batch = sft_batch(args.batch, args.seq, d["vocab"])
     ours, n_params, cfg = our_step(d, args.dtype, batch)

@@ -33,13 +33,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, add_workload_args, device_line, greedy_match, heavy_tailed_workload,  # noqa: E402
-                     hf_generate_batches, length_sorted_batches, load_report, peak_flops, peak_line, peak_timers,
-                     pin, ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
-                     threads_from_argv)
+from harness import (Timer, add_workload_args, count_engine_programs, device_line, generation_sides,  # noqa: E402
+                     heavy_tailed_workload, load_report, peak_flops, peak_line, peak_timers, pin,
+                     print_generation_table, run_rounds, stream_bandwidth, stream_line, stream_timers,
+                     threads_from_argv, warm_up_generation)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,43 +56,18 @@ def main() -> None:
     args = ap.parse_args()
 
     from medkr_jax.models.hf import load_decoder
-    from medkr_jax.sampling import Sampler, StaticSampler
     from sampler import bench_model, decode_step_bytes
 
     folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_engine_")
     model, cfg = load_decoder(folder)
     prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
     useful = int(limits.sum())
-    never = (cfg.vocab_size,)  # a stop id no model emits: every row generates exactly its own count
-    batches = length_sorted_batches(prompts, args.batch)
-
-    engine = Sampler(cfg, pad_id=0, stop_ids=never)
-    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
-
-    def run_engine():
-        return engine.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
-
-    def run_static():
-        return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
-                                batch_size=args.batch) for b in batches]
-
-    run_hf = hf_generate_batches(torch_model, prompts, limits, batches)
-
-    sides = {"engine": run_engine, "static": run_static, "hf": run_hf}
-    first = {}
-    for k, fn in sides.items():  # warm-up (compiles), kept for the token comparison
-        t0 = time.perf_counter()
-        first[k] = fn()
-        print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
-    match = greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
-                         batches, limits)
-
+    sides, engine, batches = generation_sides(model, cfg, torch_model, prompts, limits, args.batch)
+    match = warm_up_generation(sides, batches, limits)
     timers = {k: Timer(fn) for k, fn in sides.items()}
     peak_t, stream_t = peak_timers(args.peak_n), stream_timers(args.stream_mb)
     run_rounds(timers, args.repeats, {**peak_t, **stream_t})
-
-    counter = Sampler(cfg, pad_id=0, stop_ids=never)  # a fresh engine: one whole evaluation's programs
-    counter.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+    counter = count_engine_programs(model, cfg, prompts, limits, args.batch)
     stats = engine.last_stats
     step_bytes = decode_step_bytes(cfg, stats.slots, stats.cache_length)
     report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, stream_bandwidth(stream_t),
@@ -102,24 +76,10 @@ def main() -> None:
 
 def report(args, name, cfg, useful, timers, peak_t, match, counter, stats, step_bytes, bandwidth,
            bandwidth_text) -> None:
-    tps = {k: useful / t.wall for k, t in timers.items()}
-    cmp = ratios(timers["engine"], timers["hf"])
-    cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
+    print(device_line(args.threads))
+    tps, cmp, cmp_static = print_generation_table(args, name, cfg, useful, timers, match, counter)
     peak, _ = peak_flops(peak_t)
     peak_fraction = tps["engine"] * 2 * cfg.num_params / peak
-    print(device_line(args.threads))
-    print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts of {args.min_prompt}.."
-          f"{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, sigma {args.sigma:g}, "
-          f"max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; {args.repeats} rounds")
-    print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
-    for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
-                     ("hf", "HF generate, sorted batches")):
-        print(f"{label:28s}{timers[k].wall:14.2f}{timers[k].cpu:10.2f}{tps[k]:12.1f}")
-    print(ratio_line("engine / HF", cmp))
-    print(ratio_line("engine / static", cmp_static, key="ratio_static"))
-    print(f"greedy tokens equal to the engine's: static {100 * match['static']:.1f}%, HF {100 * match['hf']:.1f}%")
-    print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
-          f"the LM head)")
     print(peak_line(peak_t) + f"; engine at {100 * peak_fraction:.2f}% of it")
     read_rate = stats.steps * step_bytes["total"] / timers["engine"].wall
     print(f"engine: {stats.steps} decode steps of {stats.slots} slots, occupancy {100 * stats.occupancy:.1f}%; "

@@ -260,6 +260,88 @@ def hf_generate_batches(torch_model, prompts, limits, batches, device=None) -> C
     return run
 
 
+def generation_sides(model, cfg, torch_model, prompts, limits, batch: int, device=None):
+    """The three sides of the heavy-tailed generation benchmarks on `prompts` with per-row `limits` (no row stops
+    early: the stop id is one no model emits): ({"engine", "static", "hf"} -> fn(), the engine, the sorted batches).
+    engine: our ``Sampler`` with `batch` slots; static: ``StaticSampler`` on the length-sorted batches, each to its
+    longest row's limit; hf: ``hf_generate_batches`` on the same batches, on `device`."""
+    from medkr_jax.sampling import Sampler, StaticSampler
+
+    never = (cfg.vocab_size,)
+    batches = length_sorted_batches(prompts, batch)
+    engine = Sampler(cfg, pad_id=0, stop_ids=never)
+    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
+
+    def run_engine():
+        return engine.generate(model, prompts, max_new_tokens=limits, batch_size=batch)
+
+    def run_static():
+        return [static.generate(model, [prompts[i] for i in b], max_new_tokens=int(limits[b].max()),
+                                batch_size=batch) for b in batches]
+
+    hf = hf_generate_batches(torch_model, prompts, limits, batches, device)
+    return {"engine": run_engine, "static": run_static, "hf": hf}, engine, batches
+
+
+def warm_up_generation(sides: Mapping[str, Callable[[], object]], batches, limits) -> dict[str, float]:
+    """One call of each of `generation_sides` (compiles; its time printed), then the share of the useful tokens on
+    which the static path and HF agree with the engine (``greedy_match``)."""
+    first = {}
+    for k, fn in sides.items():
+        t0 = time.perf_counter()
+        first[k] = fn()
+        print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
+    return greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
+                        batches, limits)
+
+
+def count_engine_programs(model, cfg, prompts, limits, batch: int):
+    """A fresh engine run once over the whole workload: its ``num_compiles`` / ``num_layout_compiles`` are the
+    programs one whole evaluation over these mixed lengths compiles."""
+    from medkr_jax.sampling import Sampler
+
+    counter = Sampler(cfg, pad_id=0, stop_ids=(cfg.vocab_size,))
+    counter.generate(model, prompts, max_new_tokens=limits, batch_size=batch)
+    return counter
+
+
+def print_generation_table(args, name: str, cfg, useful: int, timers: Mapping[str, Timer], match, counter,
+                           precision: str = "") -> tuple[dict, dict, dict]:
+    """The generation benchmarks' table: the model and workload, each side's best wall / CPU seconds and tokens/s,
+    the engine's ratios to HF and to the static path, the greedy agreement (`precision` names its dtype) and the
+    programs compiled. Returns (tokens/s per side, the ratios to HF, the ratios to static)."""
+    tps = {k: useful / t.wall for k, t in timers.items()}
+    cmp = ratios(timers["engine"], timers["hf"])
+    cmp_static = ratios(timers["engine"], timers["static"], key="ratio_static")
+    print(f"model: {name}, {cfg.num_params / 1e6:.1f}M params; {args.prompts} prompts of {args.min_prompt}.."
+          f"{args.max_prompt} tokens, max_new_tokens log-normal (median {args.median_new:g}, sigma {args.sigma:g}, "
+          f"max {args.max_new}): {useful} useful tokens; batch / slots {args.batch}, greedy; {args.repeats} rounds")
+    print(f"{'':28s}{'best wall (s)':>14s}{'CPU (s)':>10s}{'tokens/s':>12s}")
+    for k, label in (("engine", "engine (continuous batching)"), ("static", "static batches (before)"),
+                     ("hf", "HF generate, sorted batches")):
+        print(f"{label:28s}{timers[k].wall:14.2f}{timers[k].cpu:10.2f}{tps[k]:12.1f}")
+    print(ratio_line("engine / HF", cmp))
+    print(ratio_line("engine / static", cmp_static, key="ratio_static"))
+    print(f"greedy tokens equal to the engine's{f' ({precision})' if precision else ''}: static "
+          f"{100 * match['static']:.1f}%, HF {100 * match['hf']:.1f}%")
+    print(f"compiled programs for the whole run: {counter.num_compiles} (+ {counter.num_layout_compiles} laying out "
+          f"the LM head)")
+    return tps, cmp, cmp_static
+
+
+def accelerator_torch_device(dtype: str):
+    """PyTorch's device for the accelerator benchmarks ("cuda", else the CPU); with float32, TF32 matmuls on both
+    sides where the hardware has them (jax's "tensorfloat32" default precision, torch's allow_tf32)."""
+    import jax
+    import torch
+
+    if dtype == "float32":
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def greedy_match(engine_tokens, others: Mapping[str, list], batches, limits) -> dict[str, float]:
     """Fraction of the useful tokens (each row's first limit) on which each of `others` (per batch, rows in the
     batch's order: a static path's token arrays) agrees with the engine's (rows in prompt order)."""
