@@ -23,8 +23,10 @@ After a warm-up call each, ``--repeats`` interleaved rounds alternate with a mat
 faster), with ``_best`` and ``_cpu`` (host CPU seconds) fields. ``greedy_match_*``: the fraction of useful tokens
 equal to the engine's; two programs in bfloat16 round differently, and a random-weight model's next-token scores
 are close, so a row that differs once goes its own way (token-for-token equality is tested in float32 on the CPU:
-tests/test_sampling.py, bench/engine.py). A fresh engine then counts the programs a whole run compiles. Prints a
-table and the host's load average, then one JSON line.
+tests/test_sampling.py, bench/engine.py). A fresh engine then counts the programs a whole run compiles.
+``--compare-cache`` also times, in the same rounds, the engine with a float32 KV cache (the sampler's default before it
+kept the cache in the model's dtype): ``ratio_cache`` (> 1: the model-dtype cache is faster) and ``cache_identical``
+(tokens and log-probs bit for bit). Prints a table and the host's load average, then one JSON line.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerator_step import DIMS, PEAK_CALLS, PEAK_N  # noqa: E402
 from harness import (Timer, accelerator_torch_device, add_workload_args, count_engine_programs,  # noqa: E402
                      generation_sides, heavy_tailed_workload, llama_config, load_report, peak_flops, peak_line,
-                     peak_timers, print_generation_table, run_rounds, warm_up_generation)
+                     peak_timers, print_generation_table, ratio_line, ratios, run_rounds, warm_up_generation)
 
 
 def parse_args():
@@ -51,6 +53,9 @@ def parse_args():
     add_workload_args(p, batch=128)
     p.add_argument("--repeats", type=int, default=2, help="timed rounds")
     p.add_argument("--peak-n", type=int, default=PEAK_N, help="side of the square matmul timed as the peak")
+    p.add_argument("--compare-cache", action="store_true",
+                   help="also time the engine with a float32 KV cache (the sampler's default before it kept the "
+                        "cache in the model's dtype) in the same rounds: ratio_cache, cache_identical")
     return p.parse_args()
 
 
@@ -87,13 +92,32 @@ def main() -> None:
     sides, engine, batches = generation_sides(model, cfg, ref, prompts, limits, args.batch, device)
     match = warm_up_generation(sides, batches, limits)
     timers = {k: Timer(fn) for k, fn in sides.items()}
+    cache = wide_cache_side(args, model, cfg, prompts, limits, sides["engine"]) if args.compare_cache else None
+    if cache is not None:
+        timers["engine_f32_cache"] = Timer(cache["fn"])
     peak = peak_timers(args.peak_n, args.dtype, device)
     run_rounds(timers, args.repeats, peak=peak, peak_calls=PEAK_CALLS)
     counter = count_engine_programs(model, cfg, prompts, limits, args.batch)
-    report(args, name, cfg, device, int(limits.sum()), timers, peak, match, counter, engine.last_stats)
+    report(args, name, cfg, device, int(limits.sum()), timers, peak, match, counter, engine.last_stats, cache)
 
 
-def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stats) -> None:
+def wide_cache_side(args, model, cfg, prompts, limits, run_engine) -> dict:
+    """The engine with a float32 KV cache: {"fn": its call (warmed up), "identical": whether its tokens and
+    log-probs equal the default engine's (the cache in the model's dtype) bit for bit}."""
+    import numpy as np
+
+    from medkr_jax.sampling import Sampler
+
+    wide = Sampler(cfg, pad_id=0, stop_ids=(cfg.vocab_size,), cache_dtype="float32")
+
+    def fn():
+        return wide.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
+
+    a, b = run_engine(), fn()
+    return {"fn": fn, "identical": bool(np.array_equal(a.tokens, b.tokens) and np.array_equal(a.logprobs, b.logprobs))}
+
+
+def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stats, cache=None) -> None:
     import jax
     import torch
 
@@ -107,6 +131,12 @@ def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stat
     print(f"engine: {stats.steps} decode steps of {stats.slots} slots, occupancy {100 * stats.occupancy:.1f}%, "
           f"{1e3 * timers['engine'].wall / stats.steps:.2f} ms a step (prefills included); {stats.prefill_calls} "
           f"prefill calls, {100 * stats.prefill_padding:.1f}% of their positions padding")
+    extra = {}
+    if cache is not None:
+        extra = {**ratios(timers["engine"], timers["engine_f32_cache"], key="ratio_cache"),
+                 "cache_identical": cache["identical"]}
+        print(ratio_line(f"engine, KV cache {args.dtype} / float32", extra, key="ratio_cache")
+              + f"; tokens and log-probs identical: {cache['identical']}")
     load = load_report(None)
     cpu = {k: t.cpu for k, t in timers.items()}
     print(json.dumps({"name": "accelerator_generate", "ours": round(tps["engine"], 2),
@@ -119,7 +149,8 @@ def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stat
                       "decode_steps": stats.steps, "occupancy": round(stats.occupancy, 4),
                       "prefill_padding": round(stats.prefill_padding, 4),
                       "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                      "torch_device": str(device), "jax": jax.__version__, "torch": torch.__version__, **load}))
+                      "torch_device": str(device), "jax": jax.__version__, "torch": torch.__version__, **extra,
+                      **load}))
 
 
 if __name__ == "__main__":

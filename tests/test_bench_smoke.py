@@ -67,10 +67,13 @@ def test_engine_benchmark_runs():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_accelerator_generate_benchmark_runs(dtype):
     """bench/accelerator_generate.py at tiny shapes (on the CPU here): the three sides generate every useful token,
-    in float32 the same greedy tokens, and a whole run compiles at most 6 programs."""
+    in float32 the same greedy tokens, a whole run compiles at most 6 programs, and --compare-cache's float32-cache
+    engine matches the default one."""
     args = ["--dims", "tiny", "--prompts", "12", "--max-prompt", "80", "--median-new", "6", "--max-new", "24",
-            "--batch", "4", "--repeats", "2", "--peak-n", "128", "--dtype", dtype]
+            "--batch", "4", "--repeats", "2", "--peak-n", "128", "--dtype", dtype, "--compare-cache"]
     result = run_bench("accelerator_generate.py", args, rounds=2)
+    # the KV cache in the model's dtype (bfloat16 here) gives what a float32 cache gives, bit for bit
+    assert result["cache_identical"] is True and len(result["ratio_cache_rounds"]) == 2 and result["ratio_cache"] > 0
     assert result["dtype"] == dtype and result["batch"] == 4 and result["ratio_static"] > 0
     assert result["compiles"] + result["layout_compiles"] <= 6
     assert result["decode_steps"] * 4 * result["occupancy"] == pytest.approx(result["useful_tokens"], rel=1e-3)
