@@ -40,8 +40,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accelerator_step import DIMS, PEAK_CALLS, PEAK_N  # noqa: E402
 from harness import (Timer, accelerator_torch_device, add_workload_args, count_engine_programs,  # noqa: E402
-                     generation_sides, heavy_tailed_workload, llama_config, load_report, peak_flops, peak_line,
-                     peak_timers, print_generation_table, ratio_line, ratios, run_rounds, warm_up_generation)
+                     generation_sides, heavy_tailed_workload, llama_config, load_report, never_stopping, peak_flops,
+                     peak_line, peak_timers, print_generation_table, ratio_line, ratios, run_rounds, warm_up_generation)
 
 
 def parse_args():
@@ -90,9 +90,9 @@ def main() -> None:
     model, cfg, ref, name = models(args, device, max_positions=2 * (args.max_prompt + args.max_new))
     prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
     sides, engine, batches = generation_sides(model, cfg, ref, prompts, limits, args.batch, device)
-    match = warm_up_generation(sides, batches, limits)
+    first, match = warm_up_generation(sides, batches, limits)
     timers = {k: Timer(fn) for k, fn in sides.items()}
-    cache = wide_cache_side(args, model, cfg, prompts, limits, sides["engine"]) if args.compare_cache else None
+    cache = wide_cache_side(args, model, cfg, prompts, limits, first["engine"]) if args.compare_cache else None
     if cache is not None:
         timers["engine_f32_cache"] = Timer(cache["fn"])
     peak = peak_timers(args.peak_n, args.dtype, device)
@@ -101,20 +101,19 @@ def main() -> None:
     report(args, name, cfg, device, int(limits.sum()), timers, peak, match, counter, engine.last_stats, cache)
 
 
-def wide_cache_side(args, model, cfg, prompts, limits, run_engine) -> dict:
+def wide_cache_side(args, model, cfg, prompts, limits, default) -> dict:
     """The engine with a float32 KV cache: {"fn": its call (warmed up), "identical": whether its tokens and
-    log-probs equal the default engine's (the cache in the model's dtype) bit for bit}."""
+    log-probs equal `default`'s, the default engine's output (the cache in the model's dtype), bit for bit}."""
     import numpy as np
 
-    from medkr_jax.sampling import Sampler
-
-    wide = Sampler(cfg, pad_id=0, stop_ids=(cfg.vocab_size,), cache_dtype="float32")
+    wide = never_stopping(cfg, cache_dtype="float32")
 
     def fn():
         return wide.generate(model, prompts, max_new_tokens=limits, batch_size=args.batch)
 
-    a, b = run_engine(), fn()
-    return {"fn": fn, "identical": bool(np.array_equal(a.tokens, b.tokens) and np.array_equal(a.logprobs, b.logprobs))}
+    out = fn()
+    same = np.array_equal(default.tokens, out.tokens) and np.array_equal(default.logprobs, out.logprobs)
+    return {"fn": fn, "identical": bool(same)}
 
 
 def report(args, name, cfg, device, useful, timers, peak_t, match, counter, stats, cache=None) -> None:

@@ -63,7 +63,7 @@ def main() -> None:
     prompts, limits = heavy_tailed_workload(args, cfg.vocab_size)
     useful = int(limits.sum())
     sides, engine, batches = generation_sides(model, cfg, torch_model, prompts, limits, args.batch)
-    match = warm_up_generation(sides, batches, limits)
+    _, match = warm_up_generation(sides, batches, limits)
     timers = {k: Timer(fn) for k, fn in sides.items()}
     peak_t, stream_t = peak_timers(args.peak_n), stream_timers(args.stream_mb)
     run_rounds(timers, args.repeats, {**peak_t, **stream_t})

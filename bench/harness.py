@@ -260,17 +260,24 @@ def hf_generate_batches(torch_model, prompts, limits, batches, device=None) -> C
     return run
 
 
+def never_stopping(cfg, cls=None, **kw):
+    """A sampler (``cls``, default the engine ``Sampler``) whose stop id is one no model emits, so every row
+    generates exactly its own max_new_tokens; `kw`: further sampler settings (e.g. cache_dtype)."""
+    from medkr_jax.sampling import Sampler
+
+    return (cls or Sampler)(cfg, pad_id=0, stop_ids=(cfg.vocab_size,), **kw)
+
+
 def generation_sides(model, cfg, torch_model, prompts, limits, batch: int, device=None):
     """The three sides of the heavy-tailed generation benchmarks on `prompts` with per-row `limits` (no row stops
     early: the stop id is one no model emits): ({"engine", "static", "hf"} -> fn(), the engine, the sorted batches).
     engine: our ``Sampler`` with `batch` slots; static: ``StaticSampler`` on the length-sorted batches, each to its
     longest row's limit; hf: ``hf_generate_batches`` on the same batches, on `device`."""
-    from medkr_jax.sampling import Sampler, StaticSampler
+    from medkr_jax.sampling import StaticSampler
 
-    never = (cfg.vocab_size,)
     batches = length_sorted_batches(prompts, batch)
-    engine = Sampler(cfg, pad_id=0, stop_ids=never)
-    static = StaticSampler(cfg, pad_id=0, stop_ids=never)
+    engine = never_stopping(cfg)
+    static = never_stopping(cfg, StaticSampler)
 
     def run_engine():
         return engine.generate(model, prompts, max_new_tokens=limits, batch_size=batch)
@@ -283,24 +290,22 @@ def generation_sides(model, cfg, torch_model, prompts, limits, batch: int, devic
     return {"engine": run_engine, "static": run_static, "hf": hf}, engine, batches
 
 
-def warm_up_generation(sides: Mapping[str, Callable[[], object]], batches, limits) -> dict[str, float]:
-    """One call of each of `generation_sides` (compiles; its time printed), then the share of the useful tokens on
-    which the static path and HF agree with the engine (``greedy_match``)."""
+def warm_up_generation(sides: Mapping[str, Callable[[], object]], batches, limits) -> tuple[dict, dict[str, float]]:
+    """One call of each of `generation_sides` (compiles; its time printed): (each side's output, the share of the
+    useful tokens on which the static path and HF agree with the engine, ``greedy_match``)."""
     first = {}
     for k, fn in sides.items():
         t0 = time.perf_counter()
         first[k] = fn()
         print(f"{k} warm-up call: {time.perf_counter() - t0:.1f}s", flush=True)
-    return greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]], "hf": first["hf"]},
-                        batches, limits)
+    return first, greedy_match(first["engine"].tokens, {"static": [o.tokens for o in first["static"]],
+                                                        "hf": first["hf"]}, batches, limits)
 
 
 def count_engine_programs(model, cfg, prompts, limits, batch: int):
     """A fresh engine run once over the whole workload: its ``num_compiles`` / ``num_layout_compiles`` are the
     programs one whole evaluation over these mixed lengths compiles."""
-    from medkr_jax.sampling import Sampler
-
-    counter = Sampler(cfg, pad_id=0, stop_ids=(cfg.vocab_size,))
+    counter = never_stopping(cfg)
     counter.generate(model, prompts, max_new_tokens=limits, batch_size=batch)
     return counter
 
