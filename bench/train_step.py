@@ -2,7 +2,8 @@
 LoRA SFT step vs full fine-tuning of the same model.
 
     python bench/train_step.py [--threads 1] [--steps 12] [--setup-tunix] [--skip-tunix] [--lora-rank 16]
-    python bench/train_step.py --lora-only --steps 1   # the LoRA comparison alone (a smoke run)
+    python bench/train_step.py --only grpo --threads 2   # some of the comparisons (sft, grpo, lora, packing)
+    python bench/train_step.py --lora-only --steps 1   # the LoRA comparison alone (= --only lora; a smoke run)
     python bench/train_step.py --model smollm2-135m --batch 4   # the SFT comparison on real shapes
 
 Every comparison follows bench/harness.py's method: the process is pinned to --threads CPUs for both sides,
@@ -56,9 +57,11 @@ to a row (`--packed-segments`; segment ids, positions restarting): `packed_time_
 Both sides of each comparison run on the CPU with the same number of threads (default 1: on a shared machine
 multi-threaded timings swing by 10x, one thread each gives a stable like-for-like ratio). Ends with the load
 average and one JSON line: the SFT comparison in name/ours/reference/unit/ratio*/peak_*, the GRPO one in the
-grpo_* fields, the LoRA one in the lora_* fields (with --lora-only only those, with name
-"train_step_lora_vs_full" and `ratio` = full time / LoRA time, median of the rounds), then load_avg and load_warning
-(and, with --threads above 1, the thread wake-up round trips: harness.load_report).
+grpo_* fields, the LoRA one in the lora_* fields, the packing one in the packed_* fields, `comparisons` naming those
+that ran (`--only`), then load_avg and load_warning (and, with --threads above 1, the thread wake-up round trips:
+harness.load_report). Without the SFT comparison the line's name and `ratio` are the first that ran of GRPO
+("train_step_grpo_samples_per_s", grpo_ratio), LoRA ("train_step_lora_vs_full", full time / LoRA time) and
+packing ("train_step_packed_vs_unpacked", unpacked time / packed), medians of the rounds.
 """
 
 from __future__ import annotations
@@ -431,7 +434,9 @@ def parse_args():
     ap.add_argument("--setup-tunix", action="store_true", help=f"create {TUNIX_VENV} first")
     ap.add_argument("--skip-tunix", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the LoRA vs full SFT comparison")
-    ap.add_argument("--lora-only", action="store_true", help="run only the LoRA vs full SFT comparison")
+    ap.add_argument("--only", type=comparisons, default=",".join(COMPARISONS), metavar="LIST",
+                    help=f"comma-separated comparisons to run, of {','.join(COMPARISONS)} (default: all)")
+    ap.add_argument("--lora-only", action="store_true", help="the same as --only lora")
     ap.add_argument("--packed-segments", type=int, default=4,
                     help="sequences per row in the packed vs unpacked SFT step comparison")
     ap.add_argument("--prompt-fraction", type=float, default=0.0,
@@ -441,7 +446,23 @@ def parse_args():
                     help="SFT comparison alone on this HF folder or preset (e.g. smollm2-135m, with --batch 4)")
     ap.add_argument("--tunix-worker", metavar="SPEC", help=argparse.SUPPRESS)
     ap.add_argument("--sft-reference-worker", metavar="SPEC", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.lora_only:
+        args.only = {"lora"}
+    return args
+
+
+COMPARISONS = ("sft", "grpo", "lora", "packing")
+
+
+def comparisons(text: str) -> set[str]:
+    """--only's value: a set of COMPARISONS (argparse reports a bad name with the valid ones)."""
+    chosen = {c.strip() for c in text.split(",") if c.strip()}
+    unknown = sorted(chosen - set(COMPARISONS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown comparison(s) {unknown or [text]}; "
+                                         f"choose from {', '.join(COMPARISONS)}")
+    return chosen
 
 
 def sft_comparison(args, vocab: int) -> tuple[dict, str]:
@@ -558,35 +579,45 @@ def main() -> None:
         return
     args.model_folder = None
     batch = sft_batch(args.batch, args.seq, SFT_DIMS["vocab"])
-    lora_res = lora_vs_full(batch, args.lora_rank, args.steps)
-    if args.lora_only:
-        print(device_line(args.threads))
-        _print_lora(lora_res)
-        # ratio, as every benchmark's: reference (full fine-tuning) time over ours (LoRA), median of the rounds
-        speedup = statistics.median(1.0 / r for r in lora_res["lora_time_ratio_rounds"])
-        print(json.dumps({"name": "train_step_lora_vs_full", "ratio": round(speedup, 3), **lora_res,
-                          "threads": args.threads,
-                          "device": jax.devices()[0].platform, **load_report(args.threads)}))
-        return
-    packing = packed_vs_unpacked(batch, args.packed_segments, args.steps)
-    sft, sft_lines = sft_comparison(args, SFT_DIMS["vocab"])
-    with tempfile.TemporaryDirectory() as work:
-        grpo_fields, grpo_line = grpo_comparison(args, work)
+    lora_res = lora_vs_full(batch, args.lora_rank, args.steps) if "lora" in args.only else {}
+    packing = packed_vs_unpacked(batch, args.packed_segments, args.steps) if "packing" in args.only else {}
+    sft, sft_lines = sft_comparison(args, SFT_DIMS["vocab"]) if "sft" in args.only else ({}, None)
+    grpo_fields, grpo_line = {}, None
+    if "grpo" in args.only:
+        with tempfile.TemporaryDirectory() as work:
+            grpo_fields, grpo_line = grpo_comparison(args, work)
 
     print(device_line(args.threads))
-    print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
-    print(sft_lines)
-    print(grpo_line)
-    _print_lora(lora_res)
-    print(f"SFT step with {packing['packed_segments']} packed sequences per row "
-          f"{packing['packed_step_s'] * 1e3:.1f} ms vs one per row {packing['unpacked_step_s'] * 1e3:.1f} ms, "
-          f"the same real tokens (time ratio packed / unpacked {packing['packed_time_ratio']}, median of rounds; "
-          f"{packing['packed_time_ratio_cpu']} CPU time)")
-    load = load_report(args.threads)
-    print(json.dumps({"name": "train_step_sft_tokens_per_s", **sft, **grpo_fields, **lora_res, **packing,
-                      "batch": args.batch, "seq": args.seq, "threads": args.threads,
-                      "device": jax.devices()[0].platform, **load}))
+    if sft_lines or grpo_line:
+        print(f"{'':28s}{'ours':>14s}{'reference':>14s}{'ratio':>8s}")
+    for lines in (sft_lines, grpo_line):
+        if lines:
+            print(lines)
+    if lora_res:
+        _print_lora(lora_res)
+    if packing:
+        print(f"SFT step with {packing['packed_segments']} packed sequences per row "
+              f"{packing['packed_step_s'] * 1e3:.1f} ms vs one per row {packing['unpacked_step_s'] * 1e3:.1f} ms, "
+              f"the same real tokens (time ratio packed / unpacked {packing['packed_time_ratio']}, median of "
+              f"rounds; {packing['packed_time_ratio_cpu']} CPU time)")
+    print(json.dumps({**headline(args.only, grpo_fields, lora_res, packing), **sft, **grpo_fields, **lora_res,
+                      **packing, "comparisons": sorted(args.only), "batch": args.batch, "seq": args.seq,
+                      "threads": args.threads, "device": jax.devices()[0].platform, **load_report(args.threads)}))
 
+
+def headline(only: set[str], grpo: dict, lora_res: dict, packing: dict) -> dict:
+    """The JSON line's name and `ratio` (reference time over ours, > 1: ours faster): the SFT comparison's when it
+    ran (its fields carry them), else the first of GRPO vs tunix, full fine-tuning over LoRA, unpacked over
+    packed rows."""
+    if "sft" in only:
+        return {"name": "train_step_sft_tokens_per_s"}
+    if "grpo" in only:
+        return {"name": "train_step_grpo_samples_per_s", "ratio": grpo["grpo_ratio"]}
+    if "lora" in only:
+        return {"name": "train_step_lora_vs_full",
+                "ratio": round(statistics.median(1.0 / r for r in lora_res["lora_time_ratio_rounds"]), 3)}
+    return {"name": "train_step_packed_vs_unpacked",
+            "ratio": round(statistics.median(1.0 / r for r in packing["packed_time_ratio_rounds"]), 3)}
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ bench/*.py reports (bench/harness.py); the harness's arithmetic against hand com
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,23 @@ def test_train_step_benchmark_runs():
     assert sum(phases.values()) < 2 * 32 / result["grpo_ours_samples_per_s"]  # parts of a step period (32 rows)
     assert len(result["lora_time_ratio_rounds"]) == 2 and result["lora_memory_ratio"] < 1
     assert len(result["packed_time_ratio_rounds"]) == 2 and result["packed_segments"] == 4
+
+
+def test_train_step_benchmark_runs_the_comparisons_asked_for():
+    """--only: the packing comparison alone names itself and its ratio (unpacked over packed time, the median of
+    the rounds); no SFT, GRPO or LoRA fields. An unknown comparison is an argparse error naming the valid ones."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--only", "packing", "--steps", "2",
+                          "--batch", "2", "--seq", "32"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["name"] == "train_step_packed_vs_unpacked" and result["comparisons"] == ["packing"]
+    assert result["ratio"] == pytest.approx(statistics.median(1 / r for r in result["packed_time_ratio_rounds"]),
+                                            abs=1e-3)
+    assert not [k for k in result if k.startswith(("grpo", "lora", "peak"))]
+    bad = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--only", "sft,nope"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "unknown comparison(s) ['nope']; choose from sft, grpo, lora, packing" in bad.stderr
 
 
 def test_train_step_benchmark_on_a_checkpoint_folder(tmp_path):
