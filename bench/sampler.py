@@ -39,8 +39,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (Timer, device_line, load_report, peak_flops, peak_line, peak_timers, pin,  # noqa: E402
-                     ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
+from harness import (Timer, device_line, load_report, never_stopping, peak_flops, peak_line,  # noqa: E402
+                     peak_timers, pin, ratio_line, ratios, run_rounds, stream_bandwidth, stream_line, stream_timers,
                      threads_from_argv)
 
 pin(threads_from_argv())  # before jax is imported: both sides on the same --threads CPUs (bench/harness.py)
@@ -142,16 +142,15 @@ def count_compiles(cfg, model, rng, args) -> tuple[int, int]:
 def main() -> None:
     args = parse_args()
     from medkr_jax.models.hf import load_decoder
-    from medkr_jax.sampling import Sampler
 
     folder, torch_model, name = bench_model(args.model, args.vocab, prefix="bench_sampler_")
     model, cfg = load_decoder(folder)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.batch)]
-    never = cfg.vocab_size  # an id no model can emit: both sides generate exactly new_tokens tokens
 
-    # One generation bucket, so the single-token call runs the same prefill as the full one.
-    sampler = Sampler(cfg, pad_id=0, stop_ids=(never,), gen_buckets=(args.new_tokens,))
+    # Both sides generate exactly new_tokens tokens (HF: no eos; ours: a stop id no model emits). One generation
+    # bucket, so the single-token call runs the same prefill as the full one.
+    sampler = never_stopping(cfg, gen_buckets=(args.new_tokens,))
 
     def ours(new_tokens=args.new_tokens):
         return sampler.generate(model, prompts, max_new_tokens=new_tokens, batch_size=args.batch)
