@@ -136,6 +136,34 @@ def test_update_ratio_is_update_norm_over_param_norm():
     assert float(m["update_ratio"]) == pytest.approx(0.1 * float(m["grad_norm"]) / norm, rel=1e-4)
 
 
+def test_update_step_updates_the_donated_weights_in_place(monkeypatch):
+    """The compiled step copies none of the weights it overwrites (reading their norm for update_ratio, unordered
+    against the in-place update, made XLA copy every parameter at the start of the step: 39 copies in the benchmark's
+    SFT step, 272 in SmolLM2's), and the weights it computes are bit for bit those of the step without the ordering."""
+    import medkr_jax.train.trainer as trainer_module
+
+    mesh = one_device_mesh()
+    batches = Batches(n_batches=2, batch=8).data
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+
+    def run(tr):
+        hlo = tr._update.lower(tr.params, tr.opt_state, tr.rest, tr.frozen, tr.place_batch(batches[0]),
+                               jax.random.key(0)).compile().as_text()
+        for b in batches:
+            m = tr.update(b, jax.random.key(0))
+        return hlo, [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))], float(m["update_ratio"])
+
+    hlo, params, ratio = run(Trainer(make_model(mesh), loss_fn=mse_loss, tx=tx, mesh=mesh))
+    assert "copy(%params" not in hlo
+    monkeypatch.setattr(trainer_module, "_after", lambda params, values: params)
+    hlo_unordered, params_unordered, ratio_unordered = run(Trainer(make_model(mesh), loss_fn=mse_loss, tx=tx,
+                                                                   mesh=mesh))
+    assert "copy(%params" in hlo_unordered  # what the ordering removes, so the check above can fail
+    for a, b in zip(params, params_unordered):
+        np.testing.assert_array_equal(a, b)
+    assert ratio == ratio_unordered
+
+
 def test_train_logs_learns_and_resumes(tmp_path):
     """Loss drops; metrics.jsonl/TensorBoard written; a second run resumes and matches an uninterrupted run."""
     mesh = one_device_mesh()
