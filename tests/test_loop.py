@@ -137,7 +137,7 @@ def test_update_ratio_is_update_norm_over_param_norm():
 
 
 def test_update_step_updates_the_donated_weights_in_place(monkeypatch):
-    """The compiled step copies none of the weights it overwrites (reading their norm for update_ratio, unordered
+    """The compiled step copies none of the weights it overwrites (the metrics' reads of the old weights, unordered
     against the in-place update, made XLA copy every parameter at the start of the step: 39 copies in the benchmark's
     SFT step, 272 in SmolLM2's), and the weights it computes are bit for bit those of the step without the ordering."""
     import medkr_jax.train.trainer as trainer_module
