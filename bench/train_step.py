@@ -619,5 +619,6 @@ def headline(only: set[str], grpo: dict, lora_res: dict, packing: dict) -> dict:
     return {"name": "train_step_packed_vs_unpacked",
             "ratio": round(statistics.median(1.0 / r for r in packing["packed_time_ratio_rounds"]), 3)}
 
+
 if __name__ == "__main__":
     main()

@@ -147,8 +147,7 @@ def test_update_step_updates_the_donated_weights_in_place(monkeypatch):
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
 
     def run(tr):
-        hlo = tr._update.lower(tr.params, tr.opt_state, tr.rest, tr.frozen, tr.place_batch(batches[0]),
-                               jax.random.key(0)).compile().as_text()
+        hlo = tr.compiled_update(batches[0], jax.random.key(0)).as_text()
         for b in batches:
             m = tr.update(b, jax.random.key(0))
         return hlo, [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(tr.params))], float(m["update_ratio"])

@@ -203,12 +203,15 @@ class Trainer:
         self.opt_steps += 1
         return metrics
 
+    def compiled_update(self, batch: Any, rng: jax.Array) -> jax.stages.Compiled:
+        """The update step compiled for this batch (XLA's program: its text, its memory analysis)."""
+        placed = self.place_batch(batch)
+        return self._update.lower(self.params, self.opt_state, self.rest, self.frozen, placed, rng).compile()
+
     def step_memory(self, batch: Any, rng: jax.Array) -> dict[str, int]:
         """Bytes the compiled update step needs on one device, from XLA's memory analysis of the program for this
         batch: arguments, outputs, temporaries, and peak = arguments + outputs - donated aliases + temporaries."""
-        placed = self.place_batch(batch)
-        compiled = self._update.lower(self.params, self.opt_state, self.rest, self.frozen, placed, rng).compile()
-        m = compiled.memory_analysis()
+        m = self.compiled_update(batch, rng).memory_analysis()
         out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
         out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
         return out
